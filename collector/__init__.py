@@ -1,0 +1,1 @@
+"""blockprobe's collector: ingest from probes, archive the evidence, expose Prometheus metrics."""

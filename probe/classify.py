@@ -1,0 +1,154 @@
+"""Pure classification (CONTRACTS.md section 3): a response or failure → outcome and `blocked`.
+
+No I/O and no clock here: everything a verdict depends on is an argument, so the
+rules are tested as tables of data.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.exception
+
+from probe.fingerprints import Fingerprints, IPAddress
+from probe.model import POLICY_EDE, Ede, Outcome
+from probe.transports.base import Failure
+from probe.wire import parse_response
+
+__all__ = ["ControlResult", "Verdict", "blocked_of", "is_special_use", "sinkhole_of", "verdict_of"]
+
+# RFC 6761 and the IANA special-use domain registry: names that never resolve publicly,
+# so a private address for them is normal, not a sinkhole.
+SPECIAL_USE = (
+    "test", "localhost", "invalid", "example", "example.com", "example.net", "example.org",
+    "local", "onion", "home.arpa", "alt", "internal", "10.in-addr.arpa", "168.192.in-addr.arpa",
+)  # fmt: skip
+
+_RCODE_OUTCOMES = {"NXDOMAIN": Outcome.NXDOMAIN, "REFUSED": Outcome.REFUSED, "SERVFAIL": Outcome.SERVFAIL}
+
+
+def is_special_use(name: str) -> bool:
+    name = name.lower().rstrip(".")
+    return any(name == s or name.endswith("." + s) for s in SPECIAL_USE)
+
+
+def sinkhole_of(address: str, public_name: bool, fingerprints: Fingerprints) -> dict[str, str] | None:
+    """Why an answered address is a sinkhole, or None when it looks like a real answer."""
+    try:
+        ip: IPAddress = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # OpenDNS answers AAAA ::ffff:146.112.61.10x
+    fp = fingerprints.address(ip)
+    if fp is not None:
+        return {"match": address, "source": fp.describe()}
+    if ip.is_unspecified:
+        return {"match": address, "source": "unspecified address"}
+    if ip.is_loopback:
+        return {"match": address, "source": "loopback address"}
+    if public_name and not ip.is_global:
+        kind = "private address" if ip.is_private else "special-purpose address"
+        return {"match": address, "source": f"{kind} (RFC 6890) for a public name"}
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one response says, before any expectation: outcome and its evidence."""
+
+    outcome: Outcome
+    rcode: str | None = None
+    ede: tuple[Ede, ...] = ()
+    answers: tuple[str, ...] = ()
+    cname: tuple[str, ...] = ()
+    sinkhole: dict[str, str] | None = None
+    error: str | None = None
+    nsid: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_records(self) -> bool:
+        return self.outcome is Outcome.RESOLVED
+
+
+@dataclass(frozen=True, slots=True)
+class ControlResult:
+    """The control resolver's view of a name and type, kept in each measurement."""
+
+    resolver: str
+    verdict: Verdict
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.verdict
+        out: dict[str, Any] = {"outcome": str(v.outcome), "answers": list(v.answers), "resolver": self.resolver}
+        if v.error:
+            out["error"] = v.error
+        return out
+
+    @property
+    def failed(self) -> bool:
+        """The control could not speak for the name; a second control may."""
+        return self.verdict.outcome in (Outcome.TIMEOUT, Outcome.ERROR, Outcome.SERVFAIL, Outcome.REFUSED)
+
+
+def verdict_of(
+    response: bytes | None, failure: Failure | None, qname: str, qtype: str, fingerprints: Fingerprints
+) -> Verdict:
+    """Outcome rules 1–6 of CONTRACTS.md section 3, in their order."""
+    if response is None:
+        assert failure is not None
+        outcome = Outcome.TIMEOUT if failure.kind == "timeout" else Outcome.ERROR
+        return Verdict(outcome, error=failure.text, evidence={"phase": failure.phase})
+    try:
+        p = parse_response(response, qname, qtype)
+    except (dns.exception.DNSException, ValueError, IndexError, UnicodeError) as exc:
+        return Verdict(Outcome.ERROR, error=f"malformed response: {type(exc).__name__}", evidence={"phase": "dns_round_trip"})
+    evidence: dict[str, Any] = {}
+    base = {"rcode": p.rcode, "ede": p.ede, "answers": p.answers, "cname": p.cname, "nsid": p.nsid}
+    if any(e.code in POLICY_EDE for e in p.ede):
+        return Verdict(Outcome.EDE_BLOCKED, **base, evidence=evidence)
+    public = not is_special_use(qname)
+    if p.addresses:
+        holes = [sinkhole_of(a, public, fingerprints) for a in p.addresses]
+        if all(holes):
+            return Verdict(Outcome.SINKHOLE, **base, sinkhole=holes[0], evidence=evidence)
+    for target in p.cname:
+        fp = fingerprints.name(target)
+        if fp is not None:
+            return Verdict(Outcome.SINKHOLE, **base, sinkhole={"match": target, "source": fp.describe()})
+    if p.rcode in _RCODE_OUTCOMES:
+        if p.rcode == "NXDOMAIN" and not p.authority_soa:
+            # A real NXDOMAIN proves itself with the zone's SOA; Quad9's blocks carry none.
+            evidence["nxdomain_without_soa"] = True
+            if not p.ra:
+                evidence["ra_cleared"] = True
+        return Verdict(_RCODE_OUTCOMES[p.rcode], **base, evidence=evidence)
+    if p.rcode != "NOERROR":
+        return Verdict(Outcome.ERROR, **base, error=f"unexpected rcode {p.rcode}", evidence={"phase": "dns_round_trip"})
+    if not p.answers:
+        return Verdict(Outcome.NODATA, **base, evidence=evidence)
+    return Verdict(Outcome.RESOLVED, **base, evidence=evidence)
+
+
+def blocked_of(verdict: Verdict, control: ControlResult | None, answered_other: bool) -> bool | None:
+    """`blocked` per CONTRACTS.md section 3.
+
+    A timeout is a block only when the same resolver and transport answered another
+    query in the same run: then the resolver is up and drops this name (RPZ DROP);
+    otherwise the resolver may simply be down.
+    """
+    outcome = verdict.outcome
+    if outcome in (Outcome.EDE_BLOCKED, Outcome.SINKHOLE):
+        return True
+    if outcome is Outcome.RESOLVED:
+        return False
+    if outcome in (Outcome.NXDOMAIN, Outcome.NODATA, Outcome.REFUSED, Outcome.SERVFAIL):
+        if any(e.code not in POLICY_EDE for e in verdict.ede):
+            return None  # the resolver explained a non-policy failure
+        return True if control is not None and control.verdict.has_records else None
+    if outcome is Outcome.TIMEOUT:
+        return True if answered_other else None
+    return None

@@ -1,0 +1,169 @@
+"""DNS over a byte stream (RFC 7766): one pipelined connection, replies matched by ID.
+
+Plain TCP lives here; DoT (dot.py) is the same stream wrapped in TLS. Queries are
+written back to back without waiting; replies may arrive in any order and are
+matched by ID and question. A connection that breaks is re-opened once, and the
+queries that were on it are retried on the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import struct
+import time
+from typing import Any
+
+from probe.specs import Endpoint
+from probe.transports._errors import failure_from, timeout
+from probe.transports.base import Exchange, Failure, Options
+from probe.wire import question_of, set_id
+
+__all__ = ["StreamExchanger", "TcpExchanger"]
+
+
+class _Broken(Exception):
+    """The connection ended under a query that had been sent on it."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.text)
+        self.failure = failure
+
+
+class _StreamConn(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
+        self.dead: Failure | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        while len(buf) >= 2:
+            size = (buf[0] << 8) | buf[1]
+            if len(buf) < size + 2:
+                break
+            msg = bytes(buf[2 : size + 2])
+            del buf[: size + 2]
+            if len(msg) < 12:
+                continue
+            item = self.pending.get(int.from_bytes(msg[:2], "big"))
+            if item is None or item[0].done():
+                continue
+            fut, question = item
+            if msg[12 : 12 + len(question)].lower() != question.lower():
+                fut.set_exception(_Broken(Failure("error", "dns_round_trip", "mismatched response")))
+            else:
+                fut.set_result(msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = failure_from(exc or EOFError(), "dns_round_trip")
+        for fut, _ in self.pending.values():
+            if not fut.done():
+                fut.set_exception(_Broken(self.dead))
+
+
+class StreamExchanger:
+    """Queries over one pipelined TCP (or TLS) connection to one endpoint."""
+
+    tls: bool = False
+    connect_phase = "connect"
+
+    def __init__(self, endpoint: Endpoint, options: Options) -> None:
+        self.endpoint = endpoint
+        self.options = options
+        self._conn: _StreamConn | None = None
+        self._connecting: asyncio.Future[_StreamConn] | None = None
+        self.handshakes = 0
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        return None
+
+    async def _open(self) -> _StreamConn:
+        loop = asyncio.get_running_loop()
+        ctx = self._ssl()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(
+                _StreamConn,
+                self.endpoint.connect_host,
+                self.endpoint.port,
+                ssl=ctx,
+                server_hostname=self.endpoint.host if ctx else None,
+            ),
+            self.options.timeout,
+        )
+        self.handshakes += 1
+        return conn
+
+    async def _connection(self, evidence: dict[str, Any]) -> _StreamConn:
+        conn = self._conn
+        if conn is not None and conn.dead is None:
+            return conn
+        # One connect in flight at a time; every query waiting for it shares the result.
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._open())
+            started = time.perf_counter()
+            try:
+                self._conn = await asyncio.shield(self._connecting)
+            finally:
+                evidence["connect_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            return self._conn
+        return await asyncio.shield(self._connecting)
+
+    async def exchange(self, query: bytes) -> Exchange:
+        evidence: dict[str, Any] = {}
+        for attempt in range(2):
+            try:
+                conn = await self._connection(evidence)
+            except Exception as exc:  # noqa: BLE001 - translated at the edge, once
+                phase = "tls_handshake" if self.tls and not isinstance(exc, OSError) else self.connect_phase
+                return Exchange(None, failure_from(exc, phase), evidence=evidence)
+            result = await self._send(conn, query, evidence)
+            if result.failure is None or not result.failure.retriable or attempt:
+                return result
+            evidence["retried"] = result.failure.text
+        raise AssertionError("unreachable")
+
+    async def _send(self, conn: _StreamConn, query: bytes, evidence: dict[str, Any]) -> Exchange:
+        loop = asyncio.get_running_loop()
+        qid = secrets.randbelow(65536)
+        while qid in conn.pending:
+            qid = secrets.randbelow(65536)
+        fut: asyncio.Future[bytes] = loop.create_future()
+        conn.pending[qid] = (fut, question_of(query))
+        timer = loop.call_later(self.options.timeout, _expire, fut)
+        sent = time.perf_counter()
+        try:
+            assert conn.transport is not None
+            conn.transport.write(struct.pack("!H", len(query)) + set_id(query, qid))
+            data = await fut
+        except _Broken as exc:
+            return Exchange(None, exc.failure, evidence=evidence)
+        except TimeoutError:
+            return Exchange(None, timeout(), evidence=evidence)
+        except Exception as exc:  # noqa: BLE001
+            return Exchange(None, failure_from(exc, "dns_round_trip"), evidence=evidence)
+        finally:
+            timer.cancel()
+            conn.pending.pop(qid, None)
+        return Exchange(data, None, (time.perf_counter() - sent) * 1000, evidence)
+
+    async def aclose(self) -> None:
+        if self._conn is not None and self._conn.transport is not None:
+            self._conn.transport.close()
+        self._conn = None
+
+
+class TcpExchanger(StreamExchanger):
+    """Plain DNS over TCP."""
+
+
+def _expire(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())

@@ -1,0 +1,191 @@
+"""DNS messages on the wire: names, pre-built queries, and what a response says.
+
+Queries are built once per (name, type, padding) and only their ID is patched per
+send: building a dnspython Message per query costs more than the exchange itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from dataclasses import dataclass
+
+import dns.edns
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.svcbbase
+
+from probe.errors import InputError
+from probe.model import Ede
+
+__all__ = [
+    "QTYPES",
+    "Parsed",
+    "build_query",
+    "normalize_name",
+    "parse_ede",
+    "parse_response",
+    "question_of",
+    "set_id",
+]
+
+QTYPES = ("A", "AAAA", "HTTPS")
+EDNS_PAYLOAD = 1232  # the DNS flag day 2020 figure: avoids IP fragmentation
+QUERY_PAD_BLOCK = 128  # RFC 8467 section 4.1: block-length padding for queries
+
+
+def normalize_name(text: str) -> str:
+    """IDNA A-label, lower case, no trailing dot; InputError naming the input otherwise."""
+    raw = text.strip()
+    if not raw or raw == ".":
+        raise InputError(f"{text!r} is not a domain name")
+    try:
+        name = dns.name.from_text(raw.rstrip(".") + ".", idna_codec=dns.name.IDNA_2008_Transitional)
+        out = name.to_text(omit_final_dot=True)
+    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+        raise InputError(f"{text!r} is not a domain name: {exc}") from None
+    if "\\" in out or " " in out:
+        raise InputError(f"{text!r} is not a domain name: it holds characters a host name cannot")
+    return out.lower()
+
+
+def normalize_qtype(text: str) -> str:
+    qtype = text.strip().upper()
+    if qtype not in QTYPES:
+        raise InputError(f"{text!r} is not a query type this probe asks (one of {', '.join(QTYPES)})")
+    return qtype
+
+
+@functools.lru_cache(maxsize=65536)
+def build_query(name: str, qtype: str, pad: bool = False, ede_signal: bool = False) -> bytes:
+    """The query wire with ID 0: RD, EDNS0 (1232) with NSID, padded on encrypted transports.
+
+    `ede_signal` adds the empty EDE option with which draft-ietf-dnsop-structured-dns-error
+    asks for structured text (AdGuard honours it). It is off by default: strict
+    parsers (dnspython among them) reject an EDE option without an INFO-CODE.
+    """
+    options: list[dns.edns.Option] = [dns.edns.NSIDOption(b"")]
+    if ede_signal:
+        options.append(dns.edns.GenericOption(dns.edns.EDE, b""))
+    msg = dns.message.make_query(
+        name,
+        qtype,
+        use_edns=0,
+        payload=EDNS_PAYLOAD,
+        options=options,
+        id=0,
+        pad=QUERY_PAD_BLOCK if pad else 0,
+    )
+    return msg.to_wire()
+
+
+def set_id(wire: bytes, qid: int) -> bytes:
+    return struct.pack("!H", qid) + wire[2:]
+
+
+def question_of(query: bytes) -> bytes:
+    """The question section of a query we built (one question, uncompressed)."""
+    end = 12
+    while query[end]:
+        end += query[end] + 1
+    return query[12 : end + 5]
+
+
+def parse_ede(option: dns.edns.Option) -> Ede:
+    """An EDE option, with draft-ietf-dnsop-structured-dns-error JSON kept when present."""
+    if isinstance(option, dns.edns.EDEOption):
+        code, text = int(option.code), option.text or ""
+    else:  # a malformed option dnspython kept generic: keep what the bytes say
+        data = option.to_wire() or b""
+        code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else -1
+        text = data[2:].decode("utf-8", "replace")
+    structured = None
+    if text.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            structured = parsed
+    return Ede(code, text, structured)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What a response says, reduced to what classification needs."""
+
+    rcode: str
+    ede: tuple[Ede, ...]
+    answers: tuple[str, ...]
+    addresses: tuple[str, ...]
+    cname: tuple[str, ...]
+    nsid: str | None
+    aa: bool
+    ra: bool
+    authority_soa: bool
+
+
+def _hints(rdata: object) -> list[str]:
+    out: list[str] = []
+    params = getattr(rdata, "params", {}) or {}
+    for key in (dns.rdtypes.svcbbase.ParamKey.IPV4HINT, dns.rdtypes.svcbbase.ParamKey.IPV6HINT):
+        value = params.get(key)
+        if value is not None:
+            out.extend(str(a) for a in value.addresses)
+    return out
+
+
+def parse_response(wire: bytes, qname: str, qtype: str) -> Parsed:
+    """Parse a response; raises dns.exception.DNSException on a malformed one."""
+    msg = dns.message.from_wire(wire, ignore_trailing=False)
+    rdtype = dns.rdatatype.from_text(qtype)
+    ede: list[Ede] = []
+    nsid = None
+    for opt in msg.options:
+        if opt.otype == dns.edns.EDE:
+            ede.append(parse_ede(opt))
+        elif opt.otype == dns.edns.NSID:
+            data = opt.to_wire() or b""
+            nsid = data.decode("utf-8", "replace") if data.isascii() else data.hex()
+    owner = dns.name.from_text(qname + ".")
+    chain: list[str] = []
+    answers: list[str] = []
+    addresses: list[str] = []
+    # Follow the CNAME chain from the name asked, so that unrelated records a hostile
+    # resolver stuffs into the answer section are not taken as the answer.
+    seen = {owner}
+    for _ in range(16):
+        cname_rrset = msg.get_rrset(msg.answer, owner, dns.rdataclass.IN, dns.rdatatype.CNAME)
+        if cname_rrset is None or rdtype == dns.rdatatype.CNAME:
+            break
+        target = cname_rrset[0].target
+        chain.append(target.to_text(omit_final_dot=True).lower())
+        if target in seen:
+            break
+        seen.add(target)
+        owner = target
+    rrset = msg.get_rrset(msg.answer, owner, dns.rdataclass.IN, rdtype)
+    if rrset is not None:
+        for rd in rrset:
+            answers.append(rd.to_text())
+            if rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                addresses.append(rd.address)
+            else:
+                addresses.extend(_hints(rd))
+    return Parsed(
+        rcode=dns.rcode.to_text(msg.rcode()),
+        ede=tuple(ede),
+        answers=tuple(answers),
+        addresses=tuple(addresses),
+        cname=tuple(chain),
+        nsid=nsid,
+        aa=bool(msg.flags & dns.flags.AA),
+        ra=bool(msg.flags & dns.flags.RA),
+        authority_soa=any(r.rdtype == dns.rdatatype.SOA for r in msg.authority),
+    )
