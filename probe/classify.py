@@ -42,13 +42,13 @@ def sinkhole_of(address: str, public_name: bool, fingerprints: Fingerprints) -> 
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # OpenDNS answers AAAA ::ffff:146.112.61.10x
-    fp = fingerprints.address(ip)
-    if fp is not None:
-        return {"match": address, "source": fp.describe()}
     if ip.is_unspecified:
         return {"match": address, "source": "unspecified address"}
     if ip.is_loopback:
         return {"match": address, "source": "loopback address"}
+    fp = fingerprints.address(ip)
+    if fp is not None:
+        return {"match": address, "source": fp.describe()}
     if public_name and not ip.is_global:
         kind = "private address" if ip.is_private else "special-purpose address"
         return {"match": address, "source": f"{kind} (RFC 6890) for a public name"}
@@ -83,7 +83,11 @@ class ControlResult:
 
     def to_json(self) -> dict[str, Any]:
         v = self.verdict
-        out: dict[str, Any] = {"outcome": str(v.outcome), "answers": list(v.answers), "resolver": self.resolver}
+        out: dict[str, Any] = {
+            "outcome": str(v.outcome),
+            "answers": list(v.answers),
+            "resolver": self.resolver,
+        }
         if v.error:
             out["error"] = v.error
         return out
@@ -105,32 +109,40 @@ def verdict_of(
     try:
         p = parse_response(response, qname, qtype)
     except (dns.exception.DNSException, ValueError, IndexError, UnicodeError) as exc:
-        return Verdict(Outcome.ERROR, error=f"malformed response: {type(exc).__name__}", evidence={"phase": "dns_round_trip"})
+        return Verdict(
+            Outcome.ERROR,
+            error=f"malformed response: {type(exc).__name__}",
+            evidence={"phase": "dns_round_trip"},
+        )
     evidence: dict[str, Any] = {}
-    base = {"rcode": p.rcode, "ede": p.ede, "answers": p.answers, "cname": p.cname, "nsid": p.nsid}
+
+    def v(outcome: Outcome, sinkhole: dict[str, str] | None = None, error: str | None = None) -> Verdict:
+        return Verdict(outcome, p.rcode, p.ede, p.answers, p.cname, sinkhole, error, p.nsid, evidence)
+
     if any(e.code in POLICY_EDE for e in p.ede):
-        return Verdict(Outcome.EDE_BLOCKED, **base, evidence=evidence)
+        return v(Outcome.EDE_BLOCKED)
     public = not is_special_use(qname)
     if p.addresses:
         holes = [sinkhole_of(a, public, fingerprints) for a in p.addresses]
         if all(holes):
-            return Verdict(Outcome.SINKHOLE, **base, sinkhole=holes[0], evidence=evidence)
+            return v(Outcome.SINKHOLE, sinkhole=holes[0])
     for target in p.cname:
         fp = fingerprints.name(target)
         if fp is not None:
-            return Verdict(Outcome.SINKHOLE, **base, sinkhole={"match": target, "source": fp.describe()})
+            return v(Outcome.SINKHOLE, sinkhole={"match": target, "source": fp.describe()})
     if p.rcode in _RCODE_OUTCOMES:
         if p.rcode == "NXDOMAIN" and not p.authority_soa:
             # A real NXDOMAIN proves itself with the zone's SOA; Quad9's blocks carry none.
             evidence["nxdomain_without_soa"] = True
             if not p.ra:
                 evidence["ra_cleared"] = True
-        return Verdict(_RCODE_OUTCOMES[p.rcode], **base, evidence=evidence)
+        return v(_RCODE_OUTCOMES[p.rcode])
     if p.rcode != "NOERROR":
-        return Verdict(Outcome.ERROR, **base, error=f"unexpected rcode {p.rcode}", evidence={"phase": "dns_round_trip"})
+        evidence["phase"] = "dns_round_trip"
+        return v(Outcome.ERROR, error=f"unexpected rcode {p.rcode}")
     if not p.answers:
-        return Verdict(Outcome.NODATA, **base, evidence=evidence)
-    return Verdict(Outcome.RESOLVED, **base, evidence=evidence)
+        return v(Outcome.NODATA)
+    return v(Outcome.RESOLVED)
 
 
 def blocked_of(verdict: Verdict, control: ControlResult | None, answered_other: bool) -> bool | None:

@@ -84,22 +84,71 @@ def _exit_status(measurements: Sequence[Measurement]) -> int:
 
 @cli.command()
 @click.argument("domains", nargs=-1, required=True)
-@click.option("-r", "--resolver", "resolvers", multiple=True, metavar="SPEC",
-              help="Repeatable; default: the built-in public catalogue and `system`.")
-@click.option("-t", "--qtype", "qtypes", multiple=True, metavar="TYPE", help="Repeatable; A, AAAA, HTTPS; default: all three.")
-@click.option("--expect", type=click.Choice(["blocked", "resolves"]), help="The expectation for every DOMAIN on every resolver.")
+@click.option(
+    "-r",
+    "--resolver",
+    "resolvers",
+    multiple=True,
+    metavar="SPEC",
+    help="Repeatable; default: the built-in public catalogue and `system`.",
+)
+@click.option(
+    "-t",
+    "--qtype",
+    "qtypes",
+    multiple=True,
+    metavar="TYPE",
+    help="Repeatable; A, AAAA, HTTPS; default: all three.",
+)
+@click.option(
+    "--expect",
+    type=click.Choice(["blocked", "resolves"]),
+    help="The expectation for every DOMAIN on every resolver.",
+)
 @click.option("--country", metavar="CC", help="The probe's ISO 3166-1 alpha-2 country, for jurisdictions.")
-@click.option("--control", "controls", multiple=True, metavar="SPEC",
-              help="Control resolver for baselines; repeat for a fallback. Default: the catalogue's control.")
+@click.option(
+    "--control",
+    "controls",
+    multiple=True,
+    metavar="SPEC",
+    help="Control resolver for baselines; repeat for a fallback. Default: the catalogue's control.",
+)
 @click.option("--no-control", is_flag=True, help="Measure without a control baseline.")
-@click.option("--timeout", type=click.FloatRange(min=0.05), default=5.0, show_default=True, help="Seconds per query.")
-@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="Extra CA certificates for tls/https/h3/quic.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per measurement per line, nothing else on stdout.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="Queries in flight at once.")
-@click.option("--qps", type=click.FloatRange(min=0), default=20.0, show_default=True,
-              help="Queries per second per endpoint (0: unlimited); a spec's #qps= overrides it.")
-@click.option("--udp-linger", type=click.FloatRange(min=0), default=0.2, show_default=True,
-              help="Seconds to keep listening after a UDP answer, to catch racing injected answers.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.05), default=5.0, show_default=True, help="Seconds per query."
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Extra CA certificates for tls/https/h3/quic.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object per measurement per line, nothing else on stdout.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Queries in flight at once.",
+)
+@click.option(
+    "--qps",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    help="Queries per second per endpoint (0: unlimited); a spec's #qps= overrides it.",
+)
+@click.option(
+    "--udp-linger",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Seconds to keep listening after a UDP answer, to catch racing injected answers.",
+)
 @click.option("--doh-post", is_flag=True, help="Send DoH queries with POST instead of GET.")
 def once(
     domains: tuple[str, ...],
@@ -143,7 +192,12 @@ def once(
 
 
 def _run_and_print(
-    plan: Plan, options: Options, as_json: bool, concurrency: int, qps: float | None, expect: Expect | None = None
+    plan: Plan,
+    options: Options,
+    as_json: bool,
+    concurrency: int,
+    qps: float | None,
+    expect: Expect | None = None,
 ) -> list[Measurement]:
     def emit(m: Measurement) -> None:
         if as_json:
@@ -151,7 +205,9 @@ def _run_and_print(
             sys.stdout.flush()
 
     progress = not as_json and sys.stderr.isatty() and plan.size >= 50
-    measurements = run_plan(plan, options, concurrency=concurrency, qps=qps, on_measurement=emit, progress=progress)
+    measurements = run_plan(
+        plan, options, concurrency=concurrency, qps=qps, on_measurement=emit, progress=progress
+    )
     if not as_json:
         render_table(measurements)
         click.echo(summary_line(measurements))
@@ -168,9 +224,19 @@ def resolvers(as_json: bool) -> None:
     for name, entry in cat.entries.items():
         for ep in entry.endpoints:
             if as_json:
-                click.echo(json.dumps({"name": name, "operator": entry.operator, "kind": "public",
-                                       "transport": str(ep.transport), "endpoint": str(ep),
-                                       "address": ep.address, "control": name == cat.control}))
+                click.echo(
+                    json.dumps(
+                        {
+                            "name": name,
+                            "operator": entry.operator,
+                            "kind": "public",
+                            "transport": str(ep.transport),
+                            "endpoint": str(ep),
+                            "address": ep.address,
+                            "control": name == cat.control,
+                        }
+                    )
+                )
         if not as_json:
             mark = "  (default control)" if name == cat.control else ""
             click.echo(f"{name}: {entry.title}, operator {entry.operator}, kind public{mark}")
@@ -205,8 +271,10 @@ def demo(as_json: bool, timeout: float) -> None:
     if not as_json:
         leaks = sum(m.finding is Finding.LEAK for m in measurements)
         over = sum(m.finding is Finding.OVERBLOCK for m in measurements)
-        click.echo(f"The lab shows {leaks} leaks and {over} overblocks, as scripted. "
-                   "Real-world spot check: probe once example.org")
+        click.echo(
+            f"The lab shows {leaks} leaks and {over} overblocks, as scripted. "
+            "Real-world spot check: probe once example.org"
+        )
 
 
 def main() -> None:

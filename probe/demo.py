@@ -24,18 +24,32 @@ DEMO_DOMAINS = BLOCKED + CONTROLS
 
 # What the authoritative side of the world says (documentation-range-free, plausible addresses).
 _TRUTH = {
-    "calcio-pirata.example": Behaviour(records={"A": ("185.199.108.10",), "AAAA": ("2a04:4e42::10",),
-                                               "HTTPS": ('1 . alpn="h2,h3" ipv4hint=185.199.108.10',)}),
-    "streaming-illegale.example": Behaviour(records={"A": ("185.199.109.20",), "AAAA": ("2a04:4e42::20",),
-                                                    "HTTPS": ('1 . alpn="h2" ipv4hint=185.199.109.20',)}),
-    "wikipedia.example": Behaviour(records={"A": ("185.15.58.224",), "AAAA": ("2a02:ec80:600:ed1a::1",),
-                                           "HTTPS": ('1 . alpn="h2"',)}),
-    "drive.usercontent.google.example": Behaviour(records={"A": ("142.250.180.1",), "AAAA": ("2a00:1450:4002::1",),
-                                                          "HTTPS": ('1 . alpn="h2,h3"',)}),
+    "calcio-pirata.example": Behaviour(
+        records={
+            "A": ("185.199.108.10",),
+            "AAAA": ("2a04:4e42::10",),
+            "HTTPS": ('1 . alpn="h2,h3" ipv4hint=185.199.108.10',),
+        }
+    ),
+    "streaming-illegale.example": Behaviour(
+        records={
+            "A": ("185.199.109.20",),
+            "AAAA": ("2a04:4e42::20",),
+            "HTTPS": ('1 . alpn="h2" ipv4hint=185.199.109.20',),
+        }
+    ),
+    "wikipedia.example": Behaviour(
+        records={"A": ("185.15.58.224",), "AAAA": ("2a02:ec80:600:ed1a::1",), "HTTPS": ('1 . alpn="h2"',)}
+    ),
+    "drive.usercontent.google.example": Behaviour(
+        records={"A": ("142.250.180.1",), "AAAA": ("2a00:1450:4002::1",), "HTTPS": ('1 . alpn="h2,h3"',)}
+    ),
 }
 
 
-def _zone(nsid: str, overrides: dict[str, Behaviour], by_type: dict[tuple[str, str], Behaviour] | None = None) -> Zone:
+def _zone(
+    nsid: str, overrides: dict[str, Behaviour], by_type: dict[tuple[str, str], Behaviour] | None = None
+) -> Zone:
     zone = Zone(nsid=nsid)
     for name, b in {**_TRUTH, **overrides}.items():
         zone.set(name, b)
@@ -52,15 +66,27 @@ def demo_zones() -> dict[str, tuple[str, str, str | None, Zone]]:
     return {
         "isp-nxdomain": ("127.53.0.1", "isp", "isp-a", _zone("isp-a-1", dict.fromkeys(BLOCKED, nx))),
         "isp-blockpage": (
-            "127.53.0.2", "isp", "isp-b",
+            "127.53.0.2",
+            "isp",
+            "isp-b",
             # A-only zone template: A is rewritten, AAAA passes through (the classic leak);
             # the block also catches a control name (collateral damage).
-            _zone("isp-b-1", {},
-                  {**{(n, "A"): page for n in (*BLOCKED, "drive.usercontent.google.example")},
-                   **{(n, "HTTPS"): Behaviour() for n in BLOCKED}}),
+            _zone(
+                "isp-b-1",
+                {},
+                {
+                    **{(n, "A"): page for n in (*BLOCKED, "drive.usercontent.google.example")},
+                    **{(n, "HTTPS"): Behaviour() for n in BLOCKED},
+                },
+            ),
         ),
         "public-leaky": ("127.53.0.3", "public", "leakydns", _zone("leaky-fra1", {})),
-        "public-censor": ("127.53.0.4", "public", "censordns", _zone("censor-mil1", dict.fromkeys(BLOCKED, censored))),
+        "public-censor": (
+            "127.53.0.4",
+            "public",
+            "censordns",
+            _zone("censor-mil1", dict.fromkeys(BLOCKED, censored)),
+        ),
         "control": ("127.53.0.9", "public", "truth", _zone("control-1", {})),
     }
 

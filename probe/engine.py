@@ -34,7 +34,14 @@ log = logging.getLogger(__name__)
 Expect = Callable[[str, Resolver], tuple[Expectation | None, dict[str, Any] | None]]
 
 _ENCRYPTED = frozenset({Transport.DOT, Transport.DOH, Transport.DOH3, Transport.DOQ})
-_CONTROL_PREFERENCE = (Transport.DOH, Transport.DOT, Transport.DOQ, Transport.TCP, Transport.UDP, Transport.DOH3)
+_CONTROL_PREFERENCE = (
+    Transport.DOH,
+    Transport.DOT,
+    Transport.DOQ,
+    Transport.TCP,
+    Transport.UDP,
+    Transport.DOH3,
+)
 
 
 def _no_expectation(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
@@ -137,8 +144,9 @@ class Engine:
 
     async def query(self, endpoint: Endpoint, domain: str, qtype: str) -> Exchange:
         """One query through the endpoint's exchanger, after its rate limit."""
-        limiter = self._limiters.get(endpoint, False)
-        if limiter is False:
+        if endpoint in self._limiters:
+            limiter = self._limiters[endpoint]
+        else:
             qps = endpoint.qps or self.default_qps
             limiter = self._limiters[endpoint] = RateLimiter(qps) if qps else None
         if limiter is not None:
@@ -166,7 +174,7 @@ class Engine:
                 try:
                     ex = await self.query(control_endpoint(resolver), domain, qtype)
                     verdict = verdict_of(ex.response, ex.failure, domain, qtype, self.fingerprints)
-                except Exception as exc:  # noqa: BLE001 - the runner never raises
+                except Exception as exc:
                     log.exception("control query failed inside the probe")
                     verdict = Verdict(Outcome.ERROR, error=f"internal: {type(exc).__name__}: {exc}")
                 out[pair] = ControlResult(resolver.name, verdict)
@@ -213,7 +221,7 @@ class Engine:
                 sent_at = _now()
                 try:
                     ex = await self.query(job.endpoint, job.domain, job.qtype)
-                except Exception as exc:  # noqa: BLE001 - the runner never raises
+                except Exception as exc:
                     log.exception("query failed inside the probe")
                     self.stats.internal_errors += 1
                     ex = Exchange(None, _internal(exc))
@@ -253,7 +261,7 @@ class Engine:
     ) -> Measurement:
         try:
             return self._judge(job, ex, sent_at, controls, answered, expect)
-        except Exception as exc:  # noqa: BLE001 - a hostile answer is classified, never a crash
+        except Exception as exc:
             log.exception("classification failed inside the probe")
             self.stats.internal_errors += 1
             return self._judge(job, Exchange(None, _internal(exc)), sent_at, controls, answered, expect)
@@ -314,7 +322,7 @@ class Engine:
         out: dict[str, Any] = {"wire": base64.b64encode(wire).decode("ascii")}
         try:
             p = parse_response(wire, job.domain, job.qtype)
-        except Exception:  # noqa: BLE001 - a racing answer may be garbage; keep its bytes
+        except Exception:
             out["error"] = "malformed"
             return out
         out.update(rcode=p.rcode, answers=list(p.answers))

@@ -35,7 +35,9 @@ def _answers(m: Measurement) -> str:
     parts = list(m.answers[:3]) + (["…"] if len(m.answers) > 3 else [])
     text = ", ".join(parts)
     if m.ede:
-        text = (text + " " if text else "") + " ".join(f"EDE {e.code}" + (f" {e.text!r}" if e.text else "") for e in m.ede)
+        text = (text + " " if text else "") + " ".join(
+            f"EDE {e.code}" + (f" {e.text!r}" if e.text else "") for e in m.ede
+        )
     if m.sinkhole:
         text += f"  [{m.sinkhole['source']}]"
     if m.evidence.get("injected"):
@@ -49,7 +51,17 @@ def render_table(measurements: Iterable[Measurement], file: IO[str] | None = Non
     """A row per domain × resolver × transport × qtype; leaks and overblocks stand out."""
     rows = sorted(measurements, key=lambda m: (m.domain, m.resolver, m.transport, m.qtype))
     table = Table(show_lines=False, header_style="bold")
-    for col in ("domain", "qtype", "resolver", "transport", "outcome", "blocked", "expected", "finding", "answer"):
+    for col in (
+        "domain",
+        "qtype",
+        "resolver",
+        "transport",
+        "outcome",
+        "blocked",
+        "expected",
+        "finding",
+        "answer",
+    ):
         table.add_column(col, overflow="fold")
     for m in rows:
         style = _FINDING_STYLE.get(m.finding) if m.finding else None

@@ -23,7 +23,9 @@ _SCHEMES: dict[str, tuple[Transport, int]] = {
     "quic": (Transport.DOQ, 853),
 }
 _SCHEME_OF = {t: s for s, (t, _) in _SCHEMES.items()}
-_HOST_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$")
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$"
+)
 _FRAGMENT_KEYS = frozenset({"kind", "operator", "address", "qps"})
 
 
@@ -111,7 +113,9 @@ def _parse_fragment(spec: str, fragment: str) -> dict[str, str]:
             )
         out[key] = value
     if "kind" in out and out["kind"] not in KINDS:
-        raise SpecError(f"{spec!r} is not a resolver spec: kind {out['kind']!r} is not one of isp, public, system")
+        raise SpecError(
+            f"{spec!r} is not a resolver spec: kind {out['kind']!r} is not one of isp, public, system"
+        )
     if "address" in out and not _is_ip(out["address"]):
         raise SpecError(f"{spec!r} is not a resolver spec: address {out['address']!r} is not an IP address")
     if "qps" in out:
@@ -119,7 +123,9 @@ def _parse_fragment(spec: str, fragment: str) -> dict[str, str]:
             if float(out["qps"]) <= 0:
                 raise ValueError
         except ValueError:
-            raise SpecError(f"{spec!r} is not a resolver spec: qps {out['qps']!r} is not a positive number") from None
+            raise SpecError(
+                f"{spec!r} is not a resolver spec: qps {out['qps']!r} is not a positive number"
+            ) from None
     return out
 
 

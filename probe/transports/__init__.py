@@ -21,7 +21,9 @@ class _Unsupported:
         self.endpoint = endpoint
 
     async def exchange(self, query: bytes) -> Exchange:
-        return Exchange(None, Failure("error", "connect", f"{self.endpoint.transport}: not supported by this probe yet"))
+        return Exchange(
+            None, Failure("error", "connect", f"{self.endpoint.transport}: not supported by this probe yet")
+        )
 
     async def aclose(self) -> None:
         return None

@@ -21,8 +21,10 @@ import h2.exceptions
 import h2.settings
 
 from probe.specs import Endpoint
+from probe.transports._conn import SharedConnection
 from probe.transports._errors import failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
+from probe.transports.tcp import close_transport
 from probe.transports.tls import client_context
 from probe.wire import question_of
 
@@ -50,11 +52,14 @@ class _Stream:
 
 class _H2Conn(asyncio.Protocol):
     def __init__(self) -> None:
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.dead: Failure | None = None
         self.waiters: list[asyncio.Future[None]] = []
+        self.lost = asyncio.get_running_loop().create_future()
         self._flush_handle: asyncio.Handle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -62,8 +67,10 @@ class _H2Conn(asyncio.Protocol):
         self.transport = transport
         self.h2.local_settings = h2.settings.Settings(
             client=True,
-            initial_values={h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW},
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
+            },
         )
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(_WINDOW)
@@ -140,6 +147,8 @@ class _H2Conn(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
         self._kill(failure_from(exc or EOFError(), "http"))
 
 
@@ -151,10 +160,10 @@ class DohExchanger:
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.endpoint = endpoint
         self.options = options
-        self._conn: _H2Conn | None = None
-        self._connecting: asyncio.Future[_H2Conn | None] | None = None
+        self._shared: SharedConnection[_H2Conn | None] = SharedConnection(
+            self._open, lambda c: c is None or c.dead is None, _abort_h2
+        )
         self._http1: Any = None  # an httpx2.AsyncClient once the server refused h2
-        self.handshakes = 0
         port = "" if endpoint.port == 443 else f":{endpoint.port}"
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
         self._authority = (host + port).encode()
@@ -172,26 +181,15 @@ class DohExchanger:
             ),
             self.options.timeout,
         )
-        self.handshakes += 1
         ssl_obj = transport.get_extra_info("ssl_object")
         if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
             transport.close()
             return None
         return conn
 
-    async def _connection(self, evidence: dict[str, Any]) -> _H2Conn | None:
-        conn = self._conn
-        if conn is not None and conn.dead is None:
-            return conn
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(self._open())
-            started = time.perf_counter()
-            try:
-                self._conn = await asyncio.shield(self._connecting)
-            finally:
-                evidence["connect_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            return self._conn
-        return await asyncio.shield(self._connecting)
+    @property
+    def handshakes(self) -> int:
+        return self._shared.handshakes
 
     async def exchange(self, query: bytes) -> Exchange:
         evidence: dict[str, Any] = {}
@@ -199,8 +197,8 @@ class DohExchanger:
             if self._http1 is not None:
                 return await self._exchange_http1(query, evidence)
             try:
-                conn = await self._connection(evidence)
-            except Exception as exc:  # noqa: BLE001 - translated at the edge, once
+                conn = await self._shared.get(evidence)
+            except Exception as exc:
                 phase = "connect" if isinstance(exc, OSError) and not _is_ssl(exc) else "tls_handshake"
                 return Exchange(None, failure_from(exc, phase), evidence=evidence)
             if conn is None:
@@ -225,16 +223,27 @@ class DohExchanger:
         sid = conn.h2.get_next_available_stream_id()
         conn.streams[sid] = st
         if self.options.doh_post:
-            headers = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", self._authority),
-                       (b":path", self._path), (b"accept", _CT), (b"content-type", _CT),
-                       (b"content-length", str(len(query)).encode())]
+            headers = [
+                (b":method", b"POST"),
+                (b":scheme", b"https"),
+                (b":authority", self._authority),
+                (b":path", self._path),
+                (b"accept", _CT),
+                (b"content-type", _CT),
+                (b"content-length", str(len(query)).encode()),
+            ]
             conn.h2.send_headers(sid, headers)
             conn.h2.send_data(sid, query, end_stream=True)
         else:
             dns_param = base64.urlsafe_b64encode(query).rstrip(b"=")
             sep = b"&" if b"?" in self._path else b"?"
-            headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", self._authority),
-                       (b":path", self._path + sep + b"dns=" + dns_param), (b"accept", _CT)]
+            headers = [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", self._authority),
+                (b":path", self._path + sep + b"dns=" + dns_param),
+                (b"accept", _CT),
+            ]
             conn.h2.send_headers(sid, headers, end_stream=True)
         conn.flush_soon()
         sent = time.perf_counter()
@@ -268,7 +277,9 @@ class DohExchanger:
             return Exchange(None, Failure("error", "http", f"http: content-type {text}"), latency, evidence)
         q = question_of(query)
         if len(body) < 12 or body[12 : 12 + len(q)].lower() != q.lower():
-            return Exchange(None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence)
+            return Exchange(
+                None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence
+            )
         return Exchange(body, None, latency, evidence)
 
     def _start_http1(self) -> None:
@@ -294,8 +305,10 @@ class DohExchanger:
                 resp = await self._http1.post(url, content=query, headers=headers, extensions=extensions)
             else:
                 dns_param = base64.urlsafe_b64encode(query).rstrip(b"=").decode()
-                resp = await self._http1.get(url, params={"dns": dns_param}, headers=headers, extensions=extensions)
-        except Exception as exc:  # noqa: BLE001
+                resp = await self._http1.get(
+                    url, params={"dns": dns_param}, headers=headers, extensions=extensions
+                )
+        except Exception as exc:
             if type(exc).__name__.endswith("Timeout") or isinstance(exc, TimeoutError):
                 return Exchange(None, timeout(), evidence=evidence)
             return Exchange(None, failure_from(exc, "http"), evidence=evidence)
@@ -306,11 +319,16 @@ class DohExchanger:
         return self._judge_http(resp.status_code, ctype, resp.content, query, latency, evidence)
 
     async def aclose(self) -> None:
-        if self._conn is not None and self._conn.transport is not None:
-            self._conn.transport.close()
-        self._conn = None
+        conn = self._shared.take()
+        if conn is not None and conn.transport is not None:
+            await close_transport(conn.transport, conn.lost)
         if self._http1 is not None:
             await self._http1.aclose()
+
+
+def _abort_h2(conn: _H2Conn | None) -> None:
+    if conn is not None and conn.transport is not None:
+        conn.transport.abort()
 
 
 def _is_ssl(exc: BaseException) -> bool:

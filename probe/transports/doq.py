@@ -19,6 +19,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 
 from probe.specs import Endpoint
+from probe.transports._conn import SharedConnection
 from probe.transports._errors import failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
 from probe.wire import question_of
@@ -32,7 +33,7 @@ class _Broken(Exception):
         self.failure = failure
 
 
-class _DoqProtocol(QuicConnectionProtocol):  # type: ignore[misc]
+class _DoqProtocol(QuicConnectionProtocol):
     def __init__(self, quic: QuicConnection) -> None:
         super().__init__(quic)
         self.streams: dict[int, tuple[asyncio.Future[bytes], bytearray]] = {}
@@ -60,7 +61,9 @@ class _DoqProtocol(QuicConnectionProtocol):  # type: ignore[misc]
         elif isinstance(event, StreamReset):
             item = self.streams.pop(event.stream_id, None)
             if item is not None and not item[0].done():
-                item[0].set_exception(_Broken(Failure("error", "dns_round_trip", f"quic: stream reset ({event.error_code})")))
+                item[0].set_exception(
+                    _Broken(Failure("error", "dns_round_trip", f"quic: stream reset ({event.error_code})"))
+                )
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason_phrase or f"error code {event.error_code}"
             self._fail(Failure("error", "dns_round_trip", f"quic: connection closed: {reason}", True))
@@ -84,9 +87,7 @@ class DoqExchanger:
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.endpoint = endpoint
         self.options = options
-        self._proto: _DoqProtocol | None = None
-        self._connecting: asyncio.Future[_DoqProtocol] | None = None
-        self.handshakes = 0
+        self._shared = SharedConnection(self._open, lambda p: p.dead is None, _abort_quic)
 
     async def _open(self) -> _DoqProtocol:
         loop = asyncio.get_running_loop()
@@ -110,29 +111,18 @@ class DoqExchanger:
         except BaseException:
             transport.close()
             raise
-        self.handshakes += 1
-        return proto  # type: ignore[no-any-return]
+        return proto
 
-    async def _connection(self, evidence: dict[str, Any]) -> _DoqProtocol:
-        proto = self._proto
-        if proto is not None and proto.dead is None:
-            return proto
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(self._open())
-            started = time.perf_counter()
-            try:
-                self._proto = await asyncio.shield(self._connecting)
-            finally:
-                evidence["connect_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            return self._proto
-        return await asyncio.shield(self._connecting)
+    @property
+    def handshakes(self) -> int:
+        return self._shared.handshakes
 
     async def exchange(self, query: bytes) -> Exchange:
         evidence: dict[str, Any] = {}
         for attempt in range(2):
             try:
-                proto = await self._connection(evidence)
-            except Exception as exc:  # noqa: BLE001 - translated at the edge, once
+                proto = await self._shared.get(evidence)
+            except Exception as exc:
                 failure = failure_from(exc, "quic_handshake")
                 if failure.kind == "error" and "certificate" in failure.text.lower():
                     failure = Failure("error", "tls_handshake", f"tls: {failure.text.removeprefix('quic: ')}")
@@ -165,23 +155,30 @@ class DoqExchanger:
             timer.cancel()
         latency = (time.perf_counter() - sent) * 1000
         if len(data) < 2 or struct.unpack("!H", data[:2])[0] != len(data) - 2:
-            return Exchange(None, Failure("error", "dns_round_trip", "malformed response: bad DoQ framing"), latency, evidence)
+            return Exchange(
+                None,
+                Failure("error", "dns_round_trip", "malformed response: bad DoQ framing"),
+                latency,
+                evidence,
+            )
         msg = data[2:]
         q = question_of(query)
         if len(msg) < 12 or msg[12 : 12 + len(q)].lower() != q.lower():
-            return Exchange(None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence)
+            return Exchange(
+                None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence
+            )
         return Exchange(msg, None, latency, evidence)
 
     async def aclose(self) -> None:
-        if self._proto is not None:
-            self._proto.close()
-            try:
-                await asyncio.wait_for(self._proto.wait_closed(), 1.0)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
-            if self._proto._transport is not None:
-                self._proto._transport.close()
-        self._proto = None
+        proto = self._shared.take()
+        if proto is not None:
+            proto.close()  # CONNECTION_CLOSE to the server, then the socket goes
+            _abort_quic(proto)
+
+
+def _abort_quic(proto: _DoqProtocol) -> None:
+    if proto._transport is not None:
+        proto._transport.close()
 
 
 def _expire(fut: asyncio.Future[bytes]) -> None:

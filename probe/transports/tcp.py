@@ -16,11 +16,12 @@ import time
 from typing import Any
 
 from probe.specs import Endpoint
+from probe.transports._conn import SharedConnection
 from probe.transports._errors import failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
 from probe.wire import question_of, set_id
 
-__all__ = ["StreamExchanger", "TcpExchanger"]
+__all__ = ["StreamExchanger", "TcpExchanger", "close_transport"]
 
 
 class _Broken(Exception):
@@ -37,6 +38,7 @@ class _StreamConn(asyncio.Protocol):
         self.buf = bytearray()
         self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
         self.dead: Failure | None = None
+        self.lost = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -63,6 +65,8 @@ class _StreamConn(asyncio.Protocol):
                 fut.set_result(msg)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
         self.dead = failure_from(exc or EOFError(), "dns_round_trip")
         for fut, _ in self.pending.values():
             if not fut.done():
@@ -78,9 +82,7 @@ class StreamExchanger:
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.endpoint = endpoint
         self.options = options
-        self._conn: _StreamConn | None = None
-        self._connecting: asyncio.Future[_StreamConn] | None = None
-        self.handshakes = 0
+        self._shared = SharedConnection(self._open, lambda c: c.dead is None, _abort_conn)
 
     def _ssl(self) -> ssl.SSLContext | None:
         return None
@@ -98,30 +100,18 @@ class StreamExchanger:
             ),
             self.options.timeout,
         )
-        self.handshakes += 1
         return conn
 
-    async def _connection(self, evidence: dict[str, Any]) -> _StreamConn:
-        conn = self._conn
-        if conn is not None and conn.dead is None:
-            return conn
-        # One connect in flight at a time; every query waiting for it shares the result.
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(self._open())
-            started = time.perf_counter()
-            try:
-                self._conn = await asyncio.shield(self._connecting)
-            finally:
-                evidence["connect_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            return self._conn
-        return await asyncio.shield(self._connecting)
+    @property
+    def handshakes(self) -> int:
+        return self._shared.handshakes
 
     async def exchange(self, query: bytes) -> Exchange:
         evidence: dict[str, Any] = {}
         for attempt in range(2):
             try:
-                conn = await self._connection(evidence)
-            except Exception as exc:  # noqa: BLE001 - translated at the edge, once
+                conn = await self._shared.get(evidence)
+            except Exception as exc:
                 phase = "tls_handshake" if self.tls and not isinstance(exc, OSError) else self.connect_phase
                 return Exchange(None, failure_from(exc, phase), evidence=evidence)
             result = await self._send(conn, query, evidence)
@@ -147,7 +137,7 @@ class StreamExchanger:
             return Exchange(None, exc.failure, evidence=evidence)
         except TimeoutError:
             return Exchange(None, timeout(), evidence=evidence)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return Exchange(None, failure_from(exc, "dns_round_trip"), evidence=evidence)
         finally:
             timer.cancel()
@@ -155,13 +145,29 @@ class StreamExchanger:
         return Exchange(data, None, (time.perf_counter() - sent) * 1000, evidence)
 
     async def aclose(self) -> None:
-        if self._conn is not None and self._conn.transport is not None:
-            self._conn.transport.close()
-        self._conn = None
+        conn = self._shared.take()
+        if conn is not None and conn.transport is not None:
+            await close_transport(conn.transport, conn.lost)
 
 
 class TcpExchanger(StreamExchanger):
     """Plain DNS over TCP."""
+
+
+def _abort_conn(conn: _StreamConn) -> None:
+    if conn.transport is not None:
+        conn.transport.abort()
+
+
+async def close_transport(transport: asyncio.BaseTransport, lost: asyncio.Future[None]) -> None:
+    """Close politely (TLS close_notify), but never let a silent peer keep the socket open."""
+    transport.close()
+    try:
+        await asyncio.wait_for(asyncio.shield(lost), 0.5)
+    except TimeoutError:
+        abort = getattr(transport, "abort", None)
+        if abort is not None:
+            abort()
 
 
 def _expire(fut: asyncio.Future[bytes]) -> None:

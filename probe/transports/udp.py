@@ -88,6 +88,7 @@ class UdpExchanger:
         self.endpoint = endpoint
         self.options = options
         self._sockets: list[_Socket] = []
+        self._retired: list[_Socket] = []
         self._next = 0
         self._opening: asyncio.Lock | None = None
         self._tcp: TcpExchanger | None = None
@@ -116,14 +117,21 @@ class UdpExchanger:
 
     def _retire(self, sock: _Socket) -> None:
         # In-flight queries and linger windows end within timeout + linger.
+        self._retired.append(sock)
         loop = asyncio.get_running_loop()
         delay = self.options.timeout + self.options.udp_linger + 0.1
-        loop.call_later(delay, lambda: sock.transport.close() if sock.transport else None)
+        loop.call_later(delay, self._close_retired, sock)
+
+    def _close_retired(self, sock: _Socket) -> None:
+        if sock in self._retired:
+            self._retired.remove(sock)
+        if sock.transport is not None:
+            sock.transport.close()
 
     async def exchange(self, query: bytes) -> Exchange:
         try:
             sock = await self._socket()
-        except Exception as exc:  # noqa: BLE001 - translated at the edge, once
+        except Exception as exc:
             return Exchange(None, failure_from(exc, "connect"))
         sock.used += 1
         loop = asyncio.get_running_loop()
@@ -139,7 +147,7 @@ class UdpExchanger:
         try:
             sock.transport.sendto(set_id(query, qid))
             data = await fut
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             del sock.pending[qid]
             failure = timeout() if isinstance(exc, TimeoutError) else failure_from(exc, "dns_round_trip")
             ev: dict[str, Any] = {"notes": entry.notes} if entry.notes else {}
@@ -182,10 +190,11 @@ class UdpExchanger:
 
     async def aclose(self) -> None:
         self._closed = True
-        for sock in self._sockets:
+        for sock in self._sockets + self._retired:
             if sock.transport is not None:
                 sock.transport.close()
         self._sockets.clear()
+        self._retired.clear()
         if self._tcp is not None:
             await self._tcp.aclose()
 

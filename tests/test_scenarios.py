@@ -1,0 +1,272 @@
+"""Every block shape of block-signals.md, scripted as data, checked on every transport.
+
+One lab resolver answers each scenario name as scripted; a control resolver tells
+the truth. The whole table runs in one engine run (as a real probe would), then each
+scenario × transport is asserted on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from probe.lab import Behaviour, LabCA, LabThread, Zone
+from probe.model import Measurement, Outcome
+from probe.specs import Resolver
+
+from .conftest import measure, resolvers_of, start_lab, truth_zone
+
+TRANSPORTS = ("udp", "tcp", "dot", "doh", "doq")
+D = "blockprobe-lab.net"
+REAL_A = ("93.184.216.34",)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A name the lab answers as `behaviour`, and what the probe must conclude, per transport."""
+
+    id: str
+    behaviour: Behaviour
+    outcome: Outcome
+    blocked: bool | None
+    qtype: str = "A"
+    name: str = ""
+    only_qtype: bool = False  # the behaviour applies to `qtype` only; other types get the truth
+    per_transport: dict[str, tuple[Outcome, bool | None]] = field(default_factory=dict)
+    check: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def domain(self) -> str:
+        return self.name or f"{self.id}.{D}"
+
+
+SCENARIOS = [
+    Scenario("resolves", Behaviour(records={"A": REAL_A}), Outcome.RESOLVED, False),
+    Scenario("nxdomain", Behaviour(rcode="NXDOMAIN"), Outcome.NXDOMAIN, True),
+    Scenario("dead-name", Behaviour(rcode="NXDOMAIN"), Outcome.NXDOMAIN, None, name=f"dead.{D}"),
+    Scenario(
+        "quad9-nx",
+        Behaviour(rcode="NXDOMAIN", soa=False, ra=False),
+        Outcome.NXDOMAIN,
+        True,
+        check={"evidence.nxdomain_without_soa": True, "evidence.ra_cleared": True},
+    ),
+    Scenario(
+        "zero",
+        Behaviour(records={"A": ("0.0.0.0",)}),
+        Outcome.SINKHOLE,
+        True,
+        check={"sinkhole.source": "unspecified address"},
+    ),
+    Scenario(
+        "loopback",
+        Behaviour(records={"A": ("127.0.0.1",)}),
+        Outcome.SINKHOLE,
+        True,
+        check={"sinkhole.source": "loopback address"},
+    ),
+    Scenario(
+        "blockpage",
+        Behaviour(records={"A": ("146.112.61.104",)}),
+        Outcome.SINKHOLE,
+        True,
+        check={"sinkhole.source": "opendns.blockpage_104 (Cisco Umbrella doc 224799)"},
+    ),
+    Scenario(
+        "mapped-v6",
+        Behaviour(records={"AAAA": ("::ffff:146.112.61.106",)}),
+        Outcome.SINKHOLE,
+        True,
+        qtype="AAAA",
+    ),
+    Scenario(
+        "private",
+        Behaviour(records={"A": ("10.99.88.77",)}),
+        Outcome.SINKHOLE,
+        True,
+        check={"sinkhole.source": "private address (RFC 6890) for a public name"},
+    ),
+    Scenario(
+        "private-special-use",
+        Behaviour(records={"A": ("10.1.2.3",)}),
+        Outcome.RESOLVED,
+        False,
+        name="intranet.lab.test",
+    ),
+    Scenario("mixed", Behaviour(records={"A": ("0.0.0.0", "93.184.216.34")}), Outcome.RESOLVED, False),
+    Scenario(
+        "refused-ede16",
+        Behaviour(rcode="REFUSED", ede=((16, "court order"),)),
+        Outcome.EDE_BLOCKED,
+        True,
+        check={"rcode": "REFUSED", "ede.0.code": 16, "ede.0.text": "court order"},
+    ),
+    Scenario(
+        "noerror-ede17-json",
+        Behaviour(
+            records={"A": ("94.140.14.35",)},
+            ede=((17, '{"j":"Filtered by AdGuard DNS","o":"AdGuard DNS","c":["mailto:x@example.org"]}'),),
+        ),
+        Outcome.EDE_BLOCKED,
+        True,
+        check={"ede.0.code": 17, "ede.0.json.o": "AdGuard DNS"},
+    ),
+    Scenario("forged-ede4", Behaviour(records={"A": REAL_A}, ede=((4, ""),)), Outcome.EDE_BLOCKED, True),
+    Scenario("refused-ede18", Behaviour(rcode="REFUSED", ede=((18, "not allowed"),)), Outcome.REFUSED, None),
+    Scenario("servfail", Behaviour(rcode="SERVFAIL"), Outcome.SERVFAIL, True),
+    Scenario(
+        "servfail-ede22",
+        Behaviour(rcode="SERVFAIL", ede=((22, "no reachable authority"),)),
+        Outcome.SERVFAIL,
+        None,
+    ),
+    Scenario("refused", Behaviour(rcode="REFUSED"), Outcome.REFUSED, True),
+    Scenario(
+        "cname-blockpage",
+        Behaviour(cname=("trustpositif.kominfo.go.id",), records={"A": ("27.54.116.70",)}),
+        Outcome.SINKHOLE,
+        True,
+        check={"cname": ["trustpositif.kominfo.go.id"]},
+    ),
+    Scenario(
+        "cname-blockhost-only",
+        Behaviour(cname=("restricted.tri.co.id",), records={"A": ("93.184.216.99",)}),
+        Outcome.SINKHOLE,
+        True,
+        check={"sinkhole.match": "restricted.tri.co.id"},
+    ),
+    Scenario(
+        "drop", Behaviour(action="drop"), Outcome.TIMEOUT, True, check={"error": "dns_round_trip: timed out"}
+    ),
+    Scenario(
+        "truncated",
+        Behaviour(action="truncate", records={"A": REAL_A}),
+        Outcome.RESOLVED,
+        False,
+        check={"answers": list(REAL_A)},
+    ),
+    Scenario("malformed", Behaviour(action="malformed", records={"A": REAL_A}), Outcome.ERROR, None),
+    Scenario(
+        "mismatch",
+        Behaviour(action="mismatch", records={"A": REAL_A}),
+        Outcome.ERROR,
+        None,
+        per_transport={"udp": (Outcome.TIMEOUT, True)},
+    ),
+    Scenario(
+        "injected",
+        Behaviour(action="inject", records={"A": REAL_A}),
+        Outcome.RESOLVED,
+        False,
+        per_transport={"udp": (Outcome.SINKHOLE, True)},
+    ),
+    Scenario("a-blocked", Behaviour(records={"A": ("0.0.0.0",)}), Outcome.SINKHOLE, True, only_qtype=True),
+    Scenario(
+        "aaaa-passes",
+        Behaviour(records={"AAAA": ("2606:2800:220:1::248",)}),
+        Outcome.RESOLVED,
+        False,
+        qtype="AAAA",
+        name=f"a-blocked.{D}",
+    ),
+    Scenario(
+        "https-hints-pass",
+        Behaviour(records={"HTTPS": ('1 . alpn="h2" ipv4hint=93.184.216.34',)}),
+        Outcome.RESOLVED,
+        False,
+        qtype="HTTPS",
+        name=f"a-blocked.{D}",
+        check={"answers": ['1 . alpn="h2" ipv4hint="93.184.216.34"']},
+    ),
+    Scenario(
+        "https-hints-zero",
+        Behaviour(records={"HTTPS": ("1 . ipv4hint=0.0.0.0 ipv6hint=::",)}),
+        Outcome.SINKHOLE,
+        True,
+        qtype="HTTPS",
+    ),
+    Scenario("https-nodata", Behaviour(), Outcome.NODATA, True, qtype="HTTPS"),
+]
+
+
+def _lab_zone() -> Zone:
+    zone = Zone(nsid="scripted-1")
+    for s in SCENARIOS:
+        if s.only_qtype or s.name.startswith("a-blocked."):
+            zone.set(s.domain, s.behaviour, s.qtype)
+        else:
+            zone.set(s.domain, s.behaviour)
+    return zone
+
+
+@pytest.fixture(scope="module")
+def results(lab_thread: LabThread, lab_ca: LabCA) -> dict[tuple[str, str, str], Measurement]:
+    lab = start_lab(lab_thread, _lab_zone(), "127.53.1.1", lab_ca)
+    control = start_lab(lab_thread, truth_zone(), "127.53.1.9", lab_ca)
+    targets = [
+        Resolver(f"lab-{r.endpoints[0].transport}", "isp", None, r.endpoints)
+        for r in resolvers_of(lab, TRANSPORTS)
+    ]
+    controls = resolvers_of(control, ["udp"])
+    domains = list(dict.fromkeys(s.domain for s in SCENARIOS))
+    qtypes = sorted({s.qtype for s in SCENARIOS})
+    out = measure(domains, targets, ca=lab_ca, qtypes=qtypes, controls=controls, timeout=1.0)
+    assert len(out) == len(domains) * len(qtypes) * len(TRANSPORTS)
+    return {(m.domain, m.qtype, str(m.transport)): m for m in out}
+
+
+def _dig(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+    return obj
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.id)
+def test_scenario(
+    scenario: Scenario, transport: str, results: dict[tuple[str, str, str], Measurement]
+) -> None:
+    m = results[(scenario.domain, scenario.qtype, transport)]
+    outcome, blocked = scenario.per_transport.get(transport, (scenario.outcome, scenario.blocked))
+    got = m.to_json()
+    assert (m.outcome, m.blocked) == (outcome, blocked), got
+    for path, want in scenario.check.items():
+        assert _dig(got, path) == want, (path, got)
+    # The control's own answer is kept in every measurement.
+    assert got["control"]["resolver"].startswith("udp://127.53.1.9")
+    if m.outcome not in (Outcome.TIMEOUT, Outcome.ERROR):
+        assert m.wire is not None and m.rcode is not None and m.latency_ms is not None
+    if scenario.id == "malformed":
+        assert m.wire is not None and m.error is not None and m.error.startswith("malformed response")
+
+
+def test_truncation_is_retried_over_tcp_and_says_so(results: dict[tuple[str, str, str], Measurement]) -> None:
+    m = results[(f"truncated.{D}", "A", "udp")]
+    assert m.evidence["tc_fallback"] is True
+    assert not results[(f"truncated.{D}", "A", "tcp")].evidence.get("tc_fallback")
+
+
+def test_racing_answers_are_kept_as_evidence(results: dict[tuple[str, str, str], Measurement]) -> None:
+    m = results[(f"injected.{D}", "A", "udp")]
+    assert m.answers == ("203.98.7.65",)  # the forged answer arrived first, as on the GFW
+    assert m.evidence["injected"] is True
+    assert [la["answers"] for la in m.evidence["late_answers"]] == [list(REAL_A)]
+    assert "late_answers" not in results[(f"resolves.{D}", "A", "udp")].evidence
+
+
+def test_mismatched_udp_answer_is_ignored_and_noted(results: dict[tuple[str, str, str], Measurement]) -> None:
+    m = results[(f"mismatch.{D}", "A", "udp")]
+    assert m.evidence["notes"] == ["ignored a response whose question does not match"]
+    assert results[(f"mismatch.{D}", "A", "tcp")].error == "mismatched response"
+
+
+def test_nsid_is_recorded(results: dict[tuple[str, str, str], Measurement]) -> None:
+    for t in TRANSPORTS:
+        assert results[(f"resolves.{D}", "A", t)].evidence["nsid"] == "scripted-1"
+
+
+def test_doh_evidence_has_http_version_and_status(results: dict[tuple[str, str, str], Measurement]) -> None:
+    m = results[(f"resolves.{D}", "A", "doh")]
+    assert (m.evidence["http_version"], m.evidence["http_status"]) == ("HTTP/2", 200)
