@@ -16,11 +16,12 @@ import ssl
 import struct
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import dns.edns
 import dns.flags
@@ -41,9 +42,9 @@ from aioquic.asyncio.server import serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
-__all__ = ["Behaviour", "LabCA", "LabServer", "LabThread", "Zone"]
+__all__ = ["Behaviour", "LabCA", "LabServer", "LabThread", "Reply", "Zone", "respond"]
 
-ACTIONS = frozenset({"answer", "drop", "truncate", "malformed", "mismatch", "inject"})
+ACTIONS = frozenset({"answer", "drop", "truncate", "malformed", "mismatch", "inject", "close"})
 LAB_TRANSPORTS = ("udp", "tcp", "dot", "doh", "doq")
 
 
@@ -55,7 +56,8 @@ class Behaviour:
     is a chain placed before them; `ede` a list of (code, extra text); `action` one of
     answer, drop (no reply), truncate (TC=1 over UDP, the full answer over streams),
     malformed, mismatch (the reply names another question), inject (over UDP a forged
-    answer with `injected` addresses arrives `inject_gap` seconds before the real one).
+    answer with `injected` addresses arrives `inject_gap` seconds before the real one),
+    close (streams: the connection is closed instead of answering; UDP: no reply).
     """
 
     rcode: str = "NOERROR"
@@ -144,29 +146,37 @@ def _answer(
     return resp
 
 
-def respond(wire: bytes, zone: Zone, transport: str) -> tuple[list[tuple[float, bytes]], int]:
-    """The replies (delay, wire) the lab sends for one query, and the HTTP status for DoH."""
+class Reply(NamedTuple):
+    """What the lab does with one query: replies as (delay, wire), the DoH status, or a close."""
+
+    replies: list[tuple[float, bytes]]
+    http_status: int = 200
+    close: bool = False
+
+
+def respond(wire: bytes, zone: Zone, transport: str) -> Reply:
+    """What the lab sends back for one query on `transport`."""
     try:
         query = dns.message.from_wire(wire)
-    except Exception:
+    except Exception:  # a lab answers garbage with FORMERR, like a server
         if len(wire) < 12:
-            return [], 200
-        return [(0.0, wire[:2] + b"\x81\x01" + b"\x00" * 8)], 200
+            return Reply([])
+        return Reply([(0.0, wire[:2] + b"\x81\x01" + b"\x00" * 8)])
     if not query.question:
-        return [], 200
+        return Reply([])
     q = query.question[0]
     b = zone.lookup(q.name.to_text(omit_final_dot=True), dns.rdatatype.to_text(q.rdtype))
-    if b.action == "drop":
-        return [], b.http_status
+    if b.action in ("drop", "close"):
+        return Reply([], b.http_status, b.action == "close")
     if b.action == "mismatch":
-        return [(b.delay, _answer(query, zone, b, "mismatch.lab.test.").to_wire())], b.http_status
+        return Reply([(b.delay, _answer(query, zone, b, "mismatch.lab.test.").to_wire())], b.http_status)
     resp = _answer(query, zone, b)
     out = resp.to_wire()
     limit = max(query.payload, 512) if query.edns >= 0 else 512
     if transport == "udp" and (b.action == "truncate" or len(out) > limit):
         tc = dns.message.make_response(query)
         tc.flags |= dns.flags.TC
-        return [(b.delay, tc.to_wire())], b.http_status
+        return Reply([(b.delay, tc.to_wire())], b.http_status)
     if b.action == "malformed":
         # Claim one more answer record than there are bytes for.
         ancount = struct.unpack("!H", out[6:8])[0] + 1
@@ -174,8 +184,8 @@ def respond(wire: bytes, zone: Zone, transport: str) -> tuple[list[tuple[float, 
     if b.action == "inject" and transport == "udp":
         forged = Behaviour(records={"A": b.injected, "AAAA": ()}, ttl=b.ttl)
         fake = _answer(query, zone, forged).to_wire()
-        return [(0.0, fake), (b.delay + b.inject_gap, out)], b.http_status
-    return [(b.delay, out)], b.http_status
+        return Reply([(0.0, fake), (b.delay + b.inject_gap, out)], b.http_status)
+    return Reply([(b.delay, out)], b.http_status)
 
 
 class LabCA:
@@ -213,9 +223,9 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.server.queries += 1
-        replies, _ = respond(data, self.server.zone, "udp")
+        self.server.arrivals.append(time.monotonic())
         loop = asyncio.get_running_loop()
-        for delay, wire in replies:
+        for delay, wire in respond(data, self.server.zone, "udp").replies:
             if delay > 0:
                 loop.call_later(delay, self._send, wire, addr)
             else:
@@ -249,8 +259,12 @@ class _Stream(asyncio.Protocol):
             msg = bytes(self.buf[2 : size + 2])
             del self.buf[: size + 2]
             self.server.queries += 1
-            replies, _ = respond(msg, self.server.zone, "tcp")
-            for delay, wire in replies:
+            reply = respond(msg, self.server.zone, "tcp")
+            if reply.close:
+                assert self.transport is not None
+                self.transport.close()
+                return
+            for delay, wire in reply.replies:
                 framed = struct.pack("!H", len(wire)) + wire
                 if delay > 0:
                     loop.call_later(delay, self._write, framed)
@@ -322,10 +336,13 @@ class _Doh(asyncio.Protocol):
         if query is None:
             self._reply(sid, 400, b"")
             return
-        replies, status = respond(query, self.server.zone, "doh")
-        if not replies:
+        reply = respond(query, self.server.zone, "doh")
+        if reply.close and self.transport is not None:
+            self.transport.close()
+        if not reply.replies:
             return  # drop: the stream never ends, the client times out
-        delay, wire = replies[-1]
+        delay, wire = reply.replies[-1]
+        status = reply.http_status
         if status != 200:
             wire = b"blocked by order\n"
         loop = asyncio.get_running_loop()
@@ -371,8 +388,12 @@ class _Doh(asyncio.Protocol):
                 return
             body = bytes(self.buf[end + 4 : end + 4 + length])
             del self.buf[: end + 4 + length]
-            method, path, *_ = lines[0].split(b" ")
-            self._request(0, method, path, body)
+            parts = lines[0].split(b" ")
+            if len(parts) != 3:
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._request(0, parts[0], parts[1], body)
 
 
 class _DoqServer(QuicConnectionProtocol):
@@ -391,10 +412,13 @@ class _DoqServer(QuicConnectionProtocol):
             return
         del self.bufs[event.stream_id]
         self.lab.queries += 1
-        replies, _ = respond(bytes(buf[2:]), self.lab.zone, "doq")
-        if not replies:
+        reply = respond(bytes(buf[2:]), self.lab.zone, "doq")
+        if reply.close:
+            self._quic.close(error_code=0x2, reason_phrase="lab: closing as scripted")
+            self.transmit()
+        if not reply.replies:
             return
-        delay, wire = replies[-1]
+        delay, wire = reply.replies[-1]
         sid = event.stream_id
 
         def send() -> None:
@@ -426,6 +450,7 @@ class LabServer:
         self.ports: dict[str, int] = {}
         self.queries = 0
         self.connections = 0
+        self.arrivals: list[float] = []  # monotonic arrival times of UDP queries
         self._closers: list[Any] = []
 
     async def start(self) -> LabServer:

@@ -65,6 +65,9 @@ class _H2Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
+            return  # no preface: the exchanger hands this endpoint to HTTP/1.1
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -183,7 +186,7 @@ class DohExchanger:
         )
         ssl_obj = transport.get_extra_info("ssl_object")
         if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
-            transport.close()
+            transport.abort()  # the server wants HTTP/1.1: httpx2 takes over for this endpoint
             return None
         return conn
 
@@ -202,7 +205,8 @@ class DohExchanger:
                 phase = "connect" if isinstance(exc, OSError) and not _is_ssl(exc) else "tls_handshake"
                 return Exchange(None, failure_from(exc, phase), evidence=evidence)
             if conn is None:
-                self._start_http1()
+                if self._http1 is None:  # concurrent queries all learn it at once; one client
+                    self._start_http1()
                 continue
             result = await self._exchange_h2(conn, query, evidence)
             if result.failure is None or not result.failure.retriable or attempt:
@@ -324,6 +328,7 @@ class DohExchanger:
             await close_transport(conn.transport, conn.lost)
         if self._http1 is not None:
             await self._http1.aclose()
+            await asyncio.sleep(0)  # let the transport run its connection_lost before the loop ends
 
 
 def _abort_h2(conn: _H2Conn | None) -> None:

@@ -66,7 +66,11 @@ class _DoqProtocol(QuicConnectionProtocol):
                 )
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason_phrase or f"error code {event.error_code}"
-            self._fail(Failure("error", "dns_round_trip", f"quic: connection closed: {reason}", True))
+            if 0x100 <= event.error_code <= 0x1FF:
+                # RFC 9001 section 4.8: CRYPTO_ERROR carries the TLS alert in the low byte.
+                self._fail(Failure("error", "tls_handshake", f"tls: certificate verify failed: {reason}"))
+            else:
+                self._fail(Failure("error", "dns_round_trip", f"quic: connection closed: {reason}", True))
 
     def _fail(self, failure: Failure) -> None:
         self.dead = failure
@@ -108,6 +112,12 @@ class DoqExchanger:
         try:
             proto.connect(addr)
             await asyncio.wait_for(proto.wait_connected(), self.options.timeout)
+        except ConnectionError:
+            transport.close()
+            # aioquic says only "ConnectionError"; the reason came with ConnectionTerminated.
+            raise _Broken(
+                proto.dead or Failure("error", "quic_handshake", "quic: handshake failed")
+            ) from None
         except BaseException:
             transport.close()
             raise
@@ -122,11 +132,10 @@ class DoqExchanger:
         for attempt in range(2):
             try:
                 proto = await self._shared.get(evidence)
-            except Exception as exc:
-                failure = failure_from(exc, "quic_handshake")
-                if failure.kind == "error" and "certificate" in failure.text.lower():
-                    failure = Failure("error", "tls_handshake", f"tls: {failure.text.removeprefix('quic: ')}")
-                return Exchange(None, failure, evidence=evidence)
+            except _Broken as exc:
+                return Exchange(None, exc.failure, evidence=evidence)
+            except Exception as exc:  # translated at the edge, once
+                return Exchange(None, failure_from(exc, "quic_handshake"), evidence=evidence)
             result = await self._send(proto, query, evidence)
             if result.failure is None or not result.failure.retriable or attempt:
                 return result
