@@ -46,7 +46,7 @@ def normalize_name(text: str) -> str:
     if not raw or raw == ".":
         raise InputError(f"{text!r} is not a domain name")
     try:
-        name = dns.name.from_text(raw.rstrip(".") + ".", idna_codec=dns.name.IDNA_2008_Transitional)
+        name = dns.name.from_text(raw.rstrip(".") + ".", idna_codec=dns.name.IDNA_2008_Practical)
         out = name.to_text(omit_final_dot=True)
     except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
         raise InputError(f"{text!r} is not a domain name: {exc}") from None

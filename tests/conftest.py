@@ -14,7 +14,7 @@ from probe.model import Measurement
 from probe.specs import Resolver, resolve_spec
 from probe.transports import Options
 
-LAB_HOSTS = ("127.0.0.1", "localhost", "127.53.1.1", "127.53.1.2", "127.53.1.3", "127.53.1.9")
+LAB_HOSTS = ("127.0.0.1", "localhost", *(f"127.53.1.{i}" for i in range(1, 12)))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,130 @@
+"""Pure classification, as tables; and fuzzing: a hostile answer is classified, never a crash."""
+
+from __future__ import annotations
+
+import dns.edns
+import dns.message
+import dns.rrset
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from probe.classify import ControlResult, Verdict, blocked_of, is_special_use, sinkhole_of, verdict_of
+from probe.fingerprints import load_fingerprints
+from probe.model import Ede, Expectation, Finding, Outcome, judge
+from probe.transports import Failure
+from probe.wire import build_query, normalize_name, parse_ede
+
+FP = load_fingerprints()
+
+
+def _response(
+    name: str, qtype: str, rcode: int = 0, answers: tuple[str, ...] = (), ede: int | None = None
+) -> bytes:
+    query = dns.message.from_wire(build_query(name, qtype))
+    resp = dns.message.make_response(query)
+    resp.set_rcode(rcode)
+    if answers:
+        resp.answer.append(dns.rrset.from_text(name + ".", 60, "IN", qtype, *answers))
+    if ede is not None:
+        resp.use_edns(0, options=[dns.edns.EDEOption(dns.edns.EDECode(ede))])
+    return resp.to_wire()
+
+
+def test_sinkhole_rules() -> None:
+    assert sinkhole_of("0.0.0.0", True, FP) == {"match": "0.0.0.0", "source": "unspecified address"}
+    assert sinkhole_of("::", True, FP) == {"match": "::", "source": "unspecified address"}
+    assert sinkhole_of("127.0.0.1", False, FP) == {"match": "127.0.0.1", "source": "loopback address"}
+    assert sinkhole_of("10.1.2.3", False, FP) is None  # a private address for a special-use name is normal
+    assert sinkhole_of("100.64.1.1", True, FP) == {
+        "match": "100.64.1.1", "source": "special-purpose address (RFC 6890) for a public name"}  # fmt: skip
+    assert sinkhole_of("::ffff:146.112.61.104", True, FP) == {
+        "match": "::ffff:146.112.61.104", "source": "opendns.blockpage_104 (Cisco Umbrella doc 224799)"}  # fmt: skip
+    assert sinkhole_of("93.184.216.34", True, FP) is None
+    assert sinkhole_of("not-an-address", True, FP) is None
+
+
+def test_special_use_names() -> None:
+    assert is_special_use("a.test") and is_special_use("localhost") and is_special_use("x.example.com")
+    assert not is_special_use("example.community") and not is_special_use("pirate.it")
+
+
+CONTROL_HAS = ControlResult("ctl", Verdict(Outcome.RESOLVED, answers=("1.2.3.4",)))
+CONTROL_DEAD = ControlResult("ctl", Verdict(Outcome.NXDOMAIN))
+
+
+def test_blocked_table() -> None:
+    cases = [
+        (Verdict(Outcome.EDE_BLOCKED), None, False, True),
+        (Verdict(Outcome.SINKHOLE), None, False, True),
+        (Verdict(Outcome.RESOLVED), CONTROL_DEAD, False, False),
+        (Verdict(Outcome.NXDOMAIN), CONTROL_HAS, False, True),
+        (Verdict(Outcome.NXDOMAIN), CONTROL_DEAD, False, None),
+        (Verdict(Outcome.NXDOMAIN), None, False, None),
+        (Verdict(Outcome.NODATA), CONTROL_HAS, False, True),
+        (Verdict(Outcome.REFUSED, ede=(Ede(18),)), CONTROL_HAS, False, None),
+        (Verdict(Outcome.SERVFAIL, ede=(Ede(22),)), CONTROL_HAS, False, None),
+        (Verdict(Outcome.TIMEOUT), CONTROL_HAS, True, True),
+        (Verdict(Outcome.TIMEOUT), CONTROL_HAS, False, None),
+        (Verdict(Outcome.ERROR), CONTROL_HAS, True, None),
+    ]
+    for verdict, control, answered, want in cases:
+        assert blocked_of(verdict, control, answered) is want, (verdict.outcome, control, answered)
+
+
+def test_findings_table() -> None:
+    assert judge(Expectation.BLOCKED, True) is Finding.ENFORCED
+    assert judge(Expectation.BLOCKED, False) is Finding.LEAK
+    assert judge(Expectation.RESOLVES, True) is Finding.OVERBLOCK
+    assert judge(Expectation.RESOLVES, False) is Finding.OK
+    assert judge(Expectation.BLOCKED, None) is Finding.INCONCLUSIVE
+    assert judge(None, True) is None
+
+
+def test_ede_wins_over_every_rcode() -> None:
+    for rcode in (0, 2, 3, 5):
+        v = verdict_of(_response("x.example.org", "A", rcode=rcode, ede=15), None, "x.example.org", "A", FP)
+        assert v.outcome is Outcome.EDE_BLOCKED
+
+
+def test_failures_map_to_timeout_and_error() -> None:
+    v = verdict_of(None, Failure("timeout", "dns_round_trip", "dns_round_trip: timed out"), "a.org", "A", FP)
+    assert (v.outcome, v.error) == (Outcome.TIMEOUT, "dns_round_trip: timed out")
+    v = verdict_of(
+        None, Failure("error", "tls_handshake", "tls: certificate verify failed"), "a.org", "A", FP
+    )
+    assert (v.outcome, v.evidence["phase"]) == (Outcome.ERROR, "tls_handshake")
+
+
+def test_unknown_rcode_is_an_error() -> None:
+    v = verdict_of(_response("a.example.org", "A", rcode=1), None, "a.example.org", "A", FP)
+    assert (v.outcome, v.error) == (Outcome.ERROR, "unexpected rcode FORMERR")
+
+
+def test_structured_ede_text_is_parsed() -> None:
+    e = parse_ede(dns.edns.EDEOption(dns.edns.EDECode(17), '{"j":"Filtered","o":"AdGuard DNS"}'))
+    assert (e.code, e.json) == (17, {"j": "Filtered", "o": "AdGuard DNS"})
+    assert parse_ede(dns.edns.EDEOption(dns.edns.EDECode(16), "{not json")).json is None
+
+
+def test_names_are_normalised() -> None:
+    assert normalize_name("Bücher.Example.") == "xn--bcher-kva.example"
+    assert normalize_name("WWW.Example.ORG") == "www.example.org"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600))
+def test_random_bytes_never_crash(data: bytes) -> None:
+    v = verdict_of(data, None, "a.example.org", "A", FP)
+    assert isinstance(v.outcome, Outcome)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_mutated_responses_never_crash(data: st.DataObject) -> None:
+    wire = bytearray(_response("a.example.org", "A", answers=("93.184.216.34", "0.0.0.0"), ede=16))
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(wire) - 1))
+        wire[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(12, len(wire)))
+    v = verdict_of(bytes(wire[:cut]), None, "a.example.org", "A", FP)
+    assert isinstance(v.outcome, Outcome)

@@ -1,0 +1,151 @@
+"""`probe` on the command line: click's runner and real subprocesses, all against loopback labs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from probe.cli import cli
+from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
+
+from .conftest import start_lab, truth_zone
+
+REQUIRED = {
+    "domain", "qtype", "resolver", "transport", "outcome", "blocked", "expected", "finding", "rcode",
+    "ede", "answers", "cname", "sinkhole", "control", "latency_ms", "time", "error", "wire",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def isp(lab_thread: LabThread, lab_ca: LabCA) -> LabServer:
+    zone = Zone()
+    zone.set("pirate.blockprobe-lab.net", Behaviour(rcode="NXDOMAIN", soa=False))
+    zone.set("leaky.blockprobe-lab.net", Behaviour(records={"A": ("93.184.216.34",)}))
+    zone.set("*.blockprobe-lab.net", Behaviour(records={"A": ("93.184.216.34",)}))
+    return start_lab(lab_thread, zone, "127.53.1.8", lab_ca)
+
+
+@pytest.fixture(scope="module")
+def control(lab_thread: LabThread, lab_ca: LabCA) -> LabServer:
+    return start_lab(lab_thread, truth_zone(), "127.53.1.10", lab_ca, transports=("udp", "tcp"))
+
+
+def _args(isp: LabServer, control: LabServer, lab_ca: LabCA, *extra: str) -> list[str]:
+    s = isp.specs()
+    return [
+        "once", "--json", "-t", "A", "--ca-file", str(lab_ca.ca_file), "--control", control.specs()["udp"],
+        "-r", s["udp"], "-r", s["tcp"], "-r", s["dot"], "-r", s["doh"], "-r", s["doq"], "--timeout", "1",
+        "--udp-linger", "0", "--qps", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_enforced_block_exits_0_with_contract_json(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+    result = CliRunner().invoke(
+        cli, _args(isp, control, lab_ca, "--expect", "blocked", "Pirate.Blockprobe-Lab.NET.")
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 5
+    assert {d["transport"] for d in lines} == {"udp", "tcp", "dot", "doh", "doq"}
+    for d in lines:
+        assert d.keys() >= REQUIRED
+        assert d["domain"] == "pirate.blockprobe-lab.net"
+        assert (d["outcome"], d["blocked"], d["expected"], d["finding"]) == (
+            "nxdomain",
+            True,
+            "blocked",
+            "enforced",
+        )
+        assert d["control"]["outcome"] == "resolved" and d["rcode"] == "NXDOMAIN"
+        assert d["time"].endswith("Z") and d["wire"]
+
+
+def test_leak_exits_1(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+    result = CliRunner().invoke(
+        cli, _args(isp, control, lab_ca, "--expect", "blocked", "leaky.blockprobe-lab.net")
+    )
+    assert result.exit_code == 1
+    assert {json.loads(line)["finding"] for line in result.stdout.splitlines()} == {"leak"}
+
+
+def test_overblock_exits_1(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+    result = CliRunner().invoke(
+        cli, _args(isp, control, lab_ca, "--expect", "resolves", "pirate.blockprobe-lab.net")
+    )
+    assert result.exit_code == 1
+    assert {json.loads(line)["finding"] for line in result.stdout.splitlines()} == {"overblock"}
+
+
+def test_table_highlights_findings(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+    args = [
+        a
+        for a in _args(isp, control, lab_ca, "--expect", "blocked", "leaky.blockprobe-lab.net")
+        if a != "--json"
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert result.stdout.count("leak") >= 5 and "5 measurements: 5 leak" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-r", "tls//x", "a.org"], "probe: 'tls//x' is not a resolver spec: expected SCHEME://HOST[:PORT] or HOST[:PORT]"),
+        (["-r", "udp://127.0.0.1", "bad name.org"], "probe: 'bad name.org' is not a domain name: it holds characters a host name cannot"),
+        (["-r", "udp://127.0.0.1", "-t", "MX", "a.org"], "probe: 'MX' is not a query type this probe asks (one of A, AAAA, HTTPS)"),
+        (["-r", "udp://127.0.0.1", "--country", "ITA", "a.org"], "probe: --country: 'ITA' is not an ISO 3166-1 alpha-2 code"),
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["once", *args])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == message
+    assert result.stdout == ""
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "probe.cli", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_subprocess_exit_codes(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+    ok = _run(*_args(isp, control, lab_ca, "--expect", "blocked", "pirate.blockprobe-lab.net"))
+    assert ok.returncode == 0, ok.stderr
+    assert len(ok.stdout.splitlines()) == 5
+    leak = _run(*_args(isp, control, lab_ca, "--expect", "blocked", "leaky.blockprobe-lab.net"))
+    assert leak.returncode == 1
+    bad = _run("once", "-r", "ftp://x", "a.org")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "probe: 'ftp://x' is not a resolver spec: unknown scheme 'ftp' (one of udp, tcp, tls, https, h3, quic)"
+    ]
+
+
+def test_resolvers_lists_the_catalogue() -> None:
+    result = CliRunner().invoke(cli, ["resolvers", "--json"])
+    assert result.exit_code == 0
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {r["operator"] for r in rows} >= {"cloudflare", "google", "quad9", "opendns", "adguard"}
+    assert any(r["transport"] == "doq" for r in rows)
+    assert sum(r["control"] for r in rows) == len([r for r in rows if r["name"] == "cloudflare"])
+
+
+def test_demo_runs_offline_and_shows_leaks_and_overblocks() -> None:
+    result = _run("demo", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    findings = {(r["resolver"], r["domain"], r["qtype"], r["transport"]): r["finding"] for r in rows}
+    assert findings[("public-leaky", "calcio-pirata.example", "A", "doh")] == "leak"
+    assert findings[("isp-blockpage", "calcio-pirata.example", "A", "udp")] == "enforced"
+    assert findings[("isp-blockpage", "calcio-pirata.example", "AAAA", "doq")] == "leak"
+    assert findings[("isp-blockpage", "drive.usercontent.google.example", "A", "dot")] == "overblock"
+    assert findings[("public-censor", "streaming-illegale.example", "A", "tcp")] == "enforced"
+    assert findings[("isp-nxdomain", "wikipedia.example", "HTTPS", "udp")] == "ok"
+    assert all(r["endpoint"].split("://")[1].startswith("127.53.0.") for r in rows)
