@@ -31,6 +31,7 @@ class SharedConnection(Generic[C]):
         self.current: C | None = None
         self._opening: asyncio.Future[C] | None = None
         self.handshakes = 0
+        self.private_opens = 0
 
     async def _open_and_install(self) -> C:
         conn = await self._open()
@@ -52,6 +53,18 @@ class SharedConnection(Generic[C]):
             return await asyncio.shield(self._opening)
         finally:
             evidence["connect_ms"] = round((time.perf_counter() - started) * 1000, 3)
+
+    async def private(self, evidence: dict[str, Any]) -> C:
+        """A connection of its own for one query, outside the shared one; `discard` it after."""
+        started = time.perf_counter()
+        try:
+            return await self._open()
+        finally:
+            evidence["connect_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            self.private_opens += 1
+
+    def discard(self, conn: C) -> None:
+        self._discard(conn)
 
     def take(self) -> C | None:
         """Detach the current connection for closing."""

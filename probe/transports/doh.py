@@ -196,23 +196,32 @@ class DohExchanger:
 
     async def exchange(self, query: bytes) -> Exchange:
         evidence: dict[str, Any] = {}
-        for attempt in range(2):
-            if self._http1 is not None:
-                return await self._exchange_http1(query, evidence)
-            try:
-                conn = await self._shared.get(evidence)
-            except Exception as exc:
-                phase = "connect" if isinstance(exc, OSError) and not _is_ssl(exc) else "tls_handshake"
-                return Exchange(None, failure_from(exc, phase), evidence=evidence)
-            if conn is None:
-                if self._http1 is None:  # concurrent queries all learn it at once; one client
-                    self._start_http1()
-                continue
-            result = await self._exchange_h2(conn, query, evidence)
-            if result.failure is None or not result.failure.retriable or attempt:
-                return result
-            evidence["retried"] = result.failure.text
-        return await self._exchange_http1(query, evidence)
+        result = await self._once(query, evidence, shared=True)
+        if result.failure is None or not result.failure.retriable:
+            return result
+        # The shared connection broke under pipelined queries, and any one of them may
+        # have broken it (unbound closes a TCP connection to DROP a name). Retry alone on
+        # a connection of its own, so that one dropped name cannot take the others down.
+        evidence["retried"] = result.failure.text
+        return await self._once(query, evidence, shared=False)
+
+    async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
+        if self._http1 is not None:
+            return await self._exchange_http1(query, evidence)
+        try:
+            conn = await (self._shared.get(evidence) if shared else self._shared.private(evidence))
+        except Exception as exc:  # translated at the edge, once
+            phase = "connect" if isinstance(exc, OSError) and not _is_ssl(exc) else "tls_handshake"
+            return Exchange(None, failure_from(exc, phase), evidence=evidence)
+        if conn is None:
+            if self._http1 is None:  # concurrent queries all learn it at once; one client
+                self._start_http1()
+            return await self._exchange_http1(query, evidence)
+        try:
+            return await self._exchange_h2(conn, query, evidence)
+        finally:
+            if not shared:
+                self._shared.discard(conn)
 
     async def _exchange_h2(self, conn: _H2Conn, query: bytes, evidence: dict[str, Any]) -> Exchange:
         loop = asyncio.get_running_loop()

@@ -129,18 +129,28 @@ class DoqExchanger:
 
     async def exchange(self, query: bytes) -> Exchange:
         evidence: dict[str, Any] = {}
-        for attempt in range(2):
-            try:
-                proto = await self._shared.get(evidence)
-            except _Broken as exc:
-                return Exchange(None, exc.failure, evidence=evidence)
-            except Exception as exc:  # translated at the edge, once
-                return Exchange(None, failure_from(exc, "quic_handshake"), evidence=evidence)
-            result = await self._send(proto, query, evidence)
-            if result.failure is None or not result.failure.retriable or attempt:
-                return result
-            evidence["retried"] = result.failure.text
-        raise AssertionError("unreachable")
+        result = await self._once(query, evidence, shared=True)
+        if result.failure is None or not result.failure.retriable:
+            return result
+        # The shared connection broke under pipelined queries, and any one of them may
+        # have broken it (unbound closes a TCP connection to DROP a name). Retry alone on
+        # a connection of its own, so that one dropped name cannot take the others down.
+        evidence["retried"] = result.failure.text
+        return await self._once(query, evidence, shared=False)
+
+    async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
+        try:
+            proto = await (self._shared.get(evidence) if shared else self._shared.private(evidence))
+        except _Broken as exc:
+            return Exchange(None, exc.failure, evidence=evidence)
+        except Exception as exc:  # translated at the edge, once
+            return Exchange(None, failure_from(exc, "quic_handshake"), evidence=evidence)
+        try:
+            return await self._send(proto, query, evidence)
+        finally:
+            if not shared:
+                proto.close()
+                self._shared.discard(proto)
 
     async def _send(self, proto: _DoqProtocol, query: bytes, evidence: dict[str, Any]) -> Exchange:
         loop = asyncio.get_running_loop()
