@@ -6,6 +6,7 @@ rules are tested as tables of data.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ SPECIAL_USE = (
 _RCODE_OUTCOMES = {"NXDOMAIN": Outcome.NXDOMAIN, "REFUSED": Outcome.REFUSED, "SERVFAIL": Outcome.SERVFAIL}
 
 
+@functools.lru_cache(maxsize=65536)
 def is_special_use(name: str) -> bool:
     name = name.lower().rstrip(".")
     return any(name == s or name.endswith("." + s) for s in SPECIAL_USE)
@@ -36,6 +38,13 @@ def is_special_use(name: str) -> bool:
 
 def sinkhole_of(address: str, public_name: bool, fingerprints: Fingerprints) -> dict[str, str] | None:
     """Why an answered address is a sinkhole, or None when it looks like a real answer."""
+    reason = _sinkhole_reason(address, public_name, fingerprints)
+    return None if reason is None else {"match": address, "source": reason}
+
+
+# Bulk runs see the same addresses again and again; ipaddress's range checks are slow.
+@functools.lru_cache(maxsize=65536)
+def _sinkhole_reason(address: str, public_name: bool, fingerprints: Fingerprints) -> str | None:
     try:
         ip: IPAddress = ipaddress.ip_address(address)
     except ValueError:
@@ -43,15 +52,15 @@ def sinkhole_of(address: str, public_name: bool, fingerprints: Fingerprints) -> 
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # OpenDNS answers AAAA ::ffff:146.112.61.10x
     if ip.is_unspecified:
-        return {"match": address, "source": "unspecified address"}
+        return "unspecified address"
     if ip.is_loopback:
-        return {"match": address, "source": "loopback address"}
+        return "loopback address"
     fp = fingerprints.address(ip)
     if fp is not None:
-        return {"match": address, "source": fp.describe()}
+        return fp.describe()
     if public_name and not ip.is_global:
         kind = "private address" if ip.is_private else "special-purpose address"
-        return {"match": address, "source": f"{kind} (RFC 6890) for a public name"}
+        return f"{kind} (RFC 6890) for a public name"
     return None
 
 

@@ -189,11 +189,17 @@ class Engine:
         queue: asyncio.Queue[Measurement | None] = asyncio.Queue()
         producer = asyncio.ensure_future(self._produce(plan, queue.put_nowait))
         try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                yield item
+            done = False
+            while not done:
+                batch = [await queue.get()]
+                # Drain what is already there: one wake-up per burst, not per measurement.
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                for item in batch:
+                    if item is None:
+                        done = True
+                        break
+                    yield item
             await producer
         finally:
             if not producer.done():

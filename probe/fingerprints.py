@@ -24,7 +24,7 @@ class Fingerprint:
         return f"{self.id} ({self.source})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity: a cache key in classify
 class Fingerprints:
     addresses: dict[IPAddress, Fingerprint]
     names: dict[str, Fingerprint]

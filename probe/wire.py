@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import struct
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import dns.rdatatype
 import dns.rdtypes.svcbbase
 
 from probe.errors import InputError
+from probe.fastwire import parse_fast
 from probe.model import Ede
 
 __all__ = [
@@ -85,10 +87,21 @@ def build_query(name: str, qtype: str, pad: bool = False, ede_signal: bool = Fal
     return msg.to_wire()
 
 
+_ids: list[int] = []
+
+
+def random_id() -> int:
+    """An unpredictable 16-bit message ID (RFC 5452), drawn from the OS CSPRNG in batches."""
+    if not _ids:
+        _ids.extend(struct.unpack("!2048H", os.urandom(4096)))
+    return _ids.pop()
+
+
 def set_id(wire: bytes, qid: int) -> bytes:
     return struct.pack("!H", qid) + wire[2:]
 
 
+@functools.lru_cache(maxsize=65536)
 def question_of(query: bytes) -> bytes:
     """The question section of a query we built (one question, uncompressed)."""
     end = 12
@@ -143,6 +156,14 @@ def _hints(rdata: object) -> list[str]:
 
 def parse_response(wire: bytes, qname: str, qtype: str) -> Parsed:
     """Parse a response; raises dns.exception.DNSException on a malformed one."""
+    fast = parse_fast(wire, qname, qtype)
+    if fast is not None:
+        return Parsed(*fast)  # type: ignore[arg-type]
+    return parse_response_slow(wire, qname, qtype)
+
+
+def parse_response_slow(wire: bytes, qname: str, qtype: str) -> Parsed:
+    """dnspython's full parse: every record type, every EDNS option, every irregularity judged."""
     msg = dns.message.from_wire(wire, ignore_trailing=False)
     rdtype = dns.rdatatype.from_text(qtype)
     ede: list[Ede] = []

@@ -9,7 +9,6 @@ queries that were on it are retried on the new one.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import ssl
 import struct
 import time
@@ -19,7 +18,7 @@ from probe.specs import Endpoint
 from probe.transports._conn import SharedConnection
 from probe.transports._errors import failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
-from probe.wire import question_of, set_id
+from probe.wire import question_of, random_id, set_id
 
 __all__ = ["StreamExchanger", "TcpExchanger", "close_transport"]
 
@@ -131,9 +130,9 @@ class StreamExchanger:
 
     async def _send(self, conn: _StreamConn, query: bytes, evidence: dict[str, Any]) -> Exchange:
         loop = asyncio.get_running_loop()
-        qid = secrets.randbelow(65536)
+        qid = random_id()
         while qid in conn.pending:
-            qid = secrets.randbelow(65536)
+            qid = random_id()
         fut: asyncio.Future[bytes] = loop.create_future()
         conn.pending[qid] = (fut, question_of(query))
         timer = loop.call_later(self.options.timeout, _expire, fut)
