@@ -85,9 +85,9 @@ def _doq_server(ca_dir: Path) -> tuple[subprocess.Popen[str], str]:
         "from pathlib import Path\n"
         "from probe.lab import Behaviour, LabCA, LabServer, Zone\n"
         "async def main():\n"
-        f"    ca = LabCA(hosts=('{HOST}',), directory=Path(sys.argv[1]))\n"
+        "    ca = LabCA(hosts=('127.53.5.2',), directory=Path(sys.argv[1]))\n"
         "    z = Zone(default=Behaviour(records={'A': ('93.184.216.34',)}))\n"
-        f"    s = await LabServer(z, '127.53.5.2', ca, transports=('doq',)).start()\n"
+        "    s = await LabServer(z, '127.53.5.2', ca, transports=('doq',)).start()\n"
         "    print(json.dumps({'spec': s.specs()['doq'], 'ca': str(ca.ca_file)}), flush=True)\n"
         "    await asyncio.Event().wait()\n"
         "asyncio.run(main())\n"
@@ -110,7 +110,9 @@ def main() -> None:
     zone_text = "".join(f"n{i} 3600 IN A 93.184.{i // 256 % 256}.{i % 256}\n" for i in range(args.names))
     datafile = work / "queries.txt"
     datafile.write_text("".join(f"{n} A\n" for n in names))
-    server = start_unbound(work / "unbound", HOST, ca.cert_file, ca.key_file, zone_name=ZONE, zone_text=zone_text)
+    server = start_unbound(
+        work / "unbound", HOST, ca.cert_file, ca.key_file, zone_name=ZONE, zone_text=zone_text
+    )
     rows = []
     try:
         server.wait_ready(names[0])
@@ -118,7 +120,10 @@ def main() -> None:
             ref_qps, ref_cpu = dnsperf(server, mode, datafile, args.seconds)
             qps, cpu, errors = engine_run(server.specs[mode], names, args.queries, str(ca.ca_file))
             rows.append((mode, ref_qps, ref_cpu, qps, cpu, errors))
-            print(f"{mode}: dnsperf {ref_qps:.0f} q/s {ref_cpu:.1f} ms/1k; probe {qps:.0f} q/s {cpu:.1f} ms/1k", flush=True)
+            print(
+                f"{mode}: dnsperf {ref_qps:.0f} q/s {ref_cpu:.1f} ms/1k; probe {qps:.0f} q/s {cpu:.1f} ms/1k",
+                flush=True,
+            )
         dot_ref = next(r[2] for r in rows if r[0] == "dot")
         (work / "doq").mkdir()
         proc, info = _doq_server(work / "doq")
@@ -132,7 +137,9 @@ def main() -> None:
     finally:
         server.stop()
     print()
-    print("| transport | dnsperf q/s | dnsperf CPU ms/1k q | probe q/s | probe CPU ms/1k q | CPU ratio | probe errors |")
+    print(
+        "| transport | dnsperf q/s | dnsperf CPU ms/1k q | probe q/s | probe CPU ms/1k q | CPU ratio | probe errors |"
+    )
     print("|---|---|---|---|---|---|---|")
     for mode, ref_qps, ref_cpu, qps, cpu, errors in rows:
         ref = "-" if ref_qps != ref_qps else f"{ref_qps:.0f}"

@@ -103,8 +103,17 @@ class Stats:
     by_outcome: dict[str, int] = field(default_factory=dict)
 
 
+_last_stamp: tuple[int, str] = (0, "")
+
+
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC to the millisecond; formatted once per millisecond, not once per query."""
+    global _last_stamp
+    ms = time.time_ns() // 1_000_000
+    if ms != _last_stamp[0]:
+        text = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+        _last_stamp = (ms, text.replace("+00:00", "Z"))
+    return _last_stamp[1]
 
 
 class Engine:

@@ -47,7 +47,9 @@ def responses(draw: st.DrawFn) -> tuple[dns.message.Message, str, str]:
 
 @settings(max_examples=600, deadline=None)
 @given(responses(), st.data())
-def test_fast_parser_agrees_with_dnspython(case: tuple[dns.message.Message, str, str], data: st.DataObject) -> None:
+def test_fast_parser_agrees_with_dnspython(
+    case: tuple[dns.message.Message, str, str], data: st.DataObject
+) -> None:
     msg, qname, qtype = case
     wire = msg.to_wire()
     if data.draw(st.booleans()):  # and on damaged messages too

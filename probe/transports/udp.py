@@ -10,6 +10,7 @@ answers arriving is the evidence.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
 from typing import Any
@@ -138,8 +139,7 @@ class UdpExchanger:
         i = self._next
         async with self._opening:
             loop = asyncio.get_running_loop()
-            infos = await loop.getaddrinfo(self.endpoint.connect_host, self.endpoint.port, type=socket.SOCK_DGRAM)
-            family, _, _, _, addr = infos[0]
+            family, addr = await _address(loop, self.endpoint.connect_host, self.endpoint.port)
             raw = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 raw.setblocking(False)
@@ -234,6 +234,18 @@ class UdpExchanger:
         self._retired.clear()
         if self._tcp is not None:
             await self._tcp.aclose()
+
+
+async def _address(loop: asyncio.AbstractEventLoop, host: str, port: int) -> tuple[int, Any]:
+    """Where to send: IP literals directly (no resolver thread on the hot path), names via getaddrinfo."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        return infos[0][0], infos[0][4]
+    if ip.version == 6:
+        return socket.AF_INET6, (host, port, 0, 0)
+    return socket.AF_INET, (host, port)
 
 
 def _expire(fut: asyncio.Future[bytes]) -> None:
