@@ -17,8 +17,8 @@ demo: install
 	$(BIN)/probe demo
 
 lint: install
-	$(BIN)/ruff check probe collector tests
-	$(BIN)/ruff format --check probe collector tests
+	$(BIN)/ruff check probe collector tests bench
+	$(BIN)/ruff format --check probe collector tests bench
 	$(BIN)/mypy
 
 test: install

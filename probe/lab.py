@@ -39,13 +39,16 @@ import h2.exceptions
 import trustme
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import serve
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived as H3DataReceived
+from aioquic.h3.events import HeadersReceived as H3HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
 __all__ = ["Behaviour", "LabCA", "LabServer", "LabThread", "Reply", "Zone", "respond"]
 
 ACTIONS = frozenset({"answer", "drop", "truncate", "malformed", "mismatch", "inject", "close"})
-LAB_TRANSPORTS = ("udp", "tcp", "dot", "doh", "doq")
+LAB_TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
 
 
 @dataclass(frozen=True)
@@ -320,7 +323,8 @@ class _Doh(asyncio.Protocol):
         if self.h2 is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.write(self.h2.data_to_send())
 
-    def _query_of(self, method: bytes, path: bytes, body: bytes) -> bytes | None:
+    @staticmethod
+    def _query_of(method: bytes, path: bytes, body: bytes) -> bytes | None:
         if method == b"POST":
             return body
         parsed = urllib.parse.urlsplit(path.decode("latin-1"))
@@ -431,6 +435,60 @@ class _DoqServer(QuicConnectionProtocol):
             send()
 
 
+class _H3Server(QuicConnectionProtocol):
+    """DoH over HTTP/3: GET ?dns= and POST, answered like the HTTP/2 endpoint."""
+
+    lab: LabServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic)
+        self.heads: dict[int, dict[bytes, bytes]] = {}
+        self.bodies: dict[int, bytearray] = {}
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        for ev in self.h3.handle_event(event):
+            if isinstance(ev, H3HeadersReceived):
+                self.heads[ev.stream_id] = dict(ev.headers)
+                self.bodies[ev.stream_id] = bytearray()
+            elif isinstance(ev, H3DataReceived):
+                self.bodies.setdefault(ev.stream_id, bytearray()).extend(ev.data)
+            else:
+                continue
+            if ev.stream_ended:
+                head = self.heads.pop(ev.stream_id, {})
+                body = bytes(self.bodies.pop(ev.stream_id, b""))
+                self._request(ev.stream_id, head, body)
+
+    def _request(self, sid: int, head: dict[bytes, bytes], body: bytes) -> None:
+        self.lab.queries += 1
+        query = _Doh._query_of(head.get(b":method", b""), head.get(b":path", b""), body)
+        if query is None:
+            self._reply(sid, 400, b"")
+            return
+        reply = respond(query, self.lab.zone, "doh3")
+        if reply.close:
+            self._quic.close(error_code=0x100, reason_phrase="lab: closing as scripted")
+            self.transmit()
+        if not reply.replies:
+            return
+        delay, wire = reply.replies[-1]
+        status = reply.http_status
+        if status != 200:
+            wire = b"blocked by order\n"
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._reply, sid, status, wire)
+        else:
+            self._reply(sid, status, wire)
+
+    def _reply(self, sid: int, status: int, wire: bytes) -> None:
+        ctype = b"application/dns-message" if status == 200 else b"text/plain"
+        self.h3.send_headers(sid, [(b":status", str(status).encode()), (b"content-type", ctype),
+                                   (b"content-length", str(len(wire)).encode())])  # fmt: skip
+        self.h3.send_data(sid, wire, end_stream=True)
+        self.transmit()
+
+
 class LabServer:
     """One scripted resolver on one loopback address, every transport on its own port."""
 
@@ -476,6 +534,18 @@ class LabServer:
             if "doh" in self.transports:
                 alpn = ["http/1.1"] if self.http1_only else ["h2", "http/1.1"]
                 await self._stream("doh", lambda: _Doh(self), self.ca.server_context(alpn))
+            if "doh3" in self.transports:
+                h3config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
+                h3config.load_cert_chain(str(self.ca.cert_file), str(self.ca.key_file))
+
+                class H3Proto(_H3Server):
+                    pass
+
+                H3Proto.lab = self
+                h3server = await serve(self.host, 0, configuration=h3config, create_protocol=H3Proto)
+                assert h3server._transport is not None
+                self.ports["doh3"] = h3server._transport.get_extra_info("sockname")[1]
+                self._closers.append(h3server.close)
             if "doq" in self.transports:
                 config = QuicConfiguration(is_client=False, alpn_protocols=["doq"])
                 config.load_cert_chain(str(self.ca.cert_file), str(self.ca.key_file))
@@ -500,10 +570,10 @@ class LabServer:
     def specs(self) -> dict[str, str]:
         """Resolver specs (CONTRACTS.md section 1) for each transport the lab is serving."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        scheme = {"udp": "udp", "tcp": "tcp", "dot": "tls", "doh": "https", "doq": "quic"}
+        scheme = {"udp": "udp", "tcp": "tcp", "dot": "tls", "doh": "https", "doh3": "h3", "doq": "quic"}
         out = {}
         for name, port in self.ports.items():
-            path = "/dns-query" if name == "doh" else ""
+            path = "/dns-query" if name in ("doh", "doh3") else ""
             out[name] = f"{scheme[name]}://{host}:{port}{path}"
         return out
 

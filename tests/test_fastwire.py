@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probe.fastwire import parse_fast
-from probe.wire import Parsed, build_query, parse_response_slow
+from probe.wire import Parsed, build_query, build_query_dnspython, parse_response_slow
 
 NAMES = ["a.example.org", "b.example.org", "cdn.example.net", "x.y.example.org"]
 
@@ -76,3 +76,14 @@ def test_fast_parser_takes_the_common_case() -> None:
     fast = parse_fast(wire, "a.example.org", "A")
     assert fast is not None
     assert Parsed(*fast) == parse_response_slow(wire, "a.example.org", "A")  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True), min_size=1, max_size=6),
+    st.sampled_from(["A", "AAAA", "HTTPS"]),
+    st.booleans(),
+)
+def test_hand_built_query_is_byte_for_byte_dnspython(labels: list[str], qtype: str, pad: bool) -> None:
+    name = ".".join(labels)
+    assert build_query(name, qtype, pad) == build_query_dnspython(name, qtype, pad)

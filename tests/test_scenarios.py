@@ -18,7 +18,7 @@ from probe.specs import Resolver
 
 from .conftest import measure, resolvers_of, start_lab, truth_zone
 
-TRANSPORTS = ("udp", "tcp", "dot", "doh", "doq")
+TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
 D = "blockprobe-lab.net"
 REAL_A = ("93.184.216.34",)
 
@@ -270,3 +270,8 @@ def test_nsid_is_recorded(results: dict[tuple[str, str, str], Measurement]) -> N
 def test_doh_evidence_has_http_version_and_status(results: dict[tuple[str, str, str], Measurement]) -> None:
     m = results[(f"resolves.{D}", "A", "doh")]
     assert (m.evidence["http_version"], m.evidence["http_status"]) == ("HTTP/2", 200)
+
+
+def test_doh3_evidence_has_http_version_and_status(results: dict[tuple[str, str, str], Measurement]) -> None:
+    m = results[(f"resolves.{D}", "A", "doh3")]
+    assert (m.evidence["http_version"], m.evidence["http_status"]) == ("HTTP/3", 200)

@@ -15,7 +15,7 @@ from probe.transports import Options
 from .conftest import measure, resolvers_of, start_lab
 
 REAL = Behaviour(records={"A": ("93.184.216.34",)})
-STREAMS = ("tcp", "dot", "doh", "doq")
+STREAMS = ("tcp", "dot", "doh", "doh3", "doq")
 
 
 def _zone(**extra: Behaviour) -> Zone:
@@ -34,7 +34,7 @@ def server(lab_thread: LabThread, lab_ca: LabCA) -> LabServer:
 
 @pytest.mark.parametrize("transport", STREAMS)
 def test_one_handshake_carries_many_queries(transport: str, lab_thread: LabThread, lab_ca: LabCA) -> None:
-    lab = start_lab(lab_thread, _zone(), "127.0.0.1", lab_ca, transports=("udp", "tcp", "dot", "doh", "doq"))
+    lab = start_lab(lab_thread, _zone(), "127.0.0.1", lab_ca)
     names = [f"n{i}.reuse.test" for i in range(150)]
     endpoint = resolvers_of(lab, [transport])[0].endpoints[0]
 
@@ -50,12 +50,12 @@ def test_one_handshake_carries_many_queries(transport: str, lab_thread: LabThrea
     outcomes, handshakes = asyncio.run(go())
     assert outcomes.count(Outcome.RESOLVED) == 150 and outcomes.count(Outcome.NODATA) == 150
     assert handshakes == 1
-    if transport != "doq":  # QUIC has no TCP connection to count
+    if transport not in ("doq", "doh3"):  # QUIC has no TCP connection to count
         assert lab.connections == 1
     asyncio.run_coroutine_threadsafe(lab.stop(), lab_thread.loop).result()
 
 
-@pytest.mark.parametrize("transport", ("tcp", "dot", "doh", "doq"))
+@pytest.mark.parametrize("transport", STREAMS)
 def test_replies_out_of_order_are_matched(transport: str, server: LabServer, lab_ca: LabCA) -> None:
     """A slow answer must not hold up a fast one sent after it on the same connection."""
     out = measure(
@@ -68,7 +68,7 @@ def test_replies_out_of_order_are_matched(transport: str, server: LabServer, lab
     assert by["fast.reuse.test"].latency_ms < by["slow.reuse.test"].latency_ms
 
 
-@pytest.mark.parametrize("transport", ("tcp", "dot", "doh", "doq"))
+@pytest.mark.parametrize("transport", STREAMS)
 def test_broken_connection_is_reopened_and_retried_once(
     transport: str, server: LabServer, lab_ca: LabCA
 ) -> None:
@@ -98,7 +98,7 @@ def test_doh_http_error_status_is_an_error_with_the_status(lab_thread: LabThread
     assert m.evidence["http_status"] == 451
 
 
-@pytest.mark.parametrize("transport", ("dot", "doh", "doq"))
+@pytest.mark.parametrize("transport", ("dot", "doh", "doh3", "doq"))
 def test_untrusted_certificate_is_an_error(transport: str, server: LabServer) -> None:
     (m,) = measure(["a.reuse.test"], resolvers_of(server, [transport]), ca=None)
     assert m.outcome is Outcome.ERROR
@@ -106,7 +106,7 @@ def test_untrusted_certificate_is_an_error(transport: str, server: LabServer) ->
     assert m.evidence["phase"] == "tls_handshake"
 
 
-@pytest.mark.parametrize("transport", ("dot", "doh", "doq"))
+@pytest.mark.parametrize("transport", ("dot", "doh", "doh3", "doq"))
 def test_certificate_for_another_host_is_an_error(
     transport: str, lab_thread: LabThread, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

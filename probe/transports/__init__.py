@@ -6,6 +6,7 @@ from probe.model import Transport
 from probe.specs import Endpoint
 from probe.transports.base import Exchange, Exchanger, Failure, Options
 from probe.transports.doh import DohExchanger
+from probe.transports.doh3 import Doh3Exchanger
 from probe.transports.doq import DoqExchanger
 from probe.transports.dot import DotExchanger
 from probe.transports.tcp import TcpExchanger
@@ -14,27 +15,12 @@ from probe.transports.udp import UdpExchanger
 __all__ = ["Exchange", "Exchanger", "Failure", "Options", "make_exchanger"]
 
 
-class _Unsupported:
-    """A transport this build cannot speak: every exchange is an `error`, never a crash."""
-
-    def __init__(self, endpoint: Endpoint, options: Options) -> None:
-        self.endpoint = endpoint
-
-    async def exchange(self, query: bytes) -> Exchange:
-        return Exchange(
-            None, Failure("error", "connect", f"{self.endpoint.transport}: not supported by this probe yet")
-        )
-
-    async def aclose(self) -> None:
-        return None
-
-
 _REGISTRY: dict[Transport, type] = {
     Transport.UDP: UdpExchanger,
     Transport.TCP: TcpExchanger,
     Transport.DOT: DotExchanger,
     Transport.DOH: DohExchanger,
-    Transport.DOH3: _Unsupported,
+    Transport.DOH3: Doh3Exchanger,
     Transport.DOQ: DoqExchanger,
 }
 

@@ -66,8 +66,9 @@ class _DoqProtocol(QuicConnectionProtocol):
                 )
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason_phrase or f"error code {event.error_code}"
-            if 0x100 <= event.error_code <= 0x1FF:
-                # RFC 9001 section 4.8: CRYPTO_ERROR carries the TLS alert in the low byte.
+            if 0x100 <= event.error_code <= 0x1FF and event.frame_type is not None:
+                # RFC 9001 section 4.8: a transport CRYPTO_ERROR carries the TLS alert in the low
+                # byte; an application close (no frame type) may reuse these numbers (H3_NO_ERROR).
                 self._fail(Failure("error", "tls_handshake", f"tls: certificate verify failed: {reason}"))
             else:
                 self._fail(Failure("error", "dns_round_trip", f"quic: connection closed: {reason}", True))
@@ -88,6 +89,9 @@ class _DoqProtocol(QuicConnectionProtocol):
 class DoqExchanger:
     """Queries as bidirectional streams on one verified QUIC connection (ALPN `doq`)."""
 
+    alpn = "doq"
+    protocol: type[_DoqProtocol] = _DoqProtocol
+
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.endpoint = endpoint
         self.options = options
@@ -97,7 +101,7 @@ class DoqExchanger:
         loop = asyncio.get_running_loop()
         config = QuicConfiguration(
             is_client=True,
-            alpn_protocols=["doq"],
+            alpn_protocols=[self.alpn],
             server_name=self.endpoint.host,  # checked against the certificate, IP SANs included
             verify_mode=ssl.CERT_REQUIRED,
             idle_timeout=30.0,
@@ -108,7 +112,7 @@ class DoqExchanger:
         family, _, _, _, addr = infos[0]
         local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         quic = QuicConnection(configuration=config)
-        transport, proto = await loop.create_datagram_endpoint(lambda: _DoqProtocol(quic), local_addr=local)
+        transport, proto = await loop.create_datagram_endpoint(lambda: self.protocol(quic), local_addr=local)
         try:
             proto.connect(addr)
             await asyncio.wait_for(proto.wait_connected(), self.options.timeout)
