@@ -5,8 +5,9 @@
 Starts unbound on 127.53.5.1 with a zone of --names names (DoT and DoH on), runs
 Debian's dnsperf and then the probe engine on the same queries, and prints queries
 per second and client CPU milliseconds per 1000 queries for both, with their ratio.
-DoQ (which neither unbound nor dnsperf speaks) runs against the lab's DoQ server in
-a separate process and is compared with dnsperf's DoT figure. All traffic stays on
+DoQ and DoH over HTTP/3 (which neither unbound nor dnsperf speaks) run against the
+lab's aioquic server in a separate process and are compared with dnsperf's DoT and
+DoH figures. All traffic stays on
 loopback. Figures move from run to run on shared machines: compare the ratios.
 """
 
@@ -79,7 +80,7 @@ def engine_run(spec: str, names: list[str], queries: int, ca_file: str) -> tuple
     return asyncio.run(go())
 
 
-def _doq_server(ca_dir: Path) -> tuple[subprocess.Popen[str], str]:
+def _quic_server(ca_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     code = (
         "import asyncio, json, sys\n"
         "from pathlib import Path\n"
@@ -87,15 +88,14 @@ def _doq_server(ca_dir: Path) -> tuple[subprocess.Popen[str], str]:
         "async def main():\n"
         "    ca = LabCA(hosts=('127.53.5.2',), directory=Path(sys.argv[1]))\n"
         "    z = Zone(default=Behaviour(records={'A': ('93.184.216.34',)}))\n"
-        "    s = await LabServer(z, '127.53.5.2', ca, transports=('doq',)).start()\n"
-        "    print(json.dumps({'spec': s.specs()['doq'], 'ca': str(ca.ca_file)}), flush=True)\n"
+        "    s = await LabServer(z, '127.53.5.2', ca, transports=('doq', 'doh3')).start()\n"
+        "    print(json.dumps({**s.specs(), 'ca': str(ca.ca_file)}), flush=True)\n"
         "    await asyncio.Event().wait()\n"
         "asyncio.run(main())\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(ca_dir)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    info = json.loads(proc.stdout.readline())
-    return proc, info["spec"] + "|" + info["ca"]
+    return proc, json.loads(proc.stdout.readline())
 
 
 def main() -> None:
@@ -125,12 +125,14 @@ def main() -> None:
                 flush=True,
             )
         dot_ref = next(r[2] for r in rows if r[0] == "dot")
-        (work / "doq").mkdir()
-        proc, info = _doq_server(work / "doq")
+        doh_ref = next(r[2] for r in rows if r[0] == "doh")
+        (work / "quic").mkdir()
+        proc, info = _quic_server(work / "quic")
         try:
-            spec, ca_file = info.split("|")
-            qps, cpu, errors = engine_run(spec, names, args.queries, ca_file)
-            rows.append(("doq (vs dnsperf dot)", float("nan"), dot_ref, qps, cpu, errors))
+            for mode, ref in (("doq", dot_ref), ("doh3", doh_ref)):
+                qps, cpu, errors = engine_run(info[mode], names, args.queries, info["ca"])
+                against = "dnsperf dot" if mode == "doq" else "dnsperf doh"
+                rows.append((f"{mode} (lab server, vs {against})", float("nan"), ref, qps, cpu, errors))
         finally:
             proc.terminate()
             proc.wait(timeout=10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -42,9 +43,18 @@ EDNS_PAYLOAD = 1232  # the DNS flag day 2020 figure: avoids IP fragmentation
 QUERY_PAD_BLOCK = 128  # RFC 8467 section 4.1: block-length padding for queries
 
 
+_PLAIN_NAME = re.compile(
+    r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
+
+
 def normalize_name(text: str) -> str:
     """IDNA A-label, lower case, no trailing dot; InputError naming the input otherwise."""
     raw = text.strip()
+    plain = raw.rstrip(".").lower()
+    if _PLAIN_NAME.fullmatch(plain) and "--" not in plain:
+        return plain  # already an A-label-free LDH name: nothing for IDNA to do
+
     if not raw or raw == ".":
         raise InputError(f"{text!r} is not a domain name")
     try:

@@ -1,0 +1,76 @@
+"""The expectation engine, as a table of data (CONTRACTS.md section 4)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from probe.expect import Expectations
+from probe.lists import load_lists
+from probe.model import Expectation
+
+HERE = Path(__file__).parent / "lists"
+B, R, N = Expectation.BLOCKED, Expectation.RESOLVES, None
+MID_2026 = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Expectations:
+    return Expectations(load_lists([HERE / "good-it.yaml", HERE / "good-fr.yaml"]))
+
+
+# country, kind, operator, name, when, expected, the reason's key facts
+TABLE = [
+    ("in jurisdiction, isp", "IT", "isp", None, "pirate.example", MID_2026, B, {"order": "agcom-2026-0042"}),
+    ("out of jurisdiction", "FR", "isp", None, "pirate.example", MID_2026, R, {"order": "agcom-2026-0042"}),
+    ("applies_to operator", "IT", "public", "cloudflare", "pirate.example", MID_2026, B, {"order": "agcom-2026-0042"}),
+    ("not addressed", "IT", "public", "google", "pirate.example", MID_2026, R,
+     {"reason": "the order does not address google resolvers"}),
+    ("system not addressed", "IT", "system", None, "pirate.example", MID_2026, R, {"order": "agcom-2026-0042"}),
+    ("before effective", "IT", "isp", None, "pirate.example", dt.datetime(2026, 1, 14, 23, 59, tzinfo=dt.UTC), R,
+     {"reason": "the order is not in force at this time"}),
+    ("from 00:00 UTC on effective", "IT", "isp", None, "pirate.example", dt.datetime(2026, 1, 15, tzinfo=dt.UTC), B, {}),
+    ("until 00:00 UTC on expires", "IT", "isp", None, "pirate.example",
+     dt.datetime(2027, 1, 14, 23, 59, 59, tzinfo=dt.UTC), B, {}),
+    ("at expiry", "IT", "isp", None, "pirate.example", dt.datetime(2027, 1, 15, tzinfo=dt.UTC), R, {}),
+    ("wildcard below", "IT", "isp", None, "www.pirate.example", MID_2026, B, {"pattern": "*.pirate.example"}),
+    ("wildcard is strictly below", "IT", "isp", None, "calcio.example", MID_2026, N, {}),
+    ("exact wins as the reason", "IT", "isp", None, "stream.calcio.example", MID_2026, B,
+     {"pattern": "stream.calcio.example", "orders": ["piracy-shield-77"]}),
+    ("two authorities, one binds here", "FR", "public", "google", "live.calcio.example", MID_2026, B,
+     {"order": "arcom-sport-12"}),
+    ("two authorities, both listed", "SM", "isp", None, "live.calcio.example", MID_2026, B, {"orders": ["piracy-shield-77"]}),
+    ("FR order not yet in force", "FR", "isp", None, "live.calcio.example", dt.datetime(2026, 2, 1, tzinfo=dt.UTC), R, {}),
+    ("IDN name", "IT", "isp", None, "xn--bcher-pirat-thb.example", MID_2026, B, {}),
+    ("control name", "IT", "isp", None, "wikipedia.org", MID_2026, R, {"list": "controls"}),
+    ("control name inside an order's wildcard: the order binds", "IT", "isp", None, "ok.pirate.example", MID_2026, B,
+     {"order": "agcom-2026-0042"}),
+    ("control name inside an order's wildcard, elsewhere", "DE", "isp", None, "ok.pirate.example", MID_2026, R,
+     {"list": "controls"}),
+    ("unlisted name", "IT", "isp", None, "example.org", MID_2026, N, {}),
+    ("lower-case country", "it", "isp", None, "pirate.example", MID_2026, B, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "country", "kind", "operator", "name", "when", "expected", "why"),
+    TABLE,
+    ids=[t[0] for t in TABLE],
+)
+def test_expectation_table(
+    engine: Expectations,
+    case: str,
+    country: str,
+    kind: str,
+    operator: str | None,
+    name: str,
+    when: dt.datetime,
+    expected: Expectation | None,
+    why: dict[str, object],
+) -> None:
+    got, reason = engine.expect(country, kind, operator, name, when)
+    assert got is expected, reason
+    for key, value in why.items():
+        assert reason is not None and reason[key] == value, reason
