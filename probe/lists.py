@@ -273,12 +273,14 @@ def parse_lists(text: str, source: str = "<lists>") -> Lists:
 
 def _duplicates(orders: Iterable[Order], controls: Iterable[ControlList], errors: list[str]) -> None:
     seen: dict[str, str] = {}
-    for kind, items in (("orders", orders), ("controls", controls)):
-        for i, item in enumerate(items):
-            if item.id in seen:
-                errors.append(f"{kind}[{i}].id: {item.id!r} is already the id of {seen[item.id]}")
-            else:
-                seen[item.id] = f"{kind}[{i}]"
+    ids = [("orders", i, o.id) for i, o in enumerate(orders)] + [
+        ("controls", i, c.id) for i, c in enumerate(controls)
+    ]
+    for kind, i, item_id in ids:
+        if item_id in seen:
+            errors.append(f"{kind}[{i}].id: {item_id!r} is already the id of {seen[item_id]}")
+        else:
+            seen[item_id] = f"{kind}[{i}]"
 
 
 def load_lists(paths: Sequence[str | Path]) -> Lists:
@@ -298,10 +300,10 @@ def load_lists(paths: Sequence[str | Path]) -> Lists:
         except ListsError as exc:
             errors.extend(exc.errors)
             continue
-        for item in (*one.orders, *one.controls):
-            if item.id in owner:
-                errors.append(f"{path}: id {item.id!r} is also defined in {owner[item.id]}")
-            owner[item.id] = str(path)
+        for item_id in [o.id for o in one.orders] + [c.id for c in one.controls]:
+            if item_id in owner:
+                errors.append(f"{path}: id {item_id!r} is also defined in {owner[item_id]}")
+            owner[item_id] = str(path)
         orders.extend(one.orders)
         controls.extend(one.controls)
     if errors:
