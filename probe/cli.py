@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
@@ -14,6 +15,9 @@ from probe import __version__
 from probe.catalogue import load_catalogue
 from probe.engine import Engine, Expect, Plan
 from probe.errors import BlockprobeError, InputError
+from probe.expect import Expectations
+from probe.identity import Canary
+from probe.lists import ISO_ALPHA2, Lists, ListsError, import_plain, load_lists, parse_lists
 from probe.model import Expectation, Finding, Measurement
 from probe.output import json_line, render_table, summary_line
 from probe.specs import Resolver, resolve_spec
@@ -83,7 +87,7 @@ def _exit_status(measurements: Sequence[Measurement]) -> int:
 
 
 @cli.command()
-@click.argument("domains", nargs=-1, required=True)
+@click.argument("domains", nargs=-1)
 @click.option(
     "-r",
     "--resolver",
@@ -105,7 +109,26 @@ def _exit_status(measurements: Sequence[Measurement]) -> int:
     type=click.Choice(["blocked", "resolves"]),
     help="The expectation for every DOMAIN on every resolver.",
 )
+@click.option(
+    "--list",
+    "list_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Derive expectations from a lists file; repeatable; not with --expect. Without DOMAIN, every listed name.",
+)
 @click.option("--country", metavar="CC", help="The probe's ISO 3166-1 alpha-2 country, for jurisdictions.")
+@click.option(
+    "--canary",
+    "canaries",
+    multiple=True,
+    metavar="resolves=NAME|blocked=NAME",
+    help="A name of known fate asked on every resolver first; if a `resolves` canary fails, "
+    "that resolver's findings are inconclusive for the run.",
+)
+@click.option(
+    "--no-identity", is_flag=True, help="Skip the identity checks that detect port-53 interception."
+)
 @click.option(
     "--control",
     "controls",
@@ -155,7 +178,10 @@ def once(
     resolvers: tuple[str, ...],
     qtypes: tuple[str, ...],
     expect: str | None,
+    list_files: tuple[str, ...],
     country: str | None,
+    canaries: tuple[str, ...],
+    no_identity: bool,
     controls: tuple[str, ...],
     no_control: bool,
     timeout: float,
@@ -168,7 +194,18 @@ def once(
 ) -> None:
     """Spot-check DOMAIN... on each resolver and transport, and say whether each answer is a block."""
     try:
-        names = list(dict.fromkeys(normalize_name(d) for d in domains))
+        if expect and list_files:
+            raise InputError("--expect and --list cannot be used together")
+        if list_files and not country:
+            raise InputError("--country is required with --list")
+        if country is not None and country.upper() not in ISO_ALPHA2:
+            raise InputError(f"--country: {country!r} is not an ISO 3166-1 alpha-2 code")
+        lists = load_lists(list_files) if list_files else None
+        if not domains and lists is None:
+            raise InputError("give at least one DOMAIN, or --list FILE to probe every listed name")
+        names = list(dict.fromkeys(normalize_name(d) for d in domains)) or (
+            lists.query_names() if lists else []
+        )
         types = list(dict.fromkeys(normalize_qtype(t) for t in qtypes)) or list(QTYPES)
         targets = _resolvers(resolvers)
         if no_control:
@@ -176,19 +213,43 @@ def once(
         else:
             cat = load_catalogue()
             control_resolvers = [resolve_spec(c, cat) for c in (controls or (cat.control,))]
-        if country is not None and (len(country) != 2 or not country.isalpha()):
-            raise InputError(f"--country: {country!r} is not an ISO 3166-1 alpha-2 code")
+        canary_list = [_canary(c) for c in canaries]
+    except ListsError as exc:
+        for line in exc.errors:
+            click.echo(f"probe: {line}", err=True)
+        sys.exit(2)
     except BlockprobeError as exc:
         _fail(str(exc))
+    plan = Plan(names, types, targets, control_resolvers, _expectations(expect, lists, country),
+                canary_list, not no_identity)  # fmt: skip
+    options = Options(timeout=timeout, ca_file=ca_file, udp_linger=udp_linger, doh_post=doh_post)
+    measurements = _run_and_print(plan, options, as_json, concurrency, qps or None)
+    sys.exit(_exit_status(measurements))
+
+
+def _canary(text: str) -> Canary:
+    kind, sep, name = text.partition("=")
+    if not sep or kind not in ("resolves", "blocked"):
+        raise InputError(f"--canary: {text!r} is not resolves=NAME or blocked=NAME")
+    return Canary(normalize_name(name), Expectation(kind))
+
+
+def _expectations(expect: str | None, lists: Lists | None, country: str | None) -> Expect:
+    if lists is not None and country is not None:
+        engine = Expectations(lists)
+        now = datetime.now(UTC)
+        cc = country.upper()
+
+        def by_lists(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
+            return engine.expect(cc, resolver.kind, resolver.operator, domain, now)
+
+        return by_lists
     expectation = Expectation(expect) if expect else None
 
     def expect_all(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
         return expectation, ({"option": "--expect"} if expectation else None)
 
-    plan = Plan(names, types, targets, control_resolvers, expect_all)
-    options = Options(timeout=timeout, ca_file=ca_file, udp_linger=udp_linger, doh_post=doh_post)
-    measurements = _run_and_print(plan, options, as_json, concurrency, qps or None)
-    sys.exit(_exit_status(measurements))
+    return expect_all
 
 
 def _run_and_print(
@@ -275,6 +336,81 @@ def demo(as_json: bool, timeout: float) -> None:
             f"The lab shows {leaks} leaks and {over} overblocks, as scripted. "
             "Real-world spot check: probe once example.org"
         )
+
+
+@cli.group()
+def lists() -> None:
+    """Validate and build lists files (orders and control lists)."""
+
+
+@lists.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object.")
+def lists_check(files: tuple[str, ...], as_json: bool) -> None:
+    """Validate FILE... together; print every mistake (exit 2) or a summary."""
+    import json
+
+    try:
+        loaded = load_lists(files)
+    except ListsError as exc:
+        for line in exc.errors:
+            click.echo(f"probe: {line}", err=True)
+        sys.exit(2)
+    summary = loaded.summary()
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"{len(files)} file(s) OK: {summary['orders']} orders, {summary['controls']} control lists, "
+               f"{summary['patterns']} name patterns ({summary['names_to_query']} names to query)")  # fmt: skip
+    click.echo(f"jurisdictions: {', '.join(summary['jurisdictions']) or '-'}")
+    click.echo(f"authorities: {', '.join(summary['authorities']) or '-'}")
+    for o in loaded.orders:
+        dates = f"{o.effective or '…'} to {o.expires or '…'}"
+        click.echo(f"  {o.id}: {o.authority}, {'/'.join(sorted(o.jurisdictions))}, "
+                   f"applies to {', '.join(sorted(o.applies_to))}, {dates}, {len(o.domains)} patterns")  # fmt: skip
+
+
+@lists.command("import")
+@click.argument("source", type=click.File("r"))
+@click.option("--id", "order_id", required=True, help="The order's id (a metric label).")
+@click.option("--authority", required=True)
+@click.option("--jurisdiction", "jurisdictions", multiple=True, required=True, metavar="CC")
+@click.option("--applies-to", "applies_to", multiple=True, metavar="KIND|OPERATOR",
+              help="Default: isp, public, system.")  # fmt: skip
+@click.option("--effective", metavar="YYYY-MM-DD")
+@click.option("--expires", metavar="YYYY-MM-DD")
+def lists_import(
+    source: Any,
+    order_id: str,
+    authority: str,
+    jurisdictions: tuple[str, ...],
+    applies_to: tuple[str, ...],
+    effective: str | None,
+    expires: str | None,
+) -> None:
+    """Turn a plain list (one name per line, # comments) or a CSV with a `domain` column into an order (YAML on stdout)."""
+    import yaml
+
+    try:
+        names = import_plain(source.read(), getattr(source, "name", "<stdin>"))
+        order: dict[str, Any] = {
+            "id": order_id,
+            "authority": authority,
+            "jurisdictions": [j.upper() for j in jurisdictions],
+        }
+        order["applies_to"] = list(applies_to) or ["isp", "public", "system"]
+        if effective:
+            order["effective"] = effective
+        if expires:
+            order["expires"] = expires
+        order["domains"] = names
+        text = yaml.safe_dump({"orders": [order]}, sort_keys=False, allow_unicode=True)
+        parse_lists(text, "<imported>")  # the result must pass the same validation as any file
+    except ListsError as exc:
+        for line in exc.errors:
+            click.echo(f"probe: {line}", err=True)
+        sys.exit(2)
+    click.echo(text, nl=False)
 
 
 def main() -> None:

@@ -21,7 +21,9 @@ from typing import Any
 
 from probe.classify import ControlResult, Verdict, blocked_of, verdict_of
 from probe.fingerprints import Fingerprints, load_fingerprints
-from probe.model import Expectation, Measurement, Outcome, Transport, judge
+from probe.identity import IDENTITY_PROBES, Canary, Identity, identity_of
+from probe.identity import PLAIN as PLAIN_TRANSPORTS
+from probe.model import Expectation, Finding, Measurement, Outcome, Transport, judge
 from probe.specs import Endpoint, Resolver
 from probe.transports import Exchange, Exchanger, Failure, Options, make_exchanger
 from probe.wire import build_query, parse_response
@@ -57,10 +59,15 @@ class Plan:
     resolvers: Sequence[Resolver]
     controls: Sequence[Resolver] = ()
     expect: Expect = _no_expectation
+    canaries: Sequence[Canary] = ()
+    check_identity: bool = True
 
     @property
     def size(self) -> int:
-        return len(self.domains) * len(self.qtypes) * sum(len(r.endpoints) for r in self.resolvers)
+        per_name = len(self.qtypes) * sum(len(r.endpoints) for r in self.resolvers)
+        return len(self.domains) * per_name + len(self.canaries) * sum(
+            len(r.endpoints) for r in self.resolvers
+        )
 
 
 def control_endpoint(resolver: Resolver) -> Endpoint:
@@ -93,6 +100,18 @@ class _Job:
     qtype: str
     resolver: Resolver
     endpoint: Endpoint
+    canary: Expectation | None = None
+
+
+@dataclass(slots=True)
+class _Run:
+    """What the judgement of one measurement may depend on, gathered during the run."""
+
+    expect: Expect
+    controls: dict[tuple[str, str], ControlResult] = field(default_factory=dict)
+    answered: set[Endpoint] = field(default_factory=set)
+    identities: dict[Endpoint, Identity] = field(default_factory=dict)
+    canary_failures: dict[Endpoint, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -221,40 +240,86 @@ class Engine:
     async def _produce(self, plan: Plan, emit: Callable[[Measurement | None], None]) -> None:
         self.stats.planned += plan.size
         try:
-            controls = await self.controls(plan)
-            answered: set[Endpoint] = set()
-            deferred: list[tuple[_Job, Exchange, str]] = []
-            lingering: list[asyncio.Future[None]] = []
+            run = _Run(plan.expect)
+            run.controls = await self.controls(plan)
+            if plan.check_identity:
+                run.identities = await self.identities(plan)
+            if plan.canaries:
+                canaries: list[Measurement] = []
 
-            def finish(job: _Job, ex: Exchange, sent_at: str) -> None:
-                if ex.response is None and ex.failure is not None and ex.failure.kind == "timeout":
-                    deferred.append((job, ex, sent_at))  # judged once the whole run has been seen
-                else:
-                    emit(self._measure(job, ex, sent_at, controls, answered, plan.expect))
+                def keep(m: Measurement) -> None:
+                    canaries.append(m)
+                    emit(m)
 
-            async def work(job: _Job) -> None:
-                sent_at = _now()
-                try:
-                    ex = await self.query(job.endpoint, job.domain, job.qtype)
-                except Exception as exc:
-                    log.exception("query failed inside the probe")
-                    self.stats.internal_errors += 1
-                    ex = Exchange(None, _internal(exc))
-                if ex.response is not None:
-                    answered.add(job.endpoint)
-                if ex.settled is not None and not ex.settled.done():
-                    lingering.append(ex.settled)
-                    ex.settled.add_done_callback(lambda _f: finish(job, ex, sent_at))
-                else:
-                    finish(job, ex, sent_at)
-
-            await self._pool(self._jobs(plan), work)
-            if lingering:
-                await asyncio.gather(*lingering, return_exceptions=True)
-            for job, ex, sent_at in deferred:
-                emit(self._measure(job, ex, sent_at, controls, answered, plan.expect))
+                await self._phase(self._canary_jobs(plan), run, keep)
+                by_name = {str(ep): ep for r in plan.resolvers for ep in r.endpoints}
+                run.canary_failures = {by_name[e]: why for e, why in _canary_failures(canaries).items()}
+            await self._phase(self._jobs(plan), run, emit)
         finally:
             emit(None)
+
+    async def _phase(self, jobs: Iterator[_Job], run: _Run, emit: Callable[[Measurement], object]) -> None:
+        deferred: list[tuple[_Job, Exchange, str]] = []
+        lingering: list[asyncio.Future[None]] = []
+
+        def finish(job: _Job, ex: Exchange, sent_at: str) -> None:
+            if ex.response is None and ex.failure is not None and ex.failure.kind == "timeout":
+                deferred.append((job, ex, sent_at))  # judged once the whole phase has been seen
+            else:
+                emit(self._measure(job, ex, sent_at, run))
+
+        async def work(job: _Job) -> None:
+            sent_at = _now()
+            try:
+                ex = await self.query(job.endpoint, job.domain, job.qtype)
+            except Exception as exc:
+                log.exception("query failed inside the probe")
+                self.stats.internal_errors += 1
+                ex = Exchange(None, _internal(exc))
+            if ex.response is not None:
+                run.answered.add(job.endpoint)
+            if ex.settled is not None and not ex.settled.done():
+                lingering.append(ex.settled)
+                ex.settled.add_done_callback(lambda _f: finish(job, ex, sent_at))
+            else:
+                finish(job, ex, sent_at)
+
+        await self._pool(jobs, work)
+        if lingering:
+            await asyncio.gather(*lingering, return_exceptions=True)
+        for job, ex, sent_at in deferred:
+            emit(self._measure(job, ex, sent_at, run))
+
+    async def identities(self, plan: Plan) -> dict[Endpoint, Identity]:
+        """Identity checks on the plain endpoints of resolvers that claim a catalogue operator."""
+        targets = [
+            (r.operator, ep) for r in plan.resolvers for ep in r.endpoints
+            if r.operator in IDENTITY_PROBES and ep.transport in PLAIN_TRANSPORTS
+        ]  # fmt: skip
+        out: dict[Endpoint, Identity] = {}
+
+        async def work(target: tuple[str, Endpoint]) -> None:
+            operator, ep = target
+            probe = IDENTITY_PROBES[operator]
+            try:
+                ex = await self.exchanger(ep).exchange(probe.query())
+                if ex.response is not None:
+                    out[ep] = identity_of(operator, probe, ex.response, None)
+                    return
+                out[ep] = identity_of(operator, probe, None, ex.failure.text if ex.failure else None)
+            except Exception as exc:
+                log.exception("identity check failed inside the probe")
+                out[ep] = identity_of(operator, probe, None, f"internal: {type(exc).__name__}")
+
+        await self._pool(iter(targets), work)
+        return out
+
+    @staticmethod
+    def _canary_jobs(plan: Plan) -> Iterator[_Job]:
+        for canary in plan.canaries:
+            for resolver in plan.resolvers:
+                for endpoint in resolver.endpoints:
+                    yield _Job(canary.name, "A", resolver, endpoint, canary.expect)
 
     @staticmethod
     def _jobs(plan: Plan) -> Iterator[_Job]:
@@ -265,37 +330,40 @@ class Engine:
                     for endpoint in resolver.endpoints:
                         yield _Job(domain, qtype, resolver, endpoint)
 
-    def _measure(
-        self,
-        job: _Job,
-        ex: Exchange,
-        sent_at: str,
-        controls: dict[tuple[str, str], ControlResult],
-        answered: set[Endpoint],
-        expect: Expect,
-    ) -> Measurement:
+    def _measure(self, job: _Job, ex: Exchange, sent_at: str, run: _Run) -> Measurement:
         try:
-            return self._judge(job, ex, sent_at, controls, answered, expect)
-        except Exception as exc:
+            return self._judge(job, ex, sent_at, run)
+        except Exception as exc:  # a hostile answer is classified, never a crash
             log.exception("classification failed inside the probe")
             self.stats.internal_errors += 1
-            return self._judge(job, Exchange(None, _internal(exc)), sent_at, controls, answered, expect)
+            return self._judge(job, Exchange(None, _internal(exc)), sent_at, run)
 
-    def _judge(
-        self,
-        job: _Job,
-        ex: Exchange,
-        sent_at: str,
-        controls: dict[tuple[str, str], ControlResult],
-        answered: set[Endpoint],
-        expect: Expect,
-    ) -> Measurement:
+    def _judge(self, job: _Job, ex: Exchange, sent_at: str, run: _Run) -> Measurement:
         verdict = verdict_of(ex.response, ex.failure, job.domain, job.qtype, self.fingerprints)
-        control = controls.get((job.domain, job.qtype))
+        control = run.controls.get((job.domain, job.qtype))
         # "answered another query": any response from this endpoint other than this one.
-        blocked = blocked_of(verdict, control, job.endpoint in answered)
-        expected, why = expect(job.domain, job.resolver)
+        blocked = blocked_of(verdict, control, job.endpoint in run.answered)
+        expected: Expectation | None
+        why: dict[str, Any] | None
+        if job.canary is not None:
+            expected, why = job.canary, {"canary": str(job.canary)}
+        else:
+            expected, why = run.expect(job.domain, job.resolver)
         evidence: dict[str, Any] = {**ex.evidence, **verdict.evidence}
+        finding = judge(expected, blocked)
+        identity = run.identities.get(job.endpoint)
+        intercepted = identity is not None and identity.ok is False
+        if identity is not None:
+            evidence["identity"] = identity.to_json()
+        if finding is not None and job.canary is None:
+            # Someone else's answers, or a resolver that failed its canaries, prove nothing
+            # about the order: say so rather than report a leak or an enforcement.
+            if intercepted:
+                finding = Finding.INCONCLUSIVE
+                evidence["inconclusive_reason"] = f"answered by someone other than {job.resolver.operator}"
+            elif job.endpoint in run.canary_failures:
+                finding = Finding.INCONCLUSIVE
+                evidence["inconclusive_reason"] = run.canary_failures[job.endpoint]
         late = evidence.pop("late", None)
         if late:
             evidence["late_answers"] = [self._late(job, w) for w in late]
@@ -316,7 +384,7 @@ class Engine:
             outcome=verdict.outcome,
             blocked=blocked,
             expected=expected,
-            finding=judge(expected, blocked),
+            finding=finding,
             rcode=verdict.rcode,
             ede=verdict.ede,
             answers=verdict.answers,
@@ -331,6 +399,7 @@ class Engine:
             kind=job.resolver.kind,
             operator=job.resolver.operator,
             evidence=evidence,
+            intercepted=intercepted,
         )
 
     def _late(self, job: _Job, wire: bytes) -> dict[str, Any]:
@@ -342,6 +411,23 @@ class Engine:
             return out
         out.update(rcode=p.rcode, answers=list(p.answers))
         return out
+
+
+def _canary_failures(measurements: Sequence[Measurement]) -> dict[str, str]:
+    """Endpoints (by name) whose canaries failed in this run, with the reason."""
+    by_endpoint: dict[str, list[Measurement]] = {}
+    for m in measurements:
+        by_endpoint.setdefault(m.endpoint, []).append(m)
+    failures: dict[str, str] = {}
+    for endpoint, ms in by_endpoint.items():
+        if all(m.outcome in (Outcome.TIMEOUT, Outcome.ERROR) for m in ms):
+            failures[endpoint] = "no canary got an answer from this resolver in this run"
+            continue
+        for m in ms:
+            if m.expected is Expectation.RESOLVES and m.blocked is not False:
+                failures[endpoint] = f"canary {m.domain} should resolve but got {m.outcome}"
+                break
+    return failures
 
 
 def _internal(exc: BaseException) -> Failure:

@@ -131,8 +131,8 @@ def _answer(
         resp.answer.append(rr)
         owner = tname
     for text in b.records.get(qtype, ()):
-        rr = dns.rrset.from_text(owner, b.ttl, "IN", qtype, text)
-        existing = resp.find_rrset(resp.answer, owner, dns.rdataclass.IN, question.rdtype, create=True)
+        rr = dns.rrset.from_text(owner, b.ttl, question.rdclass, qtype, text)
+        existing = resp.find_rrset(resp.answer, owner, question.rdclass, question.rdtype, create=True)
         for rd in rr:
             existing.add(rd, b.ttl)
     negative = b.rcode == "NXDOMAIN" or (b.rcode == "NOERROR" and not b.records.get(qtype))

@@ -36,7 +36,8 @@ __all__ = [
 
 KINDS = ("isp", "public", "system")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_ALPHA2 = frozenset(c.alpha_2 for c in pycountry.countries)
+ISO_ALPHA2 = frozenset(c.alpha_2 for c in pycountry.countries)
+_ALPHA2 = ISO_ALPHA2
 _ORDER_KEYS = frozenset(
     {"id", "authority", "jurisdictions", "applies_to", "effective", "expires", "domains", "note", "url"}
 )
@@ -100,21 +101,28 @@ class Lists:
     controls: tuple[ControlList, ...] = ()
     sources: tuple[str, ...] = field(default=())
 
-    def names(self) -> set[str]:
-        return {str(p) for o in self.orders for p in o.domains} | {
-            str(p) for c in self.controls for p in c.domains
-        }
+    def query_names(self) -> list[str]:
+        """What to ask to test these lists: every exact name, and `www.` below each base that
+        only a wildcard covers (`*.x` is about names strictly below x, not x itself)."""
+        exact = [p.name for o in self.orders for p in o.domains if not p.wildcard]
+        exact += [p.name for c in self.controls for p in c.domains if not p.wildcard]
+        known = set(exact)
+        below = [
+            f"www.{p.name}" for o in self.orders for p in o.domains if p.wildcard and p.name not in known
+        ]
+        return list(dict.fromkeys(exact + below))
 
-    def exact_names(self) -> list[str]:
-        """Names that can be queried as they are (wildcards stand for names we cannot list)."""
-        seen: dict[str, None] = {}
-        for o in self.orders:
-            for p in o.domains:
-                seen.setdefault(p.name)
-        for c in self.controls:
-            for p in c.domains:
-                seen.setdefault(p.name)
-        return list(seen)
+    def summary(self) -> dict[str, Any]:
+        juris = sorted({j for o in self.orders for j in o.jurisdictions})
+        return {
+            "files": list(self.sources),
+            "orders": len(self.orders),
+            "controls": len(self.controls),
+            "patterns": sum(len(o.domains) for o in self.orders) + sum(len(c.domains) for c in self.controls),
+            "names_to_query": len(self.query_names()),
+            "jurisdictions": juris,
+            "authorities": sorted({o.authority for o in self.orders}),
+        }
 
 
 def _midnight(day: dt.date) -> dt.datetime:

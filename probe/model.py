@@ -115,6 +115,7 @@ class Measurement:
     kind: str = ""
     operator: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
+    intercepted: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of CONTRACTS.md section 3, plus extension keys."""
@@ -140,6 +141,8 @@ class Measurement:
             "endpoint": self.endpoint,
             "kind": self.kind,
             "operator": self.operator,
+            "expected_by": self.evidence.get("expected_by"),
+            "intercepted": self.intercepted,
             "evidence": self.evidence,
         }
 
