@@ -13,7 +13,7 @@ import click
 
 from probe import __version__
 from probe.catalogue import load_catalogue
-from probe.engine import Engine, Expect, Plan
+from probe.engine import Engine, Expect, Plan, control_endpoint
 from probe.errors import BlockprobeError, InputError
 from probe.expect import Expectations
 from probe.identity import Canary
@@ -311,9 +311,10 @@ def resolvers(as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of the table.")
 @click.option("--timeout", type=click.FloatRange(min=0.05), default=2.0, show_default=True)
-def demo(as_json: bool, timeout: float) -> None:
+@click.option("--country", default="IT", show_default=True, help="Where the demo probe stands (try FR).")
+def demo(as_json: bool, timeout: float, country: str) -> None:
     """Start an offline lab of loopback resolvers on every transport, probe it, and print the findings."""
-    from probe.demo import DEMO_DOMAINS, DemoLab, demo_expect
+    from probe.demo import DEMO_DOMAINS, DemoLab, demo_lists
     from probe.lab import LabThread
 
     lab = DemoLab.build()
@@ -325,8 +326,12 @@ def demo(as_json: bool, timeout: float) -> None:
             click.echo("blockprobe demo: lab resolvers on loopback, every transport")
             for r in targets:
                 click.echo(f"  {r.name:14} {r.kind:6} " + " ".join(str(e) for e in r.endpoints))
-            click.echo(f"  {'control':14} public " + str(lab.resolver("control").endpoints[0]))
-        plan = Plan(DEMO_DOMAINS, QTYPES, targets, [lab.resolver("control")], demo_expect)
+            click.echo(f"  {'control':14} public " + str(control_endpoint(lab.resolver("control"))))
+            click.echo(f"probing from {country.upper()} against the demo lists (probe/data/demo-lists.yaml)")
+        if country.upper() not in ISO_ALPHA2:
+            _fail(f"--country: {country!r} is not an ISO 3166-1 alpha-2 code")
+        expect = _expectations(None, demo_lists(), country)
+        plan = Plan(DEMO_DOMAINS, QTYPES, targets, [lab.resolver("control")], expect)
         options = Options(timeout=timeout, ca_file=str(lab.ca.ca_file), udp_linger=0.05)
         measurements = _run_and_print(plan, options, as_json, 64, None)
     if not as_json:

@@ -10,13 +10,14 @@ leaks, and one that refuses with EDE 16 (Censored).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from probe.lab import Behaviour, LabCA, LabServer, Zone
-from probe.model import Expectation
+from importlib import resources
+
+from probe.lists import Lists, parse_lists
 from probe.specs import Endpoint, Resolver, parse_endpoint
 
-__all__ = ["DEMO_DOMAINS", "DemoLab", "demo_expect", "demo_zones"]
+__all__ = ["DEMO_DOMAINS", "DemoLab", "demo_lists", "demo_zones"]
 
 BLOCKED = ("calcio-pirata.example", "streaming-illegale.example")
 CONTROLS = ("wikipedia.example", "drive.usercontent.google.example")
@@ -91,13 +92,10 @@ def demo_zones() -> dict[str, tuple[str, str, str | None, Zone]]:
     }
 
 
-def demo_expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
-    """The demo's orders: the two pirate names must be blocked everywhere, controls must resolve."""
-    if domain in BLOCKED:
-        return Expectation.BLOCKED, {"order": "demo-order-1", "authority": "DEMO"}
-    if domain in CONTROLS:
-        return Expectation.RESOLVES, {"list": "controls"}
-    return None, None
+def demo_lists() -> Lists:
+    """The demo's lists file, shipped in the package."""
+    text = resources.files("probe").joinpath("data/demo-lists.yaml").read_text()
+    return parse_lists(text, "demo-lists.yaml")
 
 
 @dataclass
