@@ -10,10 +10,9 @@ leaks, and one that refuses with EDE 16 (Censored).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from probe.lab import Behaviour, LabCA, LabServer, Zone
 from importlib import resources
 
+from probe.lab import Behaviour, LabCA, LabServer, Zone
 from probe.lists import Lists, parse_lists
 from probe.specs import Endpoint, Resolver, parse_endpoint
 
