@@ -418,6 +418,106 @@ def lists_import(
     click.echo(text, nl=False)
 
 
+@cli.command("check-config")
+@click.argument("file", type=click.Path(dir_okay=False))
+def check_config(file: str) -> None:
+    """Validate a daemon config: every mistake (exit 2), or a summary of what will run."""
+    from probe.daemon.config import ConfigError, load_config
+
+    try:
+        config = load_config(file)
+        if config.lists:
+            load_lists(config.lists)
+    except (ConfigError, ListsError) as exc:
+        for line in exc.errors:
+            click.echo(f"probe: {line}", err=True)
+        sys.exit(2)
+    for line in config.summary():
+        click.echo(line)
+
+
+@cli.command()
+@click.option(
+    "--config", "config_file", required=True, type=click.Path(dir_okay=False), help="The daemon's config."
+)
+def run(config_file: str) -> None:
+    """The scheduled probe daemon: measure on a schedule, spool durably, push to the collector."""
+    from probe.daemon.config import ConfigError, load_config
+    from probe.daemon.run import Daemon, setup_logging
+
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        for line in exc.errors:
+            click.echo(f"probe: {line}", err=True)
+        sys.exit(2)
+    setup_logging(config)
+    try:
+        daemon = Daemon(config)
+    except OSError as exc:
+        _fail(f"state_dir: {config.state_dir}: {exc.strerror or exc}")
+    try:
+        asyncio.run(daemon.run())
+    except ListsError as exc:
+        for line in exc.errors:
+            click.echo(f"probe: {line}", err=True)
+        sys.exit(2)
+
+
+@cli.command()
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def status(config_file: str, as_json: bool) -> None:
+    """Spool depth, batches waiting, the last round and the last push, from the state directory."""
+    import json
+    import time
+
+    from probe.daemon.config import ConfigError, load_config
+    from probe.daemon.spool import Spool
+
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        for line in exc.errors:
+            click.echo(f"probe: {line}", err=True)
+        sys.exit(2)
+    path = config.state_dir / "spool.sqlite3"
+    if not path.exists():
+        _fail(f"no spool at {path}: has `probe run` started with this config?")
+    spool = Spool(path, config.spool_max_rows)
+    now = time.time()
+
+    def ago(key: str) -> float | None:
+        value = spool.meta(key)
+        return None if value is None else round(now - float(value), 1)
+
+    doc: dict[str, Any] = {"probe": config.probe_id, "spool_results": spool.depth(), "spool_bound": config.spool_max_rows,
+           "batches_waiting": [{"batch_id": b, "attempts": a, "retry_in_s": max(0.0, round(n - now, 1)), "last_error": e}
+                               for b, a, n, e in spool.pending_batches()],
+           "last_round_s_ago": ago("last_round"), "last_push_s_ago": ago("last_push"), "dropped": spool.dropped()}  # fmt: skip
+    spool.close()
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    click.echo(
+        f"probe {doc['probe']}: {doc['spool_results']} results in the spool (bound {doc['spool_bound']})"
+    )
+    click.echo(
+        f"last round: {_ago(doc['last_round_s_ago'])}; last acknowledged push: {_ago(doc['last_push_s_ago'])}"
+    )
+    for b in doc["batches_waiting"]:
+        click.echo(f"  batch {b['batch_id']}: {b['attempts']} failed attempts, retry in {b['retry_in_s']}s"
+                   + (f" ({b['last_error']})" if b["last_error"] else ""))  # fmt: skip
+    if doc["dropped"]:
+        click.echo(
+            "dropped because the spool was full: " + ", ".join(f"{k} {v}" for k, v in doc["dropped"].items())
+        )
+
+
+def _ago(seconds: object) -> str:
+    return "never" if seconds is None else f"{seconds}s ago"
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="probe: %(levelname)s %(name)s: %(message)s")
     cli()

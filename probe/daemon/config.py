@@ -1,0 +1,384 @@
+"""The daemon's config file: parsed once, strictly, every error at once (STYLE.md 6).
+
+Each error names the path and the value: `resolvers[2].spec: 'tls//x' is not a resolver
+spec: …`. Unknown keys are errors. The collector token comes from a file or an
+environment variable (or, discouraged, inline) and is never printed or logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from probe.catalogue import load_catalogue
+from probe.errors import BlockprobeError, SpecError
+from probe.identity import Canary
+from probe.lists import ISO_ALPHA2
+from probe.model import Expectation
+from probe.specs import KINDS, Resolver, resolve_spec
+from probe.wire import QTYPES, normalize_name
+
+__all__ = ["CollectorConfig", "Config", "ConfigError", "load_config", "parse_config"]
+
+
+class ConfigError(BlockprobeError):
+    """The config file is wrong; `errors` holds every mistake."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    url: str
+    token: str = field(repr=False)  # never in a repr, a log line or check-config's output
+    token_source: str
+    ca_file: str | None
+    timeout: float
+    batch_size: int
+    fetch_lists: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    probe_id: str
+    region: str
+    country: str
+    collector: CollectorConfig | None
+    resolvers: tuple[Resolver, ...]
+    lists: tuple[Path, ...]
+    controls: tuple[Resolver, ...]
+    canaries: tuple[Canary, ...]
+    interval: float
+    jitter: float
+    push_interval: float
+    qtypes: tuple[str, ...]
+    timeout: float
+    concurrency: int
+    qps: float | None
+    udp_linger: float
+    ca_file: str | None
+    state_dir: Path
+    spool_max_rows: int
+    metrics_listen: tuple[str, int] | None
+    log_format: str
+    log_level: str
+    source: str = ""
+
+    def summary(self) -> list[str]:
+        """What will run, for `probe check-config`: no secrets."""
+        eps = sum(len(r.endpoints) for r in self.resolvers)
+        lines = [
+            f"probe {self.probe_id} in region {self.region}, country {self.country}",
+            f"every {self.interval:g}s (jitter {self.jitter:g}s): {len(self.resolvers)} resolvers, "
+            f"{eps} endpoints, qtypes {', '.join(self.qtypes)}, timeout {self.timeout:g}s, "
+            f"concurrency {self.concurrency}, {self.qps or 'unlimited'} q/s per endpoint",
+        ]
+        for r in self.resolvers:
+            lines.append(f"  {r.name}: kind {r.kind}, operator {r.operator or '-'}, "
+                         + ", ".join(str(e.transport) for e in r.endpoints))  # fmt: skip
+        lines.append("lists: " + (", ".join(str(p) for p in self.lists) or "none"))
+        lines.append("controls: " + (", ".join(r.name for r in self.controls) or "none"))
+        if self.canaries:
+            lines.append("canaries: " + ", ".join(f"{c.expect}={c.name}" for c in self.canaries))
+        if self.collector:
+            c = self.collector
+            lines.append(f"collector: {c.url} (token from {c.token_source}), push every {self.push_interval:g}s, "
+                         f"batches of {c.batch_size}")  # fmt: skip
+        else:
+            lines.append("collector: none (results stay in the spool)")
+        lines.append(f"state: {self.state_dir} (spool bound {self.spool_max_rows} results)")
+        if self.metrics_listen:
+            lines.append(f"metrics: http://{self.metrics_listen[0]}:{self.metrics_listen[1]}/metrics")
+        return lines
+
+
+_TOP = {"probe", "collector", "resolvers", "lists", "controls", "canaries", "schedule", "qtypes", "timeout",
+        "concurrency", "qps", "udp_linger", "ca_file", "state_dir", "spool", "metrics", "log"}  # fmt: skip
+_SECTIONS = {
+    "probe": {"id", "region", "country"},
+    "collector": {
+        "url",
+        "token",
+        "token_file",
+        "token_env",
+        "ca_file",
+        "timeout",
+        "batch_size",
+        "fetch_lists",
+    },
+    "canaries": {"resolves", "blocked"},
+    "schedule": {"interval", "jitter", "push_interval"},
+    "spool": {"max_rows"},
+    "metrics": {"listen"},
+    "log": {"format", "level"},
+}
+_RESOLVER_KEYS = {"spec", "kind", "operator", "qps"}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class _Checker:
+    def __init__(self, base: Path) -> None:
+        self.errors: list[str] = []
+        self.base = base
+
+    def err(self, path: str, msg: str) -> None:
+        self.errors.append(f"{path}: {msg}")
+
+    def section(self, doc: dict[str, Any], name: str) -> dict[str, Any]:
+        value = doc.get(name, {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.err(name, f"must be a mapping, not {value!r}")
+            return {}
+        for key in value:
+            if key not in _SECTIONS[name]:
+                self.err(f"{name}.{key}", f"unknown key (one of {', '.join(sorted(_SECTIONS[name]))})")
+        return value
+
+    def number(self, value: Any, path: str, default: float, low: float, high: float | None = None) -> float:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.err(path, f"{value!r} is not a number")
+            return default
+        if value < low or (high is not None and value > high):
+            bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            self.err(path, f"{value!r} must be {bound}")
+            return default
+        return float(value)
+
+    def text(self, value: Any, path: str, required: bool = True) -> str:
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str) or not value.strip():
+            self.err(path, f"{value!r} must be a non-empty text")
+            return ""
+        return value.strip()
+
+    def path(self, value: Any, key: str) -> Path:
+        p = Path(self.text(value, key) or ".")
+        return p if p.is_absolute() else self.base / p
+
+
+def _resolver(c: _Checker, item: Any, path: str) -> Resolver | None:
+    cat = load_catalogue()
+    if isinstance(item, str):
+        item = {"spec": item}
+    if not isinstance(item, dict):
+        c.err(path, f"{item!r} is not a resolver spec or a mapping with spec")
+        return None
+    for key in item:
+        if key not in _RESOLVER_KEYS:
+            c.err(f"{path}.{key}", f"unknown key (one of {', '.join(sorted(_RESOLVER_KEYS))})")
+    spec = item.get("spec")
+    if not isinstance(spec, str):
+        c.err(f"{path}.spec", f"{spec!r} is not a resolver spec")
+        return None
+    fragment = []
+    if "kind" in item:
+        if item["kind"] not in KINDS:
+            c.err(f"{path}.kind", f"{item['kind']!r} is not one of isp, public, system")
+        else:
+            fragment.append(f"kind={item['kind']}")
+    if "operator" in item:
+        if not isinstance(item["operator"], str) or not re.fullmatch(
+            r"[a-z0-9][a-z0-9._-]*", item["operator"]
+        ):
+            c.err(f"{path}.operator", f"{item['operator']!r} is not an operator name (lower case)")
+        else:
+            fragment.append(f"operator={item['operator']}")
+    if "qps" in item:
+        qps = c.number(item["qps"], f"{path}.qps", 0, 0.001)
+        if qps:
+            fragment.append(f"qps={qps:g}")
+    full = spec + (
+        "#" + ",".join(fragment) if fragment and "#" not in spec and spec not in cat.entries else ""
+    )
+    try:
+        resolver = resolve_spec(full, cat)
+    except SpecError as exc:
+        c.err(f"{path}.spec", str(exc))
+        return None
+    return Resolver(spec, resolver.kind, resolver.operator, resolver.endpoints)
+
+
+def _token(c: _Checker, col: dict[str, Any]) -> tuple[str, str]:
+    given = [k for k in ("token", "token_file", "token_env") if col.get(k) is not None]
+    if len(given) != 1:
+        c.err("collector", "give exactly one of token_file, token_env, token")
+        return "", ""
+    key = given[0]
+    if key == "token_file":
+        p = c.path(col["token_file"], "collector.token_file")
+        try:
+            token = p.read_text().strip()
+        except OSError as exc:
+            c.err("collector.token_file", f"{str(p)!r} cannot be read: {exc.strerror}")
+            return "", ""
+        source = f"file {p}"
+    elif key == "token_env":
+        name = c.text(col["token_env"], "collector.token_env")
+        token = os.environ.get(name, "").strip()
+        if name and not token:
+            c.err("collector.token_env", f"environment variable {name!r} is not set or empty")
+        source = f"environment variable {name}"
+    else:
+        token = c.text(col["token"], "collector.token")
+        source = "the config file (prefer token_file)"
+    if token and not re.fullmatch(r"[\x21-\x7e]+", token):
+        c.err(f"collector.{key}", "the token holds spaces or non-printable characters")
+    return token, source
+
+
+def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> Config:
+    """Parse and validate; ConfigError lists every mistake."""
+    c = _Checker(base or Path("."))
+    try:
+        doc = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: PyYAML on impossible dates
+        raise ConfigError([f"{source}: not YAML: {exc}"]) from None
+    if not isinstance(doc, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    for key in doc:
+        if key not in _TOP:
+            c.err(str(key), f"unknown key (one of {', '.join(sorted(_TOP))})")
+    probe = c.section(doc, "probe")
+    probe_id = c.text(probe.get("id"), "probe.id")
+    if probe_id and not _ID.match(probe_id):
+        c.err("probe.id", f"{probe_id!r} is not an id (letters, digits, '.', '_', '-'; up to 64)")
+    region = c.text(probe.get("region"), "probe.region")
+    country = c.text(probe.get("country"), "probe.country").upper()
+    if country and country not in ISO_ALPHA2:
+        c.err("probe.country", f"{probe.get('country')!r} is not an ISO 3166-1 alpha-2 code")
+
+    collector = None
+    col = c.section(doc, "collector")
+    if col:
+        url = c.text(col.get("url"), "collector.url")
+        if url and not re.match(r"^https?://[^/\s]+", url):
+            c.err("collector.url", f"{url!r} is not an http(s) URL")
+        token, token_source = _token(c, col)
+        ca = str(c.path(col["ca_file"], "collector.ca_file")) if col.get("ca_file") else None
+        collector = CollectorConfig(
+            url.rstrip("/"), token, token_source, ca,
+            c.number(col.get("timeout"), "collector.timeout", 10, 0.1, 300),
+            int(c.number(col.get("batch_size"), "collector.batch_size", 500, 1, 10000)),
+            bool(col.get("fetch_lists", False)),
+        )  # fmt: skip
+
+    resolvers: list[Resolver] = []
+    raw = doc.get("resolvers")
+    if not isinstance(raw, list) or not raw:
+        c.err("resolvers", "must be a non-empty list of resolver specs")
+    else:
+        for i, item in enumerate(raw):
+            r = _resolver(c, item, f"resolvers[{i}]")
+            if r is not None:
+                resolvers.append(r)
+
+    lists: list[Path] = []
+    raw_lists = doc.get("lists", []) or []
+    if not isinstance(raw_lists, list):
+        c.err("lists", "must be a list of file paths")
+    else:
+        lists = [c.path(p, f"lists[{i}]") for i, p in enumerate(raw_lists)]
+
+    cat = load_catalogue()
+    controls: list[Resolver] = []
+    raw_controls = doc.get("controls", [cat.control])
+    if not isinstance(raw_controls, list):
+        c.err("controls", "must be a list of resolver specs")
+    else:
+        for i, item in enumerate(raw_controls):
+            ctl = _resolver(c, item, f"controls[{i}]")
+            if ctl is not None:
+                controls.append(ctl)
+
+    canaries: list[Canary] = []
+    can = c.section(doc, "canaries")
+    for kind in ("resolves", "blocked"):
+        names = can.get(kind, []) or []
+        if not isinstance(names, list):
+            c.err(f"canaries.{kind}", "must be a list of names")
+            continue
+        for i, name in enumerate(names):
+            try:
+                canaries.append(Canary(normalize_name(str(name)), Expectation(kind)))
+            except BlockprobeError:
+                c.err(f"canaries.{kind}[{i}]", f"{name!r} is not a domain name")
+
+    sched = c.section(doc, "schedule")
+    interval = c.number(sched.get("interval"), "schedule.interval", 300, 1)
+    jitter = c.number(sched.get("jitter"), "schedule.jitter", min(30.0, interval / 10), 0)
+    if jitter >= interval:
+        c.err("schedule.jitter", f"{jitter:g} must be less than the interval ({interval:g})")
+    push = c.number(sched.get("push_interval"), "schedule.push_interval", 15, 0.1)
+
+    qtypes = doc.get("qtypes", list(QTYPES))
+    if not isinstance(qtypes, list) or not qtypes or any(q not in QTYPES for q in qtypes):
+        c.err("qtypes", f"{qtypes!r} must be a non-empty list of {', '.join(QTYPES)}")
+        qtypes = list(QTYPES)
+
+    spool = c.section(doc, "spool")
+    metrics = c.section(doc, "metrics")
+    listen = None
+    if metrics.get("listen") is not None:
+        m = re.fullmatch(r"\[?([0-9a-fA-F:.]+|localhost)\]?:(\d{1,5})", str(metrics["listen"]))
+        if not m or not 0 < int(m.group(2)) < 65536:
+            c.err("metrics.listen", f"{metrics['listen']!r} is not HOST:PORT")
+        else:
+            listen = (m.group(1), int(m.group(2)))
+    log = c.section(doc, "log")
+    log_format = log.get("format", "auto")
+    if log_format not in ("auto", "json", "text"):
+        c.err("log.format", f"{log_format!r} is not one of auto, json, text")
+    log_level = str(log.get("level", "info")).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        c.err("log.level", f"{log_level!r} is not one of debug, info, warning, error")
+
+    qps_value = c.number(doc.get("qps"), "qps", 20, 0)
+    config = Config(
+        probe_id=probe_id,
+        region=region,
+        country=country,
+        collector=collector,
+        resolvers=tuple(resolvers),
+        lists=tuple(lists),
+        controls=tuple(controls),
+        canaries=tuple(canaries),
+        interval=interval,
+        jitter=jitter,
+        push_interval=push,
+        qtypes=tuple(qtypes),
+        timeout=c.number(doc.get("timeout"), "timeout", 5, 0.05, 60),
+        concurrency=int(c.number(doc.get("concurrency"), "concurrency", 64, 1, 10000)),
+        qps=qps_value or None,
+        udp_linger=c.number(doc.get("udp_linger"), "udp_linger", 0.2, 0, 5),
+        ca_file=str(c.path(doc["ca_file"], "ca_file")) if doc.get("ca_file") else None,
+        state_dir=c.path(doc.get("state_dir", "state"), "state_dir"),
+        spool_max_rows=int(c.number(spool.get("max_rows"), "spool.max_rows", 500_000, 10)),
+        metrics_listen=listen,
+        log_format=str(log_format),
+        log_level=log_level,
+        source=source,
+    )
+    if c.errors:
+        raise ConfigError([f"{source}: {e}" for e in c.errors])
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read: {getattr(exc, 'strerror', None) or exc}"]) from None
+    return parse_config(text, str(p), p.parent.resolve())
