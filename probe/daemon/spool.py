@@ -63,7 +63,8 @@ class Spool:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_rows = max_rows
-        self.db = sqlite3.connect(path, isolation_level=None)
+        # The daemon may be built in one thread and run in another; it never uses the spool from two at once.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
