@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,3 +315,36 @@ def test_check_config_prints_a_summary_without_the_token(
         f"probe: {bad}: probe.country: 'ITA' is not an ISO 3166-1 alpha-2 code",
         f"probe: {bad}: schedule.interval: -5 must be at least 1",
     ]
+
+
+def test_health_metrics_are_served(
+    tmp_path: Path, isp: LabServer, control: LabServer, collector: FakeCollector
+) -> None:
+    import urllib.request
+
+    from .real import free_port
+
+    port = free_port("127.0.0.1")
+    run = _Running(
+        _write_config(tmp_path, isp, control, collector.url, metrics={"listen": f"127.0.0.1:{port}"})
+    )
+    try:
+        wait_for(lambda: run.daemon.rounds_done >= 1 and run.daemon.spool.depth() == 0
+                 and len(collector.results()) >= PER_ROUND, 30, "a pushed round")  # fmt: skip
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    finally:
+        run.stop()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['blockprobe_probe_rounds_total{result="ok"}'] >= 1
+    assert samples['blockprobe_probe_queries_total{outcome="nxdomain",transport="udp"}'] >= 1
+    assert samples["blockprobe_probe_spool_results"] == 0
+    assert samples["blockprobe_probe_pushed_results_total"] >= PER_ROUND
+    assert samples["blockprobe_probe_last_push_timestamp_seconds"] > 1.7e9
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr

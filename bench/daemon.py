@@ -1,0 +1,104 @@
+"""`probe run` at scale: one round of 10,000 names × 3 qtypes × 6 endpoints, memory and time.
+
+    python -m bench.daemon [--names 10000] [--qps 0]
+
+Two unbound servers on 127.53.5.4 and 127.53.5.5 hold the names; the probe measures
+them over udp, tcp, dot and doh on the first and udp and tcp on the second (six
+endpoints), spools every result (a local collector acknowledges them), and we read
+its RSS from /proc: after start-up, at peak, and idle after the round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from probe.lab import LabCA
+from tests.fake_collector import FakeCollector, wait_for
+from tests.real import start_unbound
+
+ZONE = "round-lab.net"
+
+
+def _rss(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) in MiB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
+    return rss / 1024, hwm / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--names", type=int, default=10000)
+    ap.add_argument("--qps", type=float, default=0, help="per-endpoint rate limit (0: none)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="blockprobe-daemon-bench-"))
+    ca = LabCA(hosts=("127.53.5.4", "127.53.5.5"), directory=work)
+    names = [f"n{i}.{ZONE}" for i in range(args.names)]
+    zone = "".join(f"n{i} 3600 IN A 93.184.{i // 256 % 256}.{i % 256}\n" for i in range(args.names))
+    (work / "lists.yaml").write_text(json.dumps({"orders": [{"id": "bench", "authority": "B", "jurisdictions": ["IT"],
+                                                            "domains": names}]}))  # fmt: skip
+    servers = [start_unbound(work / f"u{i}", f"127.53.5.{4 + i}", ca.cert_file, ca.key_file, zone_name=ZONE,
+                             zone_text=zone) for i in range(2)]  # fmt: skip
+    collector = FakeCollector("bench-token")
+    (work / "token").write_text("bench-token")
+    a, b = servers[0].specs, servers[1].specs
+    config = {
+        "probe": {"id": "bench-1", "region": "bench", "country": "IT"},
+        "collector": {"url": collector.url, "token_file": str(work / "token"), "batch_size": 1000},
+        "resolvers": [a["udp"], a["tcp"], a["dot"], a["doh"], b["udp"], b["tcp"]],
+        "lists": [str(work / "lists.yaml")],
+        "controls": [a["tcp"]],
+        "schedule": {"interval": 3600, "jitter": 0, "push_interval": 1},
+        "qps": args.qps, "timeout": 5, "udp_linger": 0.2, "concurrency": 100,
+        "ca_file": str(ca.ca_file), "state_dir": str(work / "state"), "log": {"format": "json"},
+    }  # fmt: skip
+    (work / "probe.yaml").write_text(json.dumps(config))
+    proc = None
+    try:
+        for s in servers:
+            s.wait_ready(names[0])
+        # Idle: the same daemon with nothing listed, once its (empty) first round is done.
+        (work / "idle.yaml").write_text(json.dumps({**config, "lists": [], "state_dir": str(work / "idle")}))
+        idle = subprocess.Popen([sys.executable, "-m", "probe.cli", "run", "--config", str(work / "idle.yaml")],
+                                stdout=subprocess.DEVNULL, stderr=(work / "idle.log").open("w"))  # fmt: skip
+        wait_for(lambda: "round 1:" in (work / "idle.log").read_text(), 60, "the idle round")
+        time.sleep(1.0)
+        start_rss, _ = _rss(idle.pid)
+        idle.terminate()
+        idle.wait(30)
+        proc = subprocess.Popen([sys.executable, "-m", "probe.cli", "run", "--config", str(work / "probe.yaml")],
+                                stdout=subprocess.DEVNULL, stderr=(work / "log").open("w"))  # fmt: skip
+        total = args.names * 3 * 6
+        t0 = time.perf_counter()
+        wait_for(lambda: "round 1:" in (work / "log").read_text(), 3600, "the round")
+        round_s = time.perf_counter() - t0
+        wait_for(lambda: len(collector.results()) >= total, 600, "the push")
+        time.sleep(2.0)
+        idle_rss, peak = _rss(proc.pid)
+        log_line = next(ln for ln in (work / "log").read_text().splitlines() if "round 1:" in ln)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        for s in servers:
+            s.stop()
+        collector.stop()
+    print(
+        f"round of {args.names} names x 3 qtypes x 6 endpoints ({total} measurements), qps {args.qps or 'unlimited'}:"
+    )
+    print(f"  {json.loads(log_line)['message']}; wall {round_s:.1f}s from start")
+    print(f"  RSS idle (nothing listed) {start_rss:.0f} MiB; with the round: peak {peak:.0f} MiB, "
+          f"idle after it {idle_rss:.0f} MiB")  # fmt: skip
+    print(f"  {len(collector.results())} results acknowledged by the collector")
+
+
+if __name__ == "__main__":
+    main()
