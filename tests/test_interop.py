@@ -8,14 +8,18 @@ udp, tcp, dot and doh.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from probe.expect import Expectations
 from probe.lab import LabCA
-from probe.model import Measurement, Outcome
+from probe.lists import parse_lists
+from probe.model import Expectation, Finding, Measurement, Outcome
 from probe.specs import Resolver, resolve_spec
 
 from .conftest import measure
@@ -84,6 +88,25 @@ def real_ca(tmp_path_factory: pytest.TempPathFactory) -> LabCA:
     return LabCA(hosts=hosts, directory=tmp_path_factory.mktemp("real-ca"))
 
 
+# Findings against real resolvers: everything but `ok` is ordered blocked in Italy.
+LISTS = f"""
+orders:
+  - id: agcom-interop
+    authority: AGCOM
+    jurisdictions: [IT]
+    applies_to: [isp]
+    domains: [nx.{ZONE}, nodata.{ZONE}, page.{ZONE}, null.{ZONE}, drop.{ZONE}, dead.{ZONE}, tcponly.{ZONE}]
+controls:
+  - id: controls
+    domains: [ok.{ZONE}]
+"""
+_ENGINE = Expectations(parse_lists(LISTS))
+
+
+def _expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
+    return _ENGINE.expect("IT", resolver.kind, resolver.operator, domain, dt.datetime.now(dt.UTC))
+
+
 def _measure_all(
     policy: RealResolver, truth: RealResolver, ca: LabCA
 ) -> dict[tuple[str, str, str], Measurement]:
@@ -94,8 +117,9 @@ def _measure_all(
     control = resolve_spec(truth.specs["tcp"])
     names = sorted({n for n, _ in EXPECTED})
     out = measure(
-        [f"{n}.{ZONE}" for n in names], targets, ca=ca, qtypes=("A", "AAAA"), controls=[control], timeout=1.5
-    )
+        [f"{n}.{ZONE}" for n in names], targets, ca=ca, qtypes=("A", "AAAA"), controls=[control], timeout=1.5,
+        expect=_expect,
+    )  # fmt: skip
     return {(m.domain.split(".")[0], m.qtype, str(m.transport)): m for m in out}
 
 
@@ -137,7 +161,14 @@ def _check(
     expected: tuple[Outcome, bool | None] | None = None,
 ) -> Measurement:
     m = results[(name, qtype, transport)]
-    assert (m.outcome, m.blocked) == (expected or EXPECTED[(name, qtype)]), m.to_json()
+    outcome, blocked = expected or EXPECTED[(name, qtype)]
+    assert (m.outcome, m.blocked) == (outcome, blocked), m.to_json()
+    # The finding follows from the lists: ordered names enforced, the control ok, unknowns inconclusive.
+    if name == "ok" or name == "tcponly":
+        want = Finding.OK if name == "ok" else (Finding.LEAK if blocked is False else Finding.ENFORCED)
+    else:
+        want = {True: Finding.ENFORCED, False: Finding.LEAK, None: Finding.INCONCLUSIVE}[blocked]
+    assert m.finding is want, m.to_json()
     return m
 
 
