@@ -1,12 +1,47 @@
-"""The `collector` command (the service itself arrives with the collector issue)."""
+"""The `collector` command: serve, token add|list|revoke, report, openapi."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
+from datetime import UTC, datetime
+from typing import NoReturn
 
 import click
 
+from collector.config import CollectorConfig, CollectorConfigError, load_collector_config
+from collector.store import Store, open_store
+
 __all__ = ["main"]
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"collector: {message}", err=True)
+    sys.exit(2)
+
+
+def _load(config_file: str, database: str | None) -> tuple[CollectorConfig, Store]:
+    try:
+        config = load_collector_config(config_file)
+    except CollectorConfigError as exc:
+        for line in exc.errors:
+            click.echo(f"collector: {line}", err=True)
+        sys.exit(2)
+    if database:
+        from dataclasses import replace
+
+        config = replace(config, database=database)
+    try:
+        return config, open_store(config.database)
+    except Exception as exc:  # the database is the one thing we cannot start without
+        _fail(f"database {config.database.split('@')[-1]}: {exc}")
+
+
+CONFIG = click.option(
+    "--config", "config_file", required=True, type=click.Path(dir_okay=False), help="Collector config."
+)
+DATABASE = click.option("--database", help="sqlite:///PATH or postgresql://… (overrides the config).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,10 +50,116 @@ def cli() -> None:
 
 
 @cli.command()
-def serve() -> None:
-    """Not built yet: this release ships the probe only."""
-    click.echo("collector: serve is not built yet (see the collector issue)", err=True)
-    sys.exit(2)
+@CONFIG
+@DATABASE
+def serve(config_file: str, database: str | None) -> None:
+    """Serve the API, metrics and status page (HTTPS when the config names a certificate)."""
+    import uvicorn
+
+    from collector.app import create_app
+
+    config, store = _load(config_file, database)
+    app = create_app(config, store)
+    uvicorn.run(app, host=config.host, port=config.port, ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
+                log_level="info", access_log=False, proxy_headers=False)  # fmt: skip
+    store.close()
+
+
+@cli.group()
+def token() -> None:
+    """Probe tokens: each bound to one probe id, stored hashed."""
+
+
+@token.command("add")
+@click.argument("probe_id")
+@CONFIG
+@DATABASE
+def token_add(probe_id: str, config_file: str, database: str | None) -> None:
+    """Create (or replace) PROBE_ID's token and print it once."""
+    import re
+
+    from collector.auth import hash_token, new_token
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", probe_id):
+        _fail(f"{probe_id!r} is not a probe id (letters, digits, '.', '_', '-'; up to 64)")
+    _, store = _load(config_file, database)
+    secret = new_token()
+    store.set_token(probe_id, hash_token(secret))
+    store.close()
+    click.echo(secret)
+
+
+@token.command("list")
+@CONFIG
+@DATABASE
+def token_list(config_file: str, database: str | None) -> None:
+    """Probe ids with a token, when it was made, and whether it is revoked (never the token)."""
+    _, store = _load(config_file, database)
+    for probe_id, _hash, created, revoked in store.tokens():
+        state = f"revoked {datetime.fromtimestamp(revoked, UTC):%Y-%m-%d %H:%M}" if revoked else "active"
+        click.echo(f"{probe_id}\tcreated {datetime.fromtimestamp(created, UTC):%Y-%m-%d %H:%M}\t{state}")
+    store.close()
+
+
+@token.command("revoke")
+@click.argument("probe_id")
+@CONFIG
+@DATABASE
+def token_revoke(probe_id: str, config_file: str, database: str | None) -> None:
+    """Revoke PROBE_ID's token: its reports are refused from now on."""
+    _, store = _load(config_file, database)
+    done = store.revoke_token(probe_id)
+    store.close()
+    if not done:
+        _fail(f"probe {probe_id!r} has no active token")
+    click.echo(f"revoked {probe_id}")
+
+
+@cli.command()
+@CONFIG
+@DATABASE
+@click.option("--order", help="Only this order (or control list) id.")
+@click.option("--country", help="Only this ISO 3166-1 alpha-2 country.")
+@click.option(
+    "--since", default="30d", show_default=True, help="A start: 2026-11-01, or an age like 7d, 12h."
+)
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "html"]), default="csv", show_default=True)
+def report(
+    config_file: str, database: str | None, order: str | None, country: str | None, since: str, fmt: str
+) -> None:
+    """Every leak and overblock with first and last seen, probes, answers and the raw response."""
+    from collector.report import build_report, render_report
+
+    start = _since(since)
+    _, store = _load(config_file, database)
+    rows = build_report(store, start, order, country.upper() if country else None)
+    store.close()
+    sys.stdout.write(render_report(rows, fmt))
+
+
+def _since(text: str) -> float:
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([dhm])", text.strip())
+    if m:
+        return time.time() - float(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}[m.group(2)]
+    try:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        _fail(f"--since: {text!r} is neither a date (2026-11-01) nor an age (7d, 12h, 30m)")
+
+
+@cli.command()
+def openapi() -> None:
+    """Print the API's OpenAPI description (committed as collector/openapi.json)."""
+    from collector.app import create_app
+    from collector.config import parse_collector_config
+
+    class _NoStore:  # the description does not depend on a database
+        pass
+
+    app = create_app(parse_collector_config(""), _NoStore())  # type: ignore[arg-type]
+    click.echo(json.dumps(app.openapi(), indent=2, sort_keys=True))
 
 
 def main() -> None:

@@ -1,0 +1,68 @@
+"""The ingest body (CONTRACTS.md sections 3 and 6), validated strictly.
+
+Built from the probe's own vocabularies (probe.model), so an outcome or transport the
+probe cannot produce is rejected here too. Unknown keys inside a measurement are
+allowed (the contract may be extended by newer probes); wrong types are not.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from probe.model import Expectation, Finding, Outcome, Transport
+
+__all__ = ["Batch", "MeasurementIn", "ProbeIdentity"]
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[a-z0-9_.-]+$")]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class EdeIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    code: int = Field(ge=0, le=65535)
+    text: str = Field(max_length=4096)
+
+
+class MeasurementIn(BaseModel):
+    """One measurement; the required keys of CONTRACTS.md section 3, typed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    domain: Name
+    qtype: Annotated[str, StringConstraints(pattern=r"^(A|AAAA|HTTPS)$")]
+    resolver: Label
+    transport: Transport
+    outcome: Outcome
+    blocked: bool | None
+    expected: Expectation | None
+    finding: Finding | None
+    rcode: Annotated[str, StringConstraints(max_length=16)] | None
+    ede: list[EdeIn] = Field(max_length=16)
+    answers: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(max_length=256)
+    cname: list[Annotated[str, StringConstraints(max_length=255)]] = Field(max_length=32)
+    sinkhole: dict[str, str] | None
+    control: dict[str, Any] | None
+    latency_ms: float | None = Field(ge=0)
+    time: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")]
+    error: Annotated[str, StringConstraints(max_length=1024)] | None
+    wire: Annotated[str, StringConstraints(max_length=90000, pattern=r"^[A-Za-z0-9+/=]*$")] | None
+
+
+class ProbeIdentity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    region: Label
+    country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
+    version: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+
+class Batch(BaseModel):
+    """What a probe POSTs to /api/v1/results."""
+
+    model_config = ConfigDict(extra="forbid")
+    probe: ProbeIdentity
+    batch_id: Annotated[str, StringConstraints(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
+    sent_at: float | None = None
+    measurements: list[MeasurementIn] = Field(max_length=20000)

@@ -1,0 +1,318 @@
+"""Storage: the evidence archive and the latest state per series, on SQLite or PostgreSQL.
+
+One schema and one set of migrations for both; the SQL is written once with `?`
+placeholders and portable upserts. The archive keeps every measurement with its raw
+wire response; `latest` keeps, per series (probe × resolver × transport × qtype ×
+name), the newest measurement and since when its finding has held. Retention trims the
+archive only; `latest` is never lost to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Store", "StoredBatch", "open_store"]
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE tokens (probe_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,
+                         revoked DOUBLE PRECISION);
+    CREATE TABLE probes (probe_id TEXT PRIMARY KEY, region TEXT NOT NULL, country TEXT NOT NULL,
+                         last_report DOUBLE PRECISION NOT NULL, version TEXT);
+    CREATE TABLE batches (batch_id TEXT PRIMARY KEY, probe_id TEXT NOT NULL, received DOUBLE PRECISION NOT NULL,
+                          results INTEGER NOT NULL);
+    CREATE TABLE archive (id {serial} PRIMARY KEY, batch_id TEXT NOT NULL, probe_id TEXT NOT NULL,
+                          region TEXT NOT NULL, country TEXT NOT NULL, resolver TEXT NOT NULL, transport TEXT NOT NULL,
+                          qtype TEXT NOT NULL, domain TEXT NOT NULL, time DOUBLE PRECISION NOT NULL,
+                          outcome TEXT NOT NULL, finding TEXT, rule TEXT, body TEXT NOT NULL);
+    CREATE INDEX archive_series ON archive (probe_id, resolver, transport, qtype, domain, time);
+    CREATE INDEX archive_time ON archive (time);
+    CREATE INDEX archive_finding ON archive (finding, time);
+    CREATE TABLE latest (probe_id TEXT NOT NULL, resolver TEXT NOT NULL, transport TEXT NOT NULL,
+                         qtype TEXT NOT NULL, domain TEXT NOT NULL, region TEXT NOT NULL, country TEXT NOT NULL,
+                         time DOUBLE PRECISION NOT NULL, outcome TEXT NOT NULL, finding TEXT, rule TEXT,
+                         latency_ms DOUBLE PRECISION, answers TEXT NOT NULL, since DOUBLE PRECISION NOT NULL,
+                         PRIMARY KEY (probe_id, resolver, transport, qtype, domain));
+    CREATE INDEX latest_time ON latest (time);
+    CREATE INDEX latest_finding ON latest (finding, time);
+    """,
+]
+
+_SERIES = ("probe_id", "resolver", "transport", "qtype", "domain")
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def rule_of(m: dict[str, Any]) -> str | None:
+    """The order or list a measurement was judged against (metric label `order` / `list`)."""
+    why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by")
+    if not isinstance(why, dict):
+        return None
+    rule = why.get("order") if m.get("expected") == "blocked" else (why.get("list") or why.get("order"))
+    return str(rule)[:128] if rule else None
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    new: bool
+    stored: int
+
+
+class Store:
+    """Shared by both databases; subclasses provide connections and the dialect."""
+
+    placeholder = "?"
+    serial = "INTEGER"
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    @contextmanager
+    def tx(self) -> Iterator[Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+        yield
+
+    def migrate(self) -> None:
+        with self.tx() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            cur.execute("SELECT version FROM schema_version")
+            row = cur.fetchone()
+            version = row[0] if row else 0
+            for i, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, migration.format(serial=self.serial_pk).split(";")):
+                    cur.execute(statement)
+                cur.execute(self._sql("DELETE FROM schema_version"))
+                cur.execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (i,))
+
+    @property
+    def serial_pk(self) -> str:
+        return self.serial
+
+    # tokens ----------------------------------------------------------------------------
+    def set_token(self, probe_id: str, token_hash: str) -> None:
+        with self.tx() as cur:
+            cur.execute(self._sql(
+                "INSERT INTO tokens (probe_id, token_hash, created, revoked) VALUES (?, ?, ?, NULL) "
+                "ON CONFLICT (probe_id) DO UPDATE SET token_hash = excluded.token_hash, created = excluded.created, "
+                "revoked = NULL"), (probe_id, token_hash, time.time()))  # fmt: skip
+
+    def revoke_token(self, probe_id: str) -> bool:
+        with self.tx() as cur:
+            cur.execute(self._sql("UPDATE tokens SET revoked = ? WHERE probe_id = ? AND revoked IS NULL"),
+                        (time.time(), probe_id))  # fmt: skip
+            return bool(cur.rowcount)
+
+    def tokens(self) -> list[tuple[str, str, float, float | None]]:
+        with self.tx() as cur:
+            cur.execute("SELECT probe_id, token_hash, created, revoked FROM tokens ORDER BY probe_id")
+            return [tuple(r) for r in cur.fetchall()]
+
+    def token_hash(self, probe_id: str) -> str | None:
+        with self.tx() as cur:
+            cur.execute(
+                self._sql("SELECT token_hash FROM tokens WHERE probe_id = ? AND revoked IS NULL"), (probe_id,)
+            )
+            row = cur.fetchone()
+            return None if row is None else str(row[0])
+
+    # ingest ----------------------------------------------------------------------------
+    def ingest(self, probe: dict[str, Any], batch_id: str, measurements: Sequence[dict[str, Any]],
+               received: float) -> StoredBatch:  # fmt: skip
+        """Store a batch in one transaction: all of it, or (a batch id seen before) nothing."""
+        pid, region, country = probe["id"], probe["region"], probe["country"]
+        archive = []
+        latest: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        newest = 0.0
+        for m in measurements:
+            t = parse_time(m["time"])
+            newest = max(newest, t)
+            rule = rule_of(m)
+            key = (pid, m["resolver"], m["transport"], m["qtype"], m["domain"])
+            archive.append((batch_id, pid, region, country, m["resolver"], m["transport"], m["qtype"], m["domain"], t,
+                            m["outcome"], m.get("finding"), rule, json.dumps(m, separators=(",", ":"))))  # fmt: skip
+            row = (*key, region, country, t, m["outcome"], m.get("finding"), rule, m.get("latency_ms"),
+                   json.dumps(m.get("answers", [])), t)  # fmt: skip
+            if key not in latest or latest[key][7] <= t:
+                latest[key] = row
+        with self.tx() as cur:
+            cur.execute(self._sql("INSERT INTO batches (batch_id, probe_id, received, results) VALUES (?, ?, ?, ?) "
+                                  "ON CONFLICT (batch_id) DO NOTHING"), (batch_id, pid, received, len(archive)))  # fmt: skip
+            if cur.rowcount == 0:
+                return StoredBatch(False, 0)
+            cur.executemany(self._sql(
+                "INSERT INTO archive (batch_id, probe_id, region, country, resolver, transport, qtype, domain, time, "
+                "outcome, finding, rule, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"), archive)  # fmt: skip
+            cur.executemany(self._sql(
+                "INSERT INTO latest (probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
+                "finding, rule, latency_ms, answers, since) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (probe_id, resolver, transport, qtype, domain) DO UPDATE SET "
+                "region = excluded.region, country = excluded.country, time = excluded.time, "
+                "outcome = excluded.outcome, finding = excluded.finding, rule = excluded.rule, "
+                "latency_ms = excluded.latency_ms, answers = excluded.answers, "
+                "since = CASE WHEN COALESCE(latest.finding, '') = COALESCE(excluded.finding, '') "
+                "THEN latest.since ELSE excluded.since END "
+                "WHERE excluded.time >= latest.time"), list(latest.values()))  # fmt: skip
+            if newest:
+                cur.execute(self._sql(
+                    "INSERT INTO probes (probe_id, region, country, last_report, version) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (probe_id) DO UPDATE SET region = excluded.region, country = excluded.country, "
+                    "last_report = CASE WHEN excluded.last_report > probes.last_report THEN excluded.last_report "
+                    "ELSE probes.last_report END, version = excluded.version"),
+                    (pid, region, country, received, probe.get("version")))  # fmt: skip
+        return StoredBatch(True, len(archive))
+
+    # reading ---------------------------------------------------------------------------
+    def current(self, since: float) -> list[dict[str, Any]]:
+        """Latest rows reported at or after `since` (the staleness window), with their probe's region."""
+        with self.tx() as cur:
+            cur.execute(self._sql(
+                "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
+                "latency_ms, answers, since FROM latest WHERE time >= ?"), (since,))  # fmt: skip
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def problems(self, since: float) -> list[dict[str, Any]]:
+        """Current leaks and overblocks only: what per-domain series and the status page show."""
+        with self.tx() as cur:
+            cur.execute(self._sql(
+                "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
+                "answers, since FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
+                "ORDER BY finding, country, resolver, transport, domain, qtype"), (since,))  # fmt: skip
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def counts(self, since: float) -> list[tuple[Any, ...]]:
+        """(probe, region, country, resolver, transport, rule, finding, n) over current series."""
+        with self.tx() as cur:
+            cur.execute(self._sql(
+                "SELECT probe_id, region, country, resolver, transport, rule, finding, count(*) FROM latest "
+                "WHERE time >= ? AND finding IS NOT NULL "
+                "GROUP BY probe_id, region, country, resolver, transport, rule, finding"), (since,))  # fmt: skip
+            return [tuple(r) for r in cur.fetchall()]
+
+    def endpoints(self, since: float) -> list[tuple[Any, ...]]:
+        """(probe, region, country, resolver, transport, answered, total, mean latency ms) over current series."""
+        with self.tx() as cur:
+            cur.execute(self._sql(
+                "SELECT probe_id, region, country, resolver, transport, "
+                "sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), count(*), avg(latency_ms) "
+                "FROM latest WHERE time >= ? GROUP BY probe_id, region, country, resolver, transport"), (since,))  # fmt: skip
+            return [tuple(r) for r in cur.fetchall()]
+
+    def probes(self) -> list[dict[str, Any]]:
+        with self.tx() as cur:
+            cur.execute(
+                "SELECT probe_id, region, country, last_report, version FROM probes ORDER BY probe_id"
+            )
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def evidence(self, key: Sequence[str], limit: int = 20) -> list[dict[str, Any]]:
+        """The archived measurements of one series, newest first (each with its raw response)."""
+        with self.tx() as cur:
+            cur.execute(self._sql(
+                "SELECT id, batch_id, time, body FROM archive WHERE probe_id = ? AND resolver = ? AND transport = ? "
+                "AND qtype = ? AND domain = ? ORDER BY time DESC LIMIT ?"), (*key, limit))  # fmt: skip
+            return [{"id": r[0], "batch_id": r[1], "time": r[2], **json.loads(r[3])} for r in cur.fetchall()]
+
+    def archive_problems(self, since: float, order: str | None, country: str | None) -> list[tuple[Any, ...]]:
+        """Every archived leak and overblock since a time: (probe, region, country, time, finding, rule, body)."""
+        sql = ("SELECT probe_id, region, country, time, finding, rule, body FROM archive "
+               "WHERE finding IN ('leak', 'overblock') AND time >= ?")  # fmt: skip
+        params: list[Any] = [since]
+        if order:
+            sql += " AND rule = ?"
+            params.append(order)
+        if country:
+            sql += " AND country = ?"
+            params.append(country)
+        with self.tx() as cur:
+            cur.execute(self._sql(sql + " ORDER BY time"), params)
+            return [tuple(r) for r in cur.fetchall()]
+
+    def trim_archive(self, older_than: float) -> int:
+        """Retention: drop archived measurements older than a time (latest state stays)."""
+        with self.tx() as cur:
+            cur.execute(self._sql("DELETE FROM archive WHERE time < ?"), (older_than,))
+            n = cur.rowcount
+            cur.execute(self._sql("DELETE FROM batches WHERE received < ?"), (older_than,))
+            return int(n)
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteStore(Store):
+    """The embedded default: one file, WAL, created on first start."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, crash-consistent
+        self._lock = threading.Lock()  # one connection, used from the server's worker threads in turn
+        self.migrate()
+
+    @contextmanager
+    def tx(self) -> Iterator[Any]:
+        with self._lock:
+            cur = self.db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class PostgresStore(Store):
+    """PostgreSQL through psycopg 3, with a small connection pool: for several collector processes."""
+
+    placeholder = "%s"
+    serial = "BIGSERIAL"
+
+    def __init__(self, url: str) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.pool = ConnectionPool(url, min_size=1, max_size=8, open=True, kwargs={"autocommit": False})
+        with self.pool.connection() as conn:
+            # One migrator at a time, however many collectors start together.
+            conn.execute("SELECT pg_advisory_lock(4242)")
+            try:
+                conn.commit()
+                self.migrate()
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(4242)")
+                conn.commit()
+
+    @contextmanager
+    def tx(self) -> Iterator[Any]:
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def open_store(url: str) -> Store:
+    """`sqlite:///path/to/file` (or a bare path) or `postgresql://…`."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
+    return SqliteStore(Path(path))

@@ -1,0 +1,285 @@
+"""The collector, for real: a uvicorn server on loopback, on SQLite and on a real PostgreSQL.
+
+Every test runs against both stores. Requests go over HTTP with httpx2; metrics are
+asserted by value from scrapes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import uvicorn
+
+from collector.app import create_app
+from collector.auth import hash_token, new_token
+from collector.config import parse_collector_config
+from collector.store import Store, open_store
+
+from .pg import TempPostgres, find_pg_bin
+from .real import free_port
+
+NOW_ISO = "2026-01-01T00:00:00.000Z"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[TempPostgres | None]:
+    if find_pg_bin() is None:
+        yield None
+        return
+    pg = TempPostgres()
+    yield pg
+    pg.stop()
+
+
+class Server:
+    def __init__(self, store: Store, config_text: str = "") -> None:
+        self.port = free_port("127.0.0.1")
+        self.config = parse_collector_config(f"listen: 127.0.0.1:{self.port}\n" + config_text)
+        self.store = store
+        self.app = create_app(self.config, store)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "collector did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx2.Client(base_url=self.url, timeout=10)
+
+    def token(self, probe_id: str) -> str:
+        t = new_token()
+        self.store.set_token(probe_id, hash_token(t))
+        return t
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def scrape(self) -> dict[str, float]:
+        out = {}
+        for line in self.client.get("/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path: Path, postgres: TempPostgres | None) -> Iterator[Server]:
+    if request.param == "sqlite":
+        store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    else:
+        if postgres is None:
+            pytest.skip("PostgreSQL is not installed (make test installs it)")
+        store = open_store(postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}"))
+    s = Server(store)
+    yield s
+    s.stop()
+    store.close()
+
+
+def measurement(domain: str = "pirate.example", finding: str | None = "leak", **over: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "domain": domain, "qtype": "A", "resolver": "udp://192.0.2.53", "transport": "udp", "outcome": "resolved",
+        "blocked": False, "expected": "blocked", "finding": finding, "rcode": "NOERROR", "ede": [],
+        "answers": ["93.184.216.34"], "cname": [], "sinkhole": None, "control": None, "latency_ms": 3.2,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "error": None, "wire": "AAA=",
+        "expected_by": {"order": "agcom-1"},
+    }  # fmt: skip
+    m.update(over)
+    return m
+
+
+def batch(
+    probe: str = "it-1", measurements: list[dict[str, Any]] | None = None, batch_id: str | None = None
+) -> dict[str, Any]:
+    return {"probe": {"id": probe, "region": "it-milan", "country": "IT"}, "batch_id": batch_id or str(uuid.uuid4()),
+            "measurements": measurements if measurements is not None else [measurement()]}  # fmt: skip
+
+
+def post(
+    s: Server, token: str | None, body: Any, gz: bool = False, raw: bytes | None = None
+) -> httpx2.Response:
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    if gz:
+        data = gzip.compress(data)
+        headers["content-encoding"] = "gzip"
+    return s.client.post("/api/v1/results", content=data, headers=headers)
+
+
+def archived(s: Server) -> int:
+    with s.store.tx() as cur:
+        cur.execute("SELECT count(*) FROM archive")
+        return int(cur.fetchone()[0])
+
+
+def test_a_leak_becomes_a_series_then_goes_when_enforced(server: Server) -> None:
+    token = server.token("it-1")
+    r = post(server, token, batch(), gz=True)
+    assert r.status_code == 200, r.text
+    assert r.json()["stored"] == 1
+    leak = ('blockprobe_leak{country="IT",domain="pirate.example",order="agcom-1",probe="it-1",qtype="A",'
+            'region="it-milan",resolver="udp://192.0.2.53",transport="udp"}')  # fmt: skip
+    scrape = server.scrape()
+    assert scrape[leak] == 1
+    counts = 'blockprobe_domains{country="IT",finding="%s",list="agcom-1",probe="it-1",region="it-milan",resolver="udp://192.0.2.53",transport="udp"}'
+    assert scrape[counts % "leak"] == 1
+    time.sleep(0.01)
+    enforced = measurement(finding="enforced", outcome="nxdomain", blocked=True, answers=[])
+    assert post(server, token, batch(measurements=[enforced])).status_code == 200
+    scrape = server.scrape()
+    assert leak not in scrape
+    assert scrape[counts % "enforced"] == 1 and (counts % "leak") not in scrape
+    assert (
+        scrape[
+            'blockprobe_order_enforcement_ratio{country="IT",order="agcom-1",resolver="udp://192.0.2.53",transport="udp"}'
+        ]
+        == 1
+    )
+    assert (
+        scrape['blockprobe_probe_last_report_timestamp_seconds{country="IT",probe="it-1",region="it-milan"}']
+        > 1.7e9
+    )
+    assert archived(server) == 2  # the archive keeps both
+
+
+def test_stale_series_vanish_but_the_last_report_stays(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    s = Server(store, "stale_after: 1\n")
+    try:
+        token = s.token("it-1")
+        assert post(s, token, batch()).status_code == 200
+        assert any(k.startswith("blockprobe_leak{") for k in s.scrape())
+        deadline = time.monotonic() + 10
+        while any(k.startswith("blockprobe_leak{") for k in s.scrape()):  # stale after one second
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert (
+            'blockprobe_probe_last_report_timestamp_seconds{country="IT",probe="it-1",region="it-milan"}'
+            in s.scrape()
+        )
+    finally:
+        s.stop()
+        store.close()
+
+
+BAD = [
+    ("no token", None, lambda: batch(), 401, "a bearer token is required"),
+    ("wrong token", "bp_wrong", lambda: batch(), 401, "unknown or revoked token"),
+    ("another probe's id", "TOKEN", lambda: batch(probe="fr-1"), 403, "this token belongs to probe 'it-1', not 'fr-1'"),
+    ("wrong type", "TOKEN", lambda: batch(measurements=[measurement(latency_ms="fast")]), 422,
+     "measurements[0].latency_ms: Input should be a valid number, unable to parse string as a number"),
+    ("unknown outcome", "TOKEN", lambda: batch(measurements=[measurement(outcome="vanished")]), 422,
+     "measurements[0].outcome: Input should be 'timeout', 'error', 'ede_blocked', 'sinkhole', 'nxdomain', 'refused', 'servfail', 'nodata' or 'resolved'"),
+    ("missing key", "TOKEN", lambda: {k: v for k, v in batch().items() if k != "batch_id"}, 422, "batch_id: Field required"),
+    ("far too old", "TOKEN", lambda: batch(measurements=[measurement(time="2020-01-01T00:00:00.000Z")]), 422,
+     "measurements[0].time: 2020-01-01T00:00:00.000Z is more than 90 days old (check the probe's clock)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "token", "body", "status", "detail"), BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_their_status_and_reason_and_store_nothing(
+    server: Server, case: str, token: str | None, body: Any, status: int, detail: str
+) -> None:
+    real = server.token("it-1")
+    r = post(server, real if token == "TOKEN" else token, body())
+    assert (r.status_code, r.json()["detail"]) == (status, detail)
+    assert archived(server) == 0
+
+
+def test_malformed_json_oversize_and_gzip_bomb(server: Server) -> None:
+    token = server.token("it-1")
+    r = post(server, token, None, raw=b'{"probe": ')
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    bomb = gzip.compress(b" " * (80 << 20))  # 80 KiB on the wire, 80 MiB inflated: past the 64 MiB bound
+    r = server.client.post("/api/v1/results", content=bomb,
+                           headers={"authorization": f"Bearer {token}", "content-encoding": "gzip"})  # fmt: skip
+    assert r.status_code == 413 and "inflated body is over the limit" in r.json()["detail"]
+    huge = b"x" * (server.config.max_body + 1)
+    r = server.client.post("/api/v1/results", content=huge, headers={"authorization": f"Bearer {token}"})
+    assert r.status_code == 413
+    assert archived(server) == 0
+    health = server.scrape()
+    assert health['blockprobe_collector_rejected_total{reason="too_large"}'] == 2
+
+
+def test_a_replayed_batch_is_acknowledged_and_stored_once(server: Server) -> None:
+    token = server.token("it-1")
+    body = batch(measurements=[measurement(), measurement(domain="other.example")])
+    first, second = post(server, token, body), post(server, token, body, gz=True)
+    assert first.json() == {"batch_id": body["batch_id"], "stored": 2, "duplicate": False}
+    assert second.json() == {"batch_id": body["batch_id"], "stored": 0, "duplicate": True}
+    assert archived(server) == 2
+    assert server.scrape()['blockprobe_collector_batches_total{result="duplicate"}'] == 1
+
+
+def test_future_clocks_are_clamped_and_said(server: Server) -> None:
+    token = server.token("it-1")
+    future = measurement(time="2099-01-01T00:00:00.000Z")
+    r = post(server, token, batch(measurements=[future]))
+    assert r.status_code == 200
+    assert r.json()["clamped"] == 1 and "set to the receive time" in r.json()["warning"]
+    (row,) = server.store.evidence(("it-1", "udp://192.0.2.53", "udp", "A", "pirate.example"))
+    assert row["clock_clamped_from"] == "2099-01-01T00:00:00.000Z" and row["time"].startswith("20")
+
+
+def test_revoked_token_is_refused(server: Server) -> None:
+    token = server.token("it-1")
+    assert server.store.revoke_token("it-1")
+    assert post(server, token, batch()).status_code == 401
+
+
+def test_status_page_and_evidence(server: Server) -> None:
+    token = server.token("it-1")
+    post(server, token, batch())
+    page = server.client.get("/").text
+    assert "1 leak" in page and "pirate.example" in page and "agcom-1" in page
+    ev = server.client.get("/evidence", params={"probe": "it-1", "resolver": "udp://192.0.2.53", "transport": "udp",
+                                                 "qtype": "A", "domain": "pirate.example", "format": "json"}).json()  # fmt: skip
+    assert ev[0]["wire"] == "AAA=" and ev[0]["finding"] == "leak"
+
+
+def test_lists_are_served_with_an_etag(tmp_path: Path) -> None:
+    lists = tmp_path / "orders.yaml"
+    lists.write_text("orders: []\n")
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    s = Server(store, f"lists: [{lists}]\n")
+    try:
+        token = s.token("it-1")
+        assert s.client.get("/api/v1/lists").status_code == 401
+        r = s.client.get("/api/v1/lists", headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["files"][0]["content"] == "orders: []\n"
+        again = s.client.get(
+            "/api/v1/lists", headers={"authorization": f"Bearer {token}", "if-none-match": r.headers["etag"]}
+        )
+        assert again.status_code == 304
+    finally:
+        s.stop()
+        store.close()
+
+
+def test_committed_openapi_matches_the_app() -> None:
+    from click.testing import CliRunner
+
+    from collector.cli import cli
+
+    result = CliRunner().invoke(cli, ["openapi"])
+    committed = (Path(__file__).parent.parent / "collector" / "openapi.json").read_text()
+    assert json.loads(result.stdout) == json.loads(committed), (
+        "run: collector openapi > collector/openapi.json"
+    )
