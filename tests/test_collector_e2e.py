@@ -135,3 +135,33 @@ def test_report_and_token_commands(tmp_path: Path) -> None:
     assert revoked.exit_code == 0
     again = runner.invoke(collector_cli, ["token", "revoke", "it-1", "--config", str(cfg)])
     assert again.exit_code == 2 and again.stderr == "collector: probe 'it-1' has no active token\n"
+
+
+def test_probe_fetches_its_lists_from_the_collector(
+    tmp_path: Path,
+    isp: LabServer,  # noqa: F811
+    control: LabServer,  # noqa: F811
+) -> None:
+    lists = Path(__file__).parent / "lists" / "lab-orders.yaml"
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    live = Server(store, f"lists: [{lists}]\n")
+    try:
+        token = live.token("it-test-1")
+        config = _write_config(tmp_path, isp, control, live.url, lists=[])
+        doc = json.loads(config.read_text())
+        doc["collector"]["fetch_lists"] = True
+        config.write_text(json.dumps(doc))
+        (tmp_path / "token").write_text(token)
+        run = _Running(config)
+        try:
+            wait_for(
+                lambda: run.daemon.rounds_done >= 1 and run.daemon.spool.depth() == 0, 30, "a round pushed"
+            )
+        finally:
+            run.stop()
+        assert [p.name for p in run.daemon.fetched_lists] == ["lab-orders.yaml"]
+        rows = store.evidence(("it-test-1", isp.specs()["udp"], "udp", "A", "pirate.blockprobe-lab.net"))
+        assert rows and rows[0]["finding"] == "enforced" and rows[0]["expected_by"]["order"] == "agcom-lab-1"
+    finally:
+        live.stop()
+        store.close()

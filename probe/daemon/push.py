@@ -117,6 +117,16 @@ class Pusher:
             break
         return out
 
+    async def fetch_lists(self, etag: str | None) -> tuple[str | None, list[tuple[str, str]] | None]:
+        """The collector's lists files: (etag, [(name, text)]), or (etag, None) when unchanged."""
+        headers = {"If-None-Match": etag} if etag else {}
+        resp = await self.client.get(f"{self.collector.url}/api/v1/lists", headers=headers)
+        if resp.status_code == 304:
+            return etag, None
+        resp.raise_for_status()
+        files = [(str(f["name"]), str(f["content"])) for f in resp.json()["files"]]
+        return resp.headers.get("etag"), files
+
     async def _send(self, batch_id: str, measurements: list[dict[str, Any]]) -> str | None:
         """None when acknowledged; else a short reason (`http 500`, `timeout`, `connect: …`)."""
         headers = {

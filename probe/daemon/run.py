@@ -34,7 +34,7 @@ from probe.daemon.push import Pusher
 from probe.daemon.spool import Spool
 from probe.engine import Engine, Plan
 from probe.expect import Expectations
-from probe.lists import Lists, ListsError, load_lists
+from probe.lists import Lists, ListsError, load_lists, parse_lists
 from probe.model import Expectation, Outcome, Transport
 from probe.specs import Resolver
 from probe.transports import Options
@@ -135,14 +135,20 @@ class Daemon:
         self.lists: Lists | None = None
         self._list_mtimes: dict[Path, float] = {}
         self.stop_event = asyncio.Event()
+        self.fetched_lists: tuple[Path, ...] = ()
+        self._lists_etag: str | None = None
         self.rounds_done = 0
         self._dropped_seen: dict[str, int] = self.spool.dropped()
         self._round_task: asyncio.Task[Any] | None = None
 
     # lists -----------------------------------------------------------------------------
+    @property
+    def list_files(self) -> tuple[Path, ...]:
+        return self.config.lists + self.fetched_lists
+
     def _mtimes(self) -> dict[Path, float]:
         out = {}
-        for p in self.config.lists:
+        for p in self.list_files:
             try:
                 out[p] = p.stat().st_mtime
             except OSError:
@@ -151,13 +157,13 @@ class Daemon:
 
     def reload_lists(self, initial: bool = False) -> None:
         """Re-read the lists files if they changed; keep the old ones if the new ones are bad."""
-        if not self.config.lists:
+        if not self.list_files:
             return
         mtimes = self._mtimes()
         if not initial and mtimes == self._list_mtimes:
             return
         try:
-            lists = load_lists(self.config.lists)
+            lists = load_lists(self.list_files)
         except ListsError as exc:
             self._list_mtimes = mtimes  # do not re-log the same bad file every few seconds
             if initial:
@@ -237,6 +243,42 @@ class Daemon:
             self.metrics.last_push.set(time.time())
         self.metrics.spool.set(self.spool.depth())
 
+    async def fetch_lists(self) -> None:
+        """Lists published by the collector: written to the state directory when they validate."""
+        if self.pusher is None:
+            return
+        try:
+            etag, files = await self.pusher.fetch_lists(self._lists_etag)
+        except Exception as exc:  # the collector may be down: keep what we have
+            log.warning("could not fetch lists from the collector: %s", exc)
+            return
+        if files is None:
+            return
+        folder = self.config.state_dir / "collector-lists"
+        try:
+            candidate = [parse_lists(text, f"collector:{name}") for name, text in files]
+            del candidate
+        except ListsError as exc:
+            self.metrics.list_rejects.inc()
+            log.error(
+                "lists from the collector rejected, the previous lists stay in force: %s",
+                "; ".join(exc.errors),
+            )
+            self._lists_etag = etag
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, text in files:
+            target = folder / Path(name).name
+            tmp = target.with_suffix(target.suffix + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(target)  # atomic: a reader sees the old file or the new one
+            paths.append(target)
+        self.fetched_lists = tuple(paths)
+        self._lists_etag = etag
+        log.info("lists fetched from the collector: %s", ", ".join(p.name for p in paths))
+        self.reload_lists()
+
     async def _round_job(self) -> None:
         self._round_task = asyncio.current_task()
         try:
@@ -265,9 +307,13 @@ class Daemon:
         if self.pusher is not None:
             scheduler.add_job(self.push, IntervalTrigger(seconds=self.config.push_interval), id="push",
                               max_instances=1, coalesce=True, next_run_time=now)  # fmt: skip
-        if self.config.lists:
-            scheduler.add_job(self.reload_lists, IntervalTrigger(seconds=5), id="lists", max_instances=1,
+        if self.config.collector is not None and self.config.collector.fetch_lists:
+            await self.fetch_lists()  # before the first round
+            scheduler.add_job(self.fetch_lists, IntervalTrigger(seconds=60), id="fetch-lists", max_instances=1,
                               coalesce=True)  # fmt: skip
+        scheduler.add_job(
+            self.reload_lists, IntervalTrigger(seconds=5), id="lists", max_instances=1, coalesce=True
+        )
         scheduler.start()
         log.info("probe %s %s started: region %s, country %s, pid %d", self.config.probe_id, __version__,
                  self.config.region, self.config.country, os.getpid())  # fmt: skip
