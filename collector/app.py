@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import hash_token, owner_of
@@ -49,9 +49,17 @@ class BodyLimits:
     """ASGI middleware: refuse bodies over `max_body`, inflate gzip up to `max_decompressed`."""
 
     def __init__(
-        self, app: Any, max_body: int, max_decompressed: int, on_reject: Callable[[str], None]
+        self,
+        app: Any,
+        max_body: int,
+        max_decompressed: int,
+        on_reject: Callable[[str], None],
+        concurrency: int = 4,
     ) -> None:
         self.app = app
+        # Batches are parsed into objects several times their wire size: a few at a time keeps
+        # memory bounded however many probes push at once (the others wait their turn).
+        self.gate = asyncio.Semaphore(concurrency)
         self.max_body = max_body
         self.max_decompressed = max_decompressed
         self.on_reject = on_reject
@@ -60,6 +68,10 @@ class BodyLimits:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        async with self.gate:
+            await self._limited(scope, receive, send)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             length = int(headers.get("content-length", "0") or 0)
@@ -243,7 +255,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus exposition: findings from the latest state, and the collector's own health."""
-        data = await run_in_threadpool(generate_latest, registry)
+        data = await run_in_threadpool(health.scrape, store, config.stale_after)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
@@ -283,7 +295,8 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:
         return HTMLResponse(html)
 
     app.add_middleware(BodyLimits, max_body=config.max_body, max_decompressed=config.max_decompressed,
-                       on_reject=lambda reason: health.rejected.labels(reason).inc())  # fmt: skip
+                       on_reject=lambda reason: health.rejected.labels(reason).inc(),
+                       concurrency=config.max_concurrent_ingest)  # fmt: skip
     app.state.health = health
     app.state.registry = registry
     return app

@@ -164,3 +164,7 @@ def openapi() -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -35,10 +35,11 @@ class CollectorConfig:
     max_future_skew: float
     max_age_days: float
     lists: tuple[Path, ...]
+    max_concurrent_ingest: int = 4
 
 
 _KEYS = {"listen", "database", "state_dir", "stale_after", "retention_days", "tls", "limits", "lists"}
-_LIMITS = {"max_body", "max_decompressed", "max_future_skew", "max_age_days"}
+_LIMITS = {"max_body", "max_decompressed", "max_future_skew", "max_age_days", "max_concurrent_ingest"}
 
 
 def parse_collector_config(text: str, source: str = "<config>", base: Path | None = None) -> CollectorConfig:
@@ -112,6 +113,9 @@ def parse_collector_config(text: str, source: str = "<config>", base: Path | Non
         max_future_skew=number(limits.get("max_future_skew"), "limits.max_future_skew", 300, 0),
         max_age_days=number(limits.get("max_age_days"), "limits.max_age_days", 90, 0.001),
         lists=tuple(path(p) for p in lists),
+        max_concurrent_ingest=int(
+            number(limits.get("max_concurrent_ingest"), "limits.max_concurrent_ingest", 4, 1)
+        ),
     )
     if errors:
         raise CollectorConfigError([f"{source}: {e}" for e in errors])

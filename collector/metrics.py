@@ -1,114 +1,128 @@
 """Every metric the collector exposes: names, help and labels in one place (STYLE.md 8).
 
 The series of CONTRACTS.md section 5 are rendered at each scrape from the store's
-latest state by a custom collector; nothing about findings is kept in process memory,
-so any collector process in front of the same PostgreSQL renders the same numbers.
-"Current" means reported within the staleness window: a series that stopped being
-reported disappears rather than lie. Per-domain series exist only for problems.
+latest state: nothing about findings is kept in process memory, so any collector
+process in front of the same PostgreSQL renders the same numbers. "Current" means
+reported within the staleness window; a series that stopped being reported disappears
+rather than lie. Per-domain series exist only for problems, so cardinality follows
+what is wrong, not the size of the lists.
+
+The findings families are written straight to the exposition text: at 100 probes × 50
+endpoints with 5,000 leaks, prometheus_client's generic writer took longer than the
+database. The collector's own health uses prometheus_client as usual.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from collector.store import Store
 
-__all__ = ["FindingsCollector", "Health", "make_registry"]
+__all__ = ["FAMILIES", "Health", "make_registry", "render_findings"]
 
-LEAK_LABELS = ["probe", "region", "country", "resolver", "transport", "order", "domain", "qtype"]
-OVERBLOCK_LABELS = ["probe", "region", "country", "resolver", "transport", "list", "domain", "qtype"]
-DOMAINS_LABELS = ["probe", "region", "country", "resolver", "transport", "list", "finding"]
-ENDPOINT_LABELS = ["probe", "region", "country", "resolver", "transport"]
+# name → (type, help, label names). Label values come from the store; label names live here.
+FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "blockprobe_leak": ("gauge", "1 for each current leak: a name ordered blocked here still resolves.",
+                        ("probe", "region", "country", "resolver", "transport", "order", "domain", "qtype")),
+    "blockprobe_overblock": ("gauge", "1 for each current overblock: a name that must resolve here is blocked.",
+                             ("probe", "region", "country", "resolver", "transport", "list", "domain", "qtype")),
+    "blockprobe_finding_since_timestamp_seconds": (
+        "gauge", "When each current leak or overblock was first seen in its current state.",
+        ("probe", "region", "country", "resolver", "transport", "rule", "domain", "qtype", "finding")),
+    "blockprobe_domains": ("gauge", "How many current series have each finding.",
+                           ("probe", "region", "country", "resolver", "transport", "list", "finding")),
+    "blockprobe_order_enforcement_ratio": ("gauge", "Per order: enforced / (enforced + leak) over current series.",
+                                           ("order", "country", "resolver", "transport")),
+    "blockprobe_resolver_reachable": ("gauge", "1 when the endpoint answered some of its current queries, 0 when none.",
+                                      ("probe", "region", "country", "resolver", "transport")),
+    "blockprobe_resolver_latency_seconds": (
+        "gauge", "Mean query latency over the endpoint's current series (connection set-up excluded).",
+        ("probe", "region", "country", "resolver", "transport")),
+    "blockprobe_probe_last_report_timestamp_seconds": ("gauge", "When each probe's last batch arrived.",
+                                                       ("probe", "region", "country")),
+}  # fmt: skip
 
 
-class FindingsCollector(Collector):
-    """Renders the findings series from the store at each scrape."""
+def _escape(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def __init__(self, store: Store, stale_after: float, health: Health | None = None) -> None:
-        self.store = store
-        self.stale_after = stale_after
-        self.health = health
 
-    def collect(self) -> Iterator[Metric]:
-        started = time.perf_counter()
-        since = time.time() - self.stale_after
-        try:
-            problems = self.store.problems(since)
-            counts = self.store.counts(since)
-            endpoints = self.store.endpoints(since)
-            probes = self.store.probes()
-        except Exception:
-            if self.health is not None:
-                self.health.db_errors.inc()
-            raise
-        leak = GaugeMetricFamily("blockprobe_leak", "1 for each current leak: a name ordered blocked here still resolves.",
-                                 labels=LEAK_LABELS)  # fmt: skip
-        over = GaugeMetricFamily("blockprobe_overblock",
-                                 "1 for each current overblock: a name that must resolve here is blocked.",
-                                 labels=OVERBLOCK_LABELS)  # fmt: skip
-        for p in problems:
-            labels = [p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"], p["rule"] or "",
-                      p["domain"], p["qtype"]]  # fmt: skip
-            (leak if p["finding"] == "leak" else over).add_metric(labels, 1)
-        since_fam = GaugeMetricFamily("blockprobe_finding_since_timestamp_seconds",
-                                      "When each current leak or overblock was first seen in its current state.",
-                                      labels=[*LEAK_LABELS[:5], "rule", "domain", "qtype", "finding"])  # fmt: skip
-        for p in problems:
-            since_fam.add_metric([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"],
-                                  p["rule"] or "", p["domain"], p["qtype"], p["finding"]], p["since"])  # fmt: skip
-        yield leak
-        yield over
-        yield since_fam
-        domains = GaugeMetricFamily("blockprobe_domains", "How many current series have each finding.",
-                                    labels=DOMAINS_LABELS)  # fmt: skip
-        orders: dict[tuple[str, str, str, str], dict[str, int]] = {}
-        for probe, region, country, resolver, transport, rule, finding, n in counts:
-            domains.add_metric([probe, region, country, resolver, transport, rule or "", finding], n)
-            if finding in ("enforced", "leak"):
-                key = (rule or "", country, resolver, transport)
-                orders.setdefault(key, {"enforced": 0, "leak": 0})[finding] += int(n)
-        yield domains
-        ratio = GaugeMetricFamily("blockprobe_order_enforcement_ratio",
-                                  "Per order: enforced / (enforced + leak) over current series.",
-                                  labels=["order", "country", "resolver", "transport"])  # fmt: skip
-        for (order, country, resolver, transport), c in sorted(orders.items()):
-            ratio.add_metric(
-                [order, country, resolver, transport], c["enforced"] / (c["enforced"] + c["leak"])
-            )
-        yield ratio
-        reach = GaugeMetricFamily("blockprobe_resolver_reachable",
-                                  "1 when the endpoint answered some of its current queries, 0 when none.",
-                                  labels=ENDPOINT_LABELS)  # fmt: skip
-        latency = GaugeMetricFamily("blockprobe_resolver_latency_seconds",
-                                    "Mean query latency over the endpoint's current series (connection set-up excluded).",
-                                    labels=ENDPOINT_LABELS)  # fmt: skip
-        for probe, region, country, resolver, transport, answered, _total, mean_ms in endpoints:
-            reach.add_metric([probe, region, country, resolver, transport], 1 if answered else 0)
-            if mean_ms is not None:
-                latency.add_metric([probe, region, country, resolver, transport], float(mean_ms) / 1000)
-        yield reach
-        yield latency
-        last = GaugeMetricFamily("blockprobe_probe_last_report_timestamp_seconds",
-                                 "When each probe's last batch arrived.", labels=["probe", "region", "country"])  # fmt: skip
-        for p in probes:
-            last.add_metric([p["probe_id"], p["region"], p["country"]], p["last_report"])
-        yield last
-        if self.health is not None:
-            self.health.render.observe(time.perf_counter() - started)
+def _value(v: float) -> str:
+    return repr(float(v)) if v == v else "NaN"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def family(self, name: str, rows: Iterable[tuple[Sequence[Any], float]]) -> None:
+        kind, help_text, labels = FAMILIES[name]
+        order = sorted(
+            range(len(labels)), key=lambda i: labels[i]
+        )  # sorted label names, as Prometheus prints them
+        prefix = [f'{labels[i]}="' for i in order]
+        self.parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+        append = self.parts.append
+        for values, v in rows:
+            inner = '",'.join(p + _escape(values[i]) for p, i in zip(prefix, order, strict=True))
+            append(f'{name}{{{inner}"}} {_value(v)}\n')
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def render_findings(store: Store, stale_after: float, now: float | None = None) -> str:
+    """The findings families as Prometheus text, from the latest state within the staleness window."""
+    since = (time.time() if now is None else now) - stale_after
+    problems = store.problems(since)
+    counts = store.counts(since)
+    probes = store.probes()
+    w = _Writer()
+    w.family("blockprobe_leak", (([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"],
+                                   p["rule"] or "", p["domain"], p["qtype"]], 1)
+                                 for p in problems if p["finding"] == "leak"))  # fmt: skip
+    w.family("blockprobe_overblock", (([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"],
+                                        p["rule"] or "", p["domain"], p["qtype"]], 1)
+                                      for p in problems if p["finding"] == "overblock"))  # fmt: skip
+    w.family("blockprobe_finding_since_timestamp_seconds",
+             (([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"], p["rule"] or "",
+                p["domain"], p["qtype"], p["finding"]], p["since"]) for p in problems))  # fmt: skip
+    orders: dict[tuple[str, str, str, str], list[int]] = {}
+    endpoints: dict[tuple[str, str, str, str, str], list[float]] = {}
+    domains = []
+    for probe, region, country, resolver, transport, rule, finding, n, answered, lat_sum, lat_n in counts:
+        if finding is not None:
+            domains.append(([probe, region, country, resolver, transport, rule or "", finding], n))
+        if finding in ("enforced", "leak"):
+            o = orders.setdefault((rule or "", country, resolver, transport), [0, 0])
+            o[0 if finding == "enforced" else 1] += int(n)
+        e = endpoints.setdefault((probe, region, country, resolver, transport), [0, 0.0, 0])
+        e[0] += int(answered or 0)
+        e[1] += float(lat_sum or 0)
+        e[2] += int(lat_n or 0)
+    w.family("blockprobe_domains", domains)
+    w.family("blockprobe_order_enforcement_ratio",
+             ((list(k), c[0] / (c[0] + c[1])) for k, c in sorted(orders.items())))  # fmt: skip
+    w.family("blockprobe_resolver_reachable", ((list(k), 1 if e[0] else 0) for k, e in endpoints.items()))
+    w.family("blockprobe_resolver_latency_seconds",
+             ((list(k), e[1] / e[2] / 1000) for k, e in endpoints.items() if e[2]))  # fmt: skip
+    w.family("blockprobe_probe_last_report_timestamp_seconds",
+             (([p["probe_id"], p["region"], p["country"]], p["last_report"]) for p in probes))  # fmt: skip
+    return w.text()
 
 
 class Health:
     """The collector's own health, in process (counters of what this process did)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.batches = Counter("blockprobe_collector_batches", "Batches received, by result.", ["result"],
                                registry=registry)  # fmt: skip
-        for r in ("stored", "duplicate", "rejected"):
+        for r in ("stored", "duplicate"):
             self.batches.labels(r)
         self.results = Counter(
             "blockprobe_collector_results", "Measurements stored in the archive.", registry=registry
@@ -127,9 +141,18 @@ class Health:
         self.db_errors = Counter("blockprobe_collector_database_errors", "Database operations that failed.",
                                  registry=registry)  # fmt: skip
 
+    def scrape(self, store: Store, stale_after: float) -> bytes:
+        """The whole /metrics body: findings from the store, then this process's health."""
+        started = time.perf_counter()
+        try:
+            findings = render_findings(store, stale_after)
+        except Exception:
+            self.db_errors.inc()
+            raise
+        self.render.observe(time.perf_counter() - started)
+        return findings.encode() + generate_latest(self.registry)
+
 
 def make_registry(store: Store, stale_after: float) -> tuple[CollectorRegistry, Health]:
     registry = CollectorRegistry()
-    health = Health(registry)
-    registry.register(FindingsCollector(store, stale_after, health))
-    return registry, health
+    return registry, Health(registry)

@@ -193,21 +193,14 @@ class Store:
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     def counts(self, since: float) -> list[tuple[Any, ...]]:
-        """(probe, region, country, resolver, transport, rule, finding, n) over current series."""
+        """One pass over the current series: (probe, region, country, resolver, transport, rule, finding,
+        series, answered, latency sum ms, latency count)."""
         with self.tx() as cur:
             cur.execute(self._sql(
-                "SELECT probe_id, region, country, resolver, transport, rule, finding, count(*) FROM latest "
-                "WHERE time >= ? AND finding IS NOT NULL "
+                "SELECT probe_id, region, country, resolver, transport, rule, finding, count(*), "
+                "sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), "
+                "sum(latency_ms), count(latency_ms) FROM latest WHERE time >= ? "
                 "GROUP BY probe_id, region, country, resolver, transport, rule, finding"), (since,))  # fmt: skip
-            return [tuple(r) for r in cur.fetchall()]
-
-    def endpoints(self, since: float) -> list[tuple[Any, ...]]:
-        """(probe, region, country, resolver, transport, answered, total, mean latency ms) over current series."""
-        with self.tx() as cur:
-            cur.execute(self._sql(
-                "SELECT probe_id, region, country, resolver, transport, "
-                "sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), count(*), avg(latency_ms) "
-                "FROM latest WHERE time >= ? GROUP BY probe_id, region, country, resolver, transport"), (since,))  # fmt: skip
             return [tuple(r) for r in cur.fetchall()]
 
     def probes(self) -> list[dict[str, Any]]:
