@@ -283,3 +283,11 @@ def test_committed_openapi_matches_the_app() -> None:
     assert json.loads(result.stdout) == json.loads(committed), (
         "run: collector openapi > collector/openapi.json"
     )
+
+
+def test_retention_trims_the_archive_but_never_the_latest_state(server: Server) -> None:
+    token = server.token("it-1")
+    assert post(server, token, batch()).status_code == 200
+    assert server.store.trim_archive(time.time() + 1) == 1  # everything in the archive is older than that
+    assert archived(server) == 0
+    assert any(k.startswith("blockprobe_leak{") for k in server.scrape())  # the current state is still there
