@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ssl
+from typing import Any
 
 from probe.transports.base import Failure
 
-__all__ = ["failure_from", "timeout"]
+__all__ = ["expire", "failure_from", "timeout"]
 
 
 def timeout(phase: str = "dns_round_trip") -> Failure:
@@ -42,3 +44,9 @@ def failure_from(exc: BaseException, phase: str) -> Failure:
     if module in ("httpx2", "httpcore2"):
         return Failure("error", "http", f"http: {type(exc).__name__}: {exc}")
     return Failure("error", phase, f"{phase}: {type(exc).__name__}: {exc}")
+
+
+def expire(fut: asyncio.Future[Any]) -> None:
+    """The timer callback of every exchange: a future still waiting then fails with TimeoutError."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())

@@ -23,7 +23,7 @@ import hpack
 
 from probe.specs import Endpoint
 from probe.transports._conn import SharedConnection
-from probe.transports._errors import failure_from, timeout
+from probe.transports._errors import expire, failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
 from probe.transports.tcp import close_transport
 from probe.transports.tls import client_context
@@ -281,7 +281,7 @@ class DohExchanger:
             conn.h2.send_headers(sid, headers, end_stream=True)
         conn.flush_soon()
         sent = time.perf_counter()
-        timer = loop.call_later(self.options.timeout, _expire, fut)
+        timer = loop.call_later(self.options.timeout, expire, fut)
         try:
             await fut
         except _Broken as exc:
@@ -299,22 +299,7 @@ class DohExchanger:
         latency = (time.perf_counter() - sent) * 1000
         evidence["http_version"] = "HTTP/2"
         evidence["http_status"] = st.status
-        return self._judge_http(st.status, st.ctype, bytes(st.body), query, latency, evidence)
-
-    def _judge_http(
-        self, status: int, ctype: bytes, body: bytes, query: bytes, latency: float, evidence: dict[str, Any]
-    ) -> Exchange:
-        if status != 200:
-            return Exchange(None, Failure("error", "http", f"http: status {status}"), latency, evidence)
-        if ctype.split(b";")[0].strip().lower() != _CT:
-            text = ctype.decode("latin-1") or "none"
-            return Exchange(None, Failure("error", "http", f"http: content-type {text}"), latency, evidence)
-        q = question_of(query)
-        if len(body) < 12 or body[12 : 12 + len(q)].lower() != q.lower():
-            return Exchange(
-                None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence
-            )
-        return Exchange(body, None, latency, evidence)
+        return judge_http(st.status, st.ctype, bytes(st.body), query, latency, evidence)
 
     def _start_http1(self) -> None:
         import httpx2
@@ -350,7 +335,7 @@ class DohExchanger:
         evidence["http_version"] = resp.http_version
         evidence["http_status"] = resp.status_code
         ctype = resp.headers.get("content-type", "").encode("latin-1")
-        return self._judge_http(resp.status_code, ctype, resp.content, query, latency, evidence)
+        return judge_http(resp.status_code, ctype, resp.content, query, latency, evidence)
 
     async def aclose(self) -> None:
         conn = self._shared.take()
@@ -372,6 +357,16 @@ def _is_ssl(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLError)
 
 
-def _expire(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
+def judge_http(
+    status: int, ctype: bytes, body: bytes, query: bytes, latency: float, evidence: dict[str, Any]
+) -> Exchange:
+    """A DoH response over any HTTP version: 200, application/dns-message, and our question."""
+    if status != 200:
+        return Exchange(None, Failure("error", "http", f"http: status {status}"), latency, evidence)
+    if ctype.split(b";")[0].strip().lower() != _CT:
+        text = ctype.decode("latin-1") or "none"
+        return Exchange(None, Failure("error", "http", f"http: content-type {text}"), latency, evidence)
+    q = question_of(query)
+    if len(body) < 12 or body[12 : 12 + len(q)].lower() != q.lower():
+        return Exchange(None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence)
+    return Exchange(body, None, latency, evidence)

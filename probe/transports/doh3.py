@@ -16,10 +16,10 @@ from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
 
-from probe.transports._errors import timeout
+from probe.transports._errors import expire, timeout
 from probe.transports.base import Exchange, Failure
+from probe.transports.doh import judge_http
 from probe.transports.doq import DoqExchanger, _Broken, _DoqProtocol
-from probe.wire import question_of
 
 __all__ = ["Doh3Exchanger"]
 
@@ -94,7 +94,7 @@ class Doh3Exchanger(DoqExchanger):
         proto.h3.send_headers(sid, headers, end_stream=True)
         proto.transmit_soon()
         sent = time.perf_counter()
-        timer = loop.call_later(self.options.timeout, _expire, fut)
+        timer = loop.call_later(self.options.timeout, expire, fut)
         try:
             await fut
         except _Broken as exc:
@@ -107,20 +107,4 @@ class Doh3Exchanger(DoqExchanger):
         latency = (time.perf_counter() - sent) * 1000
         evidence["http_version"] = "HTTP/3"
         evidence["http_status"] = r.status
-        if r.status != 200:
-            return Exchange(None, Failure("error", "http", f"http: status {r.status}"), latency, evidence)
-        if r.ctype.split(b";")[0].strip().lower() != b"application/dns-message":
-            text = r.ctype.decode("latin-1") or "none"
-            return Exchange(None, Failure("error", "http", f"http: content-type {text}"), latency, evidence)
-        q = question_of(query)
-        body = bytes(r.body)
-        if len(body) < 12 or body[12 : 12 + len(q)].lower() != q.lower():
-            return Exchange(
-                None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence
-            )
-        return Exchange(body, None, latency, evidence)
-
-
-def _expire(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
+        return judge_http(r.status, r.ctype, bytes(r.body), query, latency, evidence)

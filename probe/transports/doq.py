@@ -20,7 +20,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataRecei
 
 from probe.specs import Endpoint
 from probe.transports._conn import SharedConnection
-from probe.transports._errors import failure_from, timeout
+from probe.transports._errors import expire, failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
 from probe.wire import question_of
 
@@ -166,7 +166,7 @@ class DoqExchanger:
         quic.send_stream_data(sid, struct.pack("!H", len(query)) + query, end_stream=True)
         proto.transmit_soon()
         sent = time.perf_counter()
-        timer = loop.call_later(self.options.timeout, _expire, fut)
+        timer = loop.call_later(self.options.timeout, expire, fut)
         try:
             data = await fut
         except _Broken as exc:
@@ -202,8 +202,3 @@ class DoqExchanger:
 def _abort_quic(proto: _DoqProtocol) -> None:
     if proto._transport is not None:
         proto._transport.close()
-
-
-def _expire(fut: asyncio.Future[bytes]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())

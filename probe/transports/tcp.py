@@ -16,7 +16,7 @@ from typing import Any
 
 from probe.specs import Endpoint
 from probe.transports._conn import SharedConnection
-from probe.transports._errors import failure_from, timeout
+from probe.transports._errors import expire, failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
 from probe.wire import question_of, random_id, set_id
 
@@ -135,7 +135,7 @@ class StreamExchanger:
             qid = random_id()
         fut: asyncio.Future[bytes] = loop.create_future()
         conn.pending[qid] = (fut, question_of(query))
-        timer = loop.call_later(self.options.timeout, _expire, fut)
+        timer = loop.call_later(self.options.timeout, expire, fut)
         sent = time.perf_counter()
         try:
             assert conn.transport is not None
@@ -176,8 +176,3 @@ async def close_transport(transport: asyncio.BaseTransport, lost: asyncio.Future
         abort = getattr(transport, "abort", None)
         if abort is not None:
             abort()
-
-
-def _expire(fut: asyncio.Future[bytes]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())

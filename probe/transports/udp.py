@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from probe.specs import Endpoint
-from probe.transports._errors import failure_from, timeout
+from probe.transports._errors import expire, failure_from, timeout
 from probe.transports.base import Exchange, Options
 from probe.transports.tcp import TcpExchanger
 from probe.wire import question_of, random_id, set_id
@@ -181,7 +181,7 @@ class UdpExchanger:
         entry = _Pending(loop.create_future(), question, time.perf_counter())
         sock.pending[qid] = entry
         fut = entry.future
-        timer = loop.call_later(self.options.timeout, _expire, fut)
+        timer = loop.call_later(self.options.timeout, expire, fut)
         try:
             sock.send(set_id(query, qid))
             data = await fut
@@ -246,8 +246,3 @@ async def _address(loop: asyncio.AbstractEventLoop, host: str, port: int) -> tup
     if ip.version == 6:
         return socket.AF_INET6, (host, port, 0, 0)
     return socket.AF_INET, (host, port)
-
-
-def _expire(fut: asyncio.Future[bytes]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
