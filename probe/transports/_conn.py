@@ -7,7 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["SharedConnection"]
+from probe.transports.base import Exchange
+
+__all__ = ["RetryAlone", "SharedConnection"]
 
 C = TypeVar("C")
 
@@ -70,3 +72,21 @@ class SharedConnection(Generic[C]):
         """Detach the current connection for closing."""
         conn, self.current = self.current, None
         return conn
+
+
+class RetryAlone:
+    """`exchange` for transports that multiplex queries on one shared connection."""
+
+    async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
+        raise NotImplementedError
+
+    async def exchange(self, query: bytes) -> Exchange:
+        evidence: dict[str, Any] = {}
+        result = await self._once(query, evidence, shared=True)
+        if result.failure is None or not result.failure.retriable:
+            return result
+        # The shared connection broke under pipelined queries, and any one of them may
+        # have broken it (unbound closes a TCP connection to DROP a name). Retry alone on
+        # a connection of its own, so that one dropped name cannot take the others down.
+        evidence["retried"] = result.failure.text
+        return await self._once(query, evidence, shared=False)

@@ -22,7 +22,7 @@ import h2.settings
 import hpack
 
 from probe.specs import Endpoint
-from probe.transports._conn import SharedConnection
+from probe.transports._conn import RetryAlone, SharedConnection
 from probe.transports._errors import expire, failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
 from probe.transports.tcp import close_transport
@@ -175,7 +175,7 @@ class _H2Conn(asyncio.Protocol):
         self._kill(failure_from(exc or EOFError(), "http"))
 
 
-class DohExchanger:
+class DohExchanger(RetryAlone):
     """GET (or POST) requests as HTTP/2 streams on one verified TLS connection."""
 
     alpn = ("h2", "http/1.1")
@@ -213,17 +213,6 @@ class DohExchanger:
     @property
     def handshakes(self) -> int:
         return self._shared.handshakes
-
-    async def exchange(self, query: bytes) -> Exchange:
-        evidence: dict[str, Any] = {}
-        result = await self._once(query, evidence, shared=True)
-        if result.failure is None or not result.failure.retriable:
-            return result
-        # The shared connection broke under pipelined queries, and any one of them may
-        # have broken it (unbound closes a TCP connection to DROP a name). Retry alone on
-        # a connection of its own, so that one dropped name cannot take the others down.
-        evidence["retried"] = result.failure.text
-        return await self._once(query, evidence, shared=False)
 
     async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
         if self._http1 is not None:

@@ -19,7 +19,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 
 from probe.specs import Endpoint
-from probe.transports._conn import SharedConnection
+from probe.transports._conn import RetryAlone, SharedConnection
 from probe.transports._errors import expire, failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
 from probe.wire import question_of
@@ -86,7 +86,7 @@ class _DoqProtocol(QuicConnectionProtocol):
             self._fail(Failure("error", "dns_round_trip", "quic: connection lost", True))
 
 
-class DoqExchanger:
+class DoqExchanger(RetryAlone):
     """Queries as bidirectional streams on one verified QUIC connection (ALPN `doq`)."""
 
     alpn = "doq"
@@ -130,17 +130,6 @@ class DoqExchanger:
     @property
     def handshakes(self) -> int:
         return self._shared.handshakes
-
-    async def exchange(self, query: bytes) -> Exchange:
-        evidence: dict[str, Any] = {}
-        result = await self._once(query, evidence, shared=True)
-        if result.failure is None or not result.failure.retriable:
-            return result
-        # The shared connection broke under pipelined queries, and any one of them may
-        # have broken it (unbound closes a TCP connection to DROP a name). Retry alone on
-        # a connection of its own, so that one dropped name cannot take the others down.
-        evidence["retried"] = result.failure.text
-        return await self._once(query, evidence, shared=False)
 
     async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
         try:

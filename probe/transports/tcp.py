@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from probe.specs import Endpoint
-from probe.transports._conn import SharedConnection
+from probe.transports._conn import RetryAlone, SharedConnection
 from probe.transports._errors import expire, failure_from, timeout
 from probe.transports.base import Exchange, Failure, Options
 from probe.wire import question_of, random_id, set_id
@@ -72,7 +72,7 @@ class _StreamConn(asyncio.Protocol):
                 fut.set_exception(_Broken(self.dead))
 
 
-class StreamExchanger:
+class StreamExchanger(RetryAlone):
     """Queries over one pipelined TCP (or TLS) connection to one endpoint."""
 
     tls: bool = False
@@ -104,17 +104,6 @@ class StreamExchanger:
     @property
     def handshakes(self) -> int:
         return self._shared.handshakes
-
-    async def exchange(self, query: bytes) -> Exchange:
-        evidence: dict[str, Any] = {}
-        result = await self._once(query, evidence, shared=True)
-        if result.failure is None or not result.failure.retriable:
-            return result
-        # The shared connection broke under pipelined queries, and any one of them may
-        # have broken it (unbound closes a TCP connection to DROP a name). Retry alone on
-        # a connection of its own, so that one dropped name cannot take the others down.
-        evidence["retried"] = result.failure.text
-        return await self._once(query, evidence, shared=False)
 
     async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
         try:
