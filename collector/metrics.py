@@ -44,6 +44,10 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("probe", "region", "country", "resolver", "transport")),
     "blockprobe_probe_last_report_timestamp_seconds": ("gauge", "When each probe's last batch arrived.",
                                                        ("probe", "region", "country")),
+    "blockprobe_canary_failing": ("gauge", "1 for each current canary whose fate was not the expected one.",
+                                  ("probe", "region", "country", "resolver", "transport", "domain", "qtype", "outcome")),
+    "blockprobe_control_failure_ratio": ("gauge", "Share of the control resolver's answers that failed in the probe's last batch.",
+                                         ("probe", "region", "country")),
 }  # fmt: skip
 
 
@@ -95,9 +99,9 @@ def render_findings(store: Store, stale_after: float, now: float | None = None) 
     endpoints: dict[tuple[str, str, str, str, str], list[float]] = {}
     domains = []
     for probe, region, country, resolver, transport, rule, finding, n, answered, lat_sum, lat_n in counts:
-        if finding is not None:
+        if finding is not None and rule != "canary":
             domains.append(([probe, region, country, resolver, transport, rule or "", finding], n))
-        if finding in ("enforced", "leak"):
+        if finding in ("enforced", "leak") and rule != "canary":
             o = orders.setdefault((rule or "", country, resolver, transport), [0, 0])
             o[0 if finding == "enforced" else 1] += int(n)
         e = endpoints.setdefault((probe, region, country, resolver, transport), [0, 0.0, 0])
@@ -112,6 +116,11 @@ def render_findings(store: Store, stale_after: float, now: float | None = None) 
              ((list(k), e[1] / e[2] / 1000) for k, e in endpoints.items() if e[2]))  # fmt: skip
     w.family("blockprobe_probe_last_report_timestamp_seconds",
              (([p["probe_id"], p["region"], p["country"]], p["last_report"]) for p in probes))  # fmt: skip
+    w.family("blockprobe_canary_failing", (([c["probe_id"], c["region"], c["country"], c["resolver"], c["transport"],
+                                             c["domain"], c["qtype"], c["outcome"]], 1) for c in store.canaries(since)))  # fmt: skip
+    w.family("blockprobe_control_failure_ratio",
+             (([p["probe_id"], p["region"], p["country"]], p["control_failure_ratio"]) for p in probes
+              if p["control_failure_ratio"] is not None))  # fmt: skip
     return w.text()
 
 

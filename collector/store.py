@@ -45,6 +45,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX latest_time ON latest (time);
     CREATE INDEX latest_finding ON latest (finding, time);
     """,
+    # 2: how often the probe's control resolver failed in its last batch (an alert input).
+    "ALTER TABLE probes ADD COLUMN control_failure_ratio DOUBLE PRECISION",
 ]
 
 _SERIES = ("probe_id", "resolver", "transport", "qtype", "domain")
@@ -59,6 +61,8 @@ def rule_of(m: dict[str, Any]) -> str | None:
     why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by")
     if not isinstance(why, dict):
         return None
+    if "canary" in why:
+        return "canary"  # a canary's fate says whether the resolver can be judged, not whether an order holds
     rule = why.get("order") if m.get("expected") == "blocked" else (why.get("list") or why.get("order"))
     return str(rule)[:128] if rule else None
 
@@ -134,6 +138,9 @@ class Store:
         archive = []
         latest: dict[tuple[str, ...], tuple[Any, ...]] = {}
         newest = 0.0
+        controls = [m["control"].get("outcome") for m in measurements if isinstance(m.get("control"), dict)]
+        failed = sum(o in ("timeout", "error", "servfail", "refused") for o in controls)
+        control_ratio = failed / len(controls) if controls else None
         for m in measurements:
             t = parse_time(m["time"])
             newest = max(newest, t)
@@ -165,11 +172,13 @@ class Store:
                 "WHERE excluded.time >= latest.time"), list(latest.values()))  # fmt: skip
             if newest:
                 cur.execute(self._sql(
-                    "INSERT INTO probes (probe_id, region, country, last_report, version) VALUES (?, ?, ?, ?, ?) "
+                    "INSERT INTO probes (probe_id, region, country, last_report, version, control_failure_ratio) "
+                    "VALUES (?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (probe_id) DO UPDATE SET region = excluded.region, country = excluded.country, "
                     "last_report = CASE WHEN excluded.last_report > probes.last_report THEN excluded.last_report "
-                    "ELSE probes.last_report END, version = excluded.version"),
-                    (pid, region, country, received, probe.get("version")))  # fmt: skip
+                    "ELSE probes.last_report END, version = excluded.version, "
+                    "control_failure_ratio = COALESCE(excluded.control_failure_ratio, probes.control_failure_ratio)"),
+                    (pid, region, country, received, probe.get("version"), control_ratio))  # fmt: skip
         return StoredBatch(True, len(archive))
 
     # reading ---------------------------------------------------------------------------
@@ -188,7 +197,17 @@ class Store:
             cur.execute(self._sql(
                 "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
                 "answers, since FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
+                "AND COALESCE(rule, '') <> 'canary' "
                 "ORDER BY finding, country, resolver, transport, domain, qtype"), (since,))  # fmt: skip
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def canaries(self, since: float) -> list[dict[str, Any]]:
+        """Current canary series whose fate was not the expected one (or could not be told)."""
+        with self.tx() as cur:
+            cur.execute(self._sql(
+                "SELECT probe_id, region, country, resolver, transport, qtype, domain, outcome, finding FROM latest "
+                "WHERE time >= ? AND rule = 'canary' AND finding NOT IN ('ok', 'enforced')"), (since,))  # fmt: skip
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
@@ -205,9 +224,8 @@ class Store:
 
     def probes(self) -> list[dict[str, Any]]:
         with self.tx() as cur:
-            cur.execute(
-                "SELECT probe_id, region, country, last_report, version FROM probes ORDER BY probe_id"
-            )
+            cur.execute("SELECT probe_id, region, country, last_report, version, control_failure_ratio FROM probes "
+                        "ORDER BY probe_id")  # fmt: skip
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 

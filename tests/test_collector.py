@@ -291,3 +291,23 @@ def test_retention_trims_the_archive_but_never_the_latest_state(server: Server) 
     assert server.store.trim_archive(time.time() + 1) == 1  # everything in the archive is older than that
     assert archived(server) == 0
     assert any(k.startswith("blockprobe_leak{") for k in server.scrape())  # the current state is still there
+
+
+def test_canaries_and_control_failures_have_their_own_series(server: Server) -> None:
+    token = server.token("it-1")
+    canary = measurement(domain="wikipedia.org", finding="overblock", expected="resolves", blocked=True,
+                         outcome="nxdomain", expected_by={"canary": "resolves"})  # fmt: skip
+    ctl_ok = measurement(domain="a.example", control={"outcome": "resolved", "answers": ["192.0.2.1"]})
+    ctl_bad = measurement(domain="b.example", control={"outcome": "timeout", "answers": []})
+    assert post(server, token, batch(measurements=[canary, ctl_ok, ctl_bad])).status_code == 200
+    scrape = server.scrape()
+    assert (
+        scrape[
+            'blockprobe_canary_failing{country="IT",domain="wikipedia.org",outcome="nxdomain",probe="it-1",qtype="A",region="it-milan",resolver="udp://192.0.2.53",transport="udp"}'
+        ]
+        == 1
+    )
+    assert not any(
+        k.startswith("blockprobe_overblock{") for k in scrape
+    )  # a canary is not an overblock of a list
+    assert scrape['blockprobe_control_failure_ratio{country="IT",probe="it-1",region="it-milan"}'] == 0.5
