@@ -17,8 +17,8 @@ demo: install
 	$(BIN)/probe demo
 
 lint: install
-	$(BIN)/ruff check probe collector tests bench
-	$(BIN)/ruff format --check probe collector tests bench
+	$(BIN)/ruff check probe collector tests bench dashboards
+	$(BIN)/ruff format --check probe collector tests bench dashboards
 	$(BIN)/mypy
 
 test: install

@@ -1,0 +1,81 @@
+"""The alert rules: promtool's checks and unit tests, and the generated files kept in step."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent
+RULES = ROOT / "dashboards" / "prometheus" / "blockprobe.rules.yml"
+promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool is not installed (make test installs it)"
+)
+
+
+@promtool
+def test_rules_pass_promtool_lint() -> None:
+    result = subprocess.run(["promtool", "check", "rules", "--lint=all", "--lint-fatal", str(RULES)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@promtool
+def test_every_alert_has_a_passing_unit_test() -> None:
+    tests = ROOT / "dashboards" / "prometheus" / "tests" / "alerts.test.yml"
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(tests)], capture_output=True, text=True, cwd=tests.parent
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = set(re.findall(r"alertname: (\w+)", tests.read_text()))
+    defined = {
+        r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r
+    }
+    assert defined <= tested, f"alerts without a unit test: {sorted(defined - tested)}"
+
+
+@promtool
+def test_alertmanager_example_is_valid() -> None:
+    if shutil.which("amtool") is None:
+        pytest.skip("amtool is not installed")
+    result = subprocess.run(["amtool", "check-config", str(ROOT / "dashboards" / "alertmanager" / "example.yml")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_files_are_up_to_date() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dashboards.build", "--check"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_alert_is_described_and_has_a_runbook_section() -> None:
+    runbook = (ROOT / "dashboards" / "RUNBOOK.md").read_text()
+    anchors = {h[3:].strip().lower() for h in runbook.splitlines() if h.startswith("## ")}
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "alert" not in rule:
+                continue
+            assert rule["labels"]["severity"] in ("warning", "critical")
+            assert {"summary", "description", "runbook_url"} <= rule["annotations"].keys()
+            assert rule["annotations"]["runbook_url"].split("#")[1] in anchors, rule["alert"]
+
+
+def test_grafana_alerting_matches_the_prometheus_rules() -> None:
+    grafana = yaml.safe_load(
+        (ROOT / "dashboards" / "grafana" / "provisioning" / "alerting" / "blockprobe.yaml").read_text()
+    )
+    prom = {
+        r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r
+    }
+    rules = grafana["groups"][0]["rules"]
+    assert {r["title"] for r in rules} == set(prom)
+    for r in rules:
+        assert r["for"] == prom[r["title"]]["for"] and r["annotations"] == prom[r["title"]]["annotations"]
+        assert "$" not in "".join(r["labels"].values())  # provisioning would expand it
