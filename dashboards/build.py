@@ -3,14 +3,15 @@
     python -m dashboards.build          # write them
     python -m dashboards.build --check  # exit 1 if a committed file differs (CI)
 
-Writes the Prometheus rule file and the Grafana provisioning files (datasource,
-unified alerting) from dashboards/alerts.py, so both forms of every alert come from
-one definition.
+Writes the Grafana dashboards (from dashboards/panels.py), the Prometheus rule file
+and the Grafana provisioning files (datasource, dashboards provider, unified alerting)
+from dashboards/alerts.py, so both forms of every alert come from one definition.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from dashboards.alerts import ALERTS, RECORDING, RUNBOOK_URL, Alert
+from dashboards.panels import DASHBOARDS
 
 HERE = Path(__file__).parent
 DATASOURCE_UID = "blockprobe-prometheus"
@@ -89,8 +91,21 @@ def grafana_datasource() -> dict[str, Any]:
         "url": "${BLOCKPROBE_PROMETHEUS_URL}", "isDefault": False, "jsonData": {"timeInterval": "1m"}}]}  # fmt: skip
 
 
+def grafana_dashboard_provider() -> dict[str, Any]:
+    return {"apiVersion": 1, "providers": [{
+        "name": "blockprobe", "folder": "blockprobe", "type": "file", "disableDeletion": False,
+        "allowUiUpdates": False, "updateIntervalSeconds": 60,
+        "options": {"path": "${BLOCKPROBE_DASHBOARDS_DIR}", "foldersFromFilesStructure": False}}]}  # fmt: skip
+
+
 def outputs(base: str = RUNBOOK_URL) -> dict[Path, str]:
+    dashboards = {HERE / "grafana" / "dashboards" / f"blockprobe-{name}.json": json.dumps(d, indent=2) + "\n"
+                  for name, d in DASHBOARDS.items()}  # fmt: skip
     return {
+        **dashboards,
+        HERE / "grafana" / "provisioning" / "dashboards" / "blockprobe.yaml": _dump(
+            grafana_dashboard_provider()
+        ),
         HERE / "prometheus" / "blockprobe.rules.yml": _dump(prometheus_rules(base)),
         HERE / "grafana" / "provisioning" / "alerting" / "blockprobe.yaml": _dump(grafana_alerting(base)),
         HERE / "grafana" / "provisioning" / "datasources" / "blockprobe.yaml": _dump(grafana_datasource()),

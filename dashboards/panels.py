@@ -1,0 +1,395 @@
+"""The four Grafana dashboards, as code: plain dicts in Grafana's dashboard JSON model.
+
+Plain dicts rather than grafana-foundation-sdk: they are the JSON Grafana stores, one to
+one, so a reader of the generated file finds each line here; the lint tests and the
+end-to-end test (every query run on a real Prometheus) hold them honest.
+Target: Grafana 11/12, schemaVersion 41.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DASHBOARDS", "FILTER"]
+
+DS = {"type": "prometheus", "uid": "${datasource}"}
+# The variables every findings query honours.
+FILTER = 'country=~"$country",region=~"$region",resolver=~"$resolver",transport=~"$transport"'
+
+
+def _var(name: str, label: str, query: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DS,
+        "query": {"query": query, "refId": f"var-{name}"},
+        "definition": query,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "refresh": 2,
+        "sort": 1,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+    }
+
+
+TEMPLATING = {
+    "list": [
+        {
+            "name": "datasource",
+            "label": "Prometheus",
+            "type": "datasource",
+            "query": "prometheus",
+            "refresh": 1,
+            "current": {},
+        },
+        _var("country", "Country", "label_values(blockprobe_domains, country)"),
+        _var("region", "Region", "label_values(blockprobe_domains, region)"),
+        _var("resolver", "Resolver", "label_values(blockprobe_domains, resolver)"),
+        _var("transport", "Transport", "label_values(blockprobe_domains, transport)"),
+        _var("order", "Order", "label_values(blockprobe_order_enforcement_ratio, order)"),
+        {
+            "name": "collector_url",
+            "label": "Collector URL",
+            "type": "textbox",
+            "query": "http://127.0.0.1:8478",
+            "current": {"text": "http://127.0.0.1:8478", "value": "http://127.0.0.1:8478"},
+        },
+    ]
+}
+
+EVIDENCE_LINK = {
+    "title": "evidence at the collector",
+    "url": "${collector_url}/evidence?probe=${__data.fields.probe}&resolver=${__data.fields.resolver}"
+    "&transport=${__data.fields.transport}&qtype=${__data.fields.qtype}&domain=${__data.fields.domain}",
+    "targetBlank": True,
+}
+
+
+def _panel(
+    pid: int,
+    kind: str,
+    title: str,
+    exprs: list[tuple[str, str]],
+    unit: str,
+    pos: tuple[int, int, int, int],
+    *,
+    instant: bool = False,
+    description: str = "",
+    links: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    x, y, w, h = pos
+    targets = []
+    for i, (expr, legend) in enumerate(exprs):
+        t: dict[str, Any] = {"refId": chr(65 + i), "datasource": DS, "expr": expr, "legendFormat": legend}
+        if instant:
+            t.update(instant=True, range=False, format="table")
+        targets.append(t)
+    panel: dict[str, Any] = {
+        "id": pid,
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": unit, "links": links or []}, "overrides": []},
+        "options": {},
+    }
+    if kind == "table":
+        panel["transformations"] = [
+            {"id": "organize", "options": {"excludeByName": {"Time": True, "__name__": True}}}
+        ]
+    return panel
+
+
+def _dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["blockprobe"],
+        "timezone": "utc",
+        "schemaVersion": 41,
+        "version": 1,
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "1m",
+        "time": {"from": "now-24h", "to": "now"},
+        "templating": TEMPLATING,
+        "annotations": {"list": []},
+        "links": [{"title": "blockprobe", "type": "dashboards", "tags": ["blockprobe"], "asDropdown": True}],
+        "panels": panels,
+    }
+
+
+OVERVIEW = _dashboard(
+    "blockprobe-overview",
+    "blockprobe · block efficacy",
+    "Are court-ordered blocks enforced, per country, resolver and transport?",
+    [
+        _panel(
+            1,
+            "stat",
+            "Current leaks",
+            [(f'count(blockprobe_leak{{{FILTER},order=~"$order"}}) or vector(0)', "leaks")],
+            "none",
+            (0, 0, 6, 4),
+            description="Names ordered blocked here that still resolve.",
+        ),
+        _panel(
+            2,
+            "stat",
+            "Current overblocks",
+            [(f"count(blockprobe_overblock{{{FILTER}}}) or vector(0)", "overblocks")],
+            "none",
+            (6, 0, 6, 4),
+            description="Names that must resolve here but are blocked.",
+        ),
+        _panel(
+            3,
+            "stat",
+            "Probes reporting",
+            [
+                (
+                    "count(time() - blockprobe_probe_last_report_timestamp_seconds"
+                    '{country=~"$country",region=~"$region"} < 900) or vector(0)',
+                    "probes",
+                )
+            ],
+            "none",
+            (12, 0, 6, 4),
+        ),
+        _panel(
+            4,
+            "table",
+            "Enforcement ratio by country × resolver × transport",
+            [
+                (
+                    "avg by (country, resolver, transport) (blockprobe_order_enforcement_ratio"
+                    '{country=~"$country",resolver=~"$resolver",transport=~"$transport",order=~"$order"})',
+                    "",
+                )
+            ],
+            "percentunit",
+            (0, 4, 24, 10),
+            instant=True,
+            description="Enforced / (enforced + leak) over current series, averaged over the selected orders.",
+        ),
+        _panel(
+            5,
+            "timeseries",
+            "Leaks and overblocks over time",
+            [
+                (f'sum by (country) (blockprobe_domains{{{FILTER},finding="leak"}})', "leaks {{country}}"),
+                (
+                    f'sum by (country) (blockprobe_domains{{{FILTER},finding="overblock"}})',
+                    "overblocks {{country}}",
+                ),
+            ],
+            "short",
+            (0, 14, 12, 8),
+        ),
+        _panel(
+            6,
+            "timeseries",
+            "Names by finding",
+            [(f"sum by (finding) (blockprobe_domains{{{FILTER}}})", "{{finding}}")],
+            "short",
+            (12, 14, 12, 8),
+        ),
+    ],
+)
+
+LEAKS = _dashboard(
+    "blockprobe-leaks",
+    "blockprobe · leaks",
+    "Every current leak: a name an order requires blocked here still resolves.",
+    [
+        _panel(
+            1,
+            "table",
+            "Current leaks",
+            [(f'blockprobe_leak{{{FILTER},order=~"$order"}}', "")],
+            "none",
+            (0, 0, 24, 12),
+            instant=True,
+            links=[EVIDENCE_LINK],
+            description="One row per probe × resolver × transport × qtype × name; the link opens the raw responses.",
+        ),
+        _panel(
+            2,
+            "table",
+            "Leaking since",
+            [
+                (
+                    f'blockprobe_finding_since_timestamp_seconds{{{FILTER},finding="leak",rule=~"$order"}} * 1000',
+                    "",
+                )
+            ],
+            "dateTimeAsIso",
+            (0, 12, 24, 10),
+            instant=True,
+            links=[EVIDENCE_LINK],
+        ),
+        _panel(
+            3,
+            "timeseries",
+            "Leaks by order",
+            [(f'count by (order) (blockprobe_leak{{{FILTER},order=~"$order"}})', "{{order}}")],
+            "short",
+            (0, 22, 12, 8),
+        ),
+        _panel(
+            4,
+            "timeseries",
+            "Leaks by transport",
+            [(f'count by (transport) (blockprobe_leak{{{FILTER},order=~"$order"}})', "{{transport}}")],
+            "short",
+            (12, 22, 12, 8),
+        ),
+    ],
+)
+
+OVERBLOCKING = _dashboard(
+    "blockprobe-overblocking",
+    "blockprobe · overblocking",
+    "Names that must resolve but are blocked: control names, and blocks applied outside the "
+    "jurisdiction that ordered them.",
+    [
+        _panel(
+            1,
+            "table",
+            "Blocked control names",
+            [(f'blockprobe_overblock{{{FILTER},list!~"$order"}}', "")],
+            "none",
+            (0, 0, 24, 10),
+            instant=True,
+            links=[EVIDENCE_LINK],
+            description="`list` names the control list that says the name must resolve.",
+        ),
+        _panel(
+            2,
+            "table",
+            "Blocks outside the ordering jurisdiction",
+            [(f'blockprobe_overblock{{{FILTER},list=~"$order"}}', "")],
+            "none",
+            (0, 10, 24, 10),
+            instant=True,
+            links=[EVIDENCE_LINK],
+            description="`list` names the order that blocks the name elsewhere, not here.",
+        ),
+        _panel(
+            3,
+            "timeseries",
+            "Overblocks by country",
+            [(f"count by (country) (blockprobe_overblock{{{FILTER}}})", "{{country}}")],
+            "short",
+            (0, 20, 24, 8),
+        ),
+    ],
+)
+
+FLEET = _dashboard(
+    "blockprobe-fleet",
+    "blockprobe · fleet health",
+    "Probes, their last reports, measurement rates, failures, spools, and resolver reachability.",
+    [
+        _panel(
+            1,
+            "table",
+            "Seconds since each probe's last report",
+            [
+                (
+                    'time() - blockprobe_probe_last_report_timestamp_seconds{country=~"$country",region=~"$region"}',
+                    "",
+                )
+            ],
+            "s",
+            (0, 0, 12, 8),
+            instant=True,
+        ),
+        _panel(
+            2,
+            "timeseries",
+            "Measurements per second by transport",
+            [
+                (
+                    'sum by (transport) (rate(blockprobe_probe_queries_total{transport=~"$transport"}[$__rate_interval]))',
+                    "{{transport}}",
+                )
+            ],
+            "reqps",
+            (12, 0, 12, 8),
+        ),
+        _panel(
+            3,
+            "timeseries",
+            "Timeouts and errors by transport",
+            [
+                (
+                    'sum by (transport, outcome) (rate(blockprobe_probe_queries_total{transport=~"$transport",'
+                    'outcome=~"timeout|error"}[$__rate_interval]))',
+                    "{{transport}} {{outcome}}",
+                )
+            ],
+            "reqps",
+            (0, 8, 12, 8),
+        ),
+        _panel(
+            4,
+            "timeseries",
+            "Spool depth (results not yet acknowledged)",
+            [("sum by (instance) (blockprobe_probe_spool_results)", "{{instance}}")],
+            "short",
+            (12, 8, 12, 8),
+        ),
+        _panel(
+            5,
+            "timeseries",
+            "Push failures by reason",
+            [
+                (
+                    "sum by (reason) (rate(blockprobe_probe_push_failures_total[$__rate_interval]))",
+                    "{{reason}}",
+                )
+            ],
+            "reqps",
+            (0, 16, 12, 8),
+        ),
+        _panel(
+            6,
+            "table",
+            "Resolver reachability",
+            [(f"blockprobe_resolver_reachable{{{FILTER}}}", "")],
+            "bool_yes_no",
+            (12, 16, 12, 8),
+            instant=True,
+        ),
+        _panel(
+            7,
+            "timeseries",
+            "Resolver latency (mean over current series)",
+            [(f"blockprobe_resolver_latency_seconds{{{FILTER}}}", "{{resolver}} {{transport}} {{probe}}")],
+            "s",
+            (0, 24, 24, 8),
+        ),
+        _panel(
+            8,
+            "timeseries",
+            "Collector ingest and rejections",
+            [
+                ("sum(rate(blockprobe_collector_results_total[$__rate_interval]))", "results stored"),
+                (
+                    "sum by (reason) (rate(blockprobe_collector_rejected_total[$__rate_interval]))",
+                    "rejected: {{reason}}",
+                ),
+            ],
+            "reqps",
+            (0, 32, 24, 8),
+        ),
+    ],
+)
+
+DASHBOARDS = {"overview": OVERVIEW, "leaks": LEAKS, "overblocking": OVERBLOCKING, "fleet": FLEET}

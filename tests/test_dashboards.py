@@ -1,0 +1,44 @@
+"""Dashboard lint of our own: templated datasource, titles, units, queries, $__rate_interval."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).parent.parent / "dashboards" / "grafana" / "dashboards"
+FILES = sorted(ROOT.glob("*.json"))
+
+
+def test_the_four_dashboards_are_there() -> None:
+    assert [f.name for f in FILES] == ["blockprobe-fleet.json", "blockprobe-leaks.json", "blockprobe-overblocking.json",
+                                       "blockprobe-overview.json"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_dashboard_lint(path: Path) -> None:
+    d: dict[str, Any] = json.loads(path.read_text())
+    assert d["schemaVersion"] >= 39 and d["uid"] and d["title"]
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
+    for name in ("country", "region", "resolver", "transport", "order"):
+        assert variables[name]["datasource"]["uid"] == "${datasource}" and variables[name]["includeAll"]
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in d["panels"]:
+        where = f"{path.stem}: panel {panel['id']} {panel.get('title')!r}"
+        assert panel.get("title"), where
+        assert panel["datasource"]["uid"] == "${datasource}", where
+        assert panel["fieldConfig"]["defaults"].get("unit"), f"{where}: no unit"
+        assert panel["targets"], f"{where}: no query"
+        for t in panel["targets"]:
+            expr = t["expr"]
+            assert expr.strip() and t["datasource"]["uid"] == "${datasource}", where
+            for fn in re.findall(r"\b(rate|irate|increase)\(", expr):
+                assert "[$__rate_interval]" in expr, f"{where}: {fn}() without $__rate_interval"
+            assert expr.count("(") == expr.count(")"), where
