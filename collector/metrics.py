@@ -29,7 +29,7 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "blockprobe_leak": ("gauge", "1 for each current leak: a name ordered blocked here still resolves.",
                         ("probe", "region", "country", "resolver", "transport", "order", "domain", "qtype")),
     "blockprobe_overblock": ("gauge", "1 for each current overblock: a name that must resolve here is blocked.",
-                             ("probe", "region", "country", "resolver", "transport", "list", "domain", "qtype")),
+                             ("probe", "region", "country", "resolver", "transport", "list", "domain", "qtype", "kind")),
     "blockprobe_finding_since_timestamp_seconds": (
         "gauge", "When each current leak or overblock was first seen in its current state.",
         ("probe", "region", "country", "resolver", "transport", "rule", "domain", "qtype", "finding")),
@@ -90,7 +90,7 @@ def render_findings(store: Store, stale_after: float, now: float | None = None) 
                                    p["rule"] or "", p["domain"], p["qtype"]], 1)
                                  for p in problems if p["finding"] == "leak"))  # fmt: skip
     w.family("blockprobe_overblock", (([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"],
-                                        p["rule"] or "", p["domain"], p["qtype"]], 1)
+                                        p["rule"] or "", p["domain"], p["qtype"], p["rule_kind"] or "control"], 1)
                                       for p in problems if p["finding"] == "overblock"))  # fmt: skip
     w.family("blockprobe_finding_since_timestamp_seconds",
              (([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"], p["rule"] or "",

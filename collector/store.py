@@ -47,6 +47,8 @@ MIGRATIONS: list[str] = [
     """,
     # 2: how often the probe's control resolver failed in its last batch (an alert input).
     "ALTER TABLE probes ADD COLUMN control_failure_ratio DOUBLE PRECISION",
+    # 3: whether the rule behind a finding is an order, a control list or a canary.
+    "ALTER TABLE latest ADD COLUMN rule_kind TEXT",
 ]
 
 _SERIES = ("probe_id", "resolver", "transport", "qtype", "domain")
@@ -54,6 +56,16 @@ _SERIES = ("probe_id", "resolver", "transport", "qtype", "domain")
 
 def parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def rule_kind_of(m: dict[str, Any]) -> str | None:
+    """`order` when an order is behind the expectation (binding here or elsewhere), `control`, or `canary`."""
+    why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by")
+    if not isinstance(why, dict):
+        return None
+    if "canary" in why:
+        return "canary"
+    return "order" if "order" in why else ("control" if "list" in why else None)
 
 
 def rule_of(m: dict[str, Any]) -> str | None:
@@ -149,7 +161,7 @@ class Store:
             archive.append((batch_id, pid, region, country, m["resolver"], m["transport"], m["qtype"], m["domain"], t,
                             m["outcome"], m.get("finding"), rule, json.dumps(m, separators=(",", ":"))))  # fmt: skip
             row = (*key, region, country, t, m["outcome"], m.get("finding"), rule, m.get("latency_ms"),
-                   json.dumps(m.get("answers", [])), t)  # fmt: skip
+                   json.dumps(m.get("answers", [])), t, rule_kind_of(m))  # fmt: skip
             if key not in latest or latest[key][7] <= t:
                 latest[key] = row
         with self.tx() as cur:
@@ -162,11 +174,11 @@ class Store:
                 "outcome, finding, rule, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"), archive)  # fmt: skip
             cur.executemany(self._sql(
                 "INSERT INTO latest (probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
-                "finding, rule, latency_ms, answers, since) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "finding, rule, latency_ms, answers, since, rule_kind) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (probe_id, resolver, transport, qtype, domain) DO UPDATE SET "
                 "region = excluded.region, country = excluded.country, time = excluded.time, "
                 "outcome = excluded.outcome, finding = excluded.finding, rule = excluded.rule, "
-                "latency_ms = excluded.latency_ms, answers = excluded.answers, "
+                "latency_ms = excluded.latency_ms, answers = excluded.answers, rule_kind = excluded.rule_kind, "
                 "since = CASE WHEN COALESCE(latest.finding, '') = COALESCE(excluded.finding, '') "
                 "THEN latest.since ELSE excluded.since END "
                 "WHERE excluded.time >= latest.time"), list(latest.values()))  # fmt: skip
@@ -196,7 +208,7 @@ class Store:
         with self.tx() as cur:
             cur.execute(self._sql(
                 "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
-                "answers, since FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
+                "answers, since, rule_kind FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
                 "AND COALESCE(rule, '') <> 'canary' "
                 "ORDER BY finding, country, resolver, transport, domain, qtype"), (since,))  # fmt: skip
             cols = [d[0] for d in cur.description]

@@ -279,6 +279,10 @@ class Daemon:
         log.info("lists fetched from the collector: %s", ", ".join(p.name for p in paths))
         self.reload_lists()
 
+    async def _reload_job(self) -> None:
+        # A coroutine, so APScheduler runs it on the loop with everything else, not in a thread.
+        self.reload_lists()
+
     async def _round_job(self) -> None:
         self._round_task = asyncio.current_task()
         try:
@@ -312,7 +316,7 @@ class Daemon:
             scheduler.add_job(self.fetch_lists, IntervalTrigger(seconds=60), id="fetch-lists", max_instances=1,
                               coalesce=True)  # fmt: skip
         scheduler.add_job(
-            self.reload_lists, IntervalTrigger(seconds=5), id="lists", max_instances=1, coalesce=True
+            self._reload_job, IntervalTrigger(seconds=5), id="lists", max_instances=1, coalesce=True
         )
         scheduler.start()
         log.info("probe %s %s started: region %s, country %s, pid %d", self.config.probe_id, __version__,
