@@ -14,7 +14,7 @@ $(BIN)/probe: pyproject.toml
 install: $(BIN)/probe
 
 demo: install
-	$(BIN)/probe demo
+	$(BIN)/collector demo
 
 lint: install
 	$(BIN)/ruff check probe collector tests bench dashboards

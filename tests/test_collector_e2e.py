@@ -165,3 +165,41 @@ def test_probe_fetches_its_lists_from_the_collector(
     finally:
         live.stop()
         store.close()
+
+
+def test_fleet_demo_shows_leaks_and_overblocks_then_stops_on_ctrl_c(tmp_path: Path) -> None:
+    import re
+    import signal
+    import time
+
+    import httpx2
+
+    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "demo", "--interval", "2", "--no-prometheus",
+                             "--state-dir", str(tmp_path / "fleet")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not any("Ctrl-C" in ln for ln in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        url = re.search(r"collector\s+(http://127\.0\.0\.1:\d+)/", "".join(lines)).group(1)  # type: ignore[union-attr]
+        titles: list[str] = []
+
+        def findings() -> bool:
+            page = httpx2.get(url + "/", timeout=5).text
+            titles.append(re.search(r"<title>(.*)</title>", page).group(1))  # type: ignore[union-attr]
+            m = re.search(r"(\d+) leaks, (\d+) overblocks", titles[-1])
+            return bool(m and int(m.group(1)) > 0 and int(m.group(2)) > 0)
+
+        wait_for(findings, 60, "leaks and overblocks on the status page")
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and out.rstrip().endswith("stopped"), out[-2000:]
+        assert time.monotonic() - started < 45
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
