@@ -24,7 +24,6 @@ def _var(name: str, label: str, query: str) -> dict[str, Any]:
         "type": "query",
         "datasource": DS,
         "query": {"query": query, "refId": f"var-{name}"},
-        "definition": query,
         "includeAll": True,
         "multi": True,
         "allValue": ".*",

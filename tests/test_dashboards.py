@@ -42,3 +42,33 @@ def test_dashboard_lint(path: Path) -> None:
             for fn in re.findall(r"\b(rate|irate|increase)\(", expr):
                 assert "[$__rate_interval]" in expr, f"{where}: {fn}() without $__rate_interval"
             assert expr.count("(") == expr.count(")"), where
+
+
+def _lost(ours: Any, theirs: Any, path: str = "") -> list[str]:
+    """Keys of ours that did not survive a round trip through the schema's models."""
+    if isinstance(ours, dict):
+        out = []
+        for k, v in ours.items():
+            if not isinstance(theirs, dict) or k not in theirs:
+                out.append(f"{path}.{k}")
+            else:
+                out += _lost(v, theirs[k], f"{path}.{k}")
+        return out
+    if isinstance(ours, list) and isinstance(theirs, list):
+        return [
+            p for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) for p in _lost(a, b, f"{path}[{i}]")
+        ]
+    return []
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_dashboard_fits_grafana_11_6_schema(path: Path) -> None:
+    """Round trip through grafana-foundation-sdk's models of Grafana 11.6's dashboard schema:
+    a field the schema does not know would be dropped, and a wrong type would not load."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    ours = json.loads(path.read_text())
+    theirs = json.loads(json.dumps(Dashboard.from_json(ours), cls=JSONEncoder))
+    assert _lost(ours, theirs) == []
+    assert len(theirs["panels"]) == len(ours["panels"])
