@@ -122,9 +122,9 @@ def test_per_endpoint_rate_limit_spaces_queries(lab_thread: LabThread, lab_ca: L
     lab = start_lab(lab_thread, _zone(), "127.53.1.5", lab_ca, transports=("udp",))
     out = measure([f"r{i}.reuse.test" for i in range(8)], resolvers_of(lab, ["udp"]), ca=lab_ca, qps=20)
     assert all(m.outcome is Outcome.RESOLVED for m in out)
-    gaps = [b - a for a, b in zip(lab.arrivals, lab.arrivals[1:], strict=False)]
-    assert len(gaps) == 7
-    assert min(gaps) > 0.04  # 20 qps: one every 50 ms, give or take scheduling
+    assert len(lab.arrivals) == 8
+    # 20 qps: one every 50 ms. Scheduling can shift a single arrival, never the whole train.
+    assert lab.arrivals[-1] - lab.arrivals[0] >= 7 * 0.05 * 0.9
 
 
 def test_dead_endpoint_timeout_is_not_a_block(lab_thread: LabThread, lab_ca: LabCA) -> None:
