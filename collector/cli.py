@@ -89,6 +89,35 @@ def token_add(probe_id: str, config_file: str, database: str | None) -> None:
     click.echo(secret)
 
 
+@token.command("set")
+@click.argument("probe_id")
+@CONFIG
+@DATABASE
+def token_set(probe_id: str, config_file: str, database: str | None) -> None:
+    """Install a given token for PROBE_ID, read from standard input (provisioning from a vault).
+
+    Prints `unchanged` when that token is already PROBE_ID's active one, so automation can
+    tell a change from a no-op.
+    """
+    import re
+
+    from collector.auth import hash_token
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", probe_id):
+        _fail(f"{probe_id!r} is not a probe id (letters, digits, '.', '_', '-'; up to 64)")
+    secret = sys.stdin.read().strip()
+    if len(secret) < 16 or not re.fullmatch(r"[\x21-\x7e]+", secret):
+        _fail("the token on standard input must be at least 16 printable characters, no spaces")
+    _, store = _load(config_file, database)
+    digest = hash_token(secret)
+    if store.token_hash(probe_id) == digest:
+        click.echo(f"unchanged {probe_id}")
+    else:
+        store.set_token(probe_id, digest)
+        click.echo(f"set {probe_id}")
+    store.close()
+
+
 @token.command("list")
 @CONFIG
 @DATABASE
