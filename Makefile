@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test test-boot lint bench install clean
 
 $(BIN)/probe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: install
 	scripts/system-deps
 	$(MAKE) lint
 	$(BIN)/pytest -q
+
+# Slow: boots the Ansible-converged Debian tree with systemd-nspawn.
+test-boot: install
+	scripts/system-deps
+	$(BIN)/pytest -q -m boot tests/test_ansible_boot.py
 
 bench: install
 	scripts/system-deps
