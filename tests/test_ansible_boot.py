@@ -1,8 +1,8 @@
 """Boot the converged Debian 12 tree with systemd-nspawn: the services start under systemd and the
 probe's results reach the collector, both inside the container, over loopback.
 
-Slow (debootstrap, pip, a boot): not part of `make test`. Run it with `make test-boot`; CI
-runs it when a change touches ansible/ (see .ci/run).
+Slower than the rest (debootstrap, pip, a boot: about 3 minutes), so not part of `make
+test`; `make test-boot` runs it, and so does CI after `make test` (see .ci/run).
 """
 
 from __future__ import annotations
