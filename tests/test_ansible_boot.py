@@ -21,6 +21,7 @@ import yaml
 from probe.demo import DemoLab
 from probe.lab import LabThread
 
+from .debian import build_wheel, debian_tree
 from .fake_collector import wait_for
 from .real import free_port
 
@@ -39,16 +40,8 @@ pytestmark = [
 
 
 def test_services_start_under_systemd_and_results_reach_the_collector(tmp_path: Path) -> None:
-    tree = tmp_path / "root"
-    packages = "python3,python3-venv,python3-packaging,python3-apt,systemd,systemd-sysv,dbus,ca-certificates"
-    subprocess.run(["debootstrap", "--variant=minbase", f"--include={packages}", "bookworm", str(tree),
-                    "http://deb.debian.org/debian"], check=True, capture_output=True, timeout=1200)  # fmt: skip
-    shutil.copy("/etc/resolv.conf", tree / "etc" / "resolv.conf")
-    shutil.copy("/etc/ssl/certs/ca-certificates.crt", tree / "etc" / "ssl" / "certs" / "ca-certificates.crt")
-    dist = tmp_path / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)], check=True
-    )
+    tree = debian_tree(tmp_path / "root")
+    wheel = build_wheel(tmp_path / "dist")
     lab = DemoLab.build()
     thread = LabThread()
     for server in lab.servers.values():
@@ -58,7 +51,7 @@ def test_services_start_under_systemd_and_results_reach_the_collector(tmp_path: 
     # probe inside reaches the lab resolvers, and the collector inside is reachable from here.
     extra = {
         "ansible_connection": "community.general.chroot", "ansible_host": str(tree),
-        "ansible_python_interpreter": "/usr/bin/python3", "blockprobe_wheel": str(next(dist.glob("*.whl"))),
+        "ansible_python_interpreter": "/usr/bin/python3", "blockprobe_wheel": str(wheel),
         "blockprobe_collector_url": f"http://127.0.0.1:{port}", "blockprobe_probe_token": TOKEN,
         "collector_listen": f"127.0.0.1:{port}", "probe_manage_service_state": False,
         "collector_manage_service_state": False, "probe_id": "it-boot-1", "probe_region": "it-boot",

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .debian import build_wheel, debian_tree
+
 ROOT = Path(__file__).parent.parent
 ANSIBLE = ROOT / "ansible"
 BIN = Path(sys.executable).parent
@@ -39,18 +41,8 @@ def _env(tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     work = tmp_path_factory.mktemp("converge")
-    tree = work / "root"
-    packages = "python3,python3-venv,python3-packaging,python3-apt,systemd,systemd-sysv,ca-certificates"
-    subprocess.run(["debootstrap", "--variant=minbase", f"--include={packages}", "bookworm", str(tree),
-                    "http://deb.debian.org/debian"], check=True, capture_output=True, timeout=1200)  # fmt: skip
-    # pip inside the tree reaches PyPI the way this machine does: same resolver, same trusted CAs
-    # (the network here may present its own CA, which the fresh tree would not know).
-    shutil.copy("/etc/resolv.conf", tree / "etc" / "resolv.conf")
-    shutil.copy("/etc/ssl/certs/ca-certificates.crt", tree / "etc" / "ssl" / "certs" / "ca-certificates.crt")
-    dist = work / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)], check=True,
-                   timeout=600)  # fmt: skip
-    wheel = next(dist.glob("blockprobe-*.whl"))
+    tree = debian_tree(work / "root")
+    wheel = build_wheel(work / "dist")
     # Extra vars: they win over the example group_vars/all.yml that ships beside site.yml.
     extra = {
         "ansible_connection": "community.general.chroot",
