@@ -32,6 +32,13 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _fail_all(errors: Sequence[str]) -> NoReturn:
+    """Every mistake, one line each, then exit 2 (bad config, bad lists)."""
+    for line in errors:
+        click.echo(f"probe: {line}", err=True)
+    sys.exit(2)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="probe")
 def cli() -> None:
@@ -215,9 +222,7 @@ def once(
             control_resolvers = [resolve_spec(c, cat) for c in (controls or (cat.control,))]
         canary_list = [_canary(c) for c in canaries]
     except ListsError as exc:
-        for line in exc.errors:
-            click.echo(f"probe: {line}", err=True)
-        sys.exit(2)
+        _fail_all(exc.errors)
     except BlockprobeError as exc:
         _fail(str(exc))
     plan = Plan(names, types, targets, control_resolvers, _expectations(expect, lists, country),
@@ -358,9 +363,7 @@ def lists_check(files: tuple[str, ...], as_json: bool) -> None:
     try:
         loaded = load_lists(files)
     except ListsError as exc:
-        for line in exc.errors:
-            click.echo(f"probe: {line}", err=True)
-        sys.exit(2)
+        _fail_all(exc.errors)
     summary = loaded.summary()
     if as_json:
         click.echo(json.dumps(summary))
@@ -412,9 +415,7 @@ def lists_import(
         text = yaml.safe_dump({"orders": [order]}, sort_keys=False, allow_unicode=True)
         parse_lists(text, "<imported>")  # the result must pass the same validation as any file
     except ListsError as exc:
-        for line in exc.errors:
-            click.echo(f"probe: {line}", err=True)
-        sys.exit(2)
+        _fail_all(exc.errors)
     click.echo(text, nl=False)
 
 
@@ -429,9 +430,7 @@ def check_config(file: str) -> None:
         if config.lists:
             load_lists(config.lists)
     except (ConfigError, ListsError) as exc:
-        for line in exc.errors:
-            click.echo(f"probe: {line}", err=True)
-        sys.exit(2)
+        _fail_all(exc.errors)
     for line in config.summary():
         click.echo(line)
 
@@ -448,9 +447,7 @@ def run(config_file: str) -> None:
     try:
         config = load_config(config_file)
     except ConfigError as exc:
-        for line in exc.errors:
-            click.echo(f"probe: {line}", err=True)
-        sys.exit(2)
+        _fail_all(exc.errors)
     setup_logging(config)
     try:
         daemon = Daemon(config)
@@ -459,9 +456,7 @@ def run(config_file: str) -> None:
     try:
         asyncio.run(daemon.run())
     except ListsError as exc:
-        for line in exc.errors:
-            click.echo(f"probe: {line}", err=True)
-        sys.exit(2)
+        _fail_all(exc.errors)
 
 
 @cli.command()
@@ -478,9 +473,7 @@ def status(config_file: str, as_json: bool) -> None:
     try:
         config = load_config(config_file)
     except ConfigError as exc:
-        for line in exc.errors:
-            click.echo(f"probe: {line}", err=True)
-        sys.exit(2)
+        _fail_all(exc.errors)
     path = config.state_dir / "spool.sqlite3"
     if not path.exists():
         _fail(f"no spool at {path}: has `probe run` started with this config?")
