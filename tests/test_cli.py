@@ -39,7 +39,7 @@ def _args(isp: LabServer, control: LabServer, lab_ca: LabCA, *extra: str) -> lis
     s = isp.specs()
     return [
         "once", "--json", "-t", "A", "--ca-file", str(lab_ca.ca_file), "--control", control.specs()["udp"],
-        "-r", s["udp"], "-r", s["tcp"], "-r", s["dot"], "-r", s["doh"], "-r", s["doq"], "--timeout", "1",
+        "-r", s["udp"], "-r", s["tcp"], "-r", s["dot"], "-r", s["doh"], "-r", s["doq"], "--timeout", "3",
         "--udp-linger", "0", "--qps", "0", *extra,
     ]  # fmt: skip
 

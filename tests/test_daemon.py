@@ -59,7 +59,7 @@ def _config_text(tmp: Path, isp: LabServer, control: LabServer, url: str, **over
         "controls": [control.specs()["udp"]],
         "schedule": {"interval": 1, "jitter": 0, "push_interval": 0.2},
         "qtypes": ["A"],
-        "timeout": 1,
+        "timeout": 3,  # per query: generous, so a loaded CI machine cannot turn a control into a timeout
         "udp_linger": 0,
         "qps": 0,
         "state_dir": str(tmp / "state"),

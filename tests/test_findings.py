@@ -67,7 +67,7 @@ def _run(
     labs: dict[str, LabServer], lab_ca: LabCA, *extra: str
 ) -> tuple[int, dict[tuple[str, str, str, str], Any]]:
     isp, cf, gg = labs["isp"].specs(), labs["cf"].specs(), labs["gg"].specs()
-    args = ["once", "--json", "--list", LISTS, "--ca-file", str(lab_ca.ca_file), "--timeout", "1", "--qps", "0",
+    args = ["once", "--json", "--list", LISTS, "--ca-file", str(lab_ca.ca_file), "--timeout", "3", "--qps", "0",
             "--udp-linger", "0", "--control", labs["control"].specs()["udp"],
             "-r", isp["udp"] + "#kind=isp,operator=tim", "-r", isp["dot"] + "#kind=isp,operator=tim",
             "-r", isp["doh"] + "#kind=isp,operator=tim",

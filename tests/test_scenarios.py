@@ -212,7 +212,7 @@ def results(lab_thread: LabThread, lab_ca: LabCA) -> dict[tuple[str, str, str], 
     controls = resolvers_of(control, ["udp"])
     domains = list(dict.fromkeys(s.domain for s in SCENARIOS))
     qtypes = sorted({s.qtype for s in SCENARIOS})
-    out = measure(domains, targets, ca=lab_ca, qtypes=qtypes, controls=controls, timeout=1.0)
+    out = measure(domains, targets, ca=lab_ca, qtypes=qtypes, controls=controls, timeout=2.0)
     assert len(out) == len(domains) * len(qtypes) * len(TRANSPORTS)
     return {(m.domain, m.qtype, str(m.transport)): m for m in out}
 
