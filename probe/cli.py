@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import click
 
 from probe import __version__
-from probe.catalogue import load_catalogue
+from probe.catalogue import load_catalogue, resolve_spec
 from probe.engine import Engine, Expect, Plan, control_endpoint
 from probe.errors import BlockprobeError, InputError
 from probe.expect import Expectations
@@ -20,7 +20,7 @@ from probe.identity import Canary
 from probe.lists import ISO_ALPHA2, Lists, ListsError, import_plain, load_lists, parse_lists
 from probe.model import Expectation, Finding, Measurement
 from probe.output import json_line, render_table, summary_line
-from probe.specs import Resolver, resolve_spec
+from probe.specs import Resolver
 from probe.transports import Options
 from probe.wire import QTYPES, normalize_name, normalize_qtype
 

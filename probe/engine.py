@@ -304,12 +304,14 @@ class Engine:
     def _needs_run(self, job: _Job, ex: Exchange, run: _Run) -> bool:
         """Whether the response's judgement depends on the rest of the run (an EDE 18)."""
         assert ex.response is not None
-        try:
-            ede = parse_response(ex.response, job.domain, job.qtype).ede
-        except Exception:
-            return False  # malformed: judged as such, nothing to wait for
-        if any(e.code == PROHIBITED for e in ede):
-            return True
+        # An EDE 18 option holds the bytes 00 0f ... 00 12; without them nothing to parse twice.
+        if b"\x00\x0f" in ex.response and b"\x00\x12" in ex.response:
+            try:
+                ede = parse_response(ex.response, job.domain, job.qtype).ede
+            except Exception:
+                return False  # malformed: judged as such, nothing to wait for
+            if any(e.code == PROHIBITED for e in ede):
+                return True
         run.plain_answers[job.endpoint] = run.plain_answers.get(job.endpoint, 0) + 1
         return False
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from probe.catalogue import resolve_spec
 from probe.engine import Engine, Expect, Plan
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Measurement
-from probe.specs import Resolver, resolve_spec
+from probe.specs import Resolver
 from probe.transports import Options
 
 LAB_HOSTS = ("127.0.0.1", "localhost", *(f"127.53.1.{i}" for i in range(1, 12)))

@@ -91,10 +91,20 @@ def test_ede_wins_over_every_rcode() -> None:
 
 
 def test_failures_map_to_timeout_and_error() -> None:
-    v = verdict_of(None, Failure(FailureKind.TIMEOUT, Phase.DNS_ROUND_TRIP, "dns_round_trip: timed out"), "a.org", "A", FP)
+    v = verdict_of(
+        None,
+        Failure(FailureKind.TIMEOUT, Phase.DNS_ROUND_TRIP, "dns_round_trip: timed out"),
+        "a.org",
+        "A",
+        FP,
+    )
     assert (v.outcome, v.error) == (Outcome.TIMEOUT, "dns_round_trip: timed out")
     v = verdict_of(
-        None, Failure(FailureKind.ERROR, Phase.TLS_HANDSHAKE, "tls: certificate verify failed"), "a.org", "A", FP
+        None,
+        Failure(FailureKind.ERROR, Phase.TLS_HANDSHAKE, "tls: certificate verify failed"),
+        "a.org",
+        "A",
+        FP,
     )
     assert (v.outcome, v.evidence["phase"]) == (Outcome.ERROR, "tls_handshake")
 

@@ -22,9 +22,10 @@ import dns.message
 import dns.rrset
 import pytest
 
+from probe.catalogue import resolve_spec
 from probe.lab import Behaviour, LabCA, LabThread, Zone
 from probe.model import Expectation, Measurement, Outcome
-from probe.specs import Resolver, resolve_spec
+from probe.specs import Resolver
 
 from .conftest import measure, resolvers_of, start_lab, truth_zone
 
@@ -94,7 +95,10 @@ class Script:
                 elif self.tcp_mode == "in-order":
                     # dnsdist 1.7 on DoT: replies in query order, so one dropped name holds the rest.
                     queue.append(wire)
-                    if any(str(dns.message.from_wire(q).question[0].name).rstrip(".") in self.dropped for q in queue):
+                    if any(
+                        str(dns.message.from_wire(q).question[0].name).rstrip(".") in self.dropped
+                        for q in queue
+                    ):
                         continue
                     for q in queue:
                         writer.write(len(_answer(q)).to_bytes(2, "big") + _answer(q))
@@ -137,9 +141,20 @@ def control(lab_thread: LabThread, lab_ca: LabCA) -> Resolver:
     return resolvers_of(start_lab(lab_thread, truth_zone(), "127.53.3.9", lab_ca, transports=("udp",)))[0]
 
 
-def _run(spec: str, names: list[str], control: Resolver, timeout: float = 1.0, **kw: object) -> list[Measurement]:
+def _run(
+    spec: str, names: list[str], control: Resolver, timeout: float = 1.0, **kw: object
+) -> list[Measurement]:
     expect = lambda d, r: (Expectation.BLOCKED, {"order": "test"})  # noqa: E731
-    return measure(names, [resolve_spec(spec)], ca=None, controls=[control], expect=expect, timeout=timeout, linger=0, **kw)  # type: ignore[arg-type]
+    return measure(
+        names,
+        [resolve_spec(spec)],
+        ca=None,
+        controls=[control],
+        expect=expect,
+        timeout=timeout,
+        linger=0,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def _no_false_blocks(ms: list[Measurement]) -> None:
@@ -193,7 +208,9 @@ def test_a_stalled_handshake_is_an_error_of_its_phase_never_a_block(
     script.tcp_mode = "stall"  # TCP accepts; TLS never gets a ServerHello
     started = time.monotonic()
     ms = _run(script.spec("tls"), [f"s{i}.{D}" for i in range(4)], control, timeout=1.0)
-    assert {(m.outcome, m.blocked, m.error) for m in ms} == {(Outcome.ERROR, None, "tls_handshake: timed out")}
+    assert {(m.outcome, m.blocked, m.error) for m in ms} == {
+        (Outcome.ERROR, None, "tls_handshake: timed out")
+    }
     assert {a["phase"] for m in ms for a in m.evidence["attempts"]} == {"tls_handshake"}
     assert [len(m.evidence["attempts"]) for m in ms] == [2] * 4  # asked again in the confirmation pass
     assert time.monotonic() - started < 2 * 1.0 + 1.5  # one deadline per attempt, two attempts
@@ -213,7 +230,9 @@ def test_queued_behind_a_dropped_name_on_an_in_order_server_is_not_blocked(
     assert sum(by[f"q{i}.{D}"].outcome is Outcome.RESOLVED for i in range(6)) >= 5
 
 
-def test_a_dropped_name_on_a_live_out_of_order_server_is_a_proven_block(script: Script, control: Resolver) -> None:
+def test_a_dropped_name_on_a_live_out_of_order_server_is_a_proven_block(
+    script: Script, control: Resolver
+) -> None:
     script.dropped = {f"dropped.{D}"}
     ms = _run(script.spec("tcp"), [f"dropped.{D}", f"a.{D}", f"b.{D}"], control)
     m = next(m for m in ms if m.domain == f"dropped.{D}")
