@@ -6,8 +6,8 @@ section 3). The server here speaks real HTTP/2 (h2) or HTTP/1.1 over real TLS on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import threading
 import time
 import urllib.parse
