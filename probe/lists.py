@@ -147,6 +147,26 @@ class Lists:
         ]
         return list(dict.fromkeys(exact + below))
 
+    def names_of(self, order: Order) -> list[str]:
+        """The names of `query_names()` that test `order`: what a scheduler measures first
+        when the order has just become binding or is due soon."""
+        exact = {p.name for p in order.domains if not p.wildcard}
+        bases = {p.name for p in order.domains if p.wildcard}
+        out = []
+        for name in self.query_names():
+            labels = name.split(".")
+            if name in exact or any(".".join(labels[i:]) in bases for i in range(1, len(labels))):
+                out.append(name)
+        return out
+
+    def next_change(self, after: dt.datetime) -> dt.datetime | None:
+        """The first instant strictly after `after` at which an order starts or stops binding (or
+        falls due): when expectations change, so a scheduler knows when to look again."""
+        instants = [
+            t for o in self.orders for t in (o.effective, o.expires, o.due) if t is not None and t > after
+        ]
+        return min(instants, default=None)
+
     def summary(self) -> dict[str, Any]:
         juris = sorted({j for o in self.orders for j in o.jurisdictions})
         return {

@@ -248,3 +248,21 @@ def test_lists_check_shows_instants_and_deadlines() -> None:
         "  ps-2026-118: Piracy Shield, IT, applies to isp, public, 2026-12-01T13:05:00Z to …, enforce within 30m, 1 patterns"
         in result.stdout.splitlines()
     )
+
+
+def test_names_of_one_order_and_the_next_change() -> None:
+    """What a scheduler needs: an order's own names, and when expectations next change."""
+    lists = load_lists([HERE / "good-it.yaml", HERE / "good-times.yaml"])
+    by_id = {o.id: o for o in lists.orders}
+    assert lists.names_of(by_id["ps-2026-118"]) == ["live-calcio.example"]
+    # Its exact names, and the control name that its wildcard covers.
+    assert lists.names_of(by_id["agcom-2026-0042"]) == [
+        "pirate.example",
+        "xn--bcher-pirat-thb.example",
+        "ok.pirate.example",
+    ]
+    assert lists.names_of(by_id["agcom-2026-0099"]) == ["www.old-calcio.example"]
+    assert lists.next_change(utc(2026, 12, 1, 13, 0)) == utc(2026, 12, 1, 13, 5)  # ps-2026-118 binds
+    assert lists.next_change(utc(2026, 12, 1, 13, 5)) == utc(2026, 12, 1, 13, 10, 0, 250_000)
+    assert lists.next_change(utc(2026, 12, 1, 13, 10, 1)) == utc(2026, 12, 1, 13, 35)  # ps-2026-118 falls due
+    assert lists.next_change(utc(2027, 1, 15)) is None
