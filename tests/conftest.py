@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from .ci_skips import pytest_runtest_logreport, pytest_sessionfinish  # noqa: F401  (hooks)
+
 from probe.catalogue import resolve_spec
 from probe.engine import Engine, Expect, Plan
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
