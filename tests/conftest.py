@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from .ci_skips import pytest_runtest_logreport, pytest_sessionfinish  # noqa: F401  (hooks)
-
 from probe.catalogue import resolve_spec
 from probe.engine import Engine, Expect, Plan
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Measurement
 from probe.specs import Resolver
 from probe.transports import Options
+
+from .ci_skips import pytest_runtest_logreport, pytest_sessionfinish  # noqa: F401  (hooks)
 
 LAB_HOSTS = ("127.0.0.1", "localhost", *(f"127.53.1.{i}" for i in range(1, 12)))
 
