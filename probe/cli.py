@@ -251,11 +251,11 @@ def _canary(text: str) -> Canary:
 def _expectations(expect: str | None, lists: Lists | None, country: str | None) -> Expect:
     if lists is not None and country is not None:
         engine = Expectations(lists)
-        now = datetime.now(UTC)
         cc = country.upper()
 
         def by_lists(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
-            return engine.expect(cc, resolver.kind, resolver.operator, domain, now)
+            # The engine asks when it sends the query: an order may start binding mid-run.
+            return engine.expect(cc, resolver.kind, resolver.operator, domain, datetime.now(UTC))
 
         return by_lists
     expectation = Expectation(expect) if expect else None

@@ -109,6 +109,8 @@ class _Job:
     endpoint: Endpoint
     canary: Expectation | None = None
     sent_at: str = ""
+    expected: Expectation | None = None
+    expected_by: dict[str, Any] | None = None
     attempts: list[Attempt] = field(default_factory=list)
     exchange: Exchange | None = None
 
@@ -273,6 +275,12 @@ class Engine:
 
         async def work(job: _Job) -> None:
             job.sent_at = _now()
+            # What is expected is fixed when the query leaves (CONTRACTS.md section 4: "at time T"),
+            # not when a held measurement is judged at the end of the run.
+            if job.canary is not None:
+                job.expected, job.expected_by = job.canary, {"canary": str(job.canary)}
+            else:
+                job.expected, job.expected_by = run.plan.expect(job.domain, job.resolver)
             ex = await self._ask(job, run, 1, None)
             if hold and (ex.response is None or self._needs_run(job, ex, run)):
                 run.held.append(job)
@@ -420,12 +428,7 @@ class Engine:
         identity = None
         if run.identities is not None:
             identity = (await run.identities).get(job.endpoint)
-        expected: Expectation | None
-        why: dict[str, Any] | None
-        if job.canary is not None:
-            expected, why = job.canary, {"canary": str(job.canary)}
-        else:
-            expected, why = run.plan.expect(job.domain, job.resolver)
+        expected, why = job.expected, job.expected_by
         obs = Observation(
             domain=job.domain,
             qtype=job.qtype,
