@@ -68,9 +68,16 @@ class Plan:
     expect: ExpectFn = _no_expectation
     canaries: Sequence[Canary] = ()
     check_identity: bool = True
+    # When set, only these (domain, resolver, endpoint) are measured (× qtypes), instead of
+    # every domain on every endpoint: what a scheduler that works per name and endpoint hands in.
+    targets: Sequence[tuple[str, Resolver, Endpoint]] | None = None
 
     @property
     def size(self) -> int:
+        if self.targets is not None:
+            return len(self.targets) * len(self.qtypes) + len(self.canaries) * sum(
+                len(r.endpoints) for r in self.resolvers
+            )
         per_name = len(self.qtypes) * sum(len(r.endpoints) for r in self.resolvers)
         return len(self.domains) * per_name + len(self.canaries) * sum(
             len(r.endpoints) for r in self.resolvers
@@ -411,6 +418,11 @@ class Engine:
 
     @staticmethod
     def _jobs(plan: Plan) -> Iterator[_Job]:
+        if plan.targets is not None:
+            for domain, resolver, endpoint in plan.targets:
+                for qtype in plan.qtypes:
+                    yield _Job(domain, qtype, resolver, endpoint)
+            return
         # Endpoints vary fastest, so consecutive jobs spread across rate limiters.
         for domain in plan.domains:
             for qtype in plan.qtypes:
