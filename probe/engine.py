@@ -224,19 +224,26 @@ class Engine:
         """Measure the plan; measurements come out as they are judged, silences last."""
         queue: asyncio.Queue[Measurement | None] = asyncio.Queue(self.queue_size)
         producer = asyncio.ensure_future(self._produce(plan, queue.put))
+        closers: list[asyncio.Future[None]] = []
+        # The end-of-run mark is queued once the producer is done, however it ended; it waits
+        # for room like any measurement, so a full queue cannot lose it or block the producer.
+        producer.add_done_callback(lambda _f: closers.append(asyncio.ensure_future(queue.put(None))))
         try:
             while (item := await queue.get()) is not None:
                 yield item
-            await producer
+            await producer  # its exception, if it had one
         finally:
             if not producer.done():
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
+            await asyncio.sleep(0)  # let the done callback run
+            for closer in closers:
+                closer.cancel()
 
     async def collect(self, plan: Plan) -> list[Measurement]:
         return [m async for m in self.run(plan)]
 
-    async def _produce(self, plan: Plan, emit: Callable[[Measurement | None], Awaitable[None]]) -> None:
+    async def _produce(self, plan: Plan, emit: Callable[[Measurement], Awaitable[None]]) -> None:
         self.stats.planned += plan.size
         run = _Run(plan)
         try:
@@ -261,7 +268,6 @@ class Engine:
                 run.identities.cancel()
             for fut in run.controls.values():
                 fut.cancel()
-            await emit(None)
 
     async def _first_pass(
         self,
@@ -274,10 +280,6 @@ class Engine:
         finishing: set[asyncio.Future[None]] = set()
 
         async def finish(job: _Job) -> None:
-            ex = job.exchange
-            assert ex is not None
-            if ex.settled is not None:
-                await ex.settled  # racing answers are still being collected
             await emit(await self._measure(job, run))
 
         async def work(job: _Job) -> None:
@@ -434,6 +436,8 @@ class Engine:
         """Gather what the judgement needs (phase 5), judge, and build the measurement."""
         ex = job.exchange
         assert ex is not None
+        if ex.settled is not None:
+            await ex.settled  # racing answers are still being collected (UDP linger)
         control = None
         if job.canary is None and run.plan.controls:
             control = await self._control(run, job.domain, job.qtype)
