@@ -116,6 +116,7 @@ class _Job:
     endpoint: Endpoint
     canary: Expectation | None = None
     sent_at: str = ""
+    first_sent: float = 0.0  # loop time of the first send, for the confirmation's delay
     expected: Expectation | None = None
     expected_by: dict[str, Any] | None = None
     attempts: list[Attempt] = field(default_factory=list)
@@ -284,6 +285,7 @@ class Engine:
 
         async def work(job: _Job) -> None:
             job.sent_at = _now()
+            job.first_sent = asyncio.get_running_loop().time()
             # What is expected is fixed when the query leaves (CONTRACTS.md section 4: "at time T"),
             # not when a held measurement is judged at the end of the run.
             if job.canary is not None:
@@ -352,7 +354,12 @@ class Engine:
                     new.loss = loss  # type: ignore[attr-defined]  # UDP: one loss record per endpoint
         self.stats.confirmations += len(silent)
 
+        loop = asyncio.get_running_loop()
+
         async def work(job: _Job) -> None:
+            wait = job.first_sent + self.options.confirm_after - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             ex = await self._ask(job, run, 2, fresh[job.endpoint])
             if ex.response is not None:
                 self._needs_run(job, ex, run)

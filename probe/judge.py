@@ -150,7 +150,10 @@ def blocked_of(verdict: Verdict, control: ControlResult | None, silence: bool) -
             return None  # the resolver explained a non-policy failure (EDE 22, an EDE 18 on everything)
         return True if control is not None and control.verdict.has_records else None
     if outcome is Outcome.TIMEOUT:
-        return True if silence else None
+        # Stricter than the letter of the contract, never looser: as with NXDOMAIN, a name
+        # the control cannot resolve either (its servers are down) is no evidence of a block.
+        has_records = control is not None and control.verdict.has_records
+        return True if silence and has_records else None
     # SERVFAIL without a policy EDE is what a resolver says when its upstream fails; an
     # error is the transport's failure. Neither is evidence of a block.
     return None

@@ -52,9 +52,10 @@ def measure(
     linger: float = 0.1,
     qps: float | None = None,
     concurrency: int = 32,
+    confirm_after: float = 0.0,
 ) -> list[Measurement]:
     ca_file = str(ca.ca_file) if isinstance(ca, LabCA) else (str(ca) if ca else None)
-    options = Options(timeout=timeout, ca_file=ca_file, udp_linger=linger)
+    options = Options(timeout=timeout, ca_file=ca_file, udp_linger=linger, confirm_after=confirm_after)
     plan = (
         Plan(domains, qtypes, resolvers, controls, expect)
         if expect

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import dns.flags
 import dns.message
+import dns.rcode
 import dns.rrset
 import pytest
 
@@ -272,3 +273,41 @@ def test_lone_surrogate_in_ede_text_is_written_as_json(lab_thread: LabThread, la
     m = json.loads(out.stdout.splitlines()[0])
     assert m["outcome"] == "ede_blocked"
     assert m["ede"][0]["json"]["j"] == "\ufffd blocked"
+
+
+def test_a_silence_on_a_name_the_control_cannot_resolve_proves_nothing(
+    script: Script, control: Resolver
+) -> None:
+    # The truth zone answers NXDOMAIN for dead.*: a name whose own servers are down is silent
+    # through every recursor, and must not read as a block however live the resolver is.
+    script.dropped = {f"dead.{D}", f"dropped.{D}"}
+    ms = _run(script.spec("tcp"), [f"dead.{D}", f"dropped.{D}", f"a.{D}", f"b.{D}"], control)
+    by = {m.domain: m for m in ms}
+    assert by[f"dead.{D}"].evidence["silence"]["proven"] is True
+    assert (by[f"dead.{D}"].outcome, by[f"dead.{D}"].blocked) == (Outcome.TIMEOUT, None)
+    assert by[f"dropped.{D}"].blocked is True
+
+
+def test_the_confirmation_waits_past_a_recursors_own_upstream_timeout(
+    script: Script, control: Resolver
+) -> None:
+    # Like Knot Resolver with an unreachable upstream: silent for a while, then SERVFAIL.
+    started: dict[bytes, float] = {}
+
+    def slow_then_servfail(wire: bytes, n: int) -> list[bytes]:
+        q = dns.message.from_wire(wire)
+        name = q.question[0].name.to_text()
+        if not name.startswith("slow."):
+            return [_answer(wire)]
+        first = started.setdefault(b"slow", time.monotonic())
+        if time.monotonic() - first < 2.5:
+            return []
+        r = dns.message.make_response(q)
+        r.set_rcode(dns.rcode.SERVFAIL)
+        return [r.to_wire()]
+
+    script.udp = slow_then_servfail
+    ms = _run(script.spec("udp"), [f"slow.{D}", f"a.{D}", f"b.{D}"], control, confirm_after=3.0)
+    m = next(m for m in ms if m.domain == f"slow.{D}")
+    assert (m.outcome, m.blocked) == (Outcome.SERVFAIL, None)
+    assert m.evidence["pass"] == 2

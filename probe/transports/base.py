@@ -103,6 +103,10 @@ class Options:
     udp_sockets: int = 4
     udp_queries_per_socket: int = 512
     udp_sends: int = 3  # sends within one timeout: at 0, 1/3 and 2/3 of it
+    # A silent query is asked again no sooner than this after its first send: later than
+    # recursors give up on an unreachable upstream (Knot Resolver ~8 s, BIND 10 s), so that
+    # the second answer is their SERVFAIL, not a second silence that looks like a DROP.
+    confirm_after: float = 10.0
     doh_post: bool = False
 
 
