@@ -234,23 +234,24 @@ def start_pdns_recursor(
     rpz_text: str = "",
     rpz_ede_text: str = "",
     ede: tuple[int, str] = (15, "blocked by court order"),
+    extra: str = "",
 ) -> RealResolver:
     """PowerDNS Recursor on UDP/TCP forwarding every zone in `forwards` (zone → "ip:port").
 
     `rpz_text` is an RPZ loaded as is; `rpz_ede_text` a second one whose hits carry the EDE
-    `ede` (rpzFile's extendedErrorCode and extendedErrorExtra). Forward "." to loopback, or the
-    recursor primes the real root: the hint file names a loopback root for the same reason.
+    `ede` (rpzFile's extendedErrorCode and extendedErrorExtra); `extra` is more recursor.conf.
+    Forward "." to loopback, or the recursor primes the real root: the hint file names a
+    loopback root for the same reason.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     ports = {"dns": free_port(host)}
     lua = []
-    for label, text, extra in (("plain", rpz_text, ""), ("ede", rpz_ede_text, "")):
+    for label, text in (("plain", rpz_text), ("ede", rpz_ede_text)):
         if not text:
             continue
         (workdir / f"rpz-{label}.db").write_text(f"$ORIGIN rpz-{label}.local.\n" + SOA + text)
-        if label == "ede":
-            extra = f", extendedErrorCode={ede[0]}, extendedErrorExtra={ede[1]!r}"
-        lua.append(f'rpzFile("{workdir}/rpz-{label}.db", {{policyName="rpz-{label}"{extra}}})')
+        opts = f", extendedErrorCode={ede[0]}, extendedErrorExtra={ede[1]!r}" if label == "ede" else ""
+        lua.append(f'rpzFile("{workdir}/rpz-{label}.db", {{policyName="rpz-{label}"{opts}}})')
     (workdir / "recursor.lua").write_text("\n".join(lua) + "\n")
     (workdir / "root.hints").write_text(
         ". 3600000 NS a.root.invalid.\na.root.invalid. 3600000 A 127.53.255.254\n"
@@ -274,6 +275,7 @@ lua-config-file={workdir}/recursor.lua
 forward-zones-recurse={fwd}
 max-negative-ttl=1
 packetcache-ttl=1
+{extra}
 """
     )
     return _spawn("pdns_recursor", host, [_exe("pdns_recursor"), f"--config-dir={workdir}"], ports, workdir)
