@@ -6,6 +6,7 @@ address and free ports; configuration and zone files live in a temporary directo
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -339,12 +340,22 @@ def start_dnsmasq(
         ip, port = addr.rsplit(":", 1)
         servers.append(f"--server={ip}#{port}" if zone == "." else f"--server=/{zone}/{ip}#{port}")
     argv = [
-        _exe("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-        f"--listen-address={host}", "--bind-interfaces", f"--port={ports['dns']}",
-        f"--pid-file={workdir}/dnsmasq.pid", "--user=root", "--cache-size=0", "--log-facility=-",
+        _exe("dnsmasq"),
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        f"--listen-address={host}",
+        "--bind-interfaces",
+        f"--port={ports['dns']}",
+        f"--pid-file={workdir}/dnsmasq.pid",
+        # As root dnsmasq would switch to an unprivileged user that cannot write the workdir.
+        *(["--user=root"] if os.geteuid() == 0 else []),
+        "--cache-size=0",
+        "--log-facility=-",
         *servers,
         *(f"--address=/{name}/{value}" for name, value in addresses.items()),
-    ]  # fmt: skip
+    ]
     return _spawn("dnsmasq", host, argv, ports, workdir)
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
 from probe.lab import Behaviour, LabCA, LabThread, Zone
-from probe.model import Measurement, Outcome
+from probe.model import Expectation, Finding, Measurement, Outcome
 from probe.specs import Resolver, resolve_spec
 
 from .conftest import measure, start_lab
@@ -90,6 +91,14 @@ def net(lab_thread: LabThread, ca: LabCA) -> Net:
     return Net(lab_thread, ca)
 
 
+def _expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
+    """`ok` must resolve, `dead` has no expectation, every other name is ordered blocked."""
+    label = domain.removesuffix(f".{ZONE}")
+    if label == "dead":
+        return None, None
+    return (Expectation.RESOLVES if label == "ok" else Expectation.BLOCKED), {"order": "interop"}
+
+
 def _run(server: RealResolver, net: Net, ca: LabCA, labels: list[str], *, timeout: float = 1.5) -> Results:
     """One engine run over every name and listener of `server`, as a probe would make it."""
     targets = [
@@ -98,7 +107,13 @@ def _run(server: RealResolver, net: Net, ca: LabCA, labels: list[str], *, timeou
     ]
     domains = [label if "." in label else f"{label}.{ZONE}" for label in labels]
     out = measure(
-        domains, targets, ca=ca, qtypes=("A", "AAAA"), controls=[net.control_resolver()], timeout=timeout
+        domains,
+        targets,
+        ca=ca,
+        qtypes=("A", "AAAA"),
+        controls=[net.control_resolver()],
+        timeout=timeout,
+        expect=_expect,
     )
     return {(m.domain.removesuffix(f".{ZONE}"), m.qtype, m.resolver.split("/", 1)[1]): m for m in out}
 
@@ -126,6 +141,16 @@ def _show(m: Measurement) -> str:
 def _check(results: Results, key: Key, want: Want) -> Measurement:
     m = results[key]
     assert (m.outcome, m.blocked) == want, _show(m)
+    # The finding follows: a name ordered blocked that answers is a leak, one that cannot be
+    # told is inconclusive; `ok` is ok while it resolves; `dead` has no expectation.
+    label = key[0]
+    if label == "dead":
+        finding = None
+    elif label == "ok":
+        finding = {True: Finding.OVERBLOCK, False: Finding.OK, None: Finding.INCONCLUSIVE}[m.blocked]
+    else:
+        finding = {True: Finding.ENFORCED, False: Finding.LEAK, None: Finding.INCONCLUSIVE}[m.blocked]
+    assert m.finding is finding, _show(m)
     return m
 
 
@@ -247,9 +272,13 @@ def test_kresd_upstream_outage_is_not_a_block(
     spec = kresd_server.specs[listener]
     target = Resolver(f"kresd/{listener}", "isp", None, resolve_spec(spec).endpoints)
     out = measure(
-        [f"x{listener}.down.{ZONE}", f"ok.{ZONE}", f"dead.{ZONE}"], [target], ca=ca, qtypes=("A",),
-        controls=[net.control_resolver()], timeout=1.5,
-    )  # fmt: skip
+        [f"x{listener}.down.{ZONE}", f"ok.{ZONE}", f"dead.{ZONE}"],
+        [target],
+        ca=ca,
+        qtypes=("A",),
+        controls=[net.control_resolver()],
+        timeout=1.5,
+    )
     down = next(m for m in out if m.domain.startswith("x"))
     assert down.outcome in (Outcome.TIMEOUT, Outcome.SERVFAIL), _show(down)
     assert down.blocked is None, _show(down)
@@ -343,8 +372,12 @@ DNSDIST: dict[tuple[str, str], Want] = {
 }
 # DropAction: silent over UDP, a closed connection over TCP and DoT, HTTP 403 over DoH.
 DNSDIST_DROP: dict[str, Want] = {
-    "udp": (Outcome.TIMEOUT, T), "tcp": CLOSED, "dot": CLOSED, "dot-ooo": CLOSED, "doh": CLOSED,
-}  # fmt: skip
+    "udp": (Outcome.TIMEOUT, T),
+    "tcp": CLOSED,
+    "dot": CLOSED,
+    "dot-ooo": CLOSED,
+    "doh": CLOSED,
+}
 
 
 @pytest.fixture(scope="module")
