@@ -121,6 +121,7 @@ class _Job:
     expected_by: dict[str, Any] | None = None
     attempts: list[Attempt] = field(default_factory=list)
     exchange: Exchange | None = None
+    lates: list[tuple[int, asyncio.Future[bytes]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -316,6 +317,8 @@ class Engine:
         job.attempts.append(
             Attempt(number, ex.sends, ex.channel, ex.response is not None, ex.failure, ex.overtaken)
         )
+        if ex.late is not None:
+            job.lates.append((number, ex.late))
         if ex.response is not None or job.exchange is None or job.exchange.response is None:
             job.exchange = ex
         return ex
@@ -445,6 +448,15 @@ class Engine:
         assert ex is not None
         if ex.settled is not None:
             await ex.settled  # racing answers are still being collected (UDP linger)
+        if ex.response is None:
+            for number, late in job.lates:
+                if late.done() and not late.cancelled():
+                    # Answered after its deadline (a recursor's SERVFAIL once its upstream gave
+                    # up): the resolver did answer, so this was no silence. Judge the answer.
+                    ex = job.exchange = Exchange(
+                        late.result(), None, None, {**ex.evidence, "late_response": {"pass": number}}
+                    )
+                    break
         control = None
         if job.canary is None and run.plan.controls:
             control = await self._control(run, job.domain, job.qtype)

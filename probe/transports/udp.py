@@ -34,7 +34,19 @@ _KEEP_IGNORED = 4  # datagrams that were not the response, kept per query as evi
 
 
 class _Pending:
-    __slots__ = ("answered", "first", "future", "ignored", "last", "late", "qid", "question", "sends", "sent")
+    __slots__ = (
+        "answered",
+        "expired",
+        "first",
+        "future",
+        "ignored",
+        "last",
+        "late",
+        "qid",
+        "question",
+        "sends",
+        "sent",
+    )
 
     def __init__(self, future: asyncio.Future[bytes], qid: int, question: bytes) -> None:
         self.future = future
@@ -45,6 +57,7 @@ class _Pending:
         self.last = 0
         self.sent = 0.0
         self.answered: bytes | None = None
+        self.expired = False  # timed out; `future` now waits for a late response
         self.late: list[bytes] = []
         self.ignored: list[tuple[str, bytes]] = []
 
@@ -114,7 +127,10 @@ class _Socket:
     def _fail(self, exc: Exception) -> None:
         for entry in self.pending.values():
             if entry.answered is None and not entry.future.done():
-                entry.future.set_exception(exc)
+                if entry.expired:
+                    entry.future.cancel()  # nobody awaits a late response: no error to report
+                else:
+                    entry.future.set_exception(exc)
 
 
 class UdpExchanger:
@@ -165,10 +181,12 @@ class UdpExchanger:
             return proto
 
     def _retire(self, sock: _Socket) -> None:
-        # In-flight queries and linger windows end within timeout + linger.
+        # In-flight queries end within a timeout, linger windows after it, and late responses
+        # matter until their confirmation pass (confirm_after, plus its own timeout) is judged.
         self._retired.append(sock)
         loop = asyncio.get_running_loop()
-        delay = self.options.timeout + self.options.udp_linger + 0.1
+        o = self.options
+        delay = max(o.timeout + o.udp_linger, o.confirm_after + 2 * o.timeout) + 0.1
         loop.call_later(delay, self._close_retired, sock)
 
     def _close_retired(self, sock: _Socket) -> None:
@@ -223,7 +241,9 @@ class UdpExchanger:
                 witness=lambda: self._witness(entry.last, deadline),
             )
         except TimeoutError:
-            del sock.pending[qid]
+            # Keep listening under this ID: a response after the deadline is evidence too.
+            entry.expired = True
+            entry.future = loop.create_future()
             return Exchange(
                 None,
                 timeout(),
@@ -231,6 +251,7 @@ class UdpExchanger:
                 sends=entry.sends,
                 channel=channel.name,
                 overtaken=channel.overtook(entry.last),
+                late=entry.future,
             )
         except Exception as exc:
             del sock.pending[qid]
