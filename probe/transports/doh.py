@@ -307,8 +307,9 @@ class DohExchanger(RetryAlone):
             await await_reply(
                 st.future,
                 deadline,
-                witness_at=now + (deadline - now) / 4 if witness else None,
-                witness=lambda: self._send_witness(conn, st.stamp, deadline),
+                [(now + (deadline - now) / 4, lambda: self._send_witness(conn, st.stamp, deadline))]
+                if witness
+                else (),
             )
         except Broken as exc:
             return Exchange(None, exc.failure, evidence=evidence, channel=conn.channel.name)

@@ -222,8 +222,9 @@ class DoqExchanger(RetryAlone):
             msg = await await_reply(
                 q.future,
                 deadline,
-                witness_at=now + (deadline - now) / 4 if witness else None,
-                witness=lambda: self._send_witness(proto, q.stamp, deadline),
+                [(now + (deadline - now) / 4, lambda: self._send_witness(proto, q.stamp, deadline))]
+                if witness
+                else (),
             )
         except Broken as exc:
             return Exchange(None, exc.failure, evidence=evidence, channel=proto.channel.name)

@@ -171,8 +171,14 @@ class StreamExchanger(RetryAlone):
             data = await await_reply(
                 item.future,
                 deadline,
-                witness_at=now + (deadline - now) * _WITNESS_AT if witness else None,
-                witness=lambda: self._send_witness(conn, item.stamp, deadline),
+                [
+                    (
+                        now + (deadline - now) * _WITNESS_AT,
+                        lambda: self._send_witness(conn, item.stamp, deadline),
+                    )
+                ]
+                if witness
+                else (),
             )
         except Broken as exc:
             conn.pending.pop(item.qid, None)

@@ -18,6 +18,7 @@ import base64
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from probe.specs import Endpoint
@@ -229,17 +230,14 @@ class UdpExchanger:
         start = loop.time()
         step = (deadline - start) / max(1, sends)
         send()
-        timers = [loop.call_at(start + step * i, send) for i in range(1, sends)]
-        # A quarter of an interval after the last send, a witness follows a query that
-        # nothing sent after it has overtaken yet.
-        witness_at = start + step * (sends - 1) + step / 4 if witness else None
+        steps: list[tuple[float, Callable[[], None]]] = [(start + step * i, send) for i in range(1, sends)]
+        if witness:
+            # A quarter of an interval after the last send, a witness follows a query that
+            # nothing sent after it has overtaken yet.
+            at = start + step * (sends - 1) + step / 4
+            steps.append((at, lambda: self._witness(entry.last, deadline)))
         try:
-            data = await await_reply(
-                entry.future,
-                deadline,
-                witness_at=witness_at,
-                witness=lambda: self._witness(entry.last, deadline),
-            )
+            data = await await_reply(entry.future, deadline, steps)
         except TimeoutError:
             # Keep listening under this ID: a response after the deadline is evidence too.
             entry.expired = True
@@ -257,9 +255,6 @@ class UdpExchanger:
             del sock.pending[qid]
             failure = failure_from(exc, Phase.DNS_ROUND_TRIP)
             return Exchange(None, failure, evidence=_ignored(entry), sends=entry.sends, channel=channel.name)
-        finally:
-            for t in timers:
-                t.cancel()
         self.loss.add(entry.sends)
         latency = (time.perf_counter() - entry.sent) * 1000
         evidence = _ignored(entry)
