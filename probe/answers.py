@@ -288,6 +288,9 @@ class AnswerChecker:
     one per attempt; time spent waiting for the pacer or a free slot does not count against it,
     since a queue on the probe says nothing about the address. Refetching a certificate that
     failed validation, for the evidence, is a second connection with its own deadline.
+
+    `concurrency` should be at least `rate` × `timeout`: a silent address holds its slot for the
+    whole deadline, and with fewer slots silences, not the rate, would set the pace.
     """
 
     def __init__(
@@ -297,7 +300,7 @@ class AnswerChecker:
         ca_file: str | None = None,
         timeout: float = 5.0,
         ttl: float = 6 * 3600.0,
-        concurrency: int = 16,
+        concurrency: int = 32,
         rate: float | None = 5.0,
         fingerprints: Fingerprints | None = None,
         ssl_context: ssl.SSLContext | None = None,

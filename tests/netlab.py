@@ -70,6 +70,7 @@ class Request:
     sni: str | None
     head: str
     extra: bytes
+    done: threading.Event = field(default_factory=threading.Event)  # the server finished with it
 
 
 @dataclass
@@ -237,23 +238,26 @@ class NetLab:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             obj = writer.get_extra_info("ssl_object")
             self._count(address)
+            request: Request | None = None
             try:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-                extra = b""
-                with contextlib.suppress(TimeoutError):
-                    extra = await asyncio.wait_for(reader.read(1024), 0.05)
+                request = Request(address, seen.pop(id(obj), None), head, b"")
                 with self._lock:
-                    self.requests.append(Request(address, seen.pop(id(obj), None), head, extra))
-                host = _header(head, "host") or ""
-                response = answer(host)
+                    self.requests.append(request)
+                response = answer(_header(head, "host") or "")
                 if response is None:  # hold the connection, answer nothing
                     await reader.read()
                     return
                 writer.write(response)
                 await writer.drain()
+                # Anything after the head would be a body; the client closes once it has the answer.
+                with contextlib.suppress(TimeoutError):
+                    request.extra = await asyncio.wait_for(reader.read(1024), 1)
             except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
                 pass  # a TLS-only check closes after the handshake
             finally:
+                if request is not None:
+                    request.done.set()
                 writer.close()
                 with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
                     await asyncio.wait_for(writer.wait_closed(), 1)
