@@ -322,6 +322,9 @@ class AnswerChecker:
         self.fingerprints = fingerprints if fingerprints is not None else load_fingerprints()
         self.user_agent = user_agent
         self.verifying = ssl_context if ssl_context is not None else client_context(ca_file, ("http/1.1",))
+        if self.verifying.verify_mode != ssl.CERT_REQUIRED or not self.verifying.check_hostname:
+            # A context that does not check would turn every impostor into a proven leak.
+            raise ValueError("ssl_context: must verify the chain and the host name")
         # Only to read the certificate a verifying handshake refused; never used to send a request.
         self.unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.unverified.check_hostname = False
@@ -438,7 +441,12 @@ class AnswerChecker:
                     if writer is None:
                         sock.close()
                     raise
-                cert = _cert_of(writer)
+                der = _peer_der(writer)
+                if der is None:  # never call a handshake without a certificate valid
+                    return replace(
+                        base, status=CheckStatus.TLS_FAILED, phase=phase, error=f"{phase}: no certificate"
+                    )
+                cert = _parse_cert(der)
                 if ctx is self.unverified:
                     return replace(base, cert=cert)
                 # Kept in `base` so that a failure in HEAD still reports the certificate it saw.
@@ -611,10 +619,10 @@ async def _close(writer: asyncio.StreamWriter) -> None:
             await writer.wait_closed()
 
 
-def _cert_of(writer: asyncio.StreamWriter) -> CertInfo | None:
+def _peer_der(writer: asyncio.StreamWriter) -> bytes | None:
     ssl_object = writer.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    return _parse_cert(der) if der else None
+    return der or None
 
 
 def _parse_cert(der: bytes) -> CertInfo | None:

@@ -321,6 +321,10 @@ def test_bad_settings_are_refused_with_the_value() -> None:
         AnswerChecker(rate=0)
     with pytest.raises(ValueError, match=r"timeout: -1 is not a positive number"):
         AnswerChecker(timeout=-1)
+    lax = ssl.create_default_context()
+    lax.check_hostname = False
+    with pytest.raises(ValueError, match="ssl_context: must verify the chain and the host name"):
+        AnswerChecker(ssl_context=lax)
 
 
 def test_a_bug_inside_a_check_becomes_an_error_value(lab: NetLab) -> None:
