@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import socket
 import sys
 import time
+import tracemalloc
 from dataclasses import dataclass
 
 from probe.answers import AddressCheck, AnswerChecker, CheckStatus
@@ -73,6 +75,29 @@ async def _cached_hit_cpu(lab: NetLab, n: int) -> float:
     return (time.thread_time() - cpu0) / n * 1000
 
 
+async def _cache_bytes(lab: NetLab, n: int) -> float:
+    """Memory a cached result holds, from `n` real checks of distinct names: what is still
+    allocated afterwards by code in probe/answers.py (the lab's servers share this process and
+    their allocations are left out). tracemalloc is slow, so this runs after the timed part."""
+    checker = AnswerChecker(ca_file=lab.ca_file, rate=None, concurrency=16)
+    await checker.check("leaky.example", SITE)  # one-off allocations (contexts, imports) first
+    names = [f"m{i}.leaky.example" for i in range(n)]  # the engine's strings, kept by the cache
+    gc.collect()
+    tracemalloc.start(64)
+    before = tracemalloc.take_snapshot()
+    results = await asyncio.gather(*(checker.check(name, SITE) for name in names))
+    del results
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    assert len(checker._cache) == n + 1
+    ours = [tracemalloc.Filter(True, "*/probe/answers.py", all_frames=True)]
+    grown = sum(
+        d.size_diff for d in after.filter_traces(ours).compare_to(before.filter_traces(ours), "filename")
+    )
+    return grown / n
+
+
 async def _bench(lab: NetLab, n: int) -> tuple[tuple[float, float], list[Row], float]:
     reference = await _tcp_reference(SITE, n)
     rows = [
@@ -101,6 +126,7 @@ def main() -> None:
     sys.setswitchinterval(0.0005)
     with NetLab() as lab:
         (ref_cpu, ref_wall), rows, hit_cpu = lab.run(lambda: _bench(lab, args.checks), timeout=600)
+        entry = lab.run(lambda: _cache_bytes(lab, args.checks * 2), timeout=600)
 
     print(
         "| check | status | client CPU ms/check | × TCP connect | wall ms/check | connections/check | checks/s, 16 at once (loopback, servers in this process) |"
@@ -115,6 +141,11 @@ def main() -> None:
     print(f"| cache hit | - | {hit_cpu:.4f} | {hit_cpu / ref_cpu:.2f}x | - | 0 | - |")
 
     connections = args.budget * args.pass_hours * 3600
+    print(
+        f"\nA cached result holds {entry:.0f} bytes (one parsed certificate shared by the addresses that "
+        f"present it). The cache holds at most budget × ttl entries: {connections:,.0f} at "
+        f"{args.budget:g}/s with a {args.pass_hours:g} h ttl, {connections * entry / 2**20:.0f} MiB."
+    )
     tls_cpu = rows[0].cpu_ms
     invalid_extra = rows[3].connections - 1
     print(

@@ -260,21 +260,24 @@ def reach_of(checks: Sequence[AddressCheck], manipulation: Manipulation | None =
 
 class _Pacer:
     """At most `rate` new connections per second, evenly spaced: politeness toward listed sites
-    (and the probe's own uplink) matters more than bursts, so there is no burst allowance."""
+    (and the probe's own uplink) matters more than bursts, so there is no burst allowance.
+    Callers pass one at a time and the next slot counts from when the last one actually left,
+    so a caller woken late by a busy loop cannot bunch up with the next."""
 
     def __init__(self, rate: float | None, clock: Callable[[], float]) -> None:
         self.interval = 1.0 / rate if rate else 0.0
         self.clock = clock
-        self.next_slot = 0.0
+        self.next_slot = float("-inf")
+        self.lock = asyncio.Lock()
 
     async def wait(self) -> None:
         if not self.interval:
             return
-        now = self.clock()
-        slot = max(now, self.next_slot)
-        self.next_slot = slot + self.interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        async with self.lock:
+            delay = self.next_slot - self.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.next_slot = self.clock() + self.interval
 
 
 class AnswerChecker:
@@ -334,6 +337,7 @@ class AnswerChecker:
         self._pacer = _Pacer(rate, clock)
         self._cache: dict[tuple[str, str], tuple[float, AddressCheck]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[AddressCheck]] = {}
+        self._certs: dict[str, CertInfo] = {}
         self._inserts = 0
         self.connections = 0  # opened since creation: the figure the connection budget is about
 
@@ -350,7 +354,7 @@ class AnswerChecker:
 
     async def check(self, name: str, address: str) -> AddressCheck:
         """One (name, address), from the cache when fresh; concurrent callers share one check."""
-        name = name.lower().rstrip(".")
+        name = _normal_name(name)
         address = _normal_address(address)
         if not self.enabled:
             return self._error(name, address, "answer checks are off")
@@ -376,12 +380,26 @@ class AnswerChecker:
         return result
 
     def _remember(self, key: tuple[str, str], result: AddressCheck) -> None:
+        """Cache a result. The cache holds at most `rate` × `ttl` entries (about 0.55 KB each, see
+        bench/answers.py), so expired ones are swept now and then rather than on every lookup."""
         now = self.clock()
         self._cache[key] = (now + self.ttl, result)
         self._inserts += 1
         if self._inserts % _PRUNE_EVERY == 0:
             for k in [k for k, (expires, _) in self._cache.items() if expires <= now]:
                 del self._cache[k]
+            live = {r.cert.sha256 for _, r in self._cache.values() if r.cert is not None}
+            self._certs = {h: c for h, c in self._certs.items() if h in live}
+
+    def _cert(self, der: bytes) -> CertInfo | None:
+        """One parsed certificate per distinct certificate: a name's addresses usually share one."""
+        digest = hashlib.sha256(der).hexdigest()
+        cert = self._certs.get(digest)
+        if cert is None:
+            cert = _parse_cert(der, digest)
+            if cert is not None:
+                self._certs[digest] = cert
+        return cert
 
     def _error(self, name: str, address: str, text: str) -> AddressCheck:
         return AddressCheck(name, address, self.mode, CheckStatus.ERROR, error=text, time=_now())
@@ -446,7 +464,7 @@ class AnswerChecker:
                     return replace(
                         base, status=CheckStatus.TLS_FAILED, phase=phase, error=f"{phase}: no certificate"
                     )
-                cert = _parse_cert(der)
+                cert = self._cert(der)
                 if ctx is self.unverified:
                     return replace(base, cert=cert)
                 # Kept in `base` so that a failure in HEAD still reports the certificate it saw.
@@ -549,6 +567,11 @@ class AnswerChecker:
 # --- helpers ----------------------------------------------------------------------------------
 
 
+def _normal_name(name: str) -> str:
+    normal = name.lower().rstrip(".")
+    return name if normal == name else normal  # keep the caller's string: the cache holds many
+
+
 def _normal_address(address: str) -> str:
     """Text form for the cache key and the connection; an IPv4-mapped address is its IPv4 address."""
     try:
@@ -556,8 +579,9 @@ def _normal_address(address: str) -> str:
     except ValueError:
         return address
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+        ip = ip.ipv4_mapped
+    text = str(ip)
+    return address if text == address else text
 
 
 def _unfit(name: str, address: str) -> str | None:
@@ -625,7 +649,7 @@ def _peer_der(writer: asyncio.StreamWriter) -> bytes | None:
     return der or None
 
 
-def _parse_cert(der: bytes) -> CertInfo | None:
+def _parse_cert(der: bytes, digest: str) -> CertInfo | None:
     """The parts of a certificate worth keeping as evidence; None if it does not even parse."""
     try:
         cert = x509.load_der_x509_certificate(der)
@@ -645,7 +669,7 @@ def _parse_cert(der: bytes) -> CertInfo | None:
             names=tuple(names),
             not_before=cert.not_valid_before_utc.isoformat().replace("+00:00", "Z"),
             not_after=cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
-            sha256=hashlib.sha256(der).hexdigest(),
+            sha256=digest,
         )
     except (ValueError, TypeError):
         return None

@@ -54,7 +54,7 @@ STALLS = "203.0.113.42"  # TCP completes, nobody reads the ClientHello: handshak
 RESETS = "203.0.113.43"  # reads the ClientHello, then RST (as SNI filters do)
 NO_ROUTE = "192.0.2.1"  # configured nowhere: no route inside the namespace
 
-SITE_NAMES = ("leaky.example", "www.leaky.example", "slow.leaky.example")
+SITE_NAMES = ("leaky.example", "*.leaky.example")  # any name under it: distinct cache keys for benches
 CDN_NAMES = ("cdn-site.example", "blocked-at-cdn.example", "redirected.example", "forbidden.example")
 KNOWN_BLOCKPAGE_HOST = "internet-positif.org"  # in probe/data/fingerprints.csv (ooni.id_44)
 UNKNOWN_BLOCKPAGE_HOST = "stop.isp-unknown.example"
@@ -93,6 +93,7 @@ class NetLab:
         self._stop: asyncio.Event | None = None
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
+        self._issued: dict[tuple[int, tuple[str, ...]], trustme.LeafCert] = {}
 
     # --- lifecycle ---
 
@@ -223,7 +224,10 @@ class NetLab:
         strict_sni: bool = False,
     ) -> asyncio.Server:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(*names).configure_cert(ctx)
+        key = (id(ca), names)  # one certificate per site, whatever address serves it, as CDNs do
+        if key not in self._issued:
+            self._issued[key] = ca.issue_cert(*names)
+        self._issued[key].configure_cert(ctx)
         ctx.set_alpn_protocols(["http/1.1"])
         seen: dict[int, str | None] = {}
 

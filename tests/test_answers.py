@@ -262,6 +262,7 @@ def test_check_all_checks_each_distinct_address_once(lab: NetLab) -> None:
         return await checker.check_all(NAME, [SITE, SITE_V6, SITE, f"::ffff:{SITE}", REFUSES])
 
     results = lab.run(go)
+    assert results[0].cert is not None and results[0].cert is results[1].cert  # parsed once, shared
     assert [(r.address, r.status) for r in results] == [
         (SITE, CheckStatus.VALID),
         (SITE_V6, CheckStatus.VALID),
