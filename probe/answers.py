@@ -419,10 +419,8 @@ class AnswerChecker:
         async with self._slots:
             await self._pacer.wait()
             started = _now()
-            t0 = time.perf_counter()
             result = await self._attempt(name, address, self.verifying)
-            elapsed = round((time.perf_counter() - t0) * 1000, 3)
-            result = replace(result, time=started, elapsed_ms=elapsed, connections=1)
+            result = replace(result, time=started, connections=1)
             if result.status is CheckStatus.INVALID_CERT:
                 await self._pacer.wait()
                 refetch = await self._attempt(name, address, self.unverified)
@@ -439,7 +437,21 @@ class AnswerChecker:
         return result
 
     async def _attempt(self, name: str, address: str, ctx: ssl.SSLContext) -> AddressCheck:
-        """One connection under one deadline; every failure becomes a status with its phase."""
+        """One connection under one deadline, timed up to the verdict (the polite close after it,
+        bounded by _CLOSE_GRACE, is not the address's latency)."""
+        opened: list[asyncio.StreamWriter] = []
+        t0 = time.perf_counter()
+        try:
+            result = await self._judge(name, address, ctx, opened)
+            return replace(result, elapsed_ms=round((time.perf_counter() - t0) * 1000, 3))
+        finally:
+            for writer in opened:
+                await _close(writer)
+
+    async def _judge(
+        self, name: str, address: str, ctx: ssl.SSLContext, opened: list[asyncio.StreamWriter]
+    ) -> AddressCheck:
+        """Connect, hand shake (and HEAD); every failure becomes a status with its phase."""
         loop = asyncio.get_running_loop()
         base = AddressCheck(name, address, self.mode, CheckStatus.VALID)
         phase = Phase.CONNECT
@@ -459,6 +471,7 @@ class AnswerChecker:
                     if writer is None:
                         sock.close()
                     raise
+                opened.append(writer)
                 der = _peer_der(writer)
                 if der is None:  # never call a handshake without a certificate valid
                     return replace(
@@ -497,9 +510,6 @@ class AnswerChecker:
             return replace(base, status=CheckStatus.RESET, phase=phase, error=f"{phase}: connection reset")
         except OSError as exc:
             return _os_failure(base, phase, exc)
-        finally:
-            if writer is not None:
-                await _close(writer)
         return result
 
     async def _head(
