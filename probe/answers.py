@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -48,8 +49,10 @@ __all__ = [
     "Manipulation",
     "Phase",
     "Reach",
+    "addresses_of",
     "manipulated",
     "reach_of",
+    "same_addresses",
 ]
 
 PORT = 443  # the only port ever checked: a politeness rule of issue 16, not a default
@@ -198,6 +201,34 @@ _NO_HANDSHAKE = frozenset(
 
 
 # --- the judgements (pure: no I/O, no clock) ---------------------------------------------------
+
+
+_HINT = re.compile(r'\bipv[46]hint=("[^"]*"|\S+)')
+
+
+def addresses_of(qtype: str, answers: Sequence[str]) -> list[str]:
+    """The distinct addresses an answer points at, in order: A and AAAA data, and the HTTPS
+    record's ipv4hint/ipv6hint (presentation format, as in a measurement's `answers`).
+    IPv4-mapped addresses become IPv4; anything that is not an address is skipped."""
+    found: list[str] = []
+    for text in answers:
+        if qtype in ("A", "AAAA"):
+            found.append(text)
+        elif qtype == "HTTPS":
+            for value in _HINT.findall(text):
+                found += value.strip('"').split(",")
+    out: dict[str, None] = {}
+    for candidate in found:
+        normal = _normal_address(candidate)
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(normal)
+            out[normal] = None
+    return list(out)
+
+
+def same_addresses(resolver_answer: Sequence[str], control_answer: Sequence[str], qtype: str) -> bool:
+    """Whether two answers point at the same set of addresses (what `manipulated` is told)."""
+    return set(addresses_of(qtype, resolver_answer)) == set(addresses_of(qtype, control_answer))
 
 
 def manipulated(

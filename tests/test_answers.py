@@ -29,8 +29,10 @@ from probe.answers import (
     Manipulation,
     Phase,
     Reach,
+    addresses_of,
     manipulated,
     reach_of,
+    same_addresses,
 )
 from probe.fingerprints import load_fingerprints
 from tests import netlab
@@ -484,4 +486,30 @@ def test_json_is_complete_and_plain() -> None:
 
 def test_public_api() -> None:
     names = "PORT AddressCheck AnswerChecker CertInfo CheckMode CheckStatus Manipulation Phase Reach"
-    assert sorted(answers.__all__) == sorted([*names.split(), "manipulated", "reach_of"])
+    functions = ["addresses_of", "manipulated", "reach_of", "same_addresses"]
+    assert sorted(answers.__all__) == sorted([*names.split(), *functions])
+
+
+@pytest.mark.parametrize(
+    ("qtype", "answer", "expected"),
+    [
+        ("A", ["198.51.100.1", "198.51.100.2", "198.51.100.1"], ["198.51.100.1", "198.51.100.2"]),
+        ("AAAA", ["2001:DB8::1", "::ffff:198.51.100.1"], ["2001:db8::1", "198.51.100.1"]),
+        ("A", ["not-an-address"], []),
+        (
+            "HTTPS",
+            ['1 . alpn="h2,h3" ipv4hint="198.51.100.1,198.51.100.2" ipv6hint="2001:db8::1"'],
+            ["198.51.100.1", "198.51.100.2", "2001:db8::1"],
+        ),
+        ("HTTPS", ["1 . ipv4hint=198.51.100.3 port=8443"], ["198.51.100.3"]),
+        ("HTTPS", ["1 svc.example. alpn=h2"], []),  # no hints: nothing to check at this record
+        ("TXT", ["198.51.100.1"], []),
+    ],
+)
+def test_addresses_of(qtype: str, answer: list[str], expected: list[str]) -> None:
+    assert addresses_of(qtype, answer) == expected
+
+
+def test_same_addresses_ignores_order_and_form() -> None:
+    assert same_addresses(["198.51.100.2", "198.51.100.1"], ["198.51.100.1", "::ffff:198.51.100.2"], "A")
+    assert not same_addresses(["198.51.100.1"], ["198.51.100.1", "198.51.100.2"], "A")
