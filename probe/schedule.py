@@ -460,7 +460,7 @@ class Scheduler:
             elif not self._urgent(lane, i):
                 heapq.heappop(heap)
                 lane.queued[i] = 0
-            elif due > until:
+            elif due > until or lane.last[i] >= t:  # not due, or already in this batch
                 break
             else:
                 heapq.heappop(heap)
@@ -529,10 +529,15 @@ class Scheduler:
                 need = max(0, self._target(lane, t, until) - lane.cursor)
                 reserve.append(min(need, steady, cap - sum(reserve)))
             spare = cap - sum(reserve)
-            fast: list[list[int]] = []
-            for lane in lanes:
-                fast.append(self._fast(lane, t, until, spare))
-                spare -= len(fast[-1])
+            # An endpoint named by several resolvers: each lane gets an equal share first, then
+            # what the others left.
+            fast: list[list[int]] = [[] for _ in lanes]
+            share = spare // len(lanes)
+            for k in (0, 1):
+                for chosen, lane in zip(fast, lanes, strict=True):
+                    got = self._fast(lane, t, until, min(spare, share) if k == 0 else spare)
+                    chosen += got
+                    spare -= len(got)
             for lane, chosen, own in zip(lanes, fast, reserve, strict=True):
                 rot = self._rotate(lane, t, until, own + spare)
                 spare -= max(0, len(rot) - own)
