@@ -303,6 +303,7 @@ class Scheduler:
         now: dt.datetime,
         qps: float | None = 20.0,
         settings: Settings | None = None,
+        expectations: Expectations | None = None,
     ) -> None:
         if not qtypes or len(qtypes) > 32:
             raise ValueError("between 1 and 32 qtypes")
@@ -319,7 +320,7 @@ class Scheduler:
         self._groups: dict[Endpoint, list[_Lane]] = {}
         self._lanes: list[_Lane] = []
         self._lane_of: dict[tuple[str, str], _Lane] = {}
-        self._load(lists)
+        self._load(lists, expectations)
         for ri, r in enumerate(self.resolvers):
             for ep in r.endpoints:
                 lane = _Lane(r, ri, ep, len(self._names), t)
@@ -337,9 +338,12 @@ class Scheduler:
 
     # -- lists -------------------------------------------------------------------------------
 
-    def _load(self, lists: Lists) -> None:
+    def _load(self, lists: Lists, expectations: Expectations | None) -> None:
         self.lists = lists
-        self._expect = Expectations(lists)
+        # The daemon's own index when it hands it in: the largest part of the scheduler's memory.
+        self._expect = (
+            expectations if expectations is not None and expectations.lists is lists else Expectations(lists)
+        )
         self._names = sorted(set(lists.query_names()))
         self._index = {name: i for i, name in enumerate(self._names)}
         # Lists.names_of() scans every name per order (quadratic over thousands of tickets);
@@ -359,13 +363,13 @@ class Scheduler:
         k = next(k for k, o in enumerate(self.lists.orders) if o is order)
         return [self._names[i] for i in self._order_names[k]]
 
-    def update_lists(self, lists: Lists, now: dt.datetime) -> None:
+    def update_lists(self, lists: Lists, now: dt.datetime, expectations: Expectations | None = None) -> None:
         """New lists (from the collector): state carries over by name, the rotation resumes at
         the same place in the alphabet, and orders not seen before are chased from `now`."""
         t = _ts(now)
         known = {_order_key(o) for o in self.lists.orders}
         old_names, old_index = self._names, self._index
-        self._load(lists)
+        self._load(lists, expectations)
         for o in lists.orders:
             key = _order_key(o)
             if key not in known and key not in self._published:
