@@ -14,7 +14,7 @@ reaching the probe at the next 5-minute poll of the collector (update_lists).
 
 Printed: coverage per full_pass (per name × endpoint, the longest gap between measurements),
 the delay from a ticket's effective instant to its first measurement on each endpoint, how
-often the fast lane measures leaking names, the scheduler's CPU (its own calls, apart from
+often the fast lane measures leaking names (`--chase` sets how long it chases them), the scheduler's CPU (its own calls, apart from
 the harness) and memory (RSS floor, after the lists, after the scheduler; peak).
 """
 
@@ -31,6 +31,7 @@ from array import array
 from pathlib import Path
 from typing import NamedTuple
 
+from probe.expect import Expectations
 from probe.lists import Lists, Order, Pattern
 from probe.model import Finding, Transport
 from probe.schedule import Scheduler, Settings, budget, check, format_span
@@ -39,6 +40,13 @@ from probe.specs import Endpoint, Resolver
 T0 = dt.datetime(2026, 12, 1, 0, 0, tzinfo=dt.UTC)
 QTYPES = ("A", "AAAA", "HTTPS")
 QPS = 20.0
+
+
+class Ticket(NamedTuple):
+    order: Order
+    effective: dt.datetime
+    late: bool  # published at its effective instant, not ahead
+    enforced: dt.datetime  # when the ISP starts blocking it
 
 
 class R(NamedTuple):
@@ -75,6 +83,7 @@ def main() -> None:
     ap.add_argument("--hours", type=float, default=24)
     ap.add_argument("--slice", type=float, default=10, help="seconds per batch")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--chase", type=float, default=24, help="hours the fast lane chases a new order's leaks")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     floor = rss_mib()[0]
@@ -87,15 +96,15 @@ def main() -> None:
     ]
     # One ticket every 15 minutes; odd ones are published when they take effect.
     end = T0 + dt.timedelta(hours=args.hours)
-    tickets: list[tuple[Order, bool, dt.timedelta]] = []
+    tickets: list[Ticket] = []
     for k in range(int(args.hours * 4)):
         effective = T0 + dt.timedelta(minutes=15 * k, seconds=rng.randrange(1, 900))
         names = [f"t{k}-{j}.example" for j in range(rng.randint(1, 30))]
-        tickets.append(
-            (order(f"ticket-{k}", names, effective), k % 2 == 1, dt.timedelta(minutes=rng.uniform(5, 40)))
-        )
-    ahead = [o for o, late, _ in tickets if not late]
+        lag = dt.timedelta(minutes=rng.uniform(5, 40))
+        tickets.append(Ticket(order(f"ticket-{k}", names, effective), effective, k % 2 == 1, effective + lag))
+    ahead = [tk.order for tk in tickets if not tk.late]
     lists = Lists(tuple(old + ahead), (), ("bench",))
+    index = Expectations(lists)  # the daemon's own, for the engine's expectations: shared
     after_lists = rss_mib()[0]
 
     isp = Resolver(
@@ -117,22 +126,29 @@ def main() -> None:
         ),
     )
     resolvers = (isp, public)
-    settings = Settings()
+    settings = Settings(chase=args.chase * 3600)
     print(budget(len(lists.query_names()), QTYPES, resolvers, QPS, settings))
     assert check(len(lists.query_names()), QTYPES, resolvers, QPS, settings) == []
 
     tracemalloc.start()
     cpu0 = time.process_time()
     sched = Scheduler(
-        lists, country="IT", resolvers=resolvers, qtypes=QTYPES, now=T0, qps=QPS, settings=settings
+        lists,
+        country="IT",
+        resolvers=resolvers,
+        qtypes=QTYPES,
+        now=T0,
+        qps=QPS,
+        settings=settings,
+        expectations=index,
     )
     build_cpu = time.process_time() - cpu0
     own_bytes = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     after_sched = rss_mib()[0]
 
-    enforce_at = {name: o.effective + lag for o, _, lag in tickets for name in (p.name for p in o.domains)}  # type: ignore[operator]
-    effective_of = {p.name: (o.effective, o.id) for o, _, _ in tickets for p in o.domains}
+    enforce_at = {p.name: tk.enforced for tk in tickets for p in tk.order.domains}
+    effective_of = {p.name: (tk.effective, tk.order.id) for tk in tickets for p in tk.order.domains}
     lanes = [(r, ep) for r in resolvers for ep in r.endpoints]
     keys = {(r.name, str(ep)): k for k, (r, ep) in enumerate(lanes)}
     slots: dict[str, int] = {}
@@ -140,21 +156,28 @@ def main() -> None:
     last = array("d", [T0.timestamp()]) * (cap * len(lanes))
     worst = array("d", [0.0]) * (cap * len(lanes))
     first: dict[tuple[str, int], float] = {}  # (ticket name, lane) -> delay from effective
+    arrived: dict[str, float] = {}  # late ticket name -> when the probe's poll brought it
+    from_arrival: list[float] = []
     fast_gaps: list[float] = []
     fast_prev: dict[tuple[str, int], float] = {}
-    calls, call_cpu, call_max, upd_cpu, queries = 0, 0.0, 0.0, 0.0, 0
-    late_pending = sorted(((o, lag) for o, late, lag in tickets if late), key=lambda x: x[0].effective)  # type: ignore[arg-type, return-value]
+    calls, call_cpu, call_max, upd_cpu, index_cpu, queries = 0, 0.0, 0.0, 0.0, 0.0, 0
+    late_pending = [tk for tk in tickets if tk.late]
     known = list(old + ahead)
     next_poll = T0 + dt.timedelta(minutes=5)
     now = T0
     while now < end:
         if now >= next_poll:  # the collector's lists, polled every 5 minutes
-            fresh = [o for o, _ in late_pending if o.effective <= now]  # type: ignore[operator]
+            fresh = [tk.order for tk in late_pending if tk.effective <= now]
             if fresh:
                 late_pending = late_pending[len(fresh) :]
+                arrived.update({p.name: now.timestamp() for o in fresh for p in o.domains})
                 known += fresh
+                new = Lists(tuple(known), (), ("bench",))
                 c = time.process_time()
-                sched.update_lists(Lists(tuple(known), (), ("bench",)), now)
+                index = Expectations(new)
+                index_cpu += time.process_time() - c
+                c = time.process_time()
+                sched.update_lists(new, now, index)
                 upd_cpu += time.process_time() - c
             next_poll += dt.timedelta(minutes=5)
         stop = min(now + dt.timedelta(seconds=args.slice), next_poll)
@@ -178,9 +201,11 @@ def main() -> None:
             last[j] = at
             if name in effective_of:
                 eff, _ = effective_of[name]
-                eff_t = eff.timestamp()  # type: ignore[union-attr]
+                eff_t = eff.timestamp()
                 if at >= eff_t and (name, k) not in first:
                     first[(name, k)] = at - eff_t
+                    if name in arrived:
+                        from_arrival.append(at - arrived[name])
                 if r is public and at >= eff_t:
                     if (name, k) in fast_prev and at - eff_t < 12 * 3600:
                         fast_gaps.append(at - fast_prev[(name, k)])
@@ -209,7 +234,7 @@ def main() -> None:
     full = settings.full_pass
     covered = sum(1 for g in base_gaps if g <= full)
     delays = sorted(first.values())
-    expected_pairs = sum(len(o.domains) for o, _, _ in tickets if o.effective < end) * len(lanes)  # type: ignore[operator]
+    expected_pairs = sum(len(tk.order.domains) for tk in tickets if tk.effective < end) * len(lanes)
     ahead_delays = sorted(v for (n, _), v in first.items() if effective_of[n][1] in {o.id for o in ahead})
     late_delays = sorted(v for (n, _), v in first.items() if effective_of[n][1] not in {o.id for o in ahead})
     status = sched.status(end)
@@ -231,7 +256,8 @@ def main() -> None:
     )
     print(
         f"  published at effective (5-min poll): max {format_span(late_delays[-1])}, "
-        f"median {format_span(statistics.median(late_delays))}"
+        f"median {format_span(statistics.median(late_delays))}; from the poll that brought them: "
+        f"max {max(from_arrival):.1f} s"
     )
     print(f"  overall worst delay: {delays[-1]:.1f} s")
     print(
@@ -245,10 +271,10 @@ def main() -> None:
     print(
         f"CPU: scheduler build {build_cpu:.2f} s; next_batch+record {call_cpu:.2f} s for the run "
         f"({call_cpu / (args.hours * 3600):.4%} of one core), {call_cpu / calls * 1000:.2f} ms a call on average, "
-        f"worst {call_max * 1000:.1f} ms; update_lists {upd_cpu:.2f} s in total"
+        f"worst {call_max * 1000:.1f} ms; update_lists {upd_cpu:.2f} s in total (the daemon's index rebuilds: {index_cpu:.2f} s)"
     )
     print(
-        f"memory: interpreter floor {floor:.0f} MiB; +lists {after_lists - floor:.0f} MiB; "
+        f"memory: interpreter floor {floor:.0f} MiB; +lists and their index {after_lists - floor:.0f} MiB; "
         f"+scheduler {after_sched - after_lists:.0f} MiB (tracemalloc: {own_bytes / 2**20:.1f} MiB); "
         f"peak RSS {peak:.0f} MiB (harness included: {pairs} pair records); "
         f"ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
