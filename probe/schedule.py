@@ -155,10 +155,16 @@ def parse_settings(section: Mapping[str, Any] | None, prefix: str = "schedule") 
     fast_s = fast if fast is not None else default.fast_interval
     full_s = full if full is not None else default.full_pass
     if (fast is not None or full is not None) and full_s <= fast_s:
-        shown = section.get("full_pass", format_span(full_s))
-        errors.append(
-            f"{prefix}.full_pass: {shown!r} must be longer than {prefix}.fast_interval ({format_span(fast_s)})"
-        )
+        if full is not None:
+            errors.append(
+                f"{prefix}.full_pass: {section['full_pass']!r} must be longer than "
+                f"{prefix}.fast_interval ({format_span(fast_s)})"
+            )
+        else:
+            errors.append(
+                f"{prefix}.fast_interval: {section['fast_interval']!r} must be shorter than "
+                f"{prefix}.full_pass ({format_span(full_s)})"
+            )
         return default, errors
     return Settings(fast_interval=fast_s, full_pass=full_s), errors
 
@@ -563,8 +569,10 @@ class Scheduler:
         """Take results (one per name × qtype × endpoint, in any grouping): a name leaves the
         fast lane on an endpoint once every qtype came back enforced there with nothing else in
         between, and comes back on anything else while its order is recent. Returns how many
-        results were about names and lanes this scheduler knows."""
-        self._clock(_ts(now))
+        results were about names and lanes this scheduler knows. `now` is when they arrived;
+        it never moves the scheduler's clock (results of a slice arrive out of order), which
+        only `next_batch()` reads."""
+        _ts(now)
         known = 0
         for m in results:
             lane = self._lane_of.get((m.resolver, m.endpoint))

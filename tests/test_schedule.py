@@ -327,6 +327,10 @@ def test_settings_parse(section: dict[str, object], fast: float, full: float) ->
             {"fast_interval": "1h", "full_pass": "30m"},
             "schedule.full_pass: '30m' must be longer than schedule.fast_interval (1h)",
         ),
+        (
+            {"fast_interval": "7h"},
+            "schedule.fast_interval: '7h' must be shorter than schedule.full_pass (6h)",
+        ),
     ],
 )
 def test_settings_errors_name_key_and_value(section: dict[str, object], error: str) -> None:
@@ -344,3 +348,30 @@ def test_format_span() -> None:
         "1h52m30s",
         "1d1m",
     ]
+
+
+def test_a_name_leaves_the_fast_lane_only_when_every_qtype_is_enforced_together() -> None:
+    sched = make(lists_of([base_order(50), new_order("t", T0, ["ticket.example"])]), resolvers=(PUBLIC,))
+    ep = PUBLIC.endpoints[0]
+
+    def chased(at: dt.datetime) -> bool:
+        return any(name == "ticket.example" for name, _, _ in sched.next_batch(at, 10))
+
+    def feed(at: dt.datetime, findings: list[Finding]) -> None:
+        for q, f in zip(QTYPES, findings, strict=True):  # one result at a time, as the engine streams them
+            sched.record(at, [Result("ticket.example", q, "public", str(ep), f)])
+
+    assert chased(T0)
+    feed(T0, [Finding.ENFORCED, Finding.LEAK, Finding.ENFORCED])
+    at = T0 + dt.timedelta(seconds=120)
+    assert chased(at)
+    feed(at, [Finding.ENFORCED, Finding.ENFORCED, Finding.INCONCLUSIVE])
+    at += dt.timedelta(seconds=120)
+    assert chased(at)
+    feed(at, [Finding.ENFORCED] * 3)
+    assert not any(chased(at + dt.timedelta(seconds=s)) for s in range(120, 1200, 10))
+    late = at + dt.timedelta(seconds=1200)
+    sched.record(
+        late, [Result("ticket.example", "A", "public", str(ep), Finding.LEAK)]
+    )  # recent: chased again
+    assert chased(late + dt.timedelta(seconds=10))
