@@ -375,3 +375,26 @@ def test_a_name_leaves_the_fast_lane_only_when_every_qtype_is_enforced_together(
         late, [Result("ticket.example", "A", "public", str(ep), Finding.LEAK)]
     )  # recent: chased again
     assert chased(late + dt.timedelta(seconds=10))
+
+
+def test_a_clock_stepping_back_neither_stalls_nor_bursts() -> None:
+    sched = make(lists_of([base_order(2000)]))
+    simulate(sched, 1)
+    back = T0 + dt.timedelta(minutes=50)  # the wall clock steps back ten minutes
+    run = simulate(sched, 0.5, start=back)
+    for now, span, batch in run.batches:
+        per: dict[Endpoint, int] = defaultdict(int)
+        for _, _, ep in batch:
+            per[ep] += len(QTYPES)
+        assert all(q <= 10 * span for q in per.values()), now
+    assert all(s.behind < 30 for s in sched.status(back + dt.timedelta(minutes=30)))
+    assert sum(len(b) for _, _, b in run.batches) >= 2000 * 3 * 0.5 / 5.4 * 0.9
+
+
+def test_without_a_rate_limit_the_rotation_keeps_its_pace() -> None:
+    free = Resolver("free", "isp", None, (Endpoint(Transport.UDP, "127.0.0.1", 53),))
+    sched = Scheduler(
+        lists_of([base_order(5400)]), country="IT", resolvers=[free], qtypes=QTYPES, now=T0, qps=None
+    )
+    batch = sched.next_batch(T0, 60)
+    assert len(batch) == 5400 * 60 // (0.9 * 6 * 3600)  # a pass in 5.4 h, not everything at once
