@@ -123,15 +123,16 @@ def _span(value: Any, key: str, errors: list[str]) -> float | None:
     if isinstance(value, bool):
         errors.append(f"{key}: {value!r} {_SPAN_HINT}")
         return None
+    seconds = math.nan
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if abs(value) < 1e12 else math.nan  # YAML's 1e400 and .inf
     elif isinstance(value, str) and (m := _SPAN_RE.fullmatch(value.strip())):
         seconds = float(int(m[1]) * _UNIT[m[2]])
-    else:
+    if math.isnan(seconds):
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:55] + "…"
         errors.append(f"{key}: {shown} {_SPAN_HINT}")
         return None
-    if not math.isfinite(seconds) or seconds <= 0:
+    if seconds <= 0:
         errors.append(f"{key}: {value!r} must be longer than zero")
         return None
     return seconds

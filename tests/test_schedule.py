@@ -322,6 +322,14 @@ def test_settings_parse(section: dict[str, object], fast: float, full: float) ->
             "schedule.full_pass: True is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)",
         ),
         ({"full_pass": 0}, "schedule.full_pass: 0 must be longer than zero"),
+        (
+            {"full_pass": float("inf")},
+            "schedule.full_pass: inf is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)",
+        ),
+        (
+            {"full_pass": 10**400},
+            "schedule.full_pass: 1000000000000000000000000000000000000000000000000000000… is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)",
+        ),
         ({"fast_interval": 0.5}, "schedule.fast_interval: 0.5 must be at least 1s"),
         (
             {"fast_interval": "1h", "full_pass": "30m"},
