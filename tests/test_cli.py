@@ -81,7 +81,7 @@ def test_overblock_exits_1(isp: LabServer, control: LabServer, lab_ca: LabCA) ->
     assert {json.loads(line)["finding"] for line in result.stdout.splitlines()} == {"overblock"}
 
 
-def test_table_highlights_findings(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+def test_human_output_leads_with_the_answer(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
     args = [
         a
         for a in _args(isp, control, lab_ca, "--expect", "blocked", "leaky.blockprobe-lab.net")
@@ -89,7 +89,45 @@ def test_table_highlights_findings(isp: LabServer, control: LabServer, lab_ca: L
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1
-    assert result.stdout.count("leak") >= 5 and "5 measurements: 5 leak" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0] == "5 measurements: 5 leak"
+    # The matrix: one row for the lab resolver (by host, no URL), a column per transport.
+    host = isp.specs()["udp"].removeprefix("udp://").split(":")[0]
+    assert lines[1].split() == ["resolver", "udp", "tcp", "dot", "doh", "doq"]
+    assert lines[2].split() == [host, "1L", "1L", "1L", "1L", "1L"]
+    # Five leaks that say the same thing are one entry naming the five transports.
+    assert f"  leaky.blockprobe-lab.net A on {host} over udp tcp dot doh doq" in lines
+    assert "    answered 93.184.216.34; option --expect" in lines
+    assert "://" not in result.stdout
+    rows = CliRunner().invoke(cli, [*args, "--all"]).stdout
+    assert rows.count("leaky.blockprobe-lab.net") == 1 + 5  # the entry, then every row
+
+
+def test_exit_3_when_nothing_answers(control: LabServer, lab_ca: LabCA) -> None:
+    dead = ["once", "-t", "A", "-r", "udp://127.0.0.1:1", "--control", "udp://127.0.0.1:1", "--timeout", "0.3",
+            "--udp-linger", "0", "--qps", "0", "example.org"]  # fmt: skip
+    result = CliRunner().invoke(cli, dead)
+    assert result.exit_code == 3, result.output
+    assert "Nothing could be judged" in result.stdout
+    as_json = CliRunner().invoke(cli, [*dead, "--json"])
+    assert as_json.exit_code == 3
+    assert [json.loads(line)["outcome"] for line in as_json.stdout.splitlines()] in (["timeout"], ["error"])
+
+
+def test_exit_3_when_every_finding_is_inconclusive(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+    # NXDOMAIN for a name the control does not know either: no evidence of a block.
+    args = _args(isp, control, lab_ca, "--no-control", "--expect", "blocked", "pirate.blockprobe-lab.net")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 3, result.output
+    assert {json.loads(line)["finding"] for line in result.stdout.splitlines()} == {"inconclusive"}
+
+
+def test_exit_0_when_answers_come_but_nothing_is_expected(
+    isp: LabServer, control: LabServer, lab_ca: LabCA
+) -> None:
+    result = CliRunner().invoke(cli, _args(isp, control, lab_ca, "leaky.blockprobe-lab.net"))
+    assert result.exit_code == 0, result.output
+    assert {json.loads(line)["finding"] for line in result.stdout.splitlines()} == {None}
 
 
 @pytest.mark.parametrize(
@@ -139,7 +177,7 @@ def test_resolvers_lists_the_catalogue() -> None:
 
 def test_demo_runs_offline_and_shows_leaks_and_overblocks() -> None:
     result = _run("demo", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # leaks and overblocks, as scripted
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     findings = {(r["resolver"], r["domain"], r["qtype"], r["transport"]): r["finding"] for r in rows}
     assert findings[("public-leaky", "calcio-pirata.example", "A", "doh")] == "leak"
@@ -149,3 +187,26 @@ def test_demo_runs_offline_and_shows_leaks_and_overblocks() -> None:
     assert findings[("public-censor", "streaming-illegale.example", "A", "tcp")] == "enforced"
     assert findings[("isp-nxdomain", "wikipedia.example", "HTTPS", "udp")] == "ok"
     assert all(r["endpoint"].split("://")[1].startswith("127.53.0.") for r in rows)
+
+
+def test_demo_fits_80_columns_and_answers_first() -> None:
+    result = _run("demo")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    too_long = [line for line in lines if len(line) > 80]
+    assert not too_long, too_long
+    assert len(lines) < 60  # the answer, not 288 rows
+    assert lines[7] == "288 measurements: 96 enforced, 48 leak, 6 overblock, 138 ok"
+    assert lines[8].split() == ["resolver", "udp", "tcp", "dot", "doh", "doh3", "doq"]
+    matrix = {line.split()[0]: line.split()[1:] for line in lines[9:13]}
+    assert matrix["public-leaky"] == ["6L", "6✓"] * 6
+    assert matrix["isp-blockpage"] == ["2L", "1O", "9✓"] * 6
+    assert "  calcio-pirata.example A on public-leaky over every transport" in lines
+    assert "  drive.usercontent.google.example A on isp-blockpage over every transport" in lines
+    # No word is broken across lines: every wrapped line is whole words of the entry.
+    assert "    answered block page 83.224.65.74 [cl.dns_nat_it_agcom_block" in lines
+    every = _run("demo", "--all").stdout.splitlines()
+    assert not [line for line in every if len(line) > 80]
+    assert (
+        sum("calcio-pirata.example" in line for line in every) >= 72
+    )  # 2 types × 6 transports × 4 resolvers + 1
