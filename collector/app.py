@@ -144,7 +144,7 @@ def _loc(loc: Any) -> str:
 def create_app(config: CollectorConfig, store: Store) -> FastAPI:
     """The ASGI application for one store."""
     registry, health = make_registry(store, config.stale_after)
-    pages = Pages(store, config.stale_after, getattr(config, "prometheus_url", None))
+    pages = Pages(store, config.stale_after, config.prometheus_url)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

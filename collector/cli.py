@@ -179,29 +179,6 @@ def _since(text: str) -> float:
 
 
 @cli.command()
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=1),
-    default=15.0,
-    show_default=True,
-    help="Seconds between rounds.",
-)
-@click.option("--no-prometheus", is_flag=True, help="Do not start Prometheus even when it is installed.")
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False),
-    help="Where to keep the fleet's state (default: a temp dir).",
-)
-def demo(interval: float, no_prometheus: bool, state_dir: str | None) -> None:
-    """The whole fleet on loopback until Ctrl-C: lab resolvers, this collector, probes in IT and FR, Prometheus."""
-    from pathlib import Path
-
-    from collector.fleet import run_fleet
-
-    run_fleet(Path(state_dir) if state_dir else None, with_prometheus=not no_prometheus, interval=interval)
-
-
-@cli.command()
 def openapi() -> None:
     """Print the API's OpenAPI description (committed as collector/openapi.json)."""
     from collector.app import create_app
