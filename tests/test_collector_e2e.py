@@ -165,4 +165,3 @@ def test_probe_fetches_its_lists_from_the_collector(
     finally:
         live.stop()
         store.close()
-
