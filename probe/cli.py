@@ -447,11 +447,18 @@ def lists_import(
 
 
 @cli.command("check-config")
-@click.argument("file", type=click.Path(dir_okay=False))
-def check_config(file: str) -> None:
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), help="The daemon's config (or FILE)."
+)
+def check_config(file: str | None, config_file: str | None) -> None:
     """Validate a daemon config: every mistake (exit 2), or a summary of what will run."""
     from probe.daemon.config import ConfigError, load_config
 
+    given = {f for f in (file, config_file) if f is not None}
+    if len(given) != 1:
+        _fail("check-config: give the config once, as FILE or --config FILE")
+    file = given.pop()
     try:
         config = load_config(file)
         if config.lists:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from collector.cli import cli as collector_cli
 from probe.cli import cli
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 
@@ -210,3 +213,57 @@ def test_demo_fits_80_columns_and_answers_first() -> None:
     assert (
         sum("calcio-pirata.example" in line for line in every) >= 72
     )  # 2 types × 6 transports × 4 resolvers + 1
+
+
+def _occupied(port: int) -> socket.socket | None:
+    """Hold a loopback port (None when someone else already holds it: busy either way)."""
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return None
+    s.listen()
+    return s
+
+
+def test_collector_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    (tmp_path / "c.yaml").write_text(f"listen: 127.0.0.1:{port}\nstate_dir: {tmp_path / 'state'}\n")
+    try:
+        cmd = [sys.executable, "-m", "collector.cli", "serve", "--config", str(tmp_path / "c.yaml")]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"collector: listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_collector_serve_needs_no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default state_dir is relative to where it runs
+    holder = _occupied(8478)  # the default listen address, held so that serve stops at the bind
+    try:
+        result = CliRunner().invoke(collector_cli, ["serve"])
+    finally:
+        if holder is not None:
+            holder.close()
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("collector: listen: cannot listen on 127.0.0.1:8478: ")
+    assert (tmp_path / "collector-state" / "collector.sqlite3").exists()  # the defaults were used
+
+
+def test_check_config_takes_the_file_as_argument_or_option(tmp_path: Path) -> None:
+    bad = tmp_path / "probe.yaml"
+    bad.write_text("probe: {id: x}\n")
+    as_arg = CliRunner().invoke(cli, ["check-config", str(bad)])
+    as_opt = CliRunner().invoke(cli, ["check-config", "--config", str(bad)])
+    assert as_arg.exit_code == as_opt.exit_code == 2
+    assert as_arg.stderr == as_opt.stderr and as_arg.stderr.startswith("probe: ")
+    neither = CliRunner().invoke(cli, ["check-config"])
+    assert neither.exit_code == 2
+    assert neither.stderr == "probe: check-config: give the config once, as FILE or --config FILE\n"
