@@ -33,7 +33,6 @@ _MARK = {
     Finding.INCONCLUSIVE: "?",
     Finding.ENFORCED: "✓",
     Finding.OK: "✓",
-    None: "-",
 }
 _STYLE = {
     Finding.LEAK: "bold red",
@@ -89,22 +88,40 @@ def _console(file: IO[str] | None) -> Console:
     return console
 
 
-def _cell(counts: Counter[Finding | None]) -> Text:
+# Without an expectation there is no finding; the cell then says what the answers were.
+_BARE = {
+    "b": ("looks blocked", "magenta"),
+    "r": ("resolves", "cyan"),
+    "x": ("no answer", "yellow"),
+    "-": ("cannot tell", "dim"),
+}
+
+
+def _bare(m: Measurement) -> str:
+    if m.outcome in _NO_RESPONSE:
+        return "x"
+    return {True: "b", False: "r", None: "-"}[m.blocked]
+
+
+def _cell(ms: Sequence[Measurement]) -> tuple[Text, set[str]]:
+    """A matrix cell: counts of each finding, worst first (and the marks it used, for the legend)."""
+    counts: Counter[str] = Counter()
+    for m in ms:
+        if m.finding is None:
+            counts[_bare(m)] += 1
+        else:
+            counts[_MARK[m.finding]] += 1
     text = Text()
-    fine = counts[Finding.ENFORCED] + counts[Finding.OK]
-    parts: list[tuple[str, str]] = []
-    for f in (Finding.LEAK, Finding.OVERBLOCK, Finding.INCONCLUSIVE):
-        if counts[f]:
-            parts.append((f"{counts[f]}{_MARK[f]}", _STYLE[f]))
-    if fine:
-        parts.append((f"{fine}✓", "green"))
-    if counts[None]:
-        parts.append((f"{counts[None]}-", "dim"))
-    for i, (chunk, style) in enumerate(parts):
-        if i:
-            text.append(" ")
-        text.append(chunk, style=style)
-    return text or Text("·", style="dim")
+    order = [(_MARK[f], _STYLE[f]) for f in (Finding.LEAK, Finding.OVERBLOCK, Finding.INCONCLUSIVE)]
+    order += [("✓", "green")] + [(mark, style) for mark, (_w, style) in _BARE.items()]
+    used = set()
+    for mark, style in order:
+        if counts[mark]:
+            if text:
+                text.append(" ")
+            text.append(f"{counts[mark]}{mark}", style=style)
+            used.add(mark)
+    return text, used
 
 
 def _answered(m: Measurement, *, brief: bool = False) -> str:
@@ -149,27 +166,29 @@ def render_answer(measurements: Sequence[Measurement], file: IO[str] | None = No
     table.add_column("resolver", no_wrap=True, max_width=22, overflow="ellipsis")
     for t in transports:
         table.add_column(str(t), no_wrap=True)
+    used: set[str] = set()
     for name, ms in sorted(by_resolver.items()):
         cells = []
         for t in transports:
-            counts: Counter[Finding | None] = Counter(m.finding for m in ms if m.transport is t)
-            cells.append(_cell(counts) if counts else Text("", style="dim"))
+            text, marks = _cell([m for m in ms if m.transport is t])
+            cells.append(text)
+            used |= marks
         table.add_row(name, *cells)
     console.print(table)
-    console.print(
-        Text.assemble(
-            ("L", _STYLE[Finding.LEAK]),
-            " leak  ",
-            ("O", _STYLE[Finding.OVERBLOCK]),
-            " overblock  ",
-            ("?", _STYLE[Finding.INCONCLUSIVE]),
-            " inconclusive  ",
-            ("✓", "green"),
-            " as expected  ",
-            ("-", "dim"),
-            " nothing expected",
-        )
-    )
+    legend = [
+        (_MARK[Finding.LEAK], "leak", _STYLE[Finding.LEAK]),
+        (_MARK[Finding.OVERBLOCK], "overblock", _STYLE[Finding.OVERBLOCK]),
+        (_MARK[Finding.INCONCLUSIVE], "inconclusive", _STYLE[Finding.INCONCLUSIVE]),
+        ("✓", "as expected", "green"),
+    ]
+    legend += [(mark, words, style) for mark, (words, style) in _BARE.items()]
+    parts: list[str | tuple[str, str]] = []
+    for mark, words, style in legend:
+        if mark in used:
+            parts += [(mark, style), f" {words}  "]
+    if any(m.finding is None for m in measurements):
+        parts.append("(nothing expected)")
+    console.print(Text.assemble(*parts), overflow="fold")
     for finding, title in (
         (Finding.LEAK, "must be blocked here, but resolves"),
         (Finding.OVERBLOCK, "must resolve, but is blocked"),
@@ -185,6 +204,16 @@ def render_answer(measurements: Sequence[Measurement], file: IO[str] | None = No
             )
         )
         for line in _grouped(problems, names):
+            console.print(Text(line), overflow="fold")
+    for mark, title in (("b", "look like blocks"), ("x", "got no answer")):
+        bare = [m for m in measurements if m.finding is None and _bare(m) == mark]
+        if not bare:
+            continue
+        console.print()
+        console.print(
+            Text(f"{len(bare)} {title} (nothing was expected of these names)", style=_BARE[mark][1])
+        )
+        for line in _grouped(bare, names):
             console.print(Text(line), overflow="fold")
     inconclusive = [m for m in measurements if m.finding is Finding.INCONCLUSIVE]
     if inconclusive:
@@ -211,7 +240,8 @@ def _grouped(problems: Sequence[Measurement], names: dict[str, str]) -> list[str
         ts = _transports(ms)
         over = "every transport" if len(ts) == len(Transport) else " ".join(str(t) for t in ts)
         head = f"  {domain} {qtype} on {resolver} over {over}"
-        tail = f"answered {answered}" + (f"; {why}" if why else "")
+        said = f"got {answered}" if ms[0].outcome in _NO_RESPONSE else f"answered {answered}"
+        tail = said + (f"; {why}" if why else "")
         for text, indent in ((head, "      "), (tail, "      ")):
             first = "  " if text is head else "    "
             lines.extend(
@@ -258,8 +288,11 @@ def render_rows(measurements: Iterable[Measurement], file: IO[str] | None = None
 
 
 def summary_line(measurements: Iterable[Measurement]) -> str:
-    """`N measurements: a enforced, b leak, …`, in a fixed order."""
-    counts = Counter(m.finding for m in measurements)
-    total = sum(counts.values())
+    """`N measurements: a enforced, b leak, …`, in a fixed order; unjudged ones by what they got."""
+    ms = list(measurements)
+    counts = Counter(m.finding for m in ms)
     parts = [f"{counts[f]} {f}" for f in Finding if counts[f]]
-    return f"{total} measurements" + (": " + ", ".join(parts) if parts else "")
+    bare = Counter(_bare(m) for m in ms if m.finding is None)
+    parts += [f"{bare[mark]} {words}" for mark, (words, _style) in _BARE.items() if bare[mark]]
+    noun = "measurement" if len(ms) == 1 else "measurements"
+    return f"{len(ms)} {noun}" + (": " + ", ".join(parts) if parts else "")
