@@ -19,9 +19,11 @@ import yaml
 from dashboards.alerts import ALERTS
 from fleet import DEMO_FOR, alert_deadline, demo_rules
 
+from .browser import Browser, chromium
 from .fake_collector import wait_for
 
 ROOT = Path(__file__).parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
 FIRING = ("BlockprobeLeak", "BlockprobeLeakConfirmed", "BlockprobeOverblock", "BlockprobeOverblockConfirmed")
 
 
@@ -106,6 +108,17 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
             wait_for(lambda: want <= _firing(prom), left, f"{sorted(want)} firing within {stated:g} s")
             page = httpx2.get(url + "/", timeout=5).text
             assert "BlockprobeLeakConfirmed" in page and 'id="alerts"' in page
+            exe = chromium()
+            if exe is not None:  # with the alerts listed, the matrix and a leak still fit the first screen
+                browser = Browser(exe, tmp_path / "chrome", 1400, 900)
+                try:
+                    browser.load(url + "/")
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    browser.screenshot(ARTIFACTS / "demo-status-1400x900.png")
+                    assert browser.visible("#alerts") and browser.visible("#matrix")
+                    assert browser.visible("tr.leak-row")
+                finally:
+                    browser.close()
         proc.send_signal(signal.SIGINT)
         stopping = time.monotonic()
         out, _ = proc.communicate(timeout=60)
