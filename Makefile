@@ -32,12 +32,12 @@ lint: install
 test: install
 	scripts/system-deps
 	$(MAKE) lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 # Slow: boots the Ansible-converged Debian tree with systemd-nspawn.
 test-boot: install
 	scripts/system-deps
-	$(BIN)/pytest -q -m boot tests/test_ansible_boot.py
+	$(BIN)/pytest -q -rs -m boot tests/test_ansible_boot.py
 
 bench: install
 	scripts/system-deps

@@ -4,6 +4,13 @@ Each alert names the order or list, the resolver, the transport and where, carri
 severity, and links to its section of RUNBOOK.md. Persistence (`for`) is what keeps a
 single-round blip from paging anyone; a second probe seeing the same thing is what
 makes a warning critical.
+
+Rules count probes, never series (CONTRACTS.md section 5): every expression first takes
+one value per probe (`max by (probe, …)`), so two collector replicas in front of one
+database, or one collector scraped by two jobs, change no alert. Leaks and overblocks
+alert once per order (or list) × resolver × transport × country, from the true counts in
+`blockprobe_domains`, with the count and a few example names in the annotations: a
+resolver that ignores a 45,000-name order is one alert, not 45,000.
 """
 
 from __future__ import annotations
@@ -31,53 +38,114 @@ class Alert:
     summary: str
     description: str
     anchor: str
+    # Grafana's alert templates have no `query` function: where the Prometheus annotations
+    # look up the count and example names, Grafana gets these (summary, description) instead.
+    grafana: tuple[str, str] | None = None
+
+    def annotations(self, base: str = RUNBOOK_URL, *, for_grafana: bool = False) -> dict[str, str]:
+        summary, description = (
+            self.grafana if for_grafana and self.grafana else (self.summary, self.description)
+        )
+        return {"summary": summary, "description": description, "runbook_url": self.runbook(base)}
 
     def runbook(self, base: str = RUNBOOK_URL) -> str:
         return f"{base}#{self.anchor}"
 
 
+# The finding counts, one value per probe: `max` folds the copies that replicated collectors
+# or duplicate scrape jobs export (they differ only in `instance`/`job`), so nothing after
+# this can count a probe twice. A leak's `list` is the order that requires the block.
+_LEAKING = (
+    "max by (probe, country, resolver, transport, order) (label_replace("
+    'blockprobe_domains{finding="leak"}, "order", "$1", "list", "(.+)")) > 0'
+)
+_OVERBLOCKED = (
+    'max by (probe, country, resolver, transport, list) (blockprobe_domains{finding="overblock"}) > 0'
+)
+_ORDER = "order, country, resolver, transport"
+_LIST = "list, country, resolver, transport"
+
 RECORDING = [
-    Recording("blockprobe:leak_probes:count",
-              "count by (order, country, resolver, transport, domain, qtype) (blockprobe_leak == 1)"),
-    Recording("blockprobe:overblock_probes:count",
-              "count by (list, country, resolver, transport, domain, qtype) (blockprobe_overblock == 1)"),
+    Recording("blockprobe:order_leaking:max_by_probe", _LEAKING),
+    Recording("blockprobe:order_leak_probes:count",
+              f"count by ({_ORDER}) (blockprobe:order_leaking:max_by_probe)"),
+    Recording("blockprobe:list_overblocked:max_by_probe", _OVERBLOCKED),
+    Recording("blockprobe:list_overblock_probes:count",
+              f"count by ({_LIST}) (blockprobe:list_overblocked:max_by_probe)"),
     Recording("blockprobe:resolver_reachable:max_by_region",
               "max by (region, country, resolver, transport) (blockprobe_resolver_reachable)"),
 ]  # fmt: skip
 
 _WHERE = "{{ $labels.resolver }} over {{ $labels.transport }} in {{ $labels.country }}"
+_SELECT = "country=%q,resolver=%q,transport=%q}"
+_ARGS = "$labels.country $labels.resolver $labels.transport"
+
+
+def _count(family: str, key: str) -> str:
+    """How many name × qtype series have the finding, as seen by the probe that sees most."""
+    query = f'max(blockprobe_domains{{finding="{family}",list=%q,{_SELECT})'
+    return f"{{{{ with printf `{query}` $labels.{key} {_ARGS} | query }}}}{{{{ . | first | value | printf `%.0f` }}}}{{{{ end }}}}"
+
+
+def _examples(metric: str, key: str) -> str:
+    """The first three names in alphabetical order (sorted, so the annotation is stable)."""
+    query = f"max by (domain) ({metric}{{{key}=%q,{_SELECT})"
+    return (
+        f"{{{{ range $i, $s := printf `{query}` $labels.{key} {_ARGS} | query | sortByLabel `domain` }}}}"
+        "{{ if lt $i 3 }}{{ if $i }}, {{ end }}{{ $s.Labels.domain }}{{ end }}{{ end }}"
+    )
+
+
+_LEAK_COUNT, _LEAK_EXAMPLES = _count("leak", "order"), _examples("blockprobe_leak", "order")
+_OVER_COUNT, _OVER_EXAMPLES = _count("overblock", "list"), _examples("blockprobe_overblock", "list")
+_LEAK_GRAFANA = (
+    f"order {{{{ $labels.order }}}} is not enforced on {_WHERE}",
+    "{{ $labels.order }} requires names blocked on this resolver, but {{ $value }} probe(s) see some "
+    "resolve; the leaks dashboard and the collector's status page list them.",
+)
+_OVER_GRAFANA = (
+    f"names of {{{{ $labels.list }}}} are blocked on {_WHERE} but must resolve",
+    "{{ $value }} probe(s) see names that must resolve here blocked; the overblocking dashboard and "
+    "the collector's status page list them.",
+)
 
 ALERTS = [
     Alert(
-        "BlockprobeLeak", "blockprobe:leak_probes:count >= 1", "15m", "warning",
-        f"{{{{ $labels.domain }}}} ({{{{ $labels.qtype }}}}) still resolves on {_WHERE}",
-        "Order {{ $labels.order }} requires {{ $labels.domain }} to be blocked on this resolver in "
-        "{{ $labels.country }}, but {{ $value }} probe(s) have seen it resolve for 15 minutes.",
-        "blockprobeleak",
+        "BlockprobeLeak", "blockprobe:order_leak_probes:count >= 1", "15m", "warning",
+        f"order {{{{ $labels.order }}}} is not enforced on {_WHERE}: {_LEAK_COUNT} leaking name(s) × qtype(s), "
+        f"e.g. {_LEAK_EXAMPLES}",
+        "Order {{ $labels.order }} requires these names blocked on this resolver in {{ $labels.country }}, "
+        "but {{ $value }} probe(s) have seen some of them resolve for 15 minutes.",
+        "blockprobeleak", _LEAK_GRAFANA,
     ),
     Alert(
-        "BlockprobeLeakConfirmed", "blockprobe:leak_probes:count >= 2", "10m", "critical",
-        f"{{{{ $labels.domain }}}} leaks on {_WHERE}, confirmed by {{{{ $value }}}} probes",
-        "Order {{ $labels.order }}: {{ $value }} independent probes see {{ $labels.domain }} "
-        "({{ $labels.qtype }}) resolve on {{ $labels.resolver }} over {{ $labels.transport }}.",
-        "blockprobeleakconfirmed",
+        "BlockprobeLeakConfirmed", "blockprobe:order_leak_probes:count >= 2", "10m", "critical",
+        f"order {{{{ $labels.order }}}} leaks on {_WHERE}, confirmed by {{{{ $value }}}} probes",
+        f"Order {{{{ $labels.order }}}}: {{{{ $value }}}} independent probes see names it requires blocked resolve "
+        f"on {{{{ $labels.resolver }}}} over {{{{ $labels.transport }}}}: {_LEAK_COUNT} name(s) × qtype(s), "
+        f"e.g. {_LEAK_EXAMPLES}.",
+        "blockprobeleakconfirmed", _LEAK_GRAFANA,
     ),
     Alert(
-        "BlockprobeOverblock", "blockprobe:overblock_probes:count >= 1", "15m", "warning",
-        f"{{{{ $labels.domain }}}} ({{{{ $labels.qtype }}}}) is blocked on {_WHERE} but must resolve",
-        "{{ $labels.domain }} is named by {{ $labels.list }} as a name that must resolve in {{ $labels.country }} "
-        "(a control name, or a block ordered elsewhere); {{ $value }} probe(s) have seen it blocked for 15 minutes.",
-        "blockprobeoverblock",
+        "BlockprobeOverblock", "blockprobe:list_overblock_probes:count >= 1", "15m", "warning",
+        f"names of {{{{ $labels.list }}}} are blocked on {_WHERE} but must resolve: {_OVER_COUNT} name(s) × "
+        f"qtype(s), e.g. {_OVER_EXAMPLES}",
+        "{{ $labels.list }} names them as names that must resolve in {{ $labels.country }} (a control list, or "
+        "a block ordered elsewhere); {{ $value }} probe(s) have seen them blocked for 15 minutes.",
+        "blockprobeoverblock", _OVER_GRAFANA,
     ),
     Alert(
-        "BlockprobeOverblockConfirmed", "blockprobe:overblock_probes:count >= 2", "10m", "critical",
-        f"{{{{ $labels.domain }}}} is over-blocked on {_WHERE}, confirmed by {{{{ $value }}}} probes",
-        "{{ $labels.list }}: {{ $value }} independent probes see {{ $labels.domain }} blocked on "
-        "{{ $labels.resolver }} over {{ $labels.transport }} in {{ $labels.country }}.",
-        "blockprobeoverblockconfirmed",
+        "BlockprobeOverblockConfirmed", "blockprobe:list_overblock_probes:count >= 2", "10m", "critical",
+        f"names of {{{{ $labels.list }}}} are over-blocked on {_WHERE}, confirmed by {{{{ $value }}}} probes",
+        f"{{{{ $labels.list }}}}: {{{{ $value }}}} independent probes see names that must resolve blocked on "
+        f"{{{{ $labels.resolver }}}} over {{{{ $labels.transport }}}} in {{{{ $labels.country }}}}: {_OVER_COUNT} "
+        f"name(s) × qtype(s), e.g. {_OVER_EXAMPLES}.",
+        "blockprobeoverblockconfirmed", _OVER_GRAFANA,
     ),
     Alert(
-        "BlockprobeProbeSilent", "time() - blockprobe_probe_last_report_timestamp_seconds > 900", "5m", "warning",
+        "BlockprobeProbeSilent",
+        "time() - max by (probe, region, country) (blockprobe_probe_last_report_timestamp_seconds) > 900",
+        "5m", "warning",
         "probe {{ $labels.probe }} in {{ $labels.region }} has not reported for 3 rounds",
         "No batch from {{ $labels.probe }} ({{ $labels.region }}, {{ $labels.country }}) for over 15 minutes: "
         "its findings are going stale and will disappear from the dashboards.",
@@ -99,7 +167,8 @@ ALERTS = [
         "blockprobecanaryfailing",
     ),
     Alert(
-        "BlockprobeControlFailing", "blockprobe_control_failure_ratio > 0.5", "15m", "warning",
+        "BlockprobeControlFailing",
+        "max by (probe, region, country) (blockprobe_control_failure_ratio) > 0.5", "15m", "warning",
         "the control resolver fails for probe {{ $labels.probe }} in {{ $labels.region }}",
         "{{ $value | humanizePercentage }} of control answers failed in {{ $labels.probe }}'s last batch: "
         "NXDOMAIN, NODATA, REFUSED and SERVFAIL answers cannot be told apart from dead names.",

@@ -51,7 +51,7 @@ def _prom_alert(a: Alert, base: str) -> dict[str, Any]:
         "expr": a.expr,
         "for": a.for_,
         "labels": {"severity": a.severity},
-        "annotations": {"summary": a.summary, "description": a.description, "runbook_url": a.runbook(base)},
+        "annotations": a.annotations(base),
     }
 
 
@@ -59,13 +59,19 @@ def _seconds(duration: str) -> int:
     return int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
 
 
+def _inline(expr: str) -> str:
+    """Recording rules spelled out (they build on each other), for an evaluator that need not rely on them."""
+    while any(r.record in expr for r in RECORDING):
+        for r in RECORDING:
+            expr = expr.replace(r.record, f"({r.expr})")
+    return expr
+
+
 def grafana_alerting(base: str = RUNBOOK_URL) -> dict[str, Any]:
     """Grafana unified-alerting provisioning: the same rules, evaluated by Grafana."""
     rules = []
     for a in ALERTS:
-        expr = a.expr
-        for r in RECORDING:  # Grafana evaluates against Prometheus too, but need not rely on recorded series
-            expr = expr.replace(r.record, f"({r.expr})")
+        expr = _inline(a.expr)
         rules.append({
             "uid": f"blockprobe-{a.anchor.removeprefix('blockprobe')}"[:40],
             "title": a.name,
@@ -82,7 +88,7 @@ def grafana_alerting(base: str = RUNBOOK_URL) -> dict[str, Any]:
             "for": a.for_,
             # Provisioning expands $VARS in labels: none of ours has a `$`.
             "labels": {"severity": a.severity},
-            "annotations": {"summary": a.summary, "description": a.description, "runbook_url": a.runbook(base)},
+            "annotations": a.annotations(base, for_grafana=True),
         })  # fmt: skip
     return {"apiVersion": 1, "groups": [{"orgId": 1, "name": "blockprobe", "folder": "blockprobe",
                                          "interval": "1m", "rules": rules}]}  # fmt: skip

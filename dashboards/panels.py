@@ -4,6 +4,11 @@ Plain dicts rather than grafana-foundation-sdk: they are the JSON Grafana stores
 one, so a reader of the generated file finds each line here; the lint tests and the
 end-to-end test (every query run on a real Prometheus) hold them honest.
 Target: Grafana 11/12, schemaVersion 41.
+
+Counts are of probes and their findings, never of series: every query first takes one
+value per probe (`max by (probe, …)` or `max without (instance, job)`), so collector
+replicas and duplicate scrape jobs change no number, and counts of names come from
+`blockprobe_domains` (the true counts), not from the capped per-name series.
 """
 
 from __future__ import annotations
@@ -15,6 +20,17 @@ __all__ = ["DASHBOARDS", "FILTER"]
 DS = {"type": "prometheus", "uid": "${datasource}"}
 # The variables every findings query honours.
 FILTER = 'country=~"$country",region=~"$region",resolver=~"$resolver",transport=~"$transport"'
+# The copies of one series that replicated collectors or several scrape jobs export.
+ONE = "max without (instance, job)"
+BY_ORDER = ',list=~"$order"'  # a leak's list is its order
+
+
+def _per_probe(finding: str, extra: str = "") -> str:
+    """Names with a finding, one value per probe × resolver × transport × list (duplicates folded)."""
+    return (
+        f"max by (probe, country, region, resolver, transport, list) "
+        f'(blockprobe_domains{{{FILTER},finding="{finding}"{extra}}})'
+    )
 
 
 def _var(name: str, label: str, query: str) -> dict[str, Any]:
@@ -103,6 +119,12 @@ def _panel(
     return panel
 
 
+def _merged(panel: dict[str, Any]) -> dict[str, Any]:
+    """A table of several instant queries joined on their labels, one row per label set."""
+    panel["transformations"].insert(0, {"id": "merge", "options": {}})
+    return panel
+
+
 def _dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "uid": uid,
@@ -132,19 +154,21 @@ OVERVIEW = _dashboard(
             1,
             "stat",
             "Current leaks",
-            [(f'count(blockprobe_leak{{{FILTER},order=~"$order"}}) or vector(0)', "leaks")],
+            [(f"sum({_per_probe('leak', BY_ORDER)}) or vector(0)", "leaks")],
             "none",
             (0, 0, 6, 4),
-            description="Names ordered blocked here that still resolve.",
+            description="Names × qtypes ordered blocked here that still resolve, summed over probes, resolvers "
+            "and transports.",
         ),
         _panel(
             2,
             "stat",
             "Current overblocks",
-            [(f"count(blockprobe_overblock{{{FILTER}}}) or vector(0)", "overblocks")],
+            [(f"sum({_per_probe('overblock')}) or vector(0)", "overblocks")],
             "none",
             (6, 0, 6, 4),
-            description="Names that must resolve here but are blocked.",
+            description="Names × qtypes that must resolve here but are blocked, summed over probes, resolvers "
+            "and transports.",
         ),
         _panel(
             3,
@@ -152,8 +176,8 @@ OVERVIEW = _dashboard(
             "Probes reporting",
             [
                 (
-                    "count(time() - blockprobe_probe_last_report_timestamp_seconds"
-                    '{country=~"$country",region=~"$region"} < 900) or vector(0)',
+                    "count(time() - max by (probe) (blockprobe_probe_last_report_timestamp_seconds"
+                    '{country=~"$country",region=~"$region"}) < 900) or vector(0)',
                     "probes",
                 )
             ],
@@ -181,11 +205,8 @@ OVERVIEW = _dashboard(
             "timeseries",
             "Leaks and overblocks over time",
             [
-                (f'sum by (country) (blockprobe_domains{{{FILTER},finding="leak"}})', "leaks {{country}}"),
-                (
-                    f'sum by (country) (blockprobe_domains{{{FILTER},finding="overblock"}})',
-                    "overblocks {{country}}",
-                ),
+                (f"sum by (country) ({_per_probe('leak')})", "leaks {{country}}"),
+                (f"sum by (country) ({_per_probe('overblock')})", "overblocks {{country}}"),
             ],
             "short",
             (0, 14, 12, 8),
@@ -194,7 +215,13 @@ OVERVIEW = _dashboard(
             6,
             "timeseries",
             "Names by finding",
-            [(f"sum by (finding) (blockprobe_domains{{{FILTER}}})", "{{finding}}")],
+            [
+                (
+                    "sum by (finding) (max by (probe, country, region, resolver, transport, list, finding) "
+                    f"(blockprobe_domains{{{FILTER}}}))",
+                    "{{finding}}",
+                )
+            ],
             "short",
             (12, 14, 12, 8),
         ),
@@ -210,12 +237,14 @@ LEAKS = _dashboard(
             1,
             "table",
             "Current leaks",
-            [(f'blockprobe_leak{{{FILTER},order=~"$order"}}', "")],
+            [(f'{ONE} (blockprobe_leak{{{FILTER},order=~"$order"}})', "")],
             "none",
             (0, 0, 24, 12),
             instant=True,
             links=[EVIDENCE_LINK],
-            description="One row per probe × resolver × transport × qtype × name; the link opens the raw responses.",
+            description="One row per probe × resolver × transport × qtype × name, up to the collector's cap per "
+            "probe × resolver × transport × order (the full list is on the collector's status page); the link "
+            "opens the raw responses.",
         ),
         _panel(
             2,
@@ -223,7 +252,8 @@ LEAKS = _dashboard(
             "Leaking since",
             [
                 (
-                    f'blockprobe_finding_since_timestamp_seconds{{{FILTER},finding="leak",rule=~"$order"}} * 1000',
+                    f'{ONE} (blockprobe_finding_since_timestamp_seconds{{{FILTER},finding="leak",rule=~"$order"}})'
+                    " * 1000",
                     "",
                 )
             ],
@@ -236,7 +266,7 @@ LEAKS = _dashboard(
             3,
             "timeseries",
             "Leaks by order",
-            [(f'count by (order) (blockprobe_leak{{{FILTER},order=~"$order"}})', "{{order}}")],
+            [(f"sum by (list) ({_per_probe('leak', BY_ORDER)})", "{{list}}")],
             "short",
             (0, 22, 12, 8),
         ),
@@ -244,9 +274,28 @@ LEAKS = _dashboard(
             4,
             "timeseries",
             "Leaks by transport",
-            [(f'count by (transport) (blockprobe_leak{{{FILTER},order=~"$order"}})', "{{transport}}")],
+            [(f"sum by (transport) ({_per_probe('leak', BY_ORDER)})", "{{transport}}")],
             "short",
             (12, 22, 12, 8),
+        ),
+        _merged(
+            _panel(
+                5,
+                "table",
+                "Orders not enforced: probes and names per order × resolver × transport × country",
+                [
+                    (
+                        f"count by (list, country, resolver, transport) ({_per_probe('leak', BY_ORDER)} > 0)",
+                        "",
+                    ),
+                    (f"max by (list, country, resolver, transport) ({_per_probe('leak', BY_ORDER)})", ""),
+                ],
+                "none",
+                (0, 30, 24, 10),
+                instant=True,
+                description="What the BlockprobeLeak alerts see: Value #A is how many probes see the order leak, "
+                "Value #B how many names × qtypes leak for the probe that sees most.",
+            )
         ),
     ],
 )
@@ -261,7 +310,7 @@ OVERBLOCKING = _dashboard(
             1,
             "table",
             "Blocked control names",
-            [(f'blockprobe_overblock{{{FILTER},kind="control"}}', "")],
+            [(f'{ONE} (blockprobe_overblock{{{FILTER},kind="control"}})', "")],
             "none",
             (0, 0, 24, 10),
             instant=True,
@@ -272,7 +321,7 @@ OVERBLOCKING = _dashboard(
             2,
             "table",
             "Blocks outside the ordering jurisdiction",
-            [(f'blockprobe_overblock{{{FILTER},kind="order",list=~"$order"}}', "")],
+            [(f'{ONE} (blockprobe_overblock{{{FILTER},kind="order",list=~"$order"}})', "")],
             "none",
             (0, 10, 24, 10),
             instant=True,
@@ -283,7 +332,7 @@ OVERBLOCKING = _dashboard(
             3,
             "timeseries",
             "Overblocks by country",
-            [(f"count by (country) (blockprobe_overblock{{{FILTER}}})", "{{country}}")],
+            [(f"sum by (country) ({_per_probe('overblock')})", "{{country}}")],
             "short",
             (0, 20, 24, 8),
         ),
@@ -301,7 +350,8 @@ FLEET = _dashboard(
             "Seconds since each probe's last report",
             [
                 (
-                    'time() - blockprobe_probe_last_report_timestamp_seconds{country=~"$country",region=~"$region"}',
+                    f"time() - {ONE} "
+                    '(blockprobe_probe_last_report_timestamp_seconds{country=~"$country",region=~"$region"})',
                     "",
                 )
             ],
@@ -361,7 +411,7 @@ FLEET = _dashboard(
             6,
             "table",
             "Resolver reachability",
-            [(f"blockprobe_resolver_reachable{{{FILTER}}}", "")],
+            [(f"{ONE} (blockprobe_resolver_reachable{{{FILTER}}})", "")],
             "bool_yes_no",
             (12, 16, 12, 8),
             instant=True,
@@ -370,7 +420,12 @@ FLEET = _dashboard(
             7,
             "timeseries",
             "Resolver latency (mean over current series)",
-            [(f"blockprobe_resolver_latency_seconds{{{FILTER}}}", "{{resolver}} {{transport}} {{probe}}")],
+            [
+                (
+                    f"{ONE} (blockprobe_resolver_latency_seconds{{{FILTER}}})",
+                    "{{resolver}} {{transport}} {{probe}}",
+                )
+            ],
             "s",
             (0, 24, 24, 8),
         ),

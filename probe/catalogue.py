@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
 import yaml
 
 from probe.errors import CatalogueError, SpecError
-from probe.specs import Endpoint, parse_endpoint
+from probe.model import Transport
+from probe.specs import Endpoint, Resolver, parse_endpoint, system_nameservers
 
-__all__ = ["Catalogue", "CatalogueEntry", "load_catalogue"]
+__all__ = ["Catalogue", "CatalogueEntry", "load_catalogue", "resolve_spec"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +82,30 @@ def load_catalogue() -> Catalogue:
     """The built-in catalogue, parsed once per process."""
     text = resources.files("probe").joinpath("data/resolvers.yaml").read_text()
     return _parse(yaml.safe_load(text))
+
+
+def resolve_spec(spec: str, catalogue: Catalogue | None = None) -> Resolver:
+    """Turn what the user typed into a Resolver, applying the kind/operator rules of resolver specs."""
+    cat = catalogue if catalogue is not None else load_catalogue()
+    name = spec.strip()
+    if not name:
+        raise SpecError("'' is not a resolver spec")
+    if name == "system":
+        servers = system_nameservers()
+        if not servers:
+            raise SpecError("'system' has no nameservers in /etc/resolv.conf")
+        eps = tuple(Endpoint(Transport.UDP, s, 53) for s in servers)
+        return Resolver("system", "system", None, eps)
+    entry = cat.entries.get(name.lower())
+    if entry is not None:
+        return Resolver(name, "public", entry.operator, entry.endpoints)
+    endpoint, options = parse_endpoint(name)
+    operator = options.get("operator")
+    kind = options.get("kind")
+    owner = cat.owner_of(endpoint.host) or (cat.owner_of(endpoint.address) if endpoint.address else None)
+    if owner is not None:
+        operator = operator or owner.operator
+        kind = kind or "public"
+        if endpoint.address is None and not endpoint.host_is_ip:
+            endpoint = replace(endpoint, address=owner.bootstrap_for(endpoint.host))
+    return Resolver(name, kind or "isp", operator, (endpoint,))

@@ -15,10 +15,12 @@ import dns.exception
 
 from probe.fingerprints import Fingerprints, IPAddress
 from probe.model import POLICY_EDE, Ede, Outcome
-from probe.transports.base import Failure
+from probe.transports.base import Failure, FailureKind
 from probe.wire import parse_response
 
-__all__ = ["ControlResult", "Verdict", "blocked_of", "is_special_use", "sinkhole_of", "verdict_of"]
+__all__ = ["ControlResult", "Verdict", "is_special_use", "sinkhole_of", "verdict_of"]
+
+PROHIBITED = 18  # RFC 8914 EDE 18: a policy block only when it is about the name (CONTRACTS.md section 3)
 
 # RFC 6761 and the IANA special-use domain registry: names that never resolve publicly,
 # so a private address for them is normal, not a sinkhole.
@@ -108,13 +110,22 @@ class ControlResult:
 
 
 def verdict_of(
-    response: bytes | None, failure: Failure | None, qname: str, qtype: str, fingerprints: Fingerprints
+    response: bytes | None,
+    failure: Failure | None,
+    qname: str,
+    qtype: str,
+    fingerprints: Fingerprints,
+    ede18_name_specific: bool = False,
 ) -> Verdict:
-    """Outcome rules 1–6 of CONTRACTS.md section 3, in their order."""
+    """Outcome rules 1–6 of CONTRACTS.md section 3, in their order.
+
+    `ede18_name_specific`: the same endpoint answered other queries of the run without
+    EDE 18, so an EDE 18 on a negative answer refuses this name, not this client.
+    """
     if response is None:
         assert failure is not None
-        outcome = Outcome.TIMEOUT if failure.kind == "timeout" else Outcome.ERROR
-        return Verdict(outcome, error=failure.text, evidence={"phase": failure.phase})
+        outcome = Outcome.TIMEOUT if failure.kind is FailureKind.TIMEOUT else Outcome.ERROR
+        return Verdict(outcome, error=failure.text, evidence={"phase": str(failure.phase)})
     try:
         p = parse_response(response, qname, qtype)
     except (dns.exception.DNSException, ValueError, IndexError, UnicodeError) as exc:
@@ -129,6 +140,10 @@ def verdict_of(
         return Verdict(outcome, p.rcode, p.ede, p.answers, p.cname, sinkhole, error, p.nsid, evidence)
 
     if any(e.code in POLICY_EDE for e in p.ede):
+        return v(Outcome.EDE_BLOCKED)
+    negative = p.rcode in _RCODE_OUTCOMES or (p.rcode == "NOERROR" and not p.answers)
+    if ede18_name_specific and negative and any(e.code == PROHIBITED for e in p.ede):
+        evidence["ede18_name_specific"] = True
         return v(Outcome.EDE_BLOCKED)
     public = not is_special_use(qname)
     if p.addresses:
@@ -152,24 +167,3 @@ def verdict_of(
     if not p.answers:
         return v(Outcome.NODATA)
     return v(Outcome.RESOLVED)
-
-
-def blocked_of(verdict: Verdict, control: ControlResult | None, answered_other: bool) -> bool | None:
-    """`blocked` per CONTRACTS.md section 3.
-
-    A timeout is a block only when the same resolver and transport answered another
-    query in the same run: then the resolver is up and drops this name (RPZ DROP);
-    otherwise the resolver may simply be down.
-    """
-    outcome = verdict.outcome
-    if outcome in (Outcome.EDE_BLOCKED, Outcome.SINKHOLE):
-        return True
-    if outcome is Outcome.RESOLVED:
-        return False
-    if outcome in (Outcome.NXDOMAIN, Outcome.NODATA, Outcome.REFUSED, Outcome.SERVFAIL):
-        if any(e.code not in POLICY_EDE for e in verdict.ede):
-            return None  # the resolver explained a non-policy failure
-        return True if control is not None and control.verdict.has_records else None
-    if outcome is Outcome.TIMEOUT:
-        return True if answered_other else None
-    return None

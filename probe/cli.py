@@ -12,15 +12,24 @@ from typing import Any, NoReturn
 import click
 
 from probe import __version__
-from probe.catalogue import load_catalogue
+from probe.catalogue import load_catalogue, resolve_spec
 from probe.engine import Engine, Expect, Plan
 from probe.errors import BlockprobeError, InputError
 from probe.expect import Expectations
 from probe.identity import Canary
-from probe.lists import ISO_ALPHA2, Lists, ListsError, import_plain, load_lists, parse_lists
+from probe.lists import (
+    ISO_ALPHA2,
+    Lists,
+    ListsError,
+    format_duration,
+    format_instant,
+    import_plain,
+    load_lists,
+    parse_lists,
+)
 from probe.model import Expectation, Finding, Measurement, Outcome
 from probe.output import json_line, render_answer, render_rows, summary_line
-from probe.specs import Resolver, resolve_spec
+from probe.specs import Resolver
 from probe.transports import Options
 from probe.wire import QTYPES, normalize_name, normalize_qtype
 
@@ -264,11 +273,11 @@ def _canary(text: str) -> Canary:
 def _expectations(expect: str | None, lists: Lists | None, country: str | None) -> Expect:
     if lists is not None and country is not None:
         engine = Expectations(lists)
-        now = datetime.now(UTC)
         cc = country.upper()
 
         def by_lists(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
-            return engine.expect(cc, resolver.kind, resolver.operator, domain, now)
+            # The engine asks when it sends the query: an order may start binding mid-run.
+            return engine.expect(cc, resolver.kind, resolver.operator, domain, datetime.now(UTC))
 
         return by_lists
     expectation = Expectation(expect) if expect else None
@@ -400,7 +409,9 @@ def lists_check(files: tuple[str, ...], as_json: bool) -> None:
     click.echo(f"jurisdictions: {', '.join(summary['jurisdictions']) or '-'}")
     click.echo(f"authorities: {', '.join(summary['authorities']) or '-'}")
     for o in loaded.orders:
-        dates = f"{o.effective or '…'} to {o.expires or '…'}"
+        dates = " to ".join(format_instant(t) if t else "…" for t in (o.effective, o.expires))
+        if o.deadline is not None:
+            dates += f", enforce within {format_duration(o.deadline)}"
         click.echo(f"  {o.id}: {o.authority}, {'/'.join(sorted(o.jurisdictions))}, "
                    f"applies to {', '.join(sorted(o.applies_to))}, {dates}, {len(o.domains)} patterns")  # fmt: skip
 
@@ -412,8 +423,15 @@ def lists_check(files: tuple[str, ...], as_json: bool) -> None:
 @click.option("--jurisdiction", "jurisdictions", multiple=True, required=True, metavar="CC")
 @click.option("--applies-to", "applies_to", multiple=True, metavar="KIND|OPERATOR",
               help="Default: isp, public, system.")  # fmt: skip
-@click.option("--effective", metavar="YYYY-MM-DD")
-@click.option("--expires", metavar="YYYY-MM-DD")
+@click.option(
+    "--effective",
+    metavar="DATE|TIME|now",
+    help="From a date (00:00 UTC), an RFC 3339 time (2026-12-01T14:05:00+01:00), or now.",
+)
+@click.option("--expires", metavar="DATE|TIME")
+@click.option(
+    "--deadline", metavar="DURATION", help="Time allowed to enforce, from --effective: 30m, 24h, 2d."
+)
 def lists_import(
     source: Any,
     order_id: str,
@@ -422,10 +440,17 @@ def lists_import(
     applies_to: tuple[str, ...],
     effective: str | None,
     expires: str | None,
+    deadline: str | None,
 ) -> None:
     """Turn a plain list (one name per line, # comments) or a CSV with a `domain` column into an order (YAML on stdout)."""
+    import datetime as dt
+
     import yaml
 
+    if deadline and not effective:
+        _fail("--deadline needs --effective: the time to enforce counts from it")
+    if effective == "now":
+        effective = format_instant(dt.datetime.now(dt.UTC).replace(microsecond=0))
     try:
         names = import_plain(source.read(), getattr(source, "name", "<stdin>"))
         order: dict[str, Any] = {
@@ -438,11 +463,17 @@ def lists_import(
             order["effective"] = effective
         if expires:
             order["expires"] = expires
+        if deadline:
+            order["deadline"] = deadline
         order["domains"] = names
         text = yaml.safe_dump({"orders": [order]}, sort_keys=False, allow_unicode=True)
         parse_lists(text, "<imported>")  # the result must pass the same validation as any file
     except ListsError as exc:
-        _fail_all(exc.errors)
+        # Name the option the user typed, not the key of a file they never saw.
+        options = {f"<imported>: orders[0].{k}:": f"--{k}:" for k in ("effective", "expires", "deadline")}
+        _fail_all(
+            [next((e.replace(k, v, 1) for k, v in options.items() if e.startswith(k)), e) for e in exc.errors]
+        )
     click.echo(text, nl=False)
 
 

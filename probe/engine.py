@@ -1,39 +1,46 @@
-"""The engine: fan out domains × qtypes × resolvers × transports, classify, never raise.
+"""The engine: fan out domains × qtypes × resolvers × transports, gather evidence, judge, never raise.
 
-A fixed pool of workers pulls jobs from a lazy plan, so memory stays flat whatever
-the number of names; a global limit (the pool size) and a per-endpoint rate limit
-keep a probe from hammering anyone. Every endpoint gets one exchanger for the run,
-which owns its connection reuse. Control baselines are measured first, because
-whether an NXDOMAIN is a block depends on them; timeouts are judged last, because
-whether a timeout is a block depends on whether the endpoint answered anything else.
+A run reads as its phases:
+1. identity checks on plain endpoints that claim a catalogue operator (started at once);
+2. canaries, whose failure makes an endpoint's findings inconclusive;
+3. the first pass over the plan; each (name, type) gets its control baseline on first use;
+4. the confirmation pass: every query still without a response is asked once more, per
+   endpoint on one fresh connection (CONTRACTS.md section 3);
+5. the judgement of what had to wait for the whole run (silences, EDE 18), by `probe.judge`.
+
+A fixed pool of workers pulls jobs from a lazy plan; a global limit (the pool size) and
+a per-endpoint rate limit keep a probe from hammering anyone; measurements leave through
+a bounded queue, so a slow consumer slows the run instead of growing memory. Every
+endpoint gets one exchanger for the run, which owns its connection reuse.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from probe.classify import ControlResult, Verdict, blocked_of, verdict_of
+from probe.classify import PROHIBITED, ControlResult, Verdict, verdict_of
 from probe.fingerprints import Fingerprints, load_fingerprints
 from probe.identity import IDENTITY_PROBES, Canary, Identity, identity_of
 from probe.identity import PLAIN as PLAIN_TRANSPORTS
-from probe.model import Expectation, Finding, Measurement, Outcome, Transport, judge
+from probe.judge import Attempt, Observation, judge
+from probe.model import Expectation, Measurement, Outcome, Transport
 from probe.specs import Endpoint, Resolver
-from probe.transports import Exchange, Exchanger, Failure, Options, make_exchanger
+from probe.transports import Exchange, Exchanger, Failure, FailureKind, Loss, Options, Phase, make_exchanger
 from probe.wire import build_query, parse_response
 
-__all__ = ["Engine", "Expect", "Plan", "RateLimiter", "control_endpoint"]
+__all__ = ["Engine", "Expect", "ExpectFn", "Plan", "RateLimiter", "control_endpoint"]
 
 log = logging.getLogger(__name__)
 
 # (domain, resolver) -> (expectation, why): None when nothing is expected.
-Expect = Callable[[str, Resolver], tuple[Expectation | None, dict[str, Any] | None]]
+ExpectFn = Callable[[str, Resolver], tuple[Expectation | None, dict[str, Any] | None]]
+Expect = ExpectFn  # the old name, kept while callers move
 
 _ENCRYPTED = frozenset({Transport.DOT, Transport.DOH, Transport.DOH3, Transport.DOQ})
 _CONTROL_PREFERENCE = (
@@ -58,12 +65,19 @@ class Plan:
     qtypes: Sequence[str]
     resolvers: Sequence[Resolver]
     controls: Sequence[Resolver] = ()
-    expect: Expect = _no_expectation
+    expect: ExpectFn = _no_expectation
     canaries: Sequence[Canary] = ()
     check_identity: bool = True
+    # When set, only these (domain, resolver, endpoint) are measured (× qtypes), instead of
+    # every domain on every endpoint: what a scheduler that works per name and endpoint hands in.
+    targets: Sequence[tuple[str, Resolver, Endpoint]] | None = None
 
     @property
     def size(self) -> int:
+        if self.targets is not None:
+            return len(self.targets) * len(self.qtypes) + len(self.canaries) * sum(
+                len(r.endpoints) for r in self.resolvers
+            )
         per_name = len(self.qtypes) * sum(len(r.endpoints) for r in self.resolvers)
         return len(self.domains) * per_name + len(self.canaries) * sum(
             len(r.endpoints) for r in self.resolvers
@@ -101,17 +115,26 @@ class _Job:
     resolver: Resolver
     endpoint: Endpoint
     canary: Expectation | None = None
+    sent_at: str = ""
+    first_sent: float = 0.0  # loop time of the first send, for the confirmation's delay
+    expected: Expectation | None = None
+    expected_by: dict[str, Any] | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    exchange: Exchange | None = None
 
 
 @dataclass(slots=True)
 class _Run:
-    """What the judgement of one measurement may depend on, gathered during the run."""
+    """What the judgement of a measurement may depend on, gathered during the run."""
 
-    expect: Expect
-    controls: dict[tuple[str, str], ControlResult] = field(default_factory=dict)
-    answered: set[Endpoint] = field(default_factory=set)
-    identities: dict[Endpoint, Identity] = field(default_factory=dict)
+    plan: Plan
+    controls: dict[tuple[str, str], asyncio.Future[ControlResult | None]] = field(default_factory=dict)
+    identities: asyncio.Future[dict[Endpoint, Identity]] | None = None
     canary_failures: dict[Endpoint, str] = field(default_factory=dict)
+    loss: dict[Endpoint, Loss] = field(default_factory=dict)
+    # Per endpoint, responses without and with EDE 18: the rule for a name-specific 18.
+    plain_answers: dict[Endpoint, int] = field(default_factory=dict)
+    held: list[_Job] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -119,6 +142,7 @@ class Stats:
     planned: int = 0
     done: int = 0
     internal_errors: int = 0
+    confirmations: int = 0
     by_outcome: dict[str, int] = field(default_factory=dict)
 
 
@@ -145,11 +169,13 @@ class Engine:
         concurrency: int = 64,
         qps: float | None = 20.0,
         fingerprints: Fingerprints | None = None,
+        queue_size: int = 1024,
     ) -> None:
         self.options = options or Options()
         self.concurrency = max(1, concurrency)
         self.default_qps = qps
         self.fingerprints = fingerprints or load_fingerprints()
+        self.queue_size = queue_size
         self._exchangers: dict[Endpoint, Exchanger] = {}
         self._limiters: dict[Endpoint, RateLimiter | None] = {}
         self.stats = Stats()
@@ -170,8 +196,10 @@ class Engine:
             ex = self._exchangers[endpoint] = make_exchanger(endpoint, self.options)
         return ex
 
-    async def query(self, endpoint: Endpoint, domain: str, qtype: str) -> Exchange:
-        """One query through the endpoint's exchanger, after its rate limit."""
+    async def query(
+        self, endpoint: Endpoint, domain: str, qtype: str, exchanger: Exchanger | None = None
+    ) -> Exchange:
+        """One query through the endpoint's exchanger (or the one given), after its rate limit."""
         if endpoint in self._limiters:
             limiter = self._limiters[endpoint]
         else:
@@ -180,122 +208,198 @@ class Engine:
         if limiter is not None:
             await limiter.acquire()
         query = build_query(domain, qtype, endpoint.transport in _ENCRYPTED)
-        return await self.exchanger(endpoint).exchange(query)
+        ex = exchanger or self.exchanger(endpoint)
+        result = await ex.exchange(query)
+        if result.response is not None:
+            ex.witness = query  # a question this endpoint answers: the witness for later silences
+        return result
 
-    async def _pool(self, jobs: Iterator[Any], work: Callable[[Any], Any]) -> None:
+    async def _pool(self, jobs: Iterator[Any], work: Callable[[Any], Awaitable[None]]) -> None:
         async def worker() -> None:
             for job in jobs:  # a shared iterator: each job is taken by exactly one worker
                 await work(job)
 
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
 
-    async def controls(self, plan: Plan) -> dict[tuple[str, str], ControlResult]:
-        """Baselines for every (domain, qtype): the first control that does not fail speaks."""
-        out: dict[tuple[str, str], ControlResult] = {}
-        if not plan.controls:
-            return out
-        pairs = iter([(d, q) for d in plan.domains for q in plan.qtypes])
-
-        async def work(pair: tuple[str, str]) -> None:
-            domain, qtype = pair
-            for resolver in plan.controls:
-                try:
-                    ex = await self.query(control_endpoint(resolver), domain, qtype)
-                    verdict = verdict_of(ex.response, ex.failure, domain, qtype, self.fingerprints)
-                except Exception as exc:
-                    log.exception("control query failed inside the probe")
-                    verdict = Verdict(Outcome.ERROR, error=f"internal: {type(exc).__name__}: {exc}")
-                out[pair] = ControlResult(resolver.name, verdict)
-                if not out[pair].failed:
-                    break
-
-        await self._pool(pairs, work)
-        return out
-
     async def run(self, plan: Plan) -> AsyncIterator[Measurement]:
-        """Measure the plan; measurements come out as they are judged, timeouts last."""
-        queue: asyncio.Queue[Measurement | None] = asyncio.Queue()
-        producer = asyncio.ensure_future(self._produce(plan, queue.put_nowait))
+        """Measure the plan; measurements come out as they are judged, silences last."""
+        queue: asyncio.Queue[Measurement | None] = asyncio.Queue(self.queue_size)
+        producer = asyncio.ensure_future(self._produce(plan, queue.put))
+        closers: list[asyncio.Future[None]] = []
+        # The end-of-run mark is queued once the producer is done, however it ended; it waits
+        # for room like any measurement, so a full queue cannot lose it or block the producer.
+        producer.add_done_callback(lambda _f: closers.append(asyncio.ensure_future(queue.put(None))))
         try:
-            done = False
-            while not done:
-                batch = [await queue.get()]
-                # Drain what is already there: one wake-up per burst, not per measurement.
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
-                for item in batch:
-                    if item is None:
-                        done = True
-                        break
-                    yield item
-            await producer
+            while (item := await queue.get()) is not None:
+                yield item
+            await producer  # its exception, if it had one
         finally:
             if not producer.done():
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
+            await asyncio.sleep(0)  # let the done callback run
+            for closer in closers:
+                closer.cancel()
 
     async def collect(self, plan: Plan) -> list[Measurement]:
         return [m async for m in self.run(plan)]
 
-    async def _produce(self, plan: Plan, emit: Callable[[Measurement | None], None]) -> None:
+    async def _produce(self, plan: Plan, emit: Callable[[Measurement], Awaitable[None]]) -> None:
         self.stats.planned += plan.size
+        run = _Run(plan)
         try:
-            run = _Run(plan.expect)
-            run.controls = await self.controls(plan)
             if plan.check_identity:
-                run.identities = await self.identities(plan)
+                run.identities = asyncio.ensure_future(self.identities(plan))
             if plan.canaries:
                 canaries: list[Measurement] = []
 
-                def keep(m: Measurement) -> None:
+                async def keep(m: Measurement) -> None:
                     canaries.append(m)
-                    emit(m)
+                    await emit(m)
 
-                await self._phase(self._canary_jobs(plan), run, keep)
+                await self._first_pass(self._canary_jobs(plan), run, keep, hold=False)
                 by_name = {str(ep): ep for r in plan.resolvers for ep in r.endpoints}
                 run.canary_failures = {by_name[e]: why for e, why in _canary_failures(canaries).items()}
-            await self._phase(self._jobs(plan), run, emit)
+            await self._first_pass(self._jobs(plan), run, emit, hold=True)
+            await self._confirm(run)
+            for job in run.held:
+                await emit(await self._measure(job, run))
         finally:
-            emit(None)
+            if run.identities is not None and not run.identities.done():
+                run.identities.cancel()
+            for fut in run.controls.values():
+                fut.cancel()
 
-    async def _phase(self, jobs: Iterator[_Job], run: _Run, emit: Callable[[Measurement], object]) -> None:
-        deferred: list[tuple[_Job, Exchange, str]] = []
-        lingering: list[asyncio.Future[None]] = []
+    async def _first_pass(
+        self,
+        jobs: Iterator[_Job],
+        run: _Run,
+        emit: Callable[[Measurement], Awaitable[None]],
+        hold: bool,
+    ) -> None:
+        """Phase 3 (or 2): every job once; what needs the whole run is held, the rest emitted."""
+        finishing: set[asyncio.Future[None]] = set()
 
-        def finish(job: _Job, ex: Exchange, sent_at: str) -> None:
-            if ex.response is None and ex.failure is not None and ex.failure.kind == "timeout":
-                deferred.append((job, ex, sent_at))  # judged once the whole phase has been seen
-            else:
-                emit(self._measure(job, ex, sent_at, run))
+        async def finish(job: _Job) -> None:
+            await emit(await self._measure(job, run))
 
         async def work(job: _Job) -> None:
-            sent_at = _now()
-            try:
-                ex = await self.query(job.endpoint, job.domain, job.qtype)
-            except Exception as exc:
-                log.exception("query failed inside the probe")
-                self.stats.internal_errors += 1
-                ex = Exchange(None, _internal(exc))
-            if ex.response is not None:
-                run.answered.add(job.endpoint)
-            if ex.settled is not None and not ex.settled.done():
-                lingering.append(ex.settled)
-                ex.settled.add_done_callback(lambda _f: finish(job, ex, sent_at))
+            job.sent_at = _now()
+            job.first_sent = asyncio.get_running_loop().time()
+            # What is expected is fixed when the query leaves (CONTRACTS.md section 4: "at time T"),
+            # not when a held measurement is judged at the end of the run.
+            if job.canary is not None:
+                job.expected, job.expected_by = job.canary, {"canary": str(job.canary)}
             else:
-                finish(job, ex, sent_at)
+                job.expected, job.expected_by = run.plan.expect(job.domain, job.resolver)
+            ex = await self._ask(job, run, 1, None)
+            if hold and (ex.response is None or self._needs_run(job, ex, run)):
+                run.held.append(job)
+            elif ex.settled is not None and not ex.settled.done():
+                task = asyncio.ensure_future(finish(job))
+                finishing.add(task)
+                task.add_done_callback(finishing.discard)
+            else:
+                await finish(job)
 
         await self._pool(jobs, work)
-        if lingering:
-            await asyncio.gather(*lingering, return_exceptions=True)
-        for job, ex, sent_at in deferred:
-            emit(self._measure(job, ex, sent_at, run))
+        while finishing:
+            await asyncio.gather(*list(finishing))
+
+    async def _ask(self, job: _Job, run: _Run, number: int, exchanger: Exchanger | None) -> Exchange:
+        try:
+            ex = await self.query(job.endpoint, job.domain, job.qtype, exchanger)
+        except Exception as exc:
+            log.exception("query failed inside the probe")
+            self.stats.internal_errors += 1
+            ex = Exchange(None, _internal(exc))
+        job.attempts.append(
+            Attempt(number, ex.sends, ex.channel, ex.response is not None, ex.failure, ex.overtaken)
+        )
+        if ex.response is not None or job.exchange is None or job.exchange.response is None:
+            job.exchange = ex
+        return ex
+
+    def _needs_run(self, job: _Job, ex: Exchange, run: _Run) -> bool:
+        """Whether the response's judgement depends on the rest of the run (an EDE 18)."""
+        assert ex.response is not None
+        # An EDE 18 option holds the bytes 00 0f ... 00 12; without them nothing to parse twice.
+        if b"\x00\x0f" in ex.response and b"\x00\x12" in ex.response:
+            try:
+                ede = parse_response(ex.response, job.domain, job.qtype).ede
+            except Exception:
+                return False  # malformed: judged as such, nothing to wait for
+            if any(e.code == PROHIBITED for e in ede):
+                return True
+        run.plain_answers[job.endpoint] = run.plain_answers.get(job.endpoint, 0) + 1
+        return False
+
+    async def _confirm(self, run: _Run) -> None:
+        """Phase 4: ask every silent query once more, per endpoint on one fresh connection.
+
+        Jobs go in the reverse of their first-pass order, so that a name that stalled an
+        in-order server the first time is not in front of the same names again.
+        """
+        silent = [job for job in run.held if job.exchange is not None and job.exchange.response is None]
+        if not silent:
+            return
+        fresh: dict[Endpoint, Exchanger] = {}
+        for job in silent:
+            if job.endpoint not in fresh:
+                old = self.exchanger(job.endpoint)
+                new = fresh[job.endpoint] = make_exchanger(job.endpoint, self.options)
+                new.witness = old.witness
+                loss = getattr(old, "loss", None)
+                if loss is not None:
+                    new.loss = loss  # type: ignore[attr-defined]  # UDP: one loss record per endpoint
+        self.stats.confirmations += len(silent)
+
+        loop = asyncio.get_running_loop()
+
+        async def work(job: _Job) -> None:
+            wait = job.first_sent + self.options.confirm_after - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            ex = await self._ask(job, run, 2, fresh[job.endpoint])
+            if ex.response is not None:
+                self._needs_run(job, ex, run)
+
+        try:
+            await self._pool(iter(reversed(silent)), work)
+        finally:
+            await asyncio.gather(*(e.aclose() for e in fresh.values()), return_exceptions=True)
+
+    def _control(self, run: _Run, domain: str, qtype: str) -> asyncio.Future[ControlResult | None]:
+        """The control baseline of (domain, qtype), asked once, on first use."""
+        key = (domain, qtype)
+        fut = run.controls.get(key)
+        if fut is None:
+            fut = run.controls[key] = asyncio.ensure_future(self._ask_controls(run.plan, domain, qtype))
+        return fut
+
+    async def _ask_controls(self, plan: Plan, domain: str, qtype: str) -> ControlResult | None:
+        """The first control that does not fail speaks for the name."""
+        result = None
+        for resolver in plan.controls:
+            try:
+                ex = await self.query(control_endpoint(resolver), domain, qtype)
+                verdict = verdict_of(ex.response, ex.failure, domain, qtype, self.fingerprints)
+            except Exception as exc:
+                log.exception("control query failed inside the probe")
+                verdict = Verdict(Outcome.ERROR, error=f"internal: {type(exc).__name__}: {exc}")
+            result = ControlResult(resolver.name, verdict)
+            if not result.failed:
+                break
+        return result
 
     async def identities(self, plan: Plan) -> dict[Endpoint, Identity]:
         """Identity checks on the plain endpoints of resolvers that claim a catalogue operator."""
         targets = [
-            (r.operator, ep) for r in plan.resolvers for ep in r.endpoints
+            (r.operator, ep)
+            for r in plan.resolvers
+            for ep in r.endpoints
             if r.operator in IDENTITY_PROBES and ep.transport in PLAIN_TRANSPORTS
-        ]  # fmt: skip
+        ]
         out: dict[Endpoint, Identity] = {}
 
         async def work(target: tuple[str, Endpoint]) -> None:
@@ -323,6 +427,11 @@ class Engine:
 
     @staticmethod
     def _jobs(plan: Plan) -> Iterator[_Job]:
+        if plan.targets is not None:
+            for domain, resolver, endpoint in plan.targets:
+                for qtype in plan.qtypes:
+                    yield _Job(domain, qtype, resolver, endpoint)
+            return
         # Endpoints vary fastest, so consecutive jobs spread across rate limiters.
         for domain in plan.domains:
             for qtype in plan.qtypes:
@@ -330,50 +439,51 @@ class Engine:
                     for endpoint in resolver.endpoints:
                         yield _Job(domain, qtype, resolver, endpoint)
 
-    def _measure(self, job: _Job, ex: Exchange, sent_at: str, run: _Run) -> Measurement:
+    async def _measure(self, job: _Job, run: _Run) -> Measurement:
+        """Gather what the judgement needs (phase 5), judge, and build the measurement."""
+        ex = job.exchange
+        assert ex is not None
+        if ex.settled is not None:
+            await ex.settled  # racing answers are still being collected (UDP linger)
+        control = None
+        if job.canary is None and run.plan.controls:
+            control = await self._control(run, job.domain, job.qtype)
+        identity = None
+        if run.identities is not None:
+            identity = (await run.identities).get(job.endpoint)
+        expected, why = job.expected, job.expected_by
+        obs = Observation(
+            domain=job.domain,
+            qtype=job.qtype,
+            transport=job.endpoint.transport,
+            response=ex.response,
+            failure=ex.failure,
+            attempts=tuple(job.attempts),
+            loss=getattr(self._exchangers.get(job.endpoint), "loss", None),
+            ede18_name_specific=run.plain_answers.get(job.endpoint, 0) > 0,
+            control=control,
+            expected=expected,
+            expected_by=why,
+            canary=job.canary is not None,
+            identity=identity,
+            operator=job.resolver.operator,
+            canary_failure=run.canary_failures.get(job.endpoint),
+            late=tuple(ex.evidence.get("late", ())),
+        )
         try:
-            return self._judge(job, ex, sent_at, run)
+            j = judge(obs, self.fingerprints)
         except Exception as exc:  # a hostile answer is classified, never a crash
             log.exception("classification failed inside the probe")
             self.stats.internal_errors += 1
-            return self._judge(job, Exchange(None, _internal(exc)), sent_at, run)
-
-    def _judge(self, job: _Job, ex: Exchange, sent_at: str, run: _Run) -> Measurement:
-        verdict = verdict_of(ex.response, ex.failure, job.domain, job.qtype, self.fingerprints)
-        control = run.controls.get((job.domain, job.qtype))
-        # "answered another query": any response from this endpoint other than this one.
-        blocked = blocked_of(verdict, control, job.endpoint in run.answered)
-        expected: Expectation | None
-        why: dict[str, Any] | None
-        if job.canary is not None:
-            expected, why = job.canary, {"canary": str(job.canary)}
-        else:
-            expected, why = run.expect(job.domain, job.resolver)
-        evidence: dict[str, Any] = {**ex.evidence, **verdict.evidence}
-        finding = judge(expected, blocked)
-        identity = run.identities.get(job.endpoint)
-        intercepted = identity is not None and identity.ok is False
-        if identity is not None:
-            evidence["identity"] = identity.to_json()
-        if finding is not None and job.canary is None:
-            # Someone else's answers, or a resolver that failed its canaries, prove nothing
-            # about the order: say so rather than report a leak or an enforcement.
-            if intercepted:
-                finding = Finding.INCONCLUSIVE
-                evidence["inconclusive_reason"] = f"answered by someone other than {job.resolver.operator}"
-            elif job.endpoint in run.canary_failures:
-                finding = Finding.INCONCLUSIVE
-                evidence["inconclusive_reason"] = run.canary_failures[job.endpoint]
-        late = evidence.pop("late", None)
-        if late:
-            evidence["late_answers"] = [self._late(job, w) for w in late]
-            evidence["injected"] = any(
-                la.get("answers") != list(verdict.answers) for la in evidence["late_answers"]
+            failed = Exchange(None, _internal(exc))
+            ex = failed
+            j = judge(
+                Observation(job.domain, job.qtype, job.endpoint.transport, None, failed.failure),
+                self.fingerprints,
             )
-        if verdict.nsid:
-            evidence["nsid"] = verdict.nsid
-        if why:
-            evidence["expected_by"] = why
+        evidence = {k: v for k, v in ex.evidence.items() if k != "late"}
+        evidence.update(j.evidence)
+        verdict = j.verdict
         self.stats.done += 1
         self.stats.by_outcome[verdict.outcome] = self.stats.by_outcome.get(verdict.outcome, 0) + 1
         return Measurement(
@@ -382,9 +492,9 @@ class Engine:
             resolver=job.resolver.name,
             transport=job.endpoint.transport,
             outcome=verdict.outcome,
-            blocked=blocked,
+            blocked=j.blocked,
             expected=expected,
-            finding=finding,
+            finding=j.finding,
             rcode=verdict.rcode,
             ede=verdict.ede,
             answers=verdict.answers,
@@ -392,25 +502,15 @@ class Engine:
             sinkhole=verdict.sinkhole,
             control=None if control is None else control.to_json(),
             latency_ms=None if ex.latency_ms is None else round(ex.latency_ms, 3),
-            time=sent_at,
+            time=job.sent_at,
             error=verdict.error,
             wire=ex.response,
             endpoint=str(job.endpoint),
             kind=job.resolver.kind,
             operator=job.resolver.operator,
             evidence=evidence,
-            intercepted=intercepted,
+            intercepted=j.intercepted,
         )
-
-    def _late(self, job: _Job, wire: bytes) -> dict[str, Any]:
-        out: dict[str, Any] = {"wire": base64.b64encode(wire).decode("ascii")}
-        try:
-            p = parse_response(wire, job.domain, job.qtype)
-        except Exception:
-            out["error"] = "malformed"
-            return out
-        out.update(rcode=p.rcode, answers=list(p.answers))
-        return out
 
 
 def _canary_failures(measurements: Sequence[Measurement]) -> dict[str, str]:
@@ -431,4 +531,4 @@ def _canary_failures(measurements: Sequence[Measurement]) -> dict[str, str]:
 
 
 def _internal(exc: BaseException) -> Failure:
-    return Failure("error", "internal", f"internal: {type(exc).__name__}: {exc}")
+    return Failure(FailureKind.ERROR, Phase.INTERNAL, f"internal: {type(exc).__name__}: {exc}")

@@ -2,11 +2,13 @@
 
 (probe country, resolver kind and operator, name, time) → blocked / resolves / null,
 with the reason kept as `expected_by`. Expected `blocked` if some order binds here
-(country in its jurisdictions, the resolver among its addressees, the time within its
-dates); otherwise `resolves` if any order (wherever and whenever it binds) or control
+(country in its jurisdictions, the resolver among its addressees, the instant within
+[effective, expires): a date is 00:00 UTC, a timestamp that very second); otherwise `resolves` if any order (wherever and whenever it binds) or control
 list names the name — a block here would be over-reach; otherwise nothing is expected.
 When several rules match, the most specific is the one reported (an exact name beats a
 wildcard, a deeper wildcard beats a shallower one); every binding order is listed.
+An order's `deadline` never changes what is expected: the reason carries `due`, the
+instant enforcement was due, for compliance reporting.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from probe.lists import ControlList, Lists, Order, Pattern
+from probe.lists import ControlList, Lists, Order, Pattern, format_instant
 from probe.model import Expectation
 
 __all__ = ["Expectations", "Rule"]
@@ -58,6 +60,10 @@ class Expectations:
     def expect(
         self, country: str, kind: str, operator: str | None, name: str, when: dt.datetime
     ) -> tuple[Expectation | None, dict[str, Any] | None]:
+        """The expectation for `name` on this resolver at the instant `when` (aware; a naive
+        time is refused, as it would shift every order by the host's offset)."""
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError("expect() needs an aware datetime, not a naive one")
         rules = self.rules_for(name)
         if not rules:
             return None, None
@@ -72,6 +78,9 @@ class Expectations:
             assert best.order is not None
             why = {"order": best.order.id, "authority": best.order.authority, "pattern": str(best.pattern),
                    "orders": sorted({r.order.id for r in binding if r.order is not None})}  # fmt: skip
+            due = best.order.due
+            if due is not None:
+                why["due"] = format_instant(due)
             return Expectation.BLOCKED, why
         best = max(rules, key=lambda r: r.specificity)
         if best.control is not None:

@@ -4,6 +4,13 @@ A file is rejected whole on any mistake, and every mistake is reported at once, 
 with the file, the entry and the key: `it.yaml: orders[3].jurisdictions[0]: 'ITA' is
 not an ISO 3166-1 alpha-2 code`. Names are normalised like everywhere else (IDNA
 A-label, lower case, no trailing dot).
+
+An order binds from `effective` until `expires`, each a date (00:00 UTC) or an RFC 3339
+instant with any offset, kept here as aware UTC datetimes. `deadline` (`30m`, `24h`, s/m/h/d)
+is the time allowed to enforce, counted from `effective`: Piracy Shield gives 30 minutes.
+
+YAML aliases are refused: a lists file is data typed or exported by people, never needs
+them, and a few hundred bytes of nested aliases expand to gigabytes (a "billion laughs").
 """
 
 from __future__ import annotations
@@ -29,8 +36,12 @@ __all__ = [
     "ListsError",
     "Order",
     "Pattern",
+    "format_duration",
+    "format_instant",
     "import_plain",
     "load_lists",
+    "parse_duration",
+    "parse_instant",
     "parse_lists",
 ]
 
@@ -39,7 +50,18 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ISO_ALPHA2 = frozenset(c.alpha_2 for c in pycountry.countries)
 _ALPHA2 = ISO_ALPHA2
 _ORDER_KEYS = frozenset(
-    {"id", "authority", "jurisdictions", "applies_to", "effective", "expires", "domains", "note", "url"}
+    {
+        "id",
+        "authority",
+        "jurisdictions",
+        "applies_to",
+        "effective",
+        "expires",
+        "deadline",
+        "domains",
+        "note",
+        "url",
+    }
 )
 _CONTROL_KEYS = frozenset({"id", "domains", "note"})
 _TOP_KEYS = frozenset({"orders", "controls"})
@@ -66,21 +88,34 @@ class Pattern:
 
 @dataclass(frozen=True, slots=True)
 class Order:
+    """One order. `effective` and `expires` are aware UTC instants (a date in the file is
+    00:00 UTC); `deadline` is the time allowed to enforce, counted from `effective`."""
+
     id: str
     authority: str
     jurisdictions: frozenset[str]
     applies_to: frozenset[str]
-    effective: dt.date | None
-    expires: dt.date | None
+    effective: dt.datetime | None
+    expires: dt.datetime | None
     domains: tuple[Pattern, ...]
     source: str = ""
+    deadline: dt.timedelta | None = None
+
+    @property
+    def due(self) -> dt.datetime | None:
+        """The instant by which enforcement is due, when the order sets a deadline."""
+        if self.effective is None or self.deadline is None:
+            return None
+        return self.effective + self.deadline
 
     def binds_at(self, when: dt.datetime) -> bool:
-        """Dates are UTC: from 00:00 on `effective`, until 00:00 on `expires`."""
-        day = when.astimezone(dt.UTC)
-        if self.effective is not None and day < _midnight(self.effective):
+        """From the instant `effective` (inclusive) until the instant `expires` (exclusive).
+        A naive `when` is refused: read as local time it would move every order by hours."""
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError("binds_at needs an aware datetime")
+        if self.effective is not None and when < self.effective:
             return False
-        return not (self.expires is not None and day >= _midnight(self.expires))
+        return not (self.expires is not None and when >= self.expires)
 
     def addresses(self, kind: str, operator: str | None) -> bool:
         return kind in self.applies_to or (operator is not None and operator in self.applies_to)
@@ -112,6 +147,26 @@ class Lists:
         ]
         return list(dict.fromkeys(exact + below))
 
+    def names_of(self, order: Order) -> list[str]:
+        """The names of `query_names()` that test `order`: what a scheduler measures first
+        when the order has just become binding or is due soon."""
+        exact = {p.name for p in order.domains if not p.wildcard}
+        bases = {p.name for p in order.domains if p.wildcard}
+        out = []
+        for name in self.query_names():
+            labels = name.split(".")
+            if name in exact or any(".".join(labels[i:]) in bases for i in range(1, len(labels))):
+                out.append(name)
+        return out
+
+    def next_change(self, after: dt.datetime) -> dt.datetime | None:
+        """The first instant strictly after `after` at which an order starts or stops binding (or
+        falls due): when expectations change, so a scheduler knows when to look again."""
+        instants = [
+            t for o in self.orders for t in (o.effective, o.expires, o.due) if t is not None and t > after
+        ]
+        return min(instants, default=None)
+
     def summary(self) -> dict[str, Any]:
         juris = sorted({j for o in self.orders for j in o.jurisdictions})
         return {
@@ -125,8 +180,22 @@ class Lists:
         }
 
 
-def _midnight(day: dt.date) -> dt.datetime:
-    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+def format_instant(when: dt.datetime) -> str:
+    """An instant as people wrote it: a bare date for 00:00 UTC, else RFC 3339 in UTC."""
+    when = when.astimezone(dt.UTC)
+    if when.time() == dt.time(0):
+        return when.date().isoformat()
+    text = when.isoformat(timespec="microseconds" if when.microsecond else "seconds")
+    return text.removesuffix("+00:00") + "Z"
+
+
+def format_duration(span: dt.timedelta) -> str:
+    """A deadline in the largest unit that states it exactly (`30m`, `24h` → `1d`)."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -140,16 +209,71 @@ _Loader.yaml_implicit_resolvers = {
 }  # libyaml's C parser when PyYAML has it: a 50,000-name file parses in a fraction of the time
 
 
-def _date(value: Any, where: str, errors: list[str]) -> dt.date | None:
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# RFC 3339 section 5.6 date-time: seconds required, any fraction, `Z` or a numeric offset.
+_RFC3339_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))?"
+)
+_DURATION_RE = re.compile(r"([0-9]{1,7})([smhd])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_TIME_HINT = "a date (YYYY-MM-DD) or an RFC 3339 time (2026-12-01T14:05:00+01:00)"
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value for an error message, cut short: a message must never echo a huge entry."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "…" + text[-4:]
+
+
+def parse_instant(value: Any) -> dt.datetime:
+    """A date (00:00 UTC) or an RFC 3339 time with an offset, as an aware UTC datetime;
+    ValueError with the reason otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"is not {_TIME_HINT}")
+    if _DATE_RE.fullmatch(value):
+        try:
+            day = dt.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError("is not a date (YYYY-MM-DD)") from None
+        return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+    m = _RFC3339_RE.fullmatch(value)
+    if m is None:
+        raise ValueError(f"is not {_TIME_HINT}")
+    year, month, day_, hour, minute, second = (int(g) for g in m.groups()[:6])
+    if m[8] is None and m[9] is None:
+        raise ValueError("has no UTC offset (Z or ±HH:MM): a local time is ambiguous")
+    offset = dt.timedelta()
+    if m[9] is not None:
+        oh, om = int(m[10]), int(m[11])
+        if oh > 23 or om > 59:
+            raise ValueError("is not an RFC 3339 time: the offset is out of range")
+        offset = (1 if m[9] == "+" else -1) * dt.timedelta(hours=oh, minutes=om)
+    micro = int((m[7] or "0")[:6].ljust(6, "0"))
+    try:
+        local = dt.datetime(year, month, day_, hour, minute, second, micro, tzinfo=dt.timezone(offset))
+        return local.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
+        raise ValueError("is not an RFC 3339 time: a field is out of range") from None
+
+
+def parse_duration(value: Any) -> dt.timedelta:
+    """`30m`, `24h`, `2d`, `90s`: a positive whole number and one unit; ValueError otherwise."""
+    m = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError("is not a duration (a whole number and s, m, h or d: 30m, 24h)")
+    if int(m[1]) == 0:
+        raise ValueError("is no time to enforce: a deadline must be longer than zero")
+    return dt.timedelta(seconds=int(m[1]) * _UNIT[m[2]])
+
+
+def _instant(value: Any, where: str, errors: list[str]) -> dt.datetime | None:
     if value is None:
         return None
-    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-        try:
-            return dt.date.fromisoformat(value)
-        except ValueError:
-            pass
-    errors.append(f"{where}: {value!r} is not a date (YYYY-MM-DD)")
-    return None
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        errors.append(f"{where}: {_show(value)} {exc}")
+        return None
 
 
 def _patterns(value: Any, where: str, errors: list[str]) -> tuple[Pattern, ...]:
@@ -160,17 +284,17 @@ def _patterns(value: Any, where: str, errors: list[str]) -> tuple[Pattern, ...]:
     seen: set[Pattern] = set()
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            errors.append(f"{where}[{i}]: {item!r} is not a name")
+            errors.append(f"{where}[{i}]: {_show(item)} is not a name")
             continue
         text = item.strip()
         wildcard = text.startswith("*.")
         try:
             name = normalize_name(text[2:] if wildcard else text)
         except InputError:
-            errors.append(f"{where}[{i}]: {item!r} is not a domain name or *.name pattern")
+            errors.append(f"{where}[{i}]: {_show(item)} is not a domain name or *.name pattern")
             continue
         if "*" in name:
-            errors.append(f"{where}[{i}]: {item!r}: a wildcard may only be a leading '*.'")
+            errors.append(f"{where}[{i}]: {_show(item)}: a wildcard may only be a leading '*.'")
             continue
         p = Pattern(name, wildcard)
         if p not in seen:
@@ -181,7 +305,9 @@ def _patterns(value: Any, where: str, errors: list[str]) -> tuple[Pattern, ...]:
 
 def _id(value: Any, where: str, errors: list[str]) -> str:
     if not isinstance(value, str) or not _ID_RE.match(value):
-        errors.append(f"{where}: {value!r} is not an id (letters, digits, '.', '_', ':', '-'; up to 128)")
+        errors.append(
+            f"{where}: {_show(value)} is not an id (letters, digits, '.', '_', ':', '-'; up to 128)"
+        )
         return ""
     return value
 
@@ -189,7 +315,8 @@ def _id(value: Any, where: str, errors: list[str]) -> str:
 def _unknown(entry: dict[str, Any], allowed: frozenset[str], where: str, errors: list[str]) -> None:
     for key in entry:
         if key not in allowed:
-            errors.append(f"{where}.{key}: unknown key (one of {', '.join(sorted(allowed))})")
+            name = key if isinstance(key, str) and len(key) <= 60 else _show(key)
+            errors.append(f"{where}.{name}: unknown key (one of {', '.join(sorted(allowed))})")
 
 
 def _order(entry: Any, where: str, errors: list[str], source: str) -> Order | None:
@@ -208,7 +335,7 @@ def _order(entry: Any, where: str, errors: list[str], source: str) -> Order | No
     else:
         for i, code in enumerate(juris):
             if not isinstance(code, str) or code.upper() not in _ALPHA2 or len(code) != 2:
-                errors.append(f"{where}.jurisdictions[{i}]: {code!r} is not an ISO 3166-1 alpha-2 code")
+                errors.append(f"{where}.jurisdictions[{i}]: {_show(code)} is not an ISO 3166-1 alpha-2 code")
             else:
                 codes.add(code.upper())
     applies = entry.get("applies_to", list(KINDS))
@@ -220,19 +347,67 @@ def _order(entry: Any, where: str, errors: list[str], source: str) -> Order | No
     else:
         for i, item in enumerate(applies):
             if not isinstance(item, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", item):
-                errors.append(f"{where}.applies_to[{i}]: {item!r} is not a resolver kind or operator name")
+                errors.append(
+                    f"{where}.applies_to[{i}]: {_show(item)} is not a resolver kind or operator name"
+                )
             else:
                 targets.add(item)
-    effective = _date(entry.get("effective"), f"{where}.effective", errors)
-    expires = _date(entry.get("expires"), f"{where}.expires", errors)
+    effective = _instant(entry.get("effective"), f"{where}.effective", errors)
+    expires = _instant(entry.get("expires"), f"{where}.expires", errors)
     if effective and expires and expires <= effective:
-        errors.append(f"{where}.expires: {expires} is not after effective {effective}")
+        errors.append(
+            f"{where}.expires: {format_instant(expires)} is not after effective {format_instant(effective)}"
+        )
+    deadline = _deadline(entry, effective, expires, where, errors)
     domains = _patterns(entry.get("domains"), f"{where}.domains", errors)
     if not oid:
         return None
     return Order(
-        oid, str(authority or ""), frozenset(codes), frozenset(targets), effective, expires, domains, source
+        oid,
+        str(authority or ""),
+        frozenset(codes),
+        frozenset(targets),
+        effective,
+        expires,
+        domains,
+        source,
+        deadline,
     )
+
+
+def _deadline(
+    entry: dict[str, Any],
+    effective: dt.datetime | None,
+    expires: dt.datetime | None,
+    where: str,
+    errors: list[str],
+) -> dt.timedelta | None:
+    if entry.get("deadline") is None:
+        return None
+    where = f"{where}.deadline"
+    try:
+        deadline = parse_duration(entry["deadline"])
+    except ValueError as exc:
+        errors.append(f"{where}: {_show(entry['deadline'])} {exc}")
+        return None
+    if "effective" not in entry:
+        # Counted from nothing, a deadline could only be guessed; a guess could report a miss that is none.
+        errors.append(f"{where}: needs effective, the instant the time to enforce counts from")
+        return None
+    if effective is None:
+        return None  # effective is wrong, and already reported
+    try:
+        due = effective + deadline
+    except OverflowError:
+        errors.append(f"{where}: {entry['deadline']} after effective is beyond the year 9999")
+        return None
+    if expires is not None and due > expires:
+        errors.append(
+            f"{where}: {entry['deadline']} after effective is {format_instant(due)}, "
+            f"after the order expires ({format_instant(expires)})"
+        )
+        return None
+    return deadline
 
 
 def _control(entry: Any, where: str, errors: list[str], source: str) -> ControlList | None:
@@ -248,11 +423,13 @@ def _control(entry: Any, where: str, errors: list[str], source: str) -> ControlL
 def parse_lists(text: str, source: str = "<lists>") -> Lists:
     """Parse one lists file; ListsError with every mistake, each prefixed by `source`."""
     try:
-        doc = yaml.load(text, Loader=_Loader)
+        doc = _load_without_aliases(text, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "YAML"
         raise ListsError([f"{source}: {where}: {getattr(exc, 'problem', None) or exc}"]) from None
+    except RecursionError:
+        raise ListsError([f"{source}: YAML: nested too deeply"]) from None
     errors: list[str] = []
     if doc is None:
         doc = {}
@@ -277,6 +454,39 @@ def parse_lists(text: str, source: str = "<lists>") -> Lists:
     if errors:
         raise ListsError([f"{source}: {e}" for e in errors])
     return Lists(tuple(orders), tuple(controls), (source,))
+
+
+def _load_without_aliases(text: str, source: str) -> Any:
+    """Compose the node graph (aliases stay shared nodes there, so a bomb is still small), refuse
+    it if any node is reached twice, and only then build Python objects from it."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        seen: set[int] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                where = _alias_line(text)
+                raise ListsError([f"{source}: {where}: YAML aliases are not allowed in lists files"])
+            seen.add(id(n))
+            if isinstance(n, yaml.SequenceNode):
+                stack.extend(n.value)
+            elif isinstance(n, yaml.MappingNode):
+                stack.extend(x for pair in n.value for x in pair)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _alias_line(text: str) -> str:
+    """Where the first alias is: the node graph no longer knows, so the events say (stopping there)."""
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent) and event.start_mark is not None:
+            return f"line {event.start_mark.line + 1}"
+    return "YAML"
 
 
 def _duplicates(orders: Iterable[Order], controls: Iterable[ControlList], errors: list[str]) -> None:

@@ -19,7 +19,6 @@ __all__ = [
     "Measurement",
     "Outcome",
     "Transport",
-    "judge",
 ]
 
 
@@ -75,17 +74,6 @@ class Ede:
         if self.json is not None:
             out["json"] = self.json
         return out
-
-
-def judge(expected: Expectation | None, blocked: bool | None) -> Finding | None:
-    """The finding table of CONTRACTS.md section 3."""
-    if expected is None:
-        return None
-    if blocked is None:
-        return Finding.INCONCLUSIVE
-    if expected is Expectation.BLOCKED:
-        return Finding.ENFORCED if blocked else Finding.LEAK
-    return Finding.OVERBLOCK if blocked else Finding.OK
 
 
 @dataclass(frozen=True, slots=True)

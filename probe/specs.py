@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from probe.errors import SpecError
 from probe.model import Transport
 
-__all__ = ["Endpoint", "Resolver", "parse_endpoint", "resolve_spec", "system_nameservers"]
+__all__ = ["Endpoint", "Resolver", "parse_endpoint", "system_nameservers"]
 
 KINDS = frozenset({"public", "isp", "system"})
 
@@ -169,32 +169,3 @@ def system_nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str
         if len(parts) >= 2 and parts[0] == "nameserver" and _is_ip(parts[1].split("%")[0]):
             out.append(parts[1].split("%")[0])
     return out
-
-
-def resolve_spec(spec: str, catalogue: object | None = None) -> Resolver:
-    """Turn what the user typed into a Resolver, applying CONTRACTS.md's kind/operator rules."""
-    from probe.catalogue import Catalogue, load_catalogue
-
-    cat = catalogue if isinstance(catalogue, Catalogue) else load_catalogue()
-    name = spec.strip()
-    if not name:
-        raise SpecError("'' is not a resolver spec")
-    if name == "system":
-        servers = system_nameservers()
-        if not servers:
-            raise SpecError("'system' has no nameservers in /etc/resolv.conf")
-        eps = tuple(Endpoint(Transport.UDP, s, 53) for s in servers)
-        return Resolver("system", "system", None, eps)
-    entry = cat.entries.get(name.lower())
-    if entry is not None:
-        return Resolver(name, "public", entry.operator, entry.endpoints)
-    endpoint, options = parse_endpoint(name)
-    operator = options.get("operator")
-    kind = options.get("kind")
-    owner = cat.owner_of(endpoint.host) or (cat.owner_of(endpoint.address) if endpoint.address else None)
-    if owner is not None:
-        operator = operator or owner.operator
-        kind = kind or "public"
-        if endpoint.address is None and not endpoint.host_is_ip:
-            endpoint = replace(endpoint, address=owner.bootstrap_for(endpoint.host))
-    return Resolver(name, kind or "isp", operator, (endpoint,))

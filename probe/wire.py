@@ -12,6 +12,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import dns.edns
 import dns.exception
@@ -25,6 +26,7 @@ import dns.rdtypes.svcbbase
 
 from probe.errors import InputError
 from probe.fastwire import parse_fast
+from probe.limits import MAX_JSON_DEPTH
 from probe.model import Ede
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "parse_ede",
     "parse_response",
     "question_of",
+    "reply_problem",
     "set_id",
 ]
 
@@ -146,6 +149,67 @@ def question_of(query: bytes) -> bytes:
     return query[12 : end + 5]
 
 
+def reply_problem(msg: bytes, qid: int, question: bytes) -> str | None:
+    """Why `msg` is not the response to the query with `qid` and `question`, or None when it is.
+
+    CONTRACTS.md section 3: QR=1, opcode QUERY, the query's ID and its question (the
+    name compared case-insensitively, type and class exactly).
+    """
+    if len(msg) < 12 + len(question):
+        return "short message"
+    if (msg[0] << 8) | msg[1] != qid:
+        return "wrong message ID"
+    if not msg[2] & 0x80:
+        return "not a response (QR=0)"
+    opcode = (msg[2] >> 3) & 0x0F
+    if opcode != 0:
+        return f"opcode {opcode}, not QUERY"
+    if msg[4:6] != b"\x00\x01":
+        return "not exactly one question"
+    end = 12 + len(question)
+    if msg[end - 4 : end] != question[-4:] or msg[12 : end - 4].lower() != question[:-4].lower():
+        return "question does not match"
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def safe_text(text: str) -> str:
+    """Text from a resolver, made safe to write as JSON: a lone surrogate (from a JSON escape
+    like \\ud800, or bytes decoded with surrogateescape) becomes U+FFFD instead of crashing
+    every encoder after it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, others do not
+
+
+def _depth(value: object, level: int = 1) -> int:
+    if level > MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def _safe_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {safe_text(str(k)): _safe_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_safe_json(v) for v in value]
+    return value
+
+
 def parse_ede(option: dns.edns.Option) -> Ede:
     """An EDE option, with draft-ietf-dnsop-structured-dns-error JSON kept when present."""
     if isinstance(option, dns.edns.EDEOption):
@@ -154,14 +218,15 @@ def parse_ede(option: dns.edns.Option) -> Ede:
         data = option.to_wire() or b""
         code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else -1
         text = data[2:].decode("utf-8", "replace")
+    text = safe_text(text)
     structured = None
     if text.lstrip().startswith("{"):
         try:
-            parsed = json.loads(text)
-        except ValueError:
+            parsed = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             parsed = None
-        if isinstance(parsed, dict):
-            structured = parsed
+        if isinstance(parsed, dict) and _depth(parsed) <= MAX_JSON_DEPTH:
+            structured = _safe_json(parsed)
     return Ede(code, text, structured)
 
 

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from probe.catalogue import resolve_spec
 from probe.engine import Engine, Expect, Plan
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Measurement
-from probe.specs import Resolver, resolve_spec
+from probe.specs import Resolver
 from probe.transports import Options
+
+from .ci_skips import pytest_runtest_logreport, pytest_sessionfinish  # noqa: F401  (hooks)
 
 LAB_HOSTS = ("127.0.0.1", "localhost", *(f"127.53.1.{i}" for i in range(1, 12)))
 
@@ -49,9 +52,10 @@ def measure(
     linger: float = 0.1,
     qps: float | None = None,
     concurrency: int = 32,
+    confirm_after: float = 0.0,
 ) -> list[Measurement]:
     ca_file = str(ca.ca_file) if isinstance(ca, LabCA) else (str(ca) if ca else None)
-    options = Options(timeout=timeout, ca_file=ca_file, udp_linger=linger)
+    options = Options(timeout=timeout, ca_file=ca_file, udp_linger=linger, confirm_after=confirm_after)
     plan = (
         Plan(domains, qtypes, resolvers, controls, expect)
         if expect

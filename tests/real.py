@@ -6,6 +6,7 @@ address and free ports; configuration and zone files live in a temporary directo
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,17 @@ from pathlib import Path
 import dns.message
 import dns.query
 
-__all__ = ["RealResolver", "free_port", "have", "start_named", "start_unbound"]
+__all__ = [
+    "RealResolver",
+    "free_port",
+    "have",
+    "start_dnsdist",
+    "start_dnsmasq",
+    "start_kresd",
+    "start_named",
+    "start_pdns_recursor",
+    "start_unbound",
+]
 
 SOA = "@ 60 IN SOA ns.localhost. hostmaster.localhost. 1 3600 600 86400 60\n@ 60 IN NS localhost.\n"
 
@@ -55,13 +66,16 @@ class RealResolver:
     specs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        h = self.host
-        self.specs = {
-            "udp": f"udp://{h}:{self.ports['dns']}",
-            "tcp": f"tcp://{h}:{self.ports['dns']}",
-            "dot": f"tls://{h}:{self.ports['dot']}",
-            "doh": f"https://{h}:{self.ports['doh']}/dns-query",
-        }
+        # Only the transports the server listens on: dnsmasq and the PowerDNS Recursor speak no TLS.
+        h, p = self.host, self.ports
+        self.specs = {"udp": f"udp://{h}:{p['dns']}", "tcp": f"tcp://{h}:{p['dns']}"}
+        if "dot" in p:
+            self.specs["dot"] = f"tls://{h}:{p['dot']}"
+        if "doh" in p:
+            self.specs["doh"] = f"https://{h}:{p['doh']}/dns-query"
+        for name, port in p.items():
+            if name.startswith("dot-"):  # extra DoT listeners (dnsdist: in-order and out-of-order)
+                self.specs[name] = f"tls://{h}:{port}"
 
     def wait_ready(self, probe_name: str, deadline_s: float = 30.0) -> None:
         """Wait (with a deadline) until the server answers a query over UDP."""
@@ -204,3 +218,173 @@ zone "{zone_name}" {{ type primary; file "{workdir}/zone.db"; }};
             [_exe("named"), "-g", "-n", str(threads), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
         )
     return RealResolver("named", host, proc, ports, workdir, log)
+
+
+def _spawn(name: str, host: str, argv: list[str], ports: dict[str, int], workdir: Path) -> RealResolver:
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    return RealResolver(name, host, proc, ports, workdir, log)
+
+
+def start_pdns_recursor(
+    workdir: Path,
+    host: str,
+    *,
+    forwards: dict[str, str],
+    rpz_text: str = "",
+    rpz_ede_text: str = "",
+    ede: tuple[int, str] = (15, "blocked by court order"),
+    extra: str = "",
+) -> RealResolver:
+    """PowerDNS Recursor on UDP/TCP forwarding every zone in `forwards` (zone → "ip:port").
+
+    `rpz_text` is an RPZ loaded as is; `rpz_ede_text` a second one whose hits carry the EDE
+    `ede` (rpzFile's extendedErrorCode and extendedErrorExtra); `extra` is more recursor.conf.
+    Forward "." to loopback, or the recursor primes the real root: the hint file names a
+    loopback root for the same reason.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {"dns": free_port(host)}
+    lua = []
+    for label, text in (("plain", rpz_text), ("ede", rpz_ede_text)):
+        if not text:
+            continue
+        (workdir / f"rpz-{label}.db").write_text(f"$ORIGIN rpz-{label}.local.\n" + SOA + text)
+        opts = f", extendedErrorCode={ede[0]}, extendedErrorExtra={ede[1]!r}" if label == "ede" else ""
+        lua.append(f'rpzFile("{workdir}/rpz-{label}.db", {{policyName="rpz-{label}"{opts}}})')
+    (workdir / "recursor.lua").write_text("\n".join(lua) + "\n")
+    (workdir / "root.hints").write_text(
+        ". 3600000 NS a.root.invalid.\na.root.invalid. 3600000 A 127.53.255.254\n"
+    )
+    fwd = ",".join(f"{zone}={addr}" for zone, addr in forwards.items())
+    (workdir / "recursor.conf").write_text(
+        f"""local-address={host}
+local-port={ports["dns"]}
+allow-from=127.0.0.0/8
+socket-dir={workdir}
+daemon=no
+write-pid=no
+threads=1
+pdns-distributes-queries=no
+dnssec=off
+disable-syslog=yes
+loglevel=4
+security-poll-suffix=
+hint-file={workdir}/root.hints
+lua-config-file={workdir}/recursor.lua
+forward-zones-recurse={fwd}
+max-negative-ttl=1
+packetcache-ttl=1
+{extra}
+"""
+    )
+    return _spawn("pdns_recursor", host, [_exe("pdns_recursor"), f"--config-dir={workdir}"], ports, workdir)
+
+
+def start_kresd(
+    workdir: Path,
+    host: str,
+    cert: Path,
+    key: Path,
+    *,
+    forwards: dict[str, str],
+    policies: str = "",
+) -> RealResolver:
+    """Knot Resolver on UDP/TCP/DoT/DoH, forwarding (STUB, no validation) each zone in `forwards`.
+
+    `policies` is Lua run before the forwards, e.g. `policy.add(policy.suffix(policy.DENY, ...))`.
+    Every name not forwarded elsewhere goes to the "." forward, so nothing leaves loopback.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {"dns": free_port(host), "dot": free_port(host), "doh": free_port(host)}
+    stubs = []
+    for zone, addr in sorted(forwards.items(), key=lambda kv: -len(kv[0])):
+        ip, port = addr.rsplit(":", 1)
+        target = f"policy.STUB('{ip}@{port}')"
+        if zone == ".":
+            stubs.append(f"policy.add(policy.all({target}))")
+        else:
+            stubs.append(f"policy.add(policy.suffix({target}, {{todname('{zone}')}}))")
+    stub_lua = "\n".join(stubs)
+    (workdir / "kresd.conf").write_text(
+        f"""-- no root trust anchor: nothing to validate against, and no RFC 5011 refresh towards the root
+trust_anchors.remove('.')
+modules.unload('priming')
+modules.unload('detect_time_skew')
+modules.unload('detect_time_jump')
+cache.open(10 * MB, 'lmdb://{workdir}/cache')
+net.ipv6 = false
+net.listen('{host}', {ports["dns"]}, {{ kind = 'dns' }})
+net.listen('{host}', {ports["dot"]}, {{ kind = 'tls' }})
+net.listen('{host}', {ports["doh"]}, {{ kind = 'doh2' }})
+net.tls('{cert}', '{key}')
+{policies}
+{stub_lua}
+"""
+    )
+    argv = [_exe("kresd"), "-n", "-q", "-c", str(workdir / "kresd.conf"), str(workdir)]
+    return _spawn("kresd", host, argv, ports, workdir)
+
+
+def start_dnsmasq(
+    workdir: Path, host: str, *, forwards: dict[str, str], addresses: dict[str, str]
+) -> RealResolver:
+    """dnsmasq on UDP/TCP forwarding each zone in `forwards` (zone → "ip:port", "." for the rest);
+    `addresses` maps a name to its `address=/name/VALUE` (an address, "#" for 0.0.0.0 and ::,
+    or "" for NXDOMAIN). No cache, so every query reaches the upstream."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {"dns": free_port(host)}
+    servers = []
+    for zone, addr in forwards.items():
+        ip, port = addr.rsplit(":", 1)
+        servers.append(f"--server={ip}#{port}" if zone == "." else f"--server=/{zone}/{ip}#{port}")
+    argv = [
+        _exe("dnsmasq"),
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        f"--listen-address={host}",
+        "--bind-interfaces",
+        f"--port={ports['dns']}",
+        f"--pid-file={workdir}/dnsmasq.pid",
+        # As root dnsmasq would switch to an unprivileged user that cannot write the workdir.
+        *(["--user=root"] if os.geteuid() == 0 else []),
+        "--cache-size=0",
+        "--log-facility=-",
+        *servers,
+        *(f"--address=/{name}/{value}" for name, value in addresses.items()),
+    ]
+    return _spawn("dnsmasq", host, argv, ports, workdir)
+
+
+def start_dnsdist(
+    workdir: Path, host: str, cert: Path, key: Path, *, backend: str, rules: str = ""
+) -> RealResolver:
+    """dnsdist in front of `backend` ("ip:port"): plain DNS, DoH, and DoT twice, `dot` answering
+    each connection's queries in order (one at a time) and `dot-ooo` out of order (maxInFlight).
+
+    `rules` is Lua run after the listeners, e.g. `addAction(QNameRule('x.'), DropAction())`.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {
+        "dns": free_port(host),
+        "dot": free_port(host),
+        "dot-ooo": free_port(host),
+        "doh": free_port(host),
+    }
+    (workdir / "dnsdist.conf").write_text(
+        f"""setSecurityPollSuffix('')
+setLocal('{host}:{ports["dns"]}')
+addTLSLocal('{host}:{ports["dot"]}', '{cert}', '{key}', {{ provider = 'openssl' }})
+addTLSLocal('{host}:{ports["dot-ooo"]}', '{cert}', '{key}', {{ provider = 'openssl', maxInFlight = 100 }})
+addDOHLocal('{host}:{ports["doh"]}', '{cert}', '{key}', '/dns-query')
+setACL('127.0.0.0/8')
+-- forced up: no health-check traffic decides whether the lab backend is used
+newServer({{ address = '{backend}', maxInFlight = 100 }}):setUp()
+{rules}
+"""
+    )
+    argv = [_exe("dnsdist"), "--supervised", "--disable-syslog", "-C", str(workdir / "dnsdist.conf")]
+    return _spawn("dnsdist", host, argv, ports, workdir)

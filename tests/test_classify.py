@@ -8,10 +8,11 @@ import dns.rrset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probe.classify import ControlResult, Verdict, blocked_of, is_special_use, sinkhole_of, verdict_of
+from probe.classify import ControlResult, Verdict, is_special_use, sinkhole_of, verdict_of
 from probe.fingerprints import load_fingerprints
-from probe.model import Ede, Expectation, Finding, Outcome, judge
-from probe.transports import Failure
+from probe.judge import blocked_of, finding_of
+from probe.model import Ede, Expectation, Finding, Outcome
+from probe.transports import Failure, FailureKind, Phase
 from probe.wire import build_query, normalize_name, parse_ede
 
 FP = load_fingerprints()
@@ -63,6 +64,9 @@ def test_blocked_table() -> None:
         (Verdict(Outcome.NODATA), CONTROL_HAS, False, True),
         (Verdict(Outcome.REFUSED, ede=(Ede(18),)), CONTROL_HAS, False, None),
         (Verdict(Outcome.SERVFAIL, ede=(Ede(22),)), CONTROL_HAS, False, None),
+        # An upstream failure, not a block: no policy EDE, whatever the control says.
+        (Verdict(Outcome.SERVFAIL), CONTROL_HAS, False, None),
+        (Verdict(Outcome.REFUSED), CONTROL_HAS, False, True),
         (Verdict(Outcome.TIMEOUT), CONTROL_HAS, True, True),
         (Verdict(Outcome.TIMEOUT), CONTROL_HAS, False, None),
         (Verdict(Outcome.ERROR), CONTROL_HAS, True, None),
@@ -72,12 +76,12 @@ def test_blocked_table() -> None:
 
 
 def test_findings_table() -> None:
-    assert judge(Expectation.BLOCKED, True) is Finding.ENFORCED
-    assert judge(Expectation.BLOCKED, False) is Finding.LEAK
-    assert judge(Expectation.RESOLVES, True) is Finding.OVERBLOCK
-    assert judge(Expectation.RESOLVES, False) is Finding.OK
-    assert judge(Expectation.BLOCKED, None) is Finding.INCONCLUSIVE
-    assert judge(None, True) is None
+    assert finding_of(Expectation.BLOCKED, True) is Finding.ENFORCED
+    assert finding_of(Expectation.BLOCKED, False) is Finding.LEAK
+    assert finding_of(Expectation.RESOLVES, True) is Finding.OVERBLOCK
+    assert finding_of(Expectation.RESOLVES, False) is Finding.OK
+    assert finding_of(Expectation.BLOCKED, None) is Finding.INCONCLUSIVE
+    assert finding_of(None, True) is None
 
 
 def test_ede_wins_over_every_rcode() -> None:
@@ -87,10 +91,20 @@ def test_ede_wins_over_every_rcode() -> None:
 
 
 def test_failures_map_to_timeout_and_error() -> None:
-    v = verdict_of(None, Failure("timeout", "dns_round_trip", "dns_round_trip: timed out"), "a.org", "A", FP)
+    v = verdict_of(
+        None,
+        Failure(FailureKind.TIMEOUT, Phase.DNS_ROUND_TRIP, "dns_round_trip: timed out"),
+        "a.org",
+        "A",
+        FP,
+    )
     assert (v.outcome, v.error) == (Outcome.TIMEOUT, "dns_round_trip: timed out")
     v = verdict_of(
-        None, Failure("error", "tls_handshake", "tls: certificate verify failed"), "a.org", "A", FP
+        None,
+        Failure(FailureKind.ERROR, Phase.TLS_HANDSHAKE, "tls: certificate verify failed"),
+        "a.org",
+        "A",
+        FP,
     )
     assert (v.outcome, v.evidence["phase"]) == (Outcome.ERROR, "tls_handshake")
 

@@ -74,3 +74,110 @@ def test_expectation_table(
     assert got is expected, reason
     for key, value in why.items():
         assert reason is not None and reason[key] == value, reason
+
+
+@pytest.fixture(scope="module")
+def timed() -> Expectations:
+    return Expectations(load_lists([HERE / "good-times.yaml"]))
+
+
+ROME = dt.timezone(dt.timedelta(hours=1))
+# name, when, expected, the reason's key facts: orders that bind from an instant (good-times.yaml)
+TIMED = [
+    (
+        "a second before the instant",
+        "live-calcio.example",
+        dt.datetime(2026, 12, 1, 13, 4, 59, tzinfo=dt.UTC),
+        R,
+        {"reason": "the order is not in force at this time"},
+    ),
+    (
+        "from the instant",
+        "live-calcio.example",
+        dt.datetime(2026, 12, 1, 13, 5, tzinfo=dt.UTC),
+        B,
+        {"order": "ps-2026-118", "due": "2026-12-01T13:35:00Z"},
+    ),
+    (
+        "the same instant in Rome's offset",
+        "live-calcio.example",
+        dt.datetime(2026, 12, 1, 14, 5, tzinfo=ROME),
+        B,
+        {},
+    ),
+    (
+        "a second before, in Rome's offset",
+        "live-calcio.example",
+        dt.datetime(2026, 12, 1, 14, 4, 59, tzinfo=ROME),
+        R,
+        {},
+    ),
+    (
+        "a fraction of a second matters",
+        "replay-calcio.example",
+        dt.datetime(2026, 12, 1, 13, 10, 0, 249_999, tzinfo=dt.UTC),
+        R,
+        {},
+    ),
+    (
+        "from the fractional instant",
+        "replay-calcio.example",
+        dt.datetime(2026, 12, 1, 13, 10, 0, 250_000, tzinfo=dt.UTC),
+        B,
+        {"due": "2026-12-02T13:10:00.250000Z"},
+    ),
+    (
+        "just before a timestamped expiry",
+        "replay-calcio.example",
+        dt.datetime(2026, 12, 3, 6, 59, 59, 999_999, tzinfo=dt.UTC),
+        B,
+        {},
+    ),
+    (
+        "at a timestamped expiry (-05:00 in the file)",
+        "replay-calcio.example",
+        dt.datetime(2026, 12, 3, 7, tzinfo=dt.UTC),
+        R,
+        {},
+    ),
+    (
+        "a date binds from 00:00 UTC, whatever the caller's offset",
+        "www.old-calcio.example",
+        dt.datetime(2026, 12, 1, 0, 30, tzinfo=ROME),
+        R,
+        {},
+    ),
+    (
+        "a date, then a deadline in days",
+        "www.old-calcio.example",
+        dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
+        B,
+        {"order": "agcom-2026-0099", "due": "2026-12-03"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "name", "when", "expected", "why"), TIMED, ids=[t[0] for t in TIMED])
+def test_orders_bind_from_instants(
+    timed: Expectations,
+    case: str,
+    name: str,
+    when: dt.datetime,
+    expected: Expectation | None,
+    why: dict[str, object],
+) -> None:
+    got, reason = timed.expect("IT", "isp", None, name, when)
+    assert got is expected, reason
+    for key, value in why.items():
+        assert reason is not None and reason[key] == value, reason
+
+
+def test_no_due_without_a_deadline(engine: Expectations) -> None:
+    _, reason = engine.expect("IT", "isp", None, "pirate.example", MID_2026)
+    assert reason is not None and "due" not in reason
+
+
+def test_a_naive_time_is_refused(timed: Expectations) -> None:
+    """Read as the host's local time it would move every order by the host's offset."""
+    with pytest.raises(ValueError, match="aware"):
+        timed.expect("IT", "isp", None, "live-calcio.example", dt.datetime(2026, 12, 1, 13, 5))

@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
+from probe.catalogue import resolve_spec
 from probe.expect import Expectations
 from probe.lab import LabCA
 from probe.lists import parse_lists
 from probe.model import Expectation, Finding, Measurement, Outcome
-from probe.specs import Resolver, resolve_spec
+from probe.specs import Resolver
 
 from .conftest import measure
 from .real import RealResolver, have, start_named, start_unbound

@@ -1,7 +1,12 @@
-"""End to end: lab resolvers → two probe daemons (IT, FR) → the collector → a real Prometheus with
-our rules → a real Alertmanager → a local webhook. Every dashboard query and every alert
-expression runs through Prometheus's HTTP API; the leak and overblock alerts arrive; when
-the lab stops leaking, the leak alert resolves.
+"""End to end: lab resolvers → two probe daemons (IT, FR) → two collector replicas on one
+database (PostgreSQL when installed) → a real Prometheus with our rules → a real Alertmanager
+→ a local webhook. Every dashboard query and every alert expression runs through
+Prometheus's HTTP API; the leak and overblock alerts arrive, one per order × resolver ×
+transport × country; when the lab stops leaking, the leak alert resolves.
+
+Prometheus scrapes both replicas and one of them a second time under another job, so each
+probe's findings arrive three times: the alerts must still count one probe, a warning and
+never "confirmed by 2 probes".
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from probe.demo import DemoLab
 from probe.lab import Behaviour, LabThread
 
 from .fake_collector import wait_for
+from .pg import TempPostgres, find_pg_bin
 from .real import free_port
 from .test_collector import Server
 from .test_daemon import _Running
@@ -78,8 +84,14 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
     thread = LabThread()
     for server in lab.servers.values():
         thread.start(server)
-    store = open_store(f"sqlite:///{tmp_path / 'collector.sqlite3'}")
-    collector = Server(store, "stale_after: 30\n")
+    pg = TempPostgres() if find_pg_bin() is not None else None
+    if pg is not None:
+        url = pg.fresh_database("e2e")
+        stores = [open_store(url), open_store(url)]  # two collector replicas, each with its own connection
+    else:
+        one = open_store(f"sqlite:///{tmp_path / 'collector.sqlite3'}")
+        stores = [one, one]  # without PostgreSQL: two replicas in front of one SQLite store
+    collector, replica = (Server(store, "stale_after: 30\n") for store in stores)
     lists = Path(__file__).parent.parent / "probe" / "data" / "demo-lists.yaml"
     daemons, metrics_ports = [], []
     for probe_id, country in (("it-lab-1", "IT"), ("fr-lab-1", "FR")):
@@ -90,7 +102,8 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
         metrics_ports.append(port)
         cfg = {
             "probe": {"id": probe_id, "region": f"{country.lower()}-lab", "country": country},
-            "collector": {"url": collector.url, "token_file": str(tmp_path / probe_id / "token"), "timeout": 2},
+            "collector": {"url": (collector if country == "IT" else replica).url,
+                          "token_file": str(tmp_path / probe_id / "token"), "timeout": 2},
             "resolvers": [
                 {"spec": lab.servers["isp-blockpage"].specs()["udp"], "kind": "isp", "operator": "isp-b"},
                 {"spec": lab.servers["public-leaky"].specs()["doh"], "kind": "public", "operator": "leakydns"},
@@ -106,7 +119,7 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
     hook = Webhook()
     am_port, prom_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     (tmp_path / "am.yml").write_text(yaml.safe_dump({
-        "route": {"receiver": "hook", "group_by": ["alertname", "country", "resolver", "domain", "qtype"],
+        "route": {"receiver": "hook", "group_by": ["alertname", "order", "list", "country", "resolver", "transport"],
                   "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"},
         "receivers": [{"name": "hook", "webhook_configs": [{"url": hook.url, "send_resolved": True}]}]}))  # fmt: skip
     am = _start(["prometheus-alertmanager", f"--config.file={tmp_path / 'am.yml'}", f"--storage.path={tmp_path / 'am'}",
@@ -117,7 +130,9 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
         "rule_files": [str(tmp_path / "rules.yml")],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
         "scrape_configs": [
-            {"job_name": "collector", "static_configs": [{"targets": [f"127.0.0.1:{collector.port}"]}]},
+            {"job_name": "collector", "static_configs": [{"targets": [f"127.0.0.1:{collector.port}",
+                                                                     f"127.0.0.1:{replica.port}"]}]},
+            {"job_name": "collector-dr", "static_configs": [{"targets": [f"127.0.0.1:{collector.port}"]}]},
             {"job_name": "probes", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in metrics_ports]}]},
         ]}))  # fmt: skip
     prom = _start(["prometheus", f"--config.file={tmp_path / 'prom.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -133,7 +148,11 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
             d.stop()
         hook.stop()
         collector.stop()
-        store.close()
+        replica.stop()
+        for store in dict.fromkeys(stores):
+            store.close()
+        if pg is not None:
+            pg.stop()
         thread.stop()
 
 
@@ -153,11 +172,14 @@ def _substitute(expr: str) -> str:
 
 def test_the_fleet_from_probe_to_pager(fleet: dict[str, Any]) -> None:
     prom, hook = fleet["prom"], fleet["hook"]
-    leak = {"order": ORDER, "country": "IT", "domain": "calcio-pirata.example"}
+    leak = {"order": ORDER, "country": "IT", "transport": "doh"}
     try:
         wait_for(lambda: hook.seen("BlockprobeLeak", "firing", **leak), 90, "the leak alert at the webhook")
-        wait_for(lambda: hook.seen("BlockprobeOverblock", "firing", list="controls",
-                                   domain="drive.usercontent.google.example"), 60, "the overblock alert")  # fmt: skip
+        wait_for(
+            lambda: hook.seen("BlockprobeOverblock", "firing", list="controls", country="IT"),
+            60,
+            "the overblock",
+        )
         # From France the Italian order's blocks are over-reach: an overblock naming the order.
         wait_for(
             lambda: hook.seen("BlockprobeOverblock", "firing", list=ORDER, country="FR"),
@@ -171,26 +193,62 @@ def test_the_fleet_from_probe_to_pager(fleet: dict[str, Any]) -> None:
             (logs / "prom.log").read_text()[-3000:], (logs / "am.log").read_text()[-3000:], hook.alerts[-5:]
         )
         raise
-    firing = next(
-        a
-        for a in hook.alerts
-        if a["labels"]["alertname"] == "BlockprobeLeak" and a["labels"]["domain"] == "calcio-pirata.example"
+
+    # One alert per order × resolver × transport × country, not one per name, qtype or copy: in Italy
+    # the public resolver leaks both names on A and AAAA over DoH, the ISP both names' AAAA over UDP.
+    def leak_alerts() -> list[dict[str, Any]]:
+        return _query(prom, 'ALERTS{alertname="BlockprobeLeak",alertstate="firing"}')
+
+    wait_for(lambda: len(leak_alerts()) == 2, 60, "the ISP's leak alert too")
+    where = sorted(
+        (a["metric"]["order"], a["metric"]["country"], a["metric"]["transport"]) for a in leak_alerts()
     )
-    assert firing["labels"]["severity"] == "warning"
-    assert firing["annotations"]["runbook_url"] == "dashboards/RUNBOOK.md#blockprobeleak"
-    assert "calcio-pirata.example" in firing["annotations"]["summary"]
+    assert where == [(ORDER, "IT", "doh"), (ORDER, "IT", "udp")]
+    assert all("domain" not in a["metric"] and "qtype" not in a["metric"] for a in leak_alerts())
+    assert (
+        len(_query(prom, 'blockprobe_leak{country="IT"}')) == 6 * 3
+    )  # six leaking series, three copies each
+    firing = [
+        a for a in hook.alerts if a["labels"]["alertname"] == "BlockprobeLeak" and a["status"] == "firing"
+    ]
+    doh = next(a for a in firing if a["labels"]["transport"] == "doh")
+    assert doh["labels"]["severity"] == "warning"
+    assert doh["annotations"]["runbook_url"] == "dashboards/RUNBOOK.md#blockprobeleak"
+    # The public resolver leaks both ordered names on A and AAAA: the true count and both names.
+    assert doh["annotations"]["summary"].endswith(
+        "4 leaking name(s) × qtype(s), e.g. calcio-pirata.example, streaming-illegale.example"
+    ), doh["annotations"]["summary"]
+
+    # Each finding arrives three times (two replicas, one of them scraped by two jobs), yet one probe
+    # counts once: a warning, never a confirmed critical.
+    copies = _query(
+        prom, 'count by (probe) (blockprobe_probe_last_report_timestamp_seconds{probe="it-lab-1"})'
+    )
+    assert [float(r["value"][1]) for r in copies] == [3.0]
+    probes = _query(
+        prom, f'blockprobe:order_leak_probes:count{{order="{ORDER}",country="IT",transport="doh"}}'
+    )
+    assert [float(r["value"][1]) for r in probes] == [1.0]
+    assert not _query(prom, 'ALERTS{alertname=~"Blockprobe(Leak|Overblock)Confirmed"}')
+    assert not [a for a in hook.alerts if a["labels"]["alertname"].endswith("Confirmed")]
 
     # Every panel query parses and runs; the findings panels have data.
     expected_data = {"Current leaks", "Current overblocks", "Enforcement ratio by country × resolver × transport",
                      "Names by finding", "Blocks outside the ordering jurisdiction", "Blocked control names",
                      "Seconds since each probe's last report", "Spool depth (results not yet acknowledged)",
-                     "Resolver reachability", "Measurements per second by transport"}  # fmt: skip
+                     "Resolver reachability", "Measurements per second by transport",
+                     "Orders not enforced: probes and names per order × resolver × transport × country"}  # fmt: skip
     for path in sorted(DASHBOARDS.glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel["targets"]:
                 result = _query(prom, _substitute(target["expr"]))
                 if panel["title"] in expected_data:
                     assert result, f"{path.stem}: {panel['title']!r} has no data"
+    # A probe counted once on the dashboards too: the stat equals the collector's own count.
+    overview = json.loads((DASHBOARDS / "blockprobe-overview.json").read_text())
+    current = _query(prom, _substitute(overview["panels"][0]["targets"][0]["expr"]))
+    own = _query(prom, 'sum(max by (probe, resolver, transport, list) (blockprobe_domains{finding="leak"}))')
+    assert current[0]["value"][1] == own[0]["value"][1]
     # And every alert and recording expression.
     for expr in [a.expr for a in ALERTS] + [r.expr for r in RECORDING]:
         _query(prom, expr)

@@ -76,6 +76,31 @@ def test_grafana_alerting_matches_the_prometheus_rules() -> None:
     }
     rules = grafana["groups"][0]["rules"]
     assert {r["title"] for r in rules} == set(prom)
+    records = [
+        r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "record" in r
+    ]
     for r in rules:
-        assert r["for"] == prom[r["title"]]["for"] and r["annotations"] == prom[r["title"]]["annotations"]
+        theirs = prom[r["title"]]
+        assert r["for"] == theirs["for"] and r["labels"]["severity"] == theirs["labels"]["severity"]
         assert "$" not in "".join(r["labels"].values())  # provisioning would expand it
+        expr = r["data"][0]["model"]["expr"]
+        assert not [name for name in records if name in expr], "Grafana must not rely on recorded series"
+        if " query " in str(theirs["annotations"]):
+            # Grafana's templates have no `query`: its own texts, the same runbook.
+            assert " query " not in str(r["annotations"])
+            assert r["annotations"]["runbook_url"] == theirs["annotations"]["runbook_url"]
+        else:
+            assert r["annotations"] == theirs["annotations"]
+
+
+def test_leak_and_overblock_alerts_group_by_order_resolver_transport_country() -> None:
+    """Never per name: a resolver that ignores a whole order must be one alert per transport."""
+    from dashboards.alerts import ALERTS, RECORDING
+
+    recorded = {r.record: r.expr for r in RECORDING}
+    for a in ALERTS:
+        if a.name.startswith(("BlockprobeLeak", "BlockprobeOverblock")):
+            expr = recorded[a.expr.split()[0]]
+            key = "order" if "Leak" in a.name else "list"
+            assert expr.startswith(f"count by ({key}, country, resolver, transport) ("), a.name
+            assert "domain" not in expr and "qtype" not in expr

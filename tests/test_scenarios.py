@@ -114,8 +114,16 @@ SCENARIOS = [
         check={"ede.0.code": 17, "ede.0.json.o": "AdGuard DNS"},
     ),
     Scenario("forged-ede4", Behaviour(records={"A": REAL_A}, ede=((4, ""),)), Outcome.EDE_BLOCKED, True),
-    Scenario("refused-ede18", Behaviour(rcode="REFUSED", ede=((18, "not allowed"),)), Outcome.REFUSED, None),
-    Scenario("servfail", Behaviour(rcode="SERVFAIL"), Outcome.SERVFAIL, True),
+    # EDE 18 on one name while the resolver answers others: Knot Resolver's policy REFUSE.
+    Scenario(
+        "refused-ede18",
+        Behaviour(rcode="REFUSED", ede=((18, "not allowed"),)),
+        Outcome.EDE_BLOCKED,
+        True,
+        check={"evidence.ede18_name_specific": True},
+    ),
+    # What a recursor answers when its upstream fails for the name: no evidence of a block.
+    Scenario("servfail", Behaviour(rcode="SERVFAIL"), Outcome.SERVFAIL, None),
     Scenario(
         "servfail-ede22",
         Behaviour(rcode="SERVFAIL", ede=((22, "no reachable authority"),)),
@@ -138,7 +146,16 @@ SCENARIOS = [
         check={"sinkhole.match": "restricted.tri.co.id"},
     ),
     Scenario(
-        "drop", Behaviour(action="drop"), Outcome.TIMEOUT, True, check={"error": "dns_round_trip: timed out"}
+        "drop",
+        Behaviour(action="drop"),
+        Outcome.TIMEOUT,
+        True,
+        check={
+            "error": "dns_round_trip: timed out",
+            "evidence.silence.proven": True,
+            "evidence.overtaken": True,
+            "evidence.attempts.1.pass": 2,
+        },
     ),
     Scenario(
         "truncated",
@@ -258,8 +275,9 @@ def test_racing_answers_are_kept_as_evidence(results: dict[tuple[str, str, str],
 
 def test_mismatched_udp_answer_is_ignored_and_noted(results: dict[tuple[str, str, str], Measurement]) -> None:
     m = results[(f"mismatch.{D}", "A", "udp")]
-    assert m.evidence["notes"] == ["ignored a response whose question does not match"]
-    assert results[(f"mismatch.{D}", "A", "tcp")].error == "mismatched response"
+    assert [i["reason"] for i in m.evidence["ignored"]][:1] == ["question does not match"]
+    assert m.evidence["ignored"][0]["wire"]  # the datagram itself is kept as evidence
+    assert results[(f"mismatch.{D}", "A", "tcp")].error == "not the response: question does not match"
 
 
 def test_nsid_is_recorded(results: dict[tuple[str, str, str], Measurement]) -> None:

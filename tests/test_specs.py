@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from probe.catalogue import resolve_spec
 from probe.errors import SpecError
 from probe.model import Transport
-from probe.specs import parse_endpoint, resolve_spec
+from probe.specs import parse_endpoint
 
 GOOD = [
     ("udp://127.0.0.1", Transport.UDP, "127.0.0.1", 53, ""),

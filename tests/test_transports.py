@@ -6,10 +6,11 @@ import asyncio
 
 import pytest
 
+from probe.catalogue import resolve_spec
 from probe.engine import Engine, Plan
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Outcome
-from probe.specs import Resolver, resolve_spec
+from probe.specs import Resolver
 from probe.transports import Options
 
 from .conftest import measure, resolvers_of, start_lab

@@ -15,12 +15,12 @@ from typing import Any
 
 import yaml
 
-from probe.catalogue import load_catalogue
+from probe.catalogue import load_catalogue, resolve_spec
 from probe.errors import BlockprobeError, SpecError
 from probe.identity import Canary
 from probe.lists import ISO_ALPHA2
 from probe.model import Expectation
-from probe.specs import KINDS, Resolver, resolve_spec
+from probe.specs import KINDS, Resolver
 from probe.wire import QTYPES, normalize_name
 
 __all__ = ["CollectorConfig", "Config", "ConfigError", "load_config", "parse_config"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 from typing import Any
 
@@ -21,24 +22,20 @@ import h2.exceptions
 import h2.settings
 import hpack
 
+from probe.limits import MAX_DOH_BODY
 from probe.specs import Endpoint
-from probe.transports._conn import RetryAlone, SharedConnection
-from probe.transports._errors import expire, failure_from, timeout
-from probe.transports.base import Exchange, Failure, Options
+from probe.transports._conn import Opening, RetryAlone, SharedConnection
+from probe.transports._errors import Broken, error, failure_from, timeout
+from probe.transports._wait import Channel, await_reply
+from probe.transports.base import Exchange, Failure, Options, Phase
 from probe.transports.tcp import close_transport
 from probe.transports.tls import client_context
-from probe.wire import question_of
+from probe.wire import question_of, reply_problem
 
 __all__ = ["DohExchanger"]
 
 _CT = b"application/dns-message"
 _WINDOW = 1 << 24
-
-
-class _Broken(Exception):
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.text)
-        self.failure = failure
 
 
 class _PlainEncoder(hpack.Encoder):
@@ -50,17 +47,18 @@ class _PlainEncoder(hpack.Encoder):
 
 
 class _Stream:
-    __slots__ = ("body", "ctype", "future", "status")
+    __slots__ = ("body", "ctype", "future", "stamp", "status")
 
-    def __init__(self, future: asyncio.Future[None]) -> None:
+    def __init__(self, future: asyncio.Future[None], stamp: int) -> None:
         self.future = future
+        self.stamp = stamp
         self.status = 0
         self.ctype = b""
         self.body = bytearray()
 
 
 class _H2Conn(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
         config = h2.config.H2Configuration(
             client_side=True,
             header_encoding=None,
@@ -76,17 +74,19 @@ class _H2Conn(asyncio.Protocol):
         self.h2.encoder = _PlainEncoder()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
-        self.dead: Failure | None = None
+        self.dead: Broken | None = None
         self.waiters: list[asyncio.Future[None]] = []
         self.lost = asyncio.get_running_loop().create_future()
+        self.channel = Channel(name)
         self._flush_handle: asyncio.Handle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        ssl_obj = transport.get_extra_info("ssl_object")
-        if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
-            return  # no preface: the exchanger hands this endpoint to HTTP/1.1
+
+    def start(self, transport: asyncio.Transport) -> None:
+        """TLS is up with ALPN h2: send the connection preface."""
+        self.transport = transport
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -123,7 +123,7 @@ class _H2Conn(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self._kill(Failure("error", "http", f"http2: protocol error: {exc}"))
+            self._kill(error(Phase.HTTP, f"http2: protocol error: {exc}"))
             return
         for ev in events:
             if isinstance(ev, h2.events.ResponseReceived):
@@ -138,32 +138,46 @@ class _H2Conn(asyncio.Protocol):
                 st = self.streams.get(ev.stream_id)
                 if st is not None:
                     st.body += ev.data
+                    if len(st.body) > MAX_DOH_BODY:
+                        # No DNS message is longer: a server streaming more is not answering DNS.
+                        self._end(ev.stream_id, error(Phase.HTTP, f"http: body over {MAX_DOH_BODY} bytes"))
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, h2.events.StreamEnded):
                 st = self.streams.pop(ev.stream_id, None)
                 if st is not None and not st.future.done():
+                    if st.status == 200:
+                        self.channel.answer(st.stamp)
                     st.future.set_result(None)
             elif isinstance(ev, h2.events.StreamReset):
                 st = self.streams.pop(ev.stream_id, None)
                 if st is not None and not st.future.done():
-                    st.future.set_exception(
-                        _Broken(Failure("error", "http", f"http2: stream reset ({ev.error_code!s})", True))
-                    )
+                    failure = error(Phase.HTTP, f"http2: stream reset ({ev.error_code!s})", True)
+                    st.future.set_exception(Broken(failure))
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 last = ev.last_stream_id or 0
-                self.dead = Failure("error", "http", "http2: connection closed by server (GOAWAY)", True)
+                self.dead = Broken(error(Phase.HTTP, "http2: connection closed by server (GOAWAY)", True))
                 for sid, st in list(self.streams.items()):
                     if sid > last and not st.future.done():
-                        st.future.set_exception(_Broken(self.dead))
+                        st.future.set_exception(self.dead)
                         del self.streams[sid]
         self._wake()
         self.flush_soon()
 
+    def _end(self, sid: int, failure: Failure) -> None:
+        """Give up one stream: reset it, fail its query, and free its slot for a waiting one."""
+        st = self.streams.pop(sid, None)
+        if st is not None and not st.future.done():
+            st.future.set_exception(Broken(failure))
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2.reset_stream(sid)
+        self.flush_soon()
+        self._wake()
+
     def _kill(self, failure: Failure) -> None:
-        self.dead = failure
+        self.dead = Broken(failure)
         for st in self.streams.values():
             if not st.future.done():
-                st.future.set_exception(_Broken(failure))
+                st.future.set_exception(self.dead)
         self.streams.clear()
         self._wake()
         if self.transport is not None:
@@ -172,7 +186,7 @@ class _H2Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
-        self._kill(failure_from(exc or EOFError(), "http"))
+        self._kill(failure_from(exc or EOFError(), Phase.HTTP))
 
 
 class DohExchanger(RetryAlone):
@@ -183,6 +197,7 @@ class DohExchanger(RetryAlone):
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.endpoint = endpoint
         self.options = options
+        self.witness: bytes | None = None
         self._shared: SharedConnection[_H2Conn | None] = SharedConnection(
             self._open, lambda c: c is None or c.dead is None, _abort_h2
         )
@@ -191,57 +206,103 @@ class DohExchanger(RetryAlone):
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
         self._authority = (host + port).encode()
         self._path = endpoint.path.encode()
+        self._conns = 0
+        self._witnesses: set[asyncio.Future[Exchange]] = set()
 
-    async def _open(self) -> _H2Conn | None:
+    async def _open(self, deadline: float, state: Opening) -> _H2Conn | None:
         loop = asyncio.get_running_loop()
-        transport, conn = await asyncio.wait_for(
-            loop.create_connection(
-                _H2Conn,
-                self.endpoint.connect_host,
-                self.endpoint.port,
-                ssl=client_context(self.options.ca_file, self.alpn),
-                server_hostname=self.endpoint.host,
-            ),
-            self.options.timeout,
-        )
-        ssl_obj = transport.get_extra_info("ssl_object")
+        self._conns += 1
+        name = f"{self.endpoint}#{self._conns}"
+        async with asyncio.timeout_at(deadline):
+            state.phase = Phase.CONNECT
+            transport, conn = await loop.create_connection(
+                lambda: _H2Conn(name), self.endpoint.connect_host, self.endpoint.port
+            )
+            state.phase = Phase.TLS_HANDSHAKE
+            try:
+                tls = await loop.start_tls(
+                    transport,
+                    conn,
+                    client_context(self.options.ca_file, self.alpn),
+                    server_hostname=self.endpoint.host,
+                )
+            except BaseException:
+                transport.abort()
+                raise
+        assert tls is not None
+        ssl_obj = tls.get_extra_info("ssl_object")
         if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
-            transport.abort()  # the server wants HTTP/1.1: httpx2 takes over for this endpoint
+            tls.abort()  # the server wants HTTP/1.1: httpx2 takes over for this endpoint
             return None
+        conn.start(tls)
         return conn
 
     @property
     def handshakes(self) -> int:
         return self._shared.handshakes
 
-    async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
+    async def _once(self, query: bytes, deadline: float, evidence: dict[str, Any], shared: bool) -> Exchange:
         if self._http1 is not None:
-            return await self._exchange_http1(query, evidence)
+            return await self._exchange_http1(query, deadline, evidence)
         try:
-            conn = await (self._shared.get(evidence) if shared else self._shared.private(evidence))
-        except Exception as exc:  # translated at the edge, once
-            phase = "connect" if isinstance(exc, OSError) and not _is_ssl(exc) else "tls_handshake"
-            return Exchange(None, failure_from(exc, phase), evidence=evidence)
+            if shared:
+                conn = await self._shared.get(deadline, evidence)
+            else:
+                conn = await self._shared.private(deadline, evidence)
+        except Broken as exc:
+            return Exchange(None, exc.failure, evidence=evidence, sends=0)
         if conn is None:
             if self._http1 is None:  # concurrent queries all learn it at once; one client
                 self._start_http1()
-            return await self._exchange_http1(query, evidence)
+            return await self._exchange_http1(query, deadline, evidence)
         try:
-            return await self._exchange_h2(conn, query, evidence)
+            return await self._exchange_h2(conn, query, deadline, evidence, witness=True)
         finally:
             if not shared:
                 self._shared.discard(conn)
 
-    async def _exchange_h2(self, conn: _H2Conn, query: bytes, evidence: dict[str, Any]) -> Exchange:
+    async def _exchange_h2(
+        self, conn: _H2Conn, query: bytes, deadline: float, evidence: dict[str, Any], witness: bool
+    ) -> Exchange:
         loop = asyncio.get_running_loop()
-        while not conn.can_open() and conn.dead is None:
-            waiter: asyncio.Future[None] = loop.create_future()
-            conn.waiters.append(waiter)
-            await waiter
+        try:
+            async with asyncio.timeout_at(deadline):
+                while not conn.can_open() and conn.dead is None:
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    conn.waiters.append(waiter)
+                    await waiter
+        except TimeoutError:
+            return Exchange(None, timeout(Phase.STREAM_WAIT), evidence=evidence, sends=0)
         if conn.dead is not None:
-            return Exchange(None, conn.dead, evidence=evidence)
-        fut: asyncio.Future[None] = loop.create_future()
-        st = _Stream(fut)
+            return Exchange(None, conn.dead.failure, evidence=evidence, sends=0)
+        sid, st = self._submit(conn, query)
+        sent = time.perf_counter()
+        now = loop.time()
+        try:
+            await await_reply(
+                st.future,
+                deadline,
+                witness_at=now + (deadline - now) / 4 if witness else None,
+                witness=lambda: self._send_witness(conn, st.stamp, deadline),
+            )
+        except Broken as exc:
+            return Exchange(None, exc.failure, evidence=evidence, channel=conn.channel.name)
+        except TimeoutError:
+            conn._end(sid, timeout())
+            overtaken = conn.channel.overtook(st.stamp)
+            return Exchange(
+                None, timeout(), evidence=evidence, channel=conn.channel.name, overtaken=overtaken
+            )
+        latency = (time.perf_counter() - sent) * 1000
+        evidence["http_version"] = "HTTP/2"
+        evidence["http_status"] = st.status
+        result = judge_http(st.status, st.ctype, bytes(st.body), query, latency, evidence)
+        result.channel = conn.channel.name
+        return result
+
+    def _submit(self, conn: _H2Conn, query: bytes) -> tuple[int, _Stream]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        st = _Stream(fut, conn.channel.stamp())
         sid = conn.h2.get_next_available_stream_id()
         conn.streams[sid] = st
         if self.options.doh_post:
@@ -269,26 +330,17 @@ class DohExchanger(RetryAlone):
             ]
             conn.h2.send_headers(sid, headers, end_stream=True)
         conn.flush_soon()
-        sent = time.perf_counter()
-        timer = loop.call_later(self.options.timeout, expire, fut)
-        try:
-            await fut
-        except _Broken as exc:
-            return Exchange(None, exc.failure, evidence=evidence)
-        except TimeoutError:
-            conn.streams.pop(sid, None)
-            try:
-                conn.h2.reset_stream(sid)
-                conn.flush_soon()
-            except h2.exceptions.H2Error:
-                pass
-            return Exchange(None, timeout(), evidence=evidence)
-        finally:
-            timer.cancel()
-        latency = (time.perf_counter() - sent) * 1000
-        evidence["http_version"] = "HTTP/2"
-        evidence["http_status"] = st.status
-        return judge_http(st.status, st.ctype, bytes(st.body), query, latency, evidence)
+        return sid, st
+
+    def _send_witness(self, conn: _H2Conn, stamp: int, deadline: float) -> None:
+        if self.witness is None or conn.dead is not None or not conn.channel.needs_witness(stamp):
+            return
+        if not conn.can_open():
+            return  # every stream is taken: queries sent after this one are already waiting
+        conn.channel.witnessed = conn.channel.sent + 1
+        task = asyncio.ensure_future(self._exchange_h2(conn, self.witness, deadline, {}, witness=False))
+        self._witnesses.add(task)
+        task.add_done_callback(self._witnesses.discard)
 
     def _start_http1(self) -> None:
         import httpx2
@@ -300,33 +352,55 @@ class DohExchanger(RetryAlone):
             timeout=self.options.timeout,
         )
 
-    async def _exchange_http1(self, query: bytes, evidence: dict[str, Any]) -> Exchange:
+    async def _exchange_http1(self, query: bytes, deadline: float, evidence: dict[str, Any]) -> Exchange:
         host = self.endpoint.connect_host
         host = f"[{host}]" if ":" in host else host
         url = f"https://{host}:{self.endpoint.port}{self.endpoint.path}"
         headers = {"accept": "application/dns-message", "host": self._authority.decode()}
         extensions = {"sni_hostname": self.endpoint.host}
         sent = time.perf_counter()
+        if self.options.doh_post:
+            headers["content-type"] = "application/dns-message"
+            request = self._http1.build_request(
+                "POST", url, content=query, headers=headers, extensions=extensions
+            )
+        else:
+            dns_param = base64.urlsafe_b64encode(query).rstrip(b"=").decode()
+            request = self._http1.build_request(
+                "GET", url, params={"dns": dns_param}, headers=headers, extensions=extensions
+            )
+        # One deadline for the whole exchange: httpx2's own timeouts are per read, so a
+        # server that drips its body a byte at a time would never trip them.
+        body = bytearray()
+        resp = None
         try:
-            if self.options.doh_post:
-                headers["content-type"] = "application/dns-message"
-                resp = await self._http1.post(url, content=query, headers=headers, extensions=extensions)
-            else:
-                dns_param = base64.urlsafe_b64encode(query).rstrip(b"=").decode()
-                resp = await self._http1.get(
-                    url, params={"dns": dns_param}, headers=headers, extensions=extensions
-                )
+            async with asyncio.timeout_at(deadline):
+                resp = await self._http1.send(request, stream=True)
+                try:
+                    async for chunk in resp.aiter_raw():
+                        body += chunk
+                        if len(body) > MAX_DOH_BODY:
+                            failure = error(Phase.HTTP, f"http: body over {MAX_DOH_BODY} bytes")
+                            return Exchange(None, failure, evidence=evidence)
+                finally:
+                    await resp.aclose()
+        except TimeoutError:
+            # HTTP/1.1 answers one request at a time per connection: nothing can overtake it,
+            # so this silence is never proven (CONTRACTS.md section 3 (c)).
+            phase = Phase.HTTP if resp is None else Phase.DNS_ROUND_TRIP
+            return Exchange(None, timeout(phase), evidence=evidence)
         except Exception as exc:
-            if type(exc).__name__.endswith("Timeout") or isinstance(exc, TimeoutError):
-                return Exchange(None, timeout(), evidence=evidence)
-            return Exchange(None, failure_from(exc, "http"), evidence=evidence)
+            return Exchange(None, failure_from(exc, Phase.HTTP), evidence=evidence)
+        assert resp is not None
         latency = (time.perf_counter() - sent) * 1000
         evidence["http_version"] = resp.http_version
         evidence["http_status"] = resp.status_code
         ctype = resp.headers.get("content-type", "").encode("latin-1")
-        return judge_http(resp.status_code, ctype, resp.content, query, latency, evidence)
+        return judge_http(resp.status_code, ctype, bytes(body), query, latency, evidence)
 
     async def aclose(self) -> None:
+        for task in list(self._witnesses):
+            task.cancel()
         conn = self._shared.take()
         if conn is not None and conn.transport is not None:
             await close_transport(conn.transport, conn.lost)
@@ -340,22 +414,16 @@ def _abort_h2(conn: _H2Conn | None) -> None:
         conn.transport.abort()
 
 
-def _is_ssl(exc: BaseException) -> bool:
-    import ssl
-
-    return isinstance(exc, ssl.SSLError)
-
-
 def judge_http(
     status: int, ctype: bytes, body: bytes, query: bytes, latency: float, evidence: dict[str, Any]
 ) -> Exchange:
-    """A DoH response over any HTTP version: 200, application/dns-message, and our question."""
+    """A DoH response over any HTTP version: 200, application/dns-message, and the response to our query."""
     if status != 200:
-        return Exchange(None, Failure("error", "http", f"http: status {status}"), latency, evidence)
+        return Exchange(None, error(Phase.HTTP, f"http: status {status}"), latency, evidence)
     if ctype.split(b";")[0].strip().lower() != _CT:
         text = ctype.decode("latin-1") or "none"
-        return Exchange(None, Failure("error", "http", f"http: content-type {text}"), latency, evidence)
-    q = question_of(query)
-    if len(body) < 12 or body[12 : 12 + len(q)].lower() != q.lower():
-        return Exchange(None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence)
+        return Exchange(None, error(Phase.HTTP, f"http: content-type {text}"), latency, evidence)
+    problem = reply_problem(body, (query[0] << 8) | query[1], question_of(query))
+    if problem is not None:
+        return Exchange(None, error(Phase.DNS_ROUND_TRIP, f"not the response: {problem}"), latency, evidence)
     return Exchange(body, None, latency, evidence)

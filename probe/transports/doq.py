@@ -7,6 +7,7 @@ transmission is deferred to the end of the iteration instead of once per query.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import struct
@@ -18,26 +19,36 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 
+from probe.limits import MAX_DOH_BODY
 from probe.specs import Endpoint
-from probe.transports._conn import RetryAlone, SharedConnection
-from probe.transports._errors import expire, failure_from, timeout
-from probe.transports.base import Exchange, Failure, Options
-from probe.wire import question_of
+from probe.transports._conn import Opening, RetryAlone, SharedConnection
+from probe.transports._errors import Broken, error, timeout
+from probe.transports._wait import Channel, await_reply
+from probe.transports.base import Exchange, Failure, Options, Phase
+from probe.wire import question_of, reply_problem
 
 __all__ = ["DoqExchanger"]
 
+_RT = Phase.DNS_ROUND_TRIP
+_DOQ_INTERNAL_ERROR = 0x1  # RFC 9250 section 4.3: DOQ_INTERNAL_ERROR, to give up a stream
 
-class _Broken(Exception):
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.text)
-        self.failure = failure
+
+class _Query:
+    __slots__ = ("data", "future", "question", "stamp")
+
+    def __init__(self, future: asyncio.Future[bytes], question: bytes, stamp: int) -> None:
+        self.future = future
+        self.question = question
+        self.stamp = stamp
+        self.data = bytearray()
 
 
 class _DoqProtocol(QuicConnectionProtocol):
-    def __init__(self, quic: QuicConnection) -> None:
+    def __init__(self, quic: QuicConnection, name: str = "") -> None:
         super().__init__(quic)
-        self.streams: dict[int, tuple[asyncio.Future[bytes], bytearray]] = {}
-        self.dead: Failure | None = None
+        self.streams: dict[int, _Query] = {}
+        self.dead: Broken | None = None
+        self.channel = Channel(name)
         self._tx: asyncio.Handle | None = None
 
     def transmit_soon(self) -> None:
@@ -48,42 +59,66 @@ class _DoqProtocol(QuicConnectionProtocol):
         self._tx = None
         self.transmit()
 
+    def end_stream(self, sid: int, failure: Failure) -> None:
+        """Give up one stream: fail its query and tell the server to stop."""
+        q = self.streams.pop(sid, None)
+        if q is not None and not q.future.done():
+            q.future.set_exception(Broken(failure))
+        with contextlib.suppress(Exception):  # the stream may already be closed on the server's side
+            self._quic.reset_stream(sid, _DOQ_INTERNAL_ERROR)
+            self._quic.stop_stream(sid, _DOQ_INTERNAL_ERROR)
+        self.transmit_soon()
+
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
-            item = self.streams.get(event.stream_id)
-            if item is None:
+            q = self.streams.get(event.stream_id)
+            if q is None:
                 return
-            item[1].extend(event.data)
-            if event.end_stream:
+            q.data.extend(event.data)
+            if len(q.data) > MAX_DOH_BODY + 2:
+                self.end_stream(event.stream_id, error(_RT, f"quic: response over {MAX_DOH_BODY} bytes"))
+            elif event.end_stream:
                 del self.streams[event.stream_id]
-                if not item[0].done():
-                    item[0].set_result(bytes(item[1]))
+                self._complete(q)
         elif isinstance(event, StreamReset):
-            item = self.streams.pop(event.stream_id, None)
-            if item is not None and not item[0].done():
-                item[0].set_exception(
-                    _Broken(Failure("error", "dns_round_trip", f"quic: stream reset ({event.error_code})"))
-                )
+            q = self.streams.pop(event.stream_id, None)
+            if q is not None and not q.future.done():
+                q.future.set_exception(Broken(error(_RT, f"quic: stream reset ({event.error_code})")))
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason_phrase or f"error code {event.error_code}"
             if 0x100 <= event.error_code <= 0x1FF and event.frame_type is not None:
                 # RFC 9001 section 4.8: a transport CRYPTO_ERROR carries the TLS alert in the low
                 # byte; an application close (no frame type) may reuse these numbers (H3_NO_ERROR).
-                self._fail(Failure("error", "tls_handshake", f"tls: certificate verify failed: {reason}"))
+                self._fail(error(Phase.TLS_HANDSHAKE, f"tls: certificate verify failed: {reason}"))
             else:
-                self._fail(Failure("error", "dns_round_trip", f"quic: connection closed: {reason}", True))
+                self._fail(error(_RT, f"quic: connection closed: {reason}", True))
+
+    def _complete(self, q: _Query) -> None:
+        if q.future.done():
+            return
+        data = bytes(q.data)
+        if len(data) < 2 or struct.unpack("!H", data[:2])[0] != len(data) - 2:
+            q.future.set_exception(Broken(error(_RT, "malformed response: bad DoQ framing")))
+            return
+        # RFC 9250 section 4.2.1: the message ID is 0 on DoQ, in both directions.
+        problem = reply_problem(data[2:], 0, q.question)
+        if problem is not None:
+            q.future.set_exception(Broken(error(_RT, f"not the response: {problem}")))
+            return
+        self.channel.answer(q.stamp)
+        q.future.set_result(data[2:])
 
     def _fail(self, failure: Failure) -> None:
-        self.dead = failure
-        for fut, _ in self.streams.values():
-            if not fut.done():
-                fut.set_exception(_Broken(failure))
+        self.dead = Broken(failure)
+        for q in self.streams.values():
+            if not q.future.done():
+                q.future.set_exception(self.dead)
         self.streams.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.dead is None:
-            self._fail(Failure("error", "dns_round_trip", "quic: connection lost", True))
+            self._fail(error(_RT, "quic: connection lost", True))
 
 
 class DoqExchanger(RetryAlone):
@@ -95,10 +130,15 @@ class DoqExchanger(RetryAlone):
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.endpoint = endpoint
         self.options = options
+        self.witness: bytes | None = None
         self._shared = SharedConnection(self._open, lambda p: p.dead is None, _abort_quic)
+        self._conns = 0
+        self._witnesses: set[asyncio.Future[Exchange]] = set()
 
-    async def _open(self) -> _DoqProtocol:
+    async def _open(self, deadline: float, state: Opening) -> _DoqProtocol:
         loop = asyncio.get_running_loop()
+        self._conns += 1
+        name = f"{self.endpoint}#{self._conns}"
         config = QuicConfiguration(
             is_client=True,
             alpn_protocols=[self.alpn],
@@ -108,20 +148,23 @@ class DoqExchanger(RetryAlone):
         )
         if self.options.ca_file:
             config.load_verify_locations(self.options.ca_file)
+        state.phase = Phase.CONNECT
         infos = await loop.getaddrinfo(self.endpoint.connect_host, self.endpoint.port, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
         local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         quic = QuicConnection(configuration=config)
-        transport, proto = await loop.create_datagram_endpoint(lambda: self.protocol(quic), local_addr=local)
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: self.protocol(quic, name), local_addr=local
+        )
+        state.phase = Phase.QUIC_HANDSHAKE
         try:
             proto.connect(addr)
-            await asyncio.wait_for(proto.wait_connected(), self.options.timeout)
+            async with asyncio.timeout_at(deadline):
+                await proto.wait_connected()
         except ConnectionError:
             transport.close()
             # aioquic says only "ConnectionError"; the reason came with ConnectionTerminated.
-            raise _Broken(
-                proto.dead or Failure("error", "quic_handshake", "quic: handshake failed")
-            ) from None
+            raise proto.dead or Broken(error(Phase.QUIC_HANDSHAKE, "quic: handshake failed")) from None
         except BaseException:
             transport.close()
             raise
@@ -131,57 +174,78 @@ class DoqExchanger(RetryAlone):
     def handshakes(self) -> int:
         return self._shared.handshakes
 
-    async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
+    async def _once(self, query: bytes, deadline: float, evidence: dict[str, Any], shared: bool) -> Exchange:
         try:
-            proto = await (self._shared.get(evidence) if shared else self._shared.private(evidence))
-        except _Broken as exc:
-            return Exchange(None, exc.failure, evidence=evidence)
-        except Exception as exc:  # translated at the edge, once
-            return Exchange(None, failure_from(exc, "quic_handshake"), evidence=evidence)
+            if shared:
+                proto = await self._shared.get(deadline, evidence)
+            else:
+                proto = await self._shared.private(deadline, evidence)
+        except Broken as exc:
+            return Exchange(None, exc.failure, evidence=evidence, sends=0)
         try:
-            return await self._send(proto, query, evidence)
+            return await self._collect(proto, query, deadline, evidence, witness=True)
         finally:
             if not shared:
                 proto.close()
                 self._shared.discard(proto)
 
-    async def _send(self, proto: _DoqProtocol, query: bytes, evidence: dict[str, Any]) -> Exchange:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
+    def _submit(self, proto: _DoqProtocol, query: bytes) -> int:
+        """Open the stream and write the query; returns the stream id."""
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         quic = proto._quic
         sid = quic.get_next_available_stream_id()
-        proto.streams[sid] = (fut, bytearray())
+        proto.streams[sid] = _Query(fut, question_of(query), proto.channel.stamp())
         # RFC 9250 section 4.2.1: the message ID MUST be 0 on DoQ; our queries already are.
         quic.send_stream_data(sid, struct.pack("!H", len(query)) + query, end_stream=True)
         proto.transmit_soon()
+        return sid
+
+    async def _collect(
+        self, proto: _DoqProtocol, query: bytes, deadline: float, evidence: dict[str, Any], witness: bool
+    ) -> Exchange:
+        if proto.dead is not None:
+            return Exchange(None, proto.dead.failure, evidence=evidence, sends=0)
+        sid = self._submit(proto, query)
+        q = proto.streams[sid]
+        loop = asyncio.get_running_loop()
         sent = time.perf_counter()
-        timer = loop.call_later(self.options.timeout, expire, fut)
+        now = loop.time()
         try:
-            data = await fut
-        except _Broken as exc:
-            return Exchange(None, exc.failure, evidence=evidence)
+            msg = await await_reply(
+                q.future,
+                deadline,
+                witness_at=now + (deadline - now) / 4 if witness else None,
+                witness=lambda: self._send_witness(proto, q.stamp, deadline),
+            )
+        except Broken as exc:
+            return Exchange(None, exc.failure, evidence=evidence, channel=proto.channel.name)
         except TimeoutError:
-            proto.streams.pop(sid, None)
-            return Exchange(None, timeout(), evidence=evidence)
-        finally:
-            timer.cancel()
+            proto.end_stream(sid, timeout())
+            overtaken = proto.channel.overtook(q.stamp)
+            return Exchange(
+                None, timeout(), evidence=evidence, channel=proto.channel.name, overtaken=overtaken
+            )
         latency = (time.perf_counter() - sent) * 1000
-        if len(data) < 2 or struct.unpack("!H", data[:2])[0] != len(data) - 2:
-            return Exchange(
-                None,
-                Failure("error", "dns_round_trip", "malformed response: bad DoQ framing"),
-                latency,
-                evidence,
-            )
-        msg = data[2:]
-        q = question_of(query)
-        if len(msg) < 12 or msg[12 : 12 + len(q)].lower() != q.lower():
-            return Exchange(
-                None, Failure("error", "dns_round_trip", "mismatched response"), latency, evidence
-            )
+        result = self._result(q, query, msg, latency, evidence)
+        result.channel = proto.channel.name
+        return result
+
+    def _result(
+        self, q: _Query, query: bytes, msg: bytes, latency: float, evidence: dict[str, Any]
+    ) -> Exchange:
         return Exchange(msg, None, latency, evidence)
 
+    def _send_witness(self, proto: _DoqProtocol, stamp: int, deadline: float) -> None:
+        if self.witness is None or proto.dead is not None or not proto.channel.needs_witness(stamp):
+            return
+        proto.channel.witnessed = proto.channel.sent + 1
+        task = asyncio.ensure_future(self._collect(proto, self.witness, deadline, {}, witness=False))
+        self._witnesses.add(task)
+        task.add_done_callback(self._witnesses.discard)
+
     async def aclose(self) -> None:
+        for task in list(self._witnesses):
+            task.cancel()
         proto = self._shared.take()
         if proto is not None:
             proto.close()  # CONNECTION_CLOSE to the server, then the socket goes

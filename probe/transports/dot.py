@@ -14,7 +14,6 @@ class DotExchanger(StreamExchanger):
     """Pipelined queries over one TLS connection; the certificate must name the host."""
 
     tls = True
-    connect_phase = "connect"
 
     def _ssl(self) -> ssl.SSLContext:
         return client_context(self.options.ca_file, ("dot",))

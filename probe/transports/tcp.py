@@ -1,9 +1,11 @@
 """DNS over a byte stream (RFC 7766): one pipelined connection, replies matched by ID.
 
-Plain TCP lives here; DoT (dot.py) is the same stream wrapped in TLS. Queries are
-written back to back without waiting; replies may arrive in any order and are
-matched by ID and question. A connection that breaks is re-opened once, and the
-queries that were on it are retried on the new one.
+Plain TCP lives here; DoT (dot.py) is the same stream wrapped in TLS, negotiated after
+the TCP connection so that a stalled handshake is reported as `tls_handshake`, not
+`connect`. Queries are written back to back without waiting; replies may arrive in any
+order and must be the response to a query on the connection (ID and question), or the
+connection is no longer trusted. A connection that breaks under a query is retried
+once on a connection of its own (`RetryAlone`).
 """
 
 from __future__ import annotations
@@ -15,29 +17,36 @@ import time
 from typing import Any
 
 from probe.specs import Endpoint
-from probe.transports._conn import RetryAlone, SharedConnection
-from probe.transports._errors import expire, failure_from, timeout
-from probe.transports.base import Exchange, Failure, Options
-from probe.wire import question_of, random_id, set_id
+from probe.transports._conn import Opening, RetryAlone, SharedConnection
+from probe.transports._errors import Broken, error, failure_from, timeout
+from probe.transports._wait import Channel, await_reply
+from probe.transports.base import Exchange, Options, Phase
+from probe.wire import question_of, random_id, reply_problem, set_id
 
 __all__ = ["StreamExchanger", "TcpExchanger", "close_transport"]
 
+_RT = Phase.DNS_ROUND_TRIP
+_WITNESS_AT = 0.25  # of a query's remaining time: later than any live resolver's answer on a sane path
 
-class _Broken(Exception):
-    """The connection ended under a query that had been sent on it."""
 
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.text)
-        self.failure = failure
+class _Pending:
+    __slots__ = ("future", "qid", "question", "stamp")
+
+    def __init__(self, future: asyncio.Future[bytes], qid: int, question: bytes, stamp: int) -> None:
+        self.future = future
+        self.qid = qid
+        self.question = question
+        self.stamp = stamp
 
 
 class _StreamConn(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
-        self.dead: Failure | None = None
+        self.pending: dict[int, _Pending] = {}
+        self.dead: Broken | None = None
         self.lost = asyncio.get_running_loop().create_future()
+        self.channel = Channel(name)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -52,96 +61,136 @@ class _StreamConn(asyncio.Protocol):
                 break
             msg = bytes(buf[2 : size + 2])
             del buf[: size + 2]
-            if len(msg) < 12:
+            item = self.pending.get(int.from_bytes(msg[:2], "big")) if len(msg) >= 2 else None
+            if item is None or item.future.done():
+                continue  # a reply to a query that gave up, or to nobody: not ours to judge
+            problem = reply_problem(msg, item.qid, item.question)
+            if problem is not None:
+                # On a stream there is no one else it could be for: the transport failed.
+                item.future.set_exception(Broken(error(_RT, f"not the response: {problem}")))
                 continue
-            item = self.pending.get(int.from_bytes(msg[:2], "big"))
-            if item is None or item[0].done():
-                continue
-            fut, question = item
-            if msg[12 : 12 + len(question)].lower() != question.lower():
-                fut.set_exception(_Broken(Failure("error", "dns_round_trip", "mismatched response")))
-            else:
-                fut.set_result(msg)
+            self.channel.answer(item.stamp)
+            item.future.set_result(msg)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
-        self.dead = failure_from(exc or EOFError(), "dns_round_trip")
-        for fut, _ in self.pending.values():
-            if not fut.done():
-                fut.set_exception(_Broken(self.dead))
+        self.dead = Broken(failure_from(exc or EOFError(), _RT))
+        for item in self.pending.values():
+            if not item.future.done():
+                item.future.set_exception(self.dead)
 
 
 class StreamExchanger(RetryAlone):
     """Queries over one pipelined TCP (or TLS) connection to one endpoint."""
 
     tls: bool = False
-    connect_phase = "connect"
 
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.endpoint = endpoint
         self.options = options
+        self.witness: bytes | None = None
         self._shared = SharedConnection(self._open, lambda c: c.dead is None, _abort_conn)
+        self._conns = 0
+        self._witnesses: set[asyncio.Future[Exchange]] = set()
 
     def _ssl(self) -> ssl.SSLContext | None:
         return None
 
-    async def _open(self) -> _StreamConn:
+    async def _open(self, deadline: float, state: Opening) -> _StreamConn:
         loop = asyncio.get_running_loop()
-        ctx = self._ssl()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(
-                _StreamConn,
-                self.endpoint.connect_host,
-                self.endpoint.port,
-                ssl=ctx,
-                server_hostname=self.endpoint.host if ctx else None,
-            ),
-            self.options.timeout,
-        )
+        self._conns += 1
+        name = f"{self.endpoint}#{self._conns}"
+        async with asyncio.timeout_at(deadline):
+            state.phase = Phase.CONNECT
+            transport, conn = await loop.create_connection(
+                lambda: _StreamConn(name), self.endpoint.connect_host, self.endpoint.port
+            )
+            ctx = self._ssl()
+            if ctx is not None:
+                state.phase = Phase.TLS_HANDSHAKE
+                try:
+                    tls = await loop.start_tls(transport, conn, ctx, server_hostname=self.endpoint.host)
+                except BaseException:
+                    transport.abort()
+                    raise
+                assert tls is not None
+                conn.transport = tls
         return conn
 
     @property
     def handshakes(self) -> int:
         return self._shared.handshakes
 
-    async def _once(self, query: bytes, evidence: dict[str, Any], shared: bool) -> Exchange:
+    async def _once(self, query: bytes, deadline: float, evidence: dict[str, Any], shared: bool) -> Exchange:
         try:
-            conn = await (self._shared.get(evidence) if shared else self._shared.private(evidence))
-        except Exception as exc:  # translated at the edge, once
-            phase = "tls_handshake" if self.tls and not isinstance(exc, OSError) else self.connect_phase
-            return Exchange(None, failure_from(exc, phase), evidence=evidence)
+            if shared:
+                conn = await self._shared.get(deadline, evidence)
+            else:
+                conn = await self._shared.private(deadline, evidence)
+        except Broken as exc:
+            return Exchange(None, exc.failure, evidence=evidence, sends=0)
         try:
-            return await self._send(conn, query, evidence)
+            pending = self._submit(conn, query)
+            return await self._collect(conn, pending, deadline, evidence, witness=True)
         finally:
             if not shared:
                 self._shared.discard(conn)
 
-    async def _send(self, conn: _StreamConn, query: bytes, evidence: dict[str, Any]) -> Exchange:
-        loop = asyncio.get_running_loop()
+    def _submit(self, conn: _StreamConn, query: bytes) -> _Pending:
+        """Write the query now (no await between numbering and writing, so the order is true)."""
         qid = random_id()
         while qid in conn.pending:
             qid = random_id()
-        fut: asyncio.Future[bytes] = loop.create_future()
-        conn.pending[qid] = (fut, question_of(query))
-        timer = loop.call_later(self.options.timeout, expire, fut)
-        sent = time.perf_counter()
-        try:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        item = _Pending(fut, qid, question_of(query), conn.channel.stamp())
+        conn.pending[qid] = item
+        if conn.dead is not None:
+            fut.set_exception(conn.dead)
+        else:
             assert conn.transport is not None
             conn.transport.write(struct.pack("!H", len(query)) + set_id(query, qid))
-            data = await fut
-        except _Broken as exc:
-            return Exchange(None, exc.failure, evidence=evidence)
+        return item
+
+    async def _collect(
+        self, conn: _StreamConn, item: _Pending, deadline: float, evidence: dict[str, Any], witness: bool
+    ) -> Exchange:
+        loop = asyncio.get_running_loop()
+        sent = time.perf_counter()
+        now = loop.time()
+        try:
+            data = await await_reply(
+                item.future,
+                deadline,
+                witness_at=now + (deadline - now) * _WITNESS_AT if witness else None,
+                witness=lambda: self._send_witness(conn, item.stamp, deadline),
+            )
+        except Broken as exc:
+            return Exchange(None, exc.failure, evidence=evidence, channel=conn.channel.name)
         except TimeoutError:
-            return Exchange(None, timeout(), evidence=evidence)
-        except Exception as exc:
-            return Exchange(None, failure_from(exc, "dns_round_trip"), evidence=evidence)
+            return Exchange(
+                None,
+                timeout(),
+                evidence=evidence,
+                channel=conn.channel.name,
+                overtaken=conn.channel.overtook(item.stamp),
+            )
         finally:
-            timer.cancel()
-            conn.pending.pop(qid, None)
-        return Exchange(data, None, (time.perf_counter() - sent) * 1000, evidence)
+            conn.pending.pop(item.qid, None)
+        return Exchange(data, None, (time.perf_counter() - sent) * 1000, evidence, channel=conn.channel.name)
+
+    def _send_witness(self, conn: _StreamConn, stamp: int, deadline: float) -> None:
+        if self.witness is None or conn.dead is not None or not conn.channel.needs_witness(stamp):
+            return
+        item = self._submit(conn, self.witness)
+        conn.channel.witnessed = item.stamp
+        task = asyncio.ensure_future(self._collect(conn, item, deadline, {}, witness=False))
+        self._witnesses.add(task)
+        task.add_done_callback(self._witnesses.discard)
 
     async def aclose(self) -> None:
+        for task in list(self._witnesses):
+            task.cancel()
         conn = self._shared.take()
         if conn is not None and conn.transport is not None:
             await close_transport(conn.transport, conn.lost)

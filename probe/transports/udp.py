@@ -1,43 +1,52 @@
-"""Plain DNS over UDP: random ID and source port, strict matching, racing answers kept.
+"""Plain DNS over UDP: random ID and source port, retransmission, strict matching, racing answers kept.
 
 A few connected sockets per endpoint carry many queries at once, demultiplexed by
 ID; each socket is retired after a bounded number of queries so that source ports
-keep changing. After the first answer to a query the socket keeps listening for
-`udp_linger` seconds: an on-path injector races the real resolver, and both
-answers arriving is the evidence.
+keep changing. A query is sent up to `udp_sends` times within its timeout (at 0, 1/3
+and 2/3 of it by default), since one lost datagram must not read as a block; the
+first datagram that is its response wins. Anything else that arrives under its ID
+(another question, QR=0, a wrong opcode) is ignored, kept as evidence, and the wait
+goes on, as a stub resolver would. After the response the socket keeps listening for
+`udp_linger` seconds: an on-path injector races the real resolver, and both answers
+arriving is the evidence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import socket
 import time
 from typing import Any
 
 from probe.specs import Endpoint
-from probe.transports._errors import expire, failure_from, timeout
-from probe.transports.base import Exchange, Options
+from probe.transports._errors import failure_from, timeout
+from probe.transports._wait import Channel, await_reply
+from probe.transports.base import Exchange, Loss, Options, Phase
 from probe.transports.tcp import TcpExchanger
-from probe.wire import question_of, random_id, set_id
+from probe.wire import question_of, random_id, reply_problem, set_id
 
 __all__ = ["UdpExchanger"]
 
 _TC = 0x02  # the TC bit in the third header byte
+_KEEP_IGNORED = 4  # datagrams that were not the response, kept per query as evidence
 
 
 class _Pending:
-    __slots__ = ("answered", "future", "late", "notes", "question", "sent", "settled", "timer")
+    __slots__ = ("answered", "first", "future", "ignored", "last", "late", "qid", "question", "sends", "sent")
 
-    def __init__(self, future: asyncio.Future[bytes], question: bytes, sent: float) -> None:
+    def __init__(self, future: asyncio.Future[bytes], qid: int, question: bytes) -> None:
         self.future = future
+        self.qid = qid
         self.question = question
-        self.sent = sent
+        self.sends = 0
+        self.first = 0  # channel numbers of the first and the last send
+        self.last = 0
+        self.sent = 0.0
         self.answered: bytes | None = None
         self.late: list[bytes] = []
-        self.notes: list[str] = []
-        self.settled: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.ignored: list[tuple[str, bytes]] = []
 
 
 class _Socket:
@@ -49,8 +58,9 @@ class _Socket:
     source but the resolver's address and port, since the socket is connected.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, channel: Channel) -> None:
         self.sock = sock
+        self.channel = channel
         self.pending: dict[int, _Pending] = {}
         self.used = 0
         self.closed_exc: Exception | None = None
@@ -66,9 +76,9 @@ class _Socket:
                 return
             except OSError as exc:
                 # ICMP port unreachable surfaces here on a connected socket.
-                self.error_received(exc)
+                self._fail(exc)
                 return
-            self.datagram_received(data, None)
+            self.datagram_received(data)
 
     def send(self, data: bytes) -> None:
         self.sock.send(data)
@@ -77,10 +87,11 @@ class _Socket:
         if self.closed_exc is None:
             self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
-            self.connection_lost(None)
+            self.closed_exc = ConnectionAbortedError("socket closed")
+            self._fail(self.closed_exc)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if len(data) < 12:
+    def datagram_received(self, data: bytes) -> None:
+        if len(data) < 2:
             return
         entry = self.pending.get(int.from_bytes(data[:2], "big"))
         if entry is None:
@@ -89,26 +100,21 @@ class _Socket:
             if data != entry.answered:
                 entry.late.append(data)
             return
-        q = entry.question
-        if data[12 : 12 + len(q)].lower() != q.lower():
-            # A response for another question under our ID is what a blind spoofer
-            # sends; a stub would drop it and keep waiting, and so do we.
-            entry.notes.append("ignored a response whose question does not match")
+        problem = reply_problem(data, entry.qid, entry.question)
+        if problem is not None:
+            # What a blind spoofer or a confused middlebox sends: a stub drops it and
+            # keeps waiting, and so do we, keeping it as evidence.
+            if len(entry.ignored) < _KEEP_IGNORED:
+                entry.ignored.append((problem, data))
             return
         if not entry.future.done():
+            self.channel.answer(entry.first)
             entry.future.set_result(data)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable arrives here on a connected socket.
+    def _fail(self, exc: Exception) -> None:
         for entry in self.pending.values():
             if entry.answered is None and not entry.future.done():
                 entry.future.set_exception(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed_exc = exc or ConnectionAbortedError("socket closed")
-        for entry in self.pending.values():
-            if entry.answered is None and not entry.future.done():
-                entry.future.set_exception(self.closed_exc)
 
 
 class UdpExchanger:
@@ -117,12 +123,15 @@ class UdpExchanger:
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.endpoint = endpoint
         self.options = options
+        self.witness: bytes | None = None
+        self.channel = Channel(str(endpoint))
+        self.loss = Loss()  # the engine may share one across the exchangers of an endpoint
         self._sockets: list[_Socket] = []
         self._retired: list[_Socket] = []
         self._next = 0
         self._opening: asyncio.Lock | None = None
         self._tcp: TcpExchanger | None = None
-        self._closed = False
+        self._witnesses: set[asyncio.Future[Exchange]] = set()
 
     def _ready_socket(self) -> _Socket | None:
         self._next = (self._next + 1) % self.options.udp_sockets
@@ -147,7 +156,7 @@ class UdpExchanger:
             except OSError:
                 raw.close()
                 raise
-            proto = _Socket(raw)
+            proto = _Socket(raw, self.channel)
             if i < len(self._sockets):
                 self._retire(self._sockets[i])
                 self._sockets[i] = proto
@@ -168,39 +177,76 @@ class UdpExchanger:
         sock.close()
 
     async def exchange(self, query: bytes) -> Exchange:
+        loop = asyncio.get_running_loop()
+        return await self._exchange(query, loop.time() + self.options.timeout, self.options.udp_sends, True)
+
+    async def _exchange(self, query: bytes, deadline: float, sends: int, witness: bool) -> Exchange:
+        loop = asyncio.get_running_loop()
         try:
             sock = self._ready_socket() or await self._socket()
         except Exception as exc:
-            return Exchange(None, failure_from(exc, "connect"))
+            return Exchange(None, failure_from(exc, Phase.CONNECT), sends=0)
         sock.used += 1
-        loop = asyncio.get_running_loop()
         qid = random_id()
         while qid in sock.pending:
             qid = random_id()
-        question = question_of(query)
-        entry = _Pending(loop.create_future(), question, time.perf_counter())
+        entry = _Pending(loop.create_future(), qid, question_of(query))
         sock.pending[qid] = entry
-        fut = entry.future
-        timer = loop.call_later(self.options.timeout, expire, fut)
+        wire = set_id(query, qid)
+        channel = self.channel
+
+        def send() -> None:
+            if entry.future.done():
+                return
+            entry.last = channel.stamp()
+            if not entry.sends:
+                entry.first = entry.last
+            entry.sends += 1
+            entry.sent = time.perf_counter()
+            try:
+                sock.send(wire)
+            except OSError as exc:
+                entry.future.set_exception(exc)
+
+        start = loop.time()
+        step = (deadline - start) / max(1, sends)
+        send()
+        timers = [loop.call_at(start + step * i, send) for i in range(1, sends)]
+        # A quarter of an interval after the last send, a witness follows a query that
+        # nothing sent after it has overtaken yet.
+        witness_at = start + step * (sends - 1) + step / 4 if witness else None
         try:
-            sock.send(set_id(query, qid))
-            data = await fut
+            data = await await_reply(
+                entry.future,
+                deadline,
+                witness_at=witness_at,
+                witness=lambda: self._witness(entry.last, deadline),
+            )
+        except TimeoutError:
+            del sock.pending[qid]
+            return Exchange(
+                None,
+                timeout(),
+                evidence=_ignored(entry),
+                sends=entry.sends,
+                channel=channel.name,
+                overtaken=channel.overtook(entry.last),
+            )
         except Exception as exc:
             del sock.pending[qid]
-            failure = timeout() if isinstance(exc, TimeoutError) else failure_from(exc, "dns_round_trip")
-            ev: dict[str, Any] = {"notes": entry.notes} if entry.notes else {}
-            return Exchange(None, failure, evidence=ev)
+            failure = failure_from(exc, Phase.DNS_ROUND_TRIP)
+            return Exchange(None, failure, evidence=_ignored(entry), sends=entry.sends, channel=channel.name)
         finally:
-            timer.cancel()
+            for t in timers:
+                t.cancel()
+        self.loss.add(entry.sends)
         latency = (time.perf_counter() - entry.sent) * 1000
-        evidence: dict[str, Any] = {}
-        if entry.notes:
-            evidence["notes"] = entry.notes
+        evidence = _ignored(entry)
         if data[2] & _TC:
             del sock.pending[qid]
-            return await self._fallback(query, latency, evidence)
+            return await self._fallback(query, deadline, latency, evidence, entry.sends)
         entry.answered = data
-        result = Exchange(data, None, latency, evidence)
+        result = Exchange(data, None, latency, evidence, sends=entry.sends, channel=channel.name)
         if self.options.udp_linger > 0:
             settled: asyncio.Future[None] = loop.create_future()
             result.settled = settled
@@ -216,24 +262,45 @@ class UdpExchanger:
             del sock.pending[qid]
         return result
 
-    async def _fallback(self, query: bytes, udp_ms: float, evidence: dict[str, Any]) -> Exchange:
+    def _witness(self, stamp: int, deadline: float) -> None:
+        if self.witness is None or not self.channel.needs_witness(stamp):
+            return
+        self.channel.witnessed = self.channel.sent + 1  # the witness's first send, made next
+        task = asyncio.ensure_future(self._exchange(self.witness, deadline, 2, False))
+        self._witnesses.add(task)
+        task.add_done_callback(self._witnesses.discard)
+
+    async def _fallback(
+        self, query: bytes, deadline: float, udp_ms: float, evidence: dict[str, Any], sends: int
+    ) -> Exchange:
         """RFC 7766: a truncated UDP answer is retried over TCP, and the measurement says so."""
         if self._tcp is None:
             self._tcp = TcpExchanger(self.endpoint, self.options)
-        result = await self._tcp.exchange(query)
-        result.evidence.update(evidence)
+        result = await self._tcp._once(query, deadline, evidence, shared=True)
         result.evidence["tc_fallback"] = True
         result.evidence["udp_truncated_ms"] = round(udp_ms, 3)
+        result.sends += sends
         return result
 
     async def aclose(self) -> None:
-        self._closed = True
+        for task in list(self._witnesses):
+            task.cancel()
         for sock in self._sockets + self._retired:
             sock.close()
         self._sockets.clear()
         self._retired.clear()
         if self._tcp is not None:
             await self._tcp.aclose()
+
+
+def _ignored(entry: _Pending) -> dict[str, Any]:
+    if not entry.ignored:
+        return {}
+    return {
+        "ignored": [
+            {"reason": why, "wire": base64.b64encode(wire).decode("ascii")} for why, wire in entry.ignored
+        ]
+    }
 
 
 async def _address(loop: asyncio.AbstractEventLoop, host: str, port: int) -> tuple[int, Any]:

@@ -1,0 +1,211 @@
+"""The one judgement (CONTRACTS.md section 3): evidence in, outcome, `blocked`, finding and reasons out.
+
+Pure: no I/O and no clock. The engine gathers an `Observation` per measurement (the
+response or failure, every attempt with who overtook whom, the endpoint's datagram
+loss, the control's answer, identity and canary checks, the expectation) and this
+module turns it into a `Judgement`. A leak or an overblock is a claim others act on,
+so every rule that could make one errs towards `null` when the evidence is short.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+from probe.classify import ControlResult, Verdict, verdict_of
+from probe.fingerprints import Fingerprints
+from probe.identity import Identity
+from probe.model import POLICY_EDE, Expectation, Finding, Outcome, Transport
+from probe.transports.base import Failure, Loss
+from probe.wire import parse_response
+
+__all__ = [
+    "LOSS_BOUND",
+    "Attempt",
+    "Judgement",
+    "Observation",
+    "blocked_of",
+    "finding_of",
+    "judge",
+    "silence_proven",
+]
+
+# (d): a silence over UDP counts only if loss explains it with probability below this.
+LOSS_BOUND = 1e-4
+_NEGATIVE = (Outcome.NXDOMAIN, Outcome.NODATA, Outcome.REFUSED)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One pass of one query: how often it was sent, on which channel, and what came of it."""
+
+    number: int  # 1 for the first pass, 2 for the confirmation pass
+    sends: int
+    channel: str | None
+    response: bool
+    failure: Failure | None = None
+    overtaken: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pass": self.number, "sends": self.sends, "channel": self.channel}
+        if self.response:
+            out["result"] = "response"
+        elif self.failure is not None:
+            out["result"] = str(self.failure.kind)
+            out["phase"] = str(self.failure.phase)
+            out["error"] = self.failure.text
+            if self.failure.silence:
+                out["overtaken"] = self.overtaken
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the judgement of one measurement depends on, gathered during the run."""
+
+    domain: str
+    qtype: str
+    transport: Transport
+    response: bytes | None
+    failure: Failure | None
+    attempts: tuple[Attempt, ...] = ()
+    loss: Loss | None = None  # the endpoint's datagram loss in the run (UDP only)
+    ede18_name_specific: bool = False
+    control: ControlResult | None = None
+    expected: Expectation | None = None
+    expected_by: dict[str, Any] | None = None
+    canary: bool = False
+    identity: Identity | None = None
+    operator: str | None = None
+    canary_failure: str | None = None
+    late: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    verdict: Verdict
+    blocked: bool | None
+    finding: Finding | None
+    intercepted: bool
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def finding_of(expected: Expectation | None, blocked: bool | None) -> Finding | None:
+    """The finding table of CONTRACTS.md section 3."""
+    if expected is None:
+        return None
+    if blocked is None:
+        return Finding.INCONCLUSIVE
+    if expected is Expectation.BLOCKED:
+        return Finding.ENFORCED if blocked else Finding.LEAK
+    return Finding.OVERBLOCK if blocked else Finding.OK
+
+
+def silence_proven(
+    transport: Transport, attempts: tuple[Attempt, ...], loss: Loss | None
+) -> tuple[bool, str, dict[str, Any]]:
+    """Whether a silence counts as a block, (a) to (d) of CONTRACTS.md section 3, with the reason."""
+    passes = {a.number for a in attempts}
+    if not {1, 2} <= passes:
+        return False, "not asked again in a confirmation pass", {}
+    for a in attempts:
+        if a.response:
+            return False, f"answered in pass {a.number}", {}
+        if a.failure is None or not a.failure.silence:
+            what = a.failure.text if a.failure is not None else "no attempt"
+            return False, f"pass {a.number} failed outside the DNS round trip ({what})", {}
+        if not a.overtaken:
+            return False, f"in pass {a.number} nothing sent after it was answered while it waited", {}
+    if transport is not Transport.UDP:
+        return True, "silent in both passes while later queries on the same connection were answered", {}
+    n = sum(a.sends for a in attempts)
+    rate = loss.rate if loss is not None else 1.0
+    chance = rate**n
+    facts = {
+        "rate": round(rate, 6),
+        "sends_seen": loss.sends if loss else 0,
+        "lost_seen": loss.lost if loss else 0,
+        "n": n,
+        "chance": chance,
+    }
+    if chance >= LOSS_BOUND:
+        return False, f"loss explains it: {rate:.3f}^{n} = {chance:.2g} is not below {LOSS_BOUND:g}", facts
+    return (
+        True,
+        f"silent to {n} sends while later queries were answered; loss {rate:.3f}^{n} = {chance:.2g}",
+        facts,
+    )
+
+
+def blocked_of(verdict: Verdict, control: ControlResult | None, silence: bool) -> bool | None:
+    """`blocked` per CONTRACTS.md section 3; `silence` is `silence_proven`'s answer for a timeout."""
+    outcome = verdict.outcome
+    if outcome in (Outcome.EDE_BLOCKED, Outcome.SINKHOLE):
+        return True
+    if outcome is Outcome.RESOLVED:
+        return False
+    if outcome in _NEGATIVE:
+        if any(e.code not in POLICY_EDE for e in verdict.ede):
+            return None  # the resolver explained a non-policy failure (EDE 22, an EDE 18 on everything)
+        return True if control is not None and control.verdict.has_records else None
+    if outcome is Outcome.TIMEOUT:
+        # Stricter than the letter of the contract, never looser: as with NXDOMAIN, a name
+        # the control cannot resolve either (its servers are down) is no evidence of a block.
+        has_records = control is not None and control.verdict.has_records
+        return True if silence and has_records else None
+    # SERVFAIL without a policy EDE is what a resolver says when its upstream fails; an
+    # error is the transport's failure. Neither is evidence of a block.
+    return None
+
+
+def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:
+    """Outcome, `blocked`, finding and the evidence of why, for one measurement."""
+    verdict = verdict_of(
+        obs.response, obs.failure, obs.domain, obs.qtype, fingerprints, obs.ede18_name_specific
+    )
+    evidence: dict[str, Any] = dict(verdict.evidence)
+    if obs.attempts:
+        evidence["attempts"] = [a.to_json() for a in obs.attempts]
+        evidence["pass"] = obs.attempts[-1].number
+    silence = False
+    if verdict.outcome is Outcome.TIMEOUT:
+        silence, why, loss = silence_proven(obs.transport, obs.attempts, obs.loss)
+        evidence["silence"] = {"proven": silence, "reason": why}
+        evidence["overtaken"] = bool(obs.attempts) and all(a.overtaken for a in obs.attempts)
+        if loss:
+            evidence["loss"] = loss
+    blocked = blocked_of(verdict, obs.control, silence)
+    finding = finding_of(obs.expected, blocked)
+    intercepted = obs.identity is not None and obs.identity.ok is False
+    if obs.identity is not None:
+        evidence["identity"] = obs.identity.to_json()
+    if finding is not None and not obs.canary:
+        # Someone else's answers, or a resolver that failed its canaries, prove nothing
+        # about the order: say so rather than report a leak or an enforcement.
+        if intercepted:
+            finding = Finding.INCONCLUSIVE
+            evidence["inconclusive_reason"] = f"answered by someone other than {obs.operator}"
+        elif obs.canary_failure is not None:
+            finding = Finding.INCONCLUSIVE
+            evidence["inconclusive_reason"] = obs.canary_failure
+    if obs.late:
+        late = [_late(obs, w) for w in obs.late]
+        evidence["late_answers"] = late
+        evidence["injected"] = any(la.get("answers") != list(verdict.answers) for la in late)
+    if verdict.nsid:
+        evidence["nsid"] = verdict.nsid
+    if obs.expected_by:
+        evidence["expected_by"] = obs.expected_by
+    return Judgement(verdict, blocked, finding, intercepted, evidence)
+
+
+def _late(obs: Observation, wire: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = {"wire": base64.b64encode(wire).decode("ascii")}
+    try:
+        p = parse_response(wire, obs.domain, obs.qtype)
+    except Exception:  # a hostile racing answer is evidence, never a crash
+        out["error"] = "malformed"
+        return out
+    out.update(rcode=p.rcode, answers=list(p.answers))
+    return out
