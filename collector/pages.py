@@ -354,6 +354,33 @@ def runs_of(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return runs
 
 
+def _same_as_control(m: dict[str, Any]) -> bool:
+    control = m.get("control")
+    return (
+        isinstance(control, dict)
+        and bool(m.get("answers"))
+        and (sorted(control.get("answers") or []) == sorted(m.get("answers") or []))
+    )
+
+
+def _block_words(m: dict[str, Any]) -> str:
+    """Why an answer counts as a block, in words."""
+    outcome = m.get("outcome")
+    if outcome == "ede_blocked":
+        codes = ", ".join(str(e.get("code")) for e in m.get("ede") or [])
+        return f"with a policy Extended DNS Error (EDE {codes}), a block"
+    if outcome == "sinkhole":
+        sink = m.get("sinkhole") or {}
+        return (
+            f"with a block page or sinkhole ({sink.get('match')}, matched by {sink.get('source')}), a block"
+        )
+    if outcome in ("nxdomain", "nodata", "refused"):
+        return f"{_OUTCOME_WORDS[str(outcome)]} while the control has records for it, a block"
+    if outcome == "timeout":
+        return "nothing, while it kept answering later questions (the silence was proven), a block"
+    return _OUTCOME_WORDS.get(str(outcome), str(outcome))
+
+
 def judgement(m: dict[str, Any]) -> dict[str, Any]:
     """The judgement of one measurement in words: expected, answered, control, why."""
     why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by") or {}
@@ -387,9 +414,11 @@ def judgement(m: dict[str, Any]) -> dict[str, Any]:
         control_said = "no control was asked"
     blocked_words = {True: "a block", False: "not a block", None: "cannot be told"}[blocked]
     reasons = {
-        "leak": "The name must be blocked, but the resolver answered with the records: the block leaks.",
-        "overblock": "The name must resolve, but the resolver blocked it: this is over-reach.",
-        "enforced": "The name must be blocked, and the resolver blocked it.",
+        "leak": "The name must be blocked, but the resolver answered with records"
+        + (" — the same as the control's, the real site" if _same_as_control(m) else "")
+        + ": the block leaks.",
+        "overblock": f"The name must resolve, but the resolver answered {_block_words(m)}: this is over-reach.",
+        "enforced": f"The name must be blocked, and the resolver answered {_block_words(m)}.",
         "ok": "The name must resolve, and it did.",
         "inconclusive": "Whether this answer is a block cannot be told"
         + (

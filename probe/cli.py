@@ -373,7 +373,7 @@ def demo(as_json: bool, timeout: float, country: str, show_all: bool) -> None:
             click.echo("blockprobe demo: lab resolvers on loopback, each on udp tcp dot doh doh3 doq")
             for r in [*targets, lab.resolver("control")]:
                 address = r.endpoints[0].host
-                click.echo(f"  {r.name:14} {r.kind:6} {r.operator or '-':10} {address}")
+                click.echo(f"  {r.name:14} {r.kind:6} {address}")
             click.echo(f"probing from {country.upper()} against probe/data/demo-lists.yaml")
         expect = _expectations(None, demo_lists(), country)
         plan = Plan(DEMO_DOMAINS, QTYPES, targets, [lab.resolver("control")], expect)

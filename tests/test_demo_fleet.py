@@ -95,7 +95,7 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
 
         def findings() -> bool:
             title = re.search(r"<title>(.*?)</title>", httpx2.get(url + "/", timeout=5).text).group(1)  # type: ignore[union-attr]
-            m = re.search(r"(\d+) leaks, (\d+) overblocks", title)
+            m = re.search(r"(\d+) leaks?, (\d+) overblocks?", title)
             return bool(m and int(m.group(1)) > 0 and int(m.group(2)) > 0)
 
         wait_for(findings, 60, "leaks and overblocks on the status page")

@@ -92,7 +92,7 @@ def test_status_page_leads_with_the_matrix_then_leaks_then_overblocks(server: Se
     html = server.client.get("/").text
     text = _text(html)
     # Two probes in Italy see 6 transports leak; one row says so, with both probes and every transport.
-    assert "<title>blockprobe — 1 leaks, 3 overblocks</title>" in html
+    assert "<title>blockprobe — 1 leak, 3 overblocks</title>" in html
     matrix = html.index('id="matrix"')
     assert matrix < html.index('id="leaks"') < html.index('id="overblocks"')
     assert "https://127.53" not in text and "udp://" not in text  # resolvers by name
@@ -155,7 +155,10 @@ def test_evidence_page_says_why_then_the_history_in_runs(server: Server) -> None
     assert post(server, token, batch(measurements=[enforced])).status_code == 200
     html = server.client.get("/evidence", params=_series()).text
     text = _text(html)
-    assert "The name must be blocked, and the resolver blocked it." in text
+    assert (
+        "The name must be blocked, and the resolver answered NXDOMAIN (no such name) while the control has records for it, a block."
+        in text
+    )
     assert "Order agcom-2026-1 (AGCOM) requires calcio.example to be blocked on this resolver here." in text
     assert "The control answered 185.199.108.10" in text
     assert 'href="/"' in html
