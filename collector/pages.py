@@ -186,13 +186,10 @@ class Pages:
 
     def _resolver_names(self, since: float) -> dict[str, tuple[str, str]]:
         """resolver → (display name, kind), from the newest archived measurement of each."""
+        # The store has no reader for this; one query with the store's own placeholder style.
+        sql = "SELECT body FROM archive WHERE id IN (SELECT max(id) FROM archive WHERE time >= ? GROUP BY resolver)"
         with self.store.tx() as cur:
-            cur.execute(
-                self.store._sql(
-                    "SELECT body FROM archive WHERE id IN (SELECT max(id) FROM archive WHERE time >= ? GROUP BY resolver)"
-                ),
-                (since,),
-            )
+            cur.execute(sql.replace("?", self.store.placeholder), (since,))
             bodies = [json.loads(r[0]) for r in cur.fetchall()]
         out = {}
         for b in bodies:
