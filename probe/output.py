@@ -165,7 +165,7 @@ def render_answer(measurements: Sequence[Measurement], file: IO[str] | None = No
     table = Table(box=None, padding=(0, 1, 0, 0), pad_edge=False, header_style="bold", show_edge=False)
     table.add_column("resolver", no_wrap=True, max_width=22, overflow="ellipsis")
     for t in transports:
-        table.add_column(str(t), no_wrap=True)
+        table.add_column(str(t))  # a crowded cell wraps at its spaces rather than lose a count
     used: set[str] = set()
     for name, ms in sorted(by_resolver.items()):
         cells = []
