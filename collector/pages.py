@@ -165,6 +165,7 @@ class Pages:
                     "series": sum(len(p.probes) * len(p.transports) for p in rows),
                 }
             )
+        alerts, alerts_error = self._alerts()
         leaks = sum(1 for p in problems if p.finding == "leak")
         overblocks = sum(1 for p in problems if p.finding == "overblock")
         return self.env.get_template("status.html").render(
@@ -179,7 +180,8 @@ class Pages:
             leaks=leaks,
             overblocks=overblocks,
             probes=self.store.probes(),
-            alerts=self._alerts(),
+            alerts=alerts,
+            alerts_error=alerts_error,
             prometheus_url=self.prometheus_url,
             bar=_bar(totals),
         )
@@ -266,20 +268,21 @@ class Pages:
         rows = self.store.evidence(p.key, limit=1)
         return said(rows[0]) if rows else said({"outcome": p.outcome, "answers": p.answers})
 
-    def _alerts(self) -> list[dict[str, Any]] | None:
-        """Alerts Prometheus reports as firing (None when no Prometheus is configured or it does not answer)."""
+    def _alerts(self) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """(alerts Prometheus reports as firing, or None without a Prometheus; why it could not be asked)."""
         if not self.prometheus_url:
-            return None
+            return None, None
         try:
             doc = httpx2.get(self.prometheus_url.rstrip("/") + "/api/v1/alerts", timeout=2).json()
-        except (httpx2.HTTPError, ValueError):
-            return None
-        alerts = [a for a in doc.get("data", {}).get("alerts", []) if a.get("state") == "firing"]
+            found = doc["data"]["alerts"]
+        except (httpx2.HTTPError, ValueError, KeyError, TypeError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:200]
+        alerts = [a for a in found if a.get("state") == "firing"]
         alerts = [a for a in alerts if str(a.get("labels", {}).get("alertname", "")).startswith("Blockprobe")]
         alerts.sort(
             key=lambda a: (a["labels"].get("severity") != "critical", a["labels"].get("alertname", ""))
         )
-        return alerts
+        return alerts, None
 
     # the evidence page -----------------------------------------------------------------
     def evidence(self, key: Sequence[str]) -> tuple[list[dict[str, Any]], str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Iterator
 from html import unescape
@@ -214,3 +215,18 @@ def test_first_screen_at_1400x900_shows_the_matrix_and_a_leak(tmp_path: Path, br
     finally:
         s.stop()
         store.close()
+
+
+def test_an_unreachable_prometheus_is_said_not_hidden(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    s = Server(store, f"prometheus: http://127.0.0.1:{closed.getsockname()[1]}\n")
+    try:
+        page = s.client.get("/").text
+        assert f"Prometheus at http://127.0.0.1:{closed.getsockname()[1]} did not answer" in page
+        assert "alerts unknown" in page
+    finally:
+        s.stop()
+        store.close()
+        closed.close()
