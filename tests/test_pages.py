@@ -236,6 +236,11 @@ def test_an_unreachable_prometheus_is_said_not_hidden(tmp_path: Path) -> None:
 def test_the_prometheus_url_is_checked() -> None:
     with pytest.raises(CollectorConfigError) as exc:
         parse_collector_config("prometheus: ftp://127.0.0.1:9090\n")
-    assert exc.value.errors == ["<config>: prometheus: 'ftp://127.0.0.1:9090' is not an http:// or https:// URL"]
-    assert parse_collector_config("prometheus: http://127.0.0.1:9090\n").prometheus_url == "http://127.0.0.1:9090"
+    assert exc.value.errors == [
+        "<config>: prometheus: 'ftp://127.0.0.1:9090' is not an http:// or https:// URL"
+    ]
+    assert (
+        parse_collector_config("prometheus: http://127.0.0.1:9090\n").prometheus_url
+        == "http://127.0.0.1:9090"
+    )
     assert parse_collector_config("").prometheus_url is None
