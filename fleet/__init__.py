@@ -13,7 +13,6 @@ where every Italian block is over-reach.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -206,7 +205,7 @@ class Fleet:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_parent_death_signal(),
             )
         self.children.append(_Child(name, proc, log))
 
@@ -281,12 +280,24 @@ class Fleet:
         out.flush()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the fleet process dies (Linux prctl PR_SET_PDEATHSIG)."""
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook: SIGTERM to the child when this process dies (Linux prctl PR_SET_PDEATHSIG).
+
+    libc is looked up here, in the parent: the hook runs between fork and exec while the lab's
+    thread may hold locks (the import lock among them), so it only calls the C function.
+    """
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    term = int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(1, term)
+
+    return hook
 
 
 def _command(name: str) -> list[str]:
