@@ -35,9 +35,20 @@ class Browser:
             os.dup2(to_child_r, 3)
             os.dup2(from_child_w, 4)
 
-        flags = ["--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}", "about:blank"]  # fmt: skip
+        flags = [
+            "--headless",
+            "--remote-debugging-pipe",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ]
         self.proc = subprocess.Popen(
             [exe, *flags],
             stdin=subprocess.DEVNULL,
@@ -54,8 +65,14 @@ class Browser:
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         self.call("Page.enable", session=True)
-        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height,
-                  deviceScaleFactor=1, mobile=False)  # fmt: skip
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def call(self, method: str, session: bool = False, timeout: float = 60, **params: Any) -> dict[str, Any]:
         self._id += 1
@@ -103,9 +120,11 @@ class Browser:
 
     def visible(self, selector: str) -> bool:
         """Whether the first element matching selector lies wholly inside the first screen."""
-        js = (f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return false;"
-              " const r = e.getBoundingClientRect(); return r.height > 0 && r.top >= 0 &&"
-              " r.bottom <= window.innerHeight && r.right <= window.innerWidth; })()")  # fmt: skip
+        js = (
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return false;"
+            " const r = e.getBoundingClientRect(); return r.height > 0 && r.top >= 0 &&"
+            " r.bottom <= window.innerHeight && r.right <= window.innerWidth; })()"
+        )
         return bool(self.evaluate(js))
 
     def screenshot(self, path: Path) -> None:

@@ -67,8 +67,11 @@ def _children_of(work: Path) -> list[int]:
 
 def _firing(prom: str) -> set[tuple[str, str]]:
     doc = httpx2.get(f"{prom}/api/v1/alerts", timeout=5).json()
-    return {(a["labels"]["alertname"], a["labels"].get("country", "")) for a in doc["data"]["alerts"]
-            if a["state"] == "firing"}  # fmt: skip
+    return {
+        (a["labels"]["alertname"], a["labels"].get("country", ""))
+        for a in doc["data"]["alerts"]
+        if a["state"] == "firing"
+    }
 
 
 def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp_path: Path) -> None:
@@ -77,8 +80,14 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
         pytest.fail("prometheus is not installed (scripts/system-deps installs it)")
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # the fleet's temporary state lands where we can see it
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "fleet", "--interval", "3"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "--interval", "3"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         lines: list[str] = []
@@ -135,3 +144,27 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
             while _children_of(tmp_path) and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert _children_of(tmp_path) == []
+
+
+def test_killing_the_demo_outright_leaves_no_process_behind(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "--no-prometheus"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not any("Ctrl-C" in ln for ln in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert len(_children_of(tmp_path)) == 4
+    finally:
+        proc.kill()  # no chance to clean up: the children must notice on their own
+        proc.communicate()
+    wait_for(lambda: not _children_of(tmp_path), 20, "the collector and probes to exit with the demo")

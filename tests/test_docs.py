@@ -51,8 +51,26 @@ def test_every_command_option_is_documented_in_its_section(name: str, command: c
 
 
 def test_every_measurement_key_is_documented() -> None:
-    m = Measurement("a.example", "A", "udp://127.0.0.1", Transport.UDP, Outcome.RESOLVED, False, None, None,
-                    "NOERROR", (), (), (), None, None, 1.0, "2026-12-01T00:00:00.000Z", None, None)  # fmt: skip
+    m = Measurement(
+        "a.example",
+        "A",
+        "udp://127.0.0.1",
+        Transport.UDP,
+        Outcome.RESOLVED,
+        False,
+        None,
+        None,
+        "NOERROR",
+        (),
+        (),
+        (),
+        None,
+        None,
+        1.0,
+        "2026-12-01T00:00:00.000Z",
+        None,
+        None,
+    )
     text = (DOCS / "measurement.md").read_text()
     documented = set(re.findall(r"^\| `(\w+)` \|", text, re.M))
     assert set(m.to_json()) <= documented, sorted(set(m.to_json()) - documented)

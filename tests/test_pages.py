@@ -32,9 +32,14 @@ PAGE_IP = "83.224.65.74"
 
 
 def _spec(host: str, transport: str) -> str:
-    return {"udp": f"udp://{host}:5301", "tcp": f"tcp://{host}:5302", "dot": f"tls://{host}:8531",
-            "doh": f"https://{host}:4431/dns-query", "doh3": f"h3://{host}:4432/dns-query",
-            "doq": f"quic://{host}:8532"}[transport]  # fmt: skip
+    return {
+        "udp": f"udp://{host}:5301",
+        "tcp": f"tcp://{host}:5302",
+        "dot": f"tls://{host}:8531",
+        "doh": f"https://{host}:4431/dns-query",
+        "doh3": f"h3://{host}:4432/dns-query",
+        "doq": f"quic://{host}:8532",
+    }[transport]
 
 
 def _lab_batch(country: str, probe: str) -> list[dict[str, Any]]:
@@ -42,32 +47,107 @@ def _lab_batch(country: str, probe: str) -> list[dict[str, Any]]:
     out = []
     binding = country == "IT"
     for t in TRANSPORTS:
-        leaky = {"resolver": _spec("127.53.0.3", t), "transport": t, "operator": "leakydns", "kind": "public",
-                 "endpoint": _spec("127.53.0.3", t)}  # fmt: skip
-        page = {"resolver": _spec("127.53.0.2", t), "transport": t, "operator": "isp-b", "kind": "isp",
-                "endpoint": _spec("127.53.0.2", t)}  # fmt: skip
-        censor = {"resolver": _spec("127.53.0.4", t), "transport": t, "operator": "censordns", "kind": "public",
-                  "endpoint": _spec("127.53.0.4", t)}  # fmt: skip
+        leaky = {
+            "resolver": _spec("127.53.0.3", t),
+            "transport": t,
+            "operator": "leakydns",
+            "kind": "public",
+            "endpoint": _spec("127.53.0.3", t),
+        }
+        page = {
+            "resolver": _spec("127.53.0.2", t),
+            "transport": t,
+            "operator": "isp-b",
+            "kind": "isp",
+            "endpoint": _spec("127.53.0.2", t),
+        }
+        censor = {
+            "resolver": _spec("127.53.0.4", t),
+            "transport": t,
+            "operator": "censordns",
+            "kind": "public",
+            "endpoint": _spec("127.53.0.4", t),
+        }
         control = {"outcome": "resolved", "answers": ["185.199.108.10"]}
         if binding:
-            out.append(measurement("calcio.example", "leak", **leaky, control=control, expected_by=ORDER,
-                                   answers=["185.199.108.10"], evidence={"nsid": "leaky-fra1"}))  # fmt: skip
-            out.append(measurement("calcio.example", "enforced", **page, outcome="sinkhole", blocked=True,
-                                   answers=[PAGE_IP], sinkhole={"match": PAGE_IP, "source": "agcom"},
-                                   expected_by=ORDER, control=control))  # fmt: skip
+            out.append(
+                measurement(
+                    "calcio.example",
+                    "leak",
+                    **leaky,
+                    control=control,
+                    expected_by=ORDER,
+                    answers=["185.199.108.10"],
+                    evidence={"nsid": "leaky-fra1"},
+                )
+            )
+            out.append(
+                measurement(
+                    "calcio.example",
+                    "enforced",
+                    **page,
+                    outcome="sinkhole",
+                    blocked=True,
+                    answers=[PAGE_IP],
+                    sinkhole={"match": PAGE_IP, "source": "agcom"},
+                    expected_by=ORDER,
+                    control=control,
+                )
+            )
         else:
-            out.append(measurement("calcio.example", "ok", **leaky, expected="resolves", control=control,
-                                   expected_by={**ORDER, "list": "agcom-2026-1", "reason": "ordered in IT, not in FR"}))  # fmt: skip
-            out.append(measurement("calcio.example", "overblock", **page, outcome="sinkhole", blocked=True,
-                                   expected="resolves", answers=[PAGE_IP], sinkhole={"match": PAGE_IP, "source": "agcom"},
-                                   expected_by={**ORDER, "list": "agcom-2026-1", "reason": "ordered in IT, not in FR"},
-                                   control=control))  # fmt: skip
-        out.append(measurement("wiki.example", "overblock", **censor, outcome="ede_blocked", blocked=True,
-                               expected="resolves", rcode="REFUSED", answers=[], ede=[{"code": 16, "text": "court order"}],
-                               expected_by={"list": "controls", "pattern": "wiki.example"}, control=control))  # fmt: skip
-        out.append(measurement("wiki.example", "inconclusive", **leaky, outcome="timeout", blocked=None,
-                               expected="resolves", rcode=None, answers=[], wire=None,
-                               expected_by={"list": "controls"}))  # fmt: skip
+            out.append(
+                measurement(
+                    "calcio.example",
+                    "ok",
+                    **leaky,
+                    expected="resolves",
+                    control=control,
+                    expected_by={**ORDER, "list": "agcom-2026-1", "reason": "ordered in IT, not in FR"},
+                )
+            )
+            out.append(
+                measurement(
+                    "calcio.example",
+                    "overblock",
+                    **page,
+                    outcome="sinkhole",
+                    blocked=True,
+                    expected="resolves",
+                    answers=[PAGE_IP],
+                    sinkhole={"match": PAGE_IP, "source": "agcom"},
+                    expected_by={**ORDER, "list": "agcom-2026-1", "reason": "ordered in IT, not in FR"},
+                    control=control,
+                )
+            )
+        out.append(
+            measurement(
+                "wiki.example",
+                "overblock",
+                **censor,
+                outcome="ede_blocked",
+                blocked=True,
+                expected="resolves",
+                rcode="REFUSED",
+                answers=[],
+                ede=[{"code": 16, "text": "court order"}],
+                expected_by={"list": "controls", "pattern": "wiki.example"},
+                control=control,
+            )
+        )
+        out.append(
+            measurement(
+                "wiki.example",
+                "inconclusive",
+                **leaky,
+                outcome="timeout",
+                blocked=None,
+                expected="resolves",
+                rcode=None,
+                answers=[],
+                wire=None,
+                expected_by={"list": "controls"},
+            )
+        )
     return out
 
 
@@ -147,13 +227,27 @@ def _series(resolver: str = "udp://192.0.2.53") -> dict[str, str]:
 
 def test_evidence_page_says_why_then_the_history_in_runs(server: Server) -> None:  # noqa: F811
     token = server.token("it-1")
-    leak = measurement("calcio.example", "leak", expected_by=ORDER, operator="leakydns", kind="public",
-                       control={"outcome": "resolved", "answers": ["185.199.108.10"]},
-                       evidence={"nsid": "leaky-fra1", "connect_ms": 1.5})  # fmt: skip
+    leak = measurement(
+        "calcio.example",
+        "leak",
+        expected_by=ORDER,
+        operator="leakydns",
+        kind="public",
+        control={"outcome": "resolved", "answers": ["185.199.108.10"]},
+        evidence={"nsid": "leaky-fra1", "connect_ms": 1.5},
+    )
     for _ in range(3):
         assert post(server, token, batch(measurements=[leak])).status_code == 200
-    enforced = measurement("calcio.example", "enforced", outcome="nxdomain", rcode="NXDOMAIN", blocked=True,
-                           answers=[], expected_by=ORDER, control={"outcome": "resolved", "answers": ["185.199.108.10"]})  # fmt: skip
+    enforced = measurement(
+        "calcio.example",
+        "enforced",
+        outcome="nxdomain",
+        rcode="NXDOMAIN",
+        blocked=True,
+        answers=[],
+        expected_by=ORDER,
+        control={"outcome": "resolved", "answers": ["185.199.108.10"]},
+    )
     assert post(server, token, batch(measurements=[enforced])).status_code == 200
     html = server.client.get("/evidence", params=_series()).text
     text = _text(html)
@@ -178,8 +272,11 @@ def test_runs_of_collapses_identical_neighbours_only() -> None:
     a = {"time": "t4", "outcome": "resolved", "finding": "leak", "answers": ["1.2.3.4"]}
     b = {"time": "t2", "outcome": "nxdomain", "finding": "enforced", "answers": []}
     rows = [a, {**a, "time": "t3"}, b, {**a, "time": "t1"}]
-    assert [(r["first"], r["last"], r["count"]) for r in runs_of(rows)] == [("t3", "t4", 2), ("t2", "t2", 1),
-                                                                           ("t1", "t1", 1)]  # fmt: skip
+    assert [(r["first"], r["last"], r["count"]) for r in runs_of(rows)] == [
+        ("t3", "t4", 2),
+        ("t2", "t2", 1),
+        ("t1", "t1", 1),
+    ]
 
 
 @pytest.fixture
