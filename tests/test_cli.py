@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -107,9 +108,9 @@ def test_human_output_leads_with_the_answer(isp: LabServer, control: LabServer, 
 
 
 def test_exit_3_when_nothing_answers(control: LabServer, lab_ca: LabCA) -> None:
-    dead = (
+    dead = shlex.split(
         "once -t A -r udp://127.0.0.1:1 --control udp://127.0.0.1:1 --timeout 0.3 --udp-linger 0 --qps 0 example.org"
-    ).split()
+    )
     result = CliRunner().invoke(cli, dead)
     assert result.exit_code == 3, result.output
     assert "Nothing could be judged" in result.stdout
