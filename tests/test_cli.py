@@ -116,9 +116,6 @@ def test_exit_3_when_nothing_answers(control: LabServer, lab_ca: LabCA) -> None:
     assert "Nothing could be judged" in result.stdout
     assert result.stdout.splitlines()[0] == "1 measurement: 1 no answer"
     assert "1 got no answer (nothing was expected of these names)" in result.stdout
-    as_json = CliRunner().invoke(cli, [*dead, "--json"])
-    assert as_json.exit_code == 3
-    assert [json.loads(line)["outcome"] for line in as_json.stdout.splitlines()] in (["timeout"], ["error"])
 
 
 def test_exit_3_when_every_finding_is_inconclusive(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
