@@ -43,8 +43,25 @@ def _children_cpu() -> float:
 def dnsperf(server: RealResolver, mode: str, datafile: Path, seconds: int) -> tuple[float, float]:
     """(queries per second, client CPU ms per 1000 queries) of one dnsperf run."""
     port = {"udp": "dns", "tcp": "dns", "dot": "dot", "doh": "doh"}[mode]
-    cmd = ["dnsperf", "-s", HOST, "-p", str(server.ports[port]), "-m", mode, "-d", str(datafile),
-           "-l", str(seconds), "-c", "10", "-q", "100", "-T", "1"]  # fmt: skip
+    cmd = [
+        "dnsperf",
+        "-s",
+        HOST,
+        "-p",
+        str(server.ports[port]),
+        "-m",
+        mode,
+        "-d",
+        str(datafile),
+        "-l",
+        str(seconds),
+        "-c",
+        "10",
+        "-q",
+        "100",
+        "-T",
+        "1",
+    ]
     if mode == "doh":
         cmd += ["-O", f"doh-uri=https://{HOST}:{server.ports['doh']}/dns-query"]
     before = _children_cpu()

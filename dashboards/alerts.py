@@ -67,14 +67,19 @@ _LIST = "list, country, resolver, transport"
 
 RECORDING = [
     Recording("blockprobe:order_leaking:max_by_probe", _LEAKING),
-    Recording("blockprobe:order_leak_probes:count",
-              f"count by ({_ORDER}) (blockprobe:order_leaking:max_by_probe)"),
+    Recording(
+        "blockprobe:order_leak_probes:count", f"count by ({_ORDER}) (blockprobe:order_leaking:max_by_probe)"
+    ),
     Recording("blockprobe:list_overblocked:max_by_probe", _OVERBLOCKED),
-    Recording("blockprobe:list_overblock_probes:count",
-              f"count by ({_LIST}) (blockprobe:list_overblocked:max_by_probe)"),
-    Recording("blockprobe:resolver_reachable:max_by_region",
-              "max by (region, country, resolver, transport) (blockprobe_resolver_reachable)"),
-]  # fmt: skip
+    Recording(
+        "blockprobe:list_overblock_probes:count",
+        f"count by ({_LIST}) (blockprobe:list_overblocked:max_by_probe)",
+    ),
+    Recording(
+        "blockprobe:resolver_reachable:max_by_region",
+        "max by (region, country, resolver, transport) (blockprobe_resolver_reachable)",
+    ),
+]
 
 _WHERE = "{{ $labels.resolver }} over {{ $labels.transport }} in {{ $labels.country }}"
 _SELECT = "country=%q,resolver=%q,transport=%q}"
@@ -111,48 +116,68 @@ _OVER_GRAFANA = (
 
 ALERTS = [
     Alert(
-        "BlockprobeLeak", "blockprobe:order_leak_probes:count >= 1", "15m", "warning",
+        "BlockprobeLeak",
+        "blockprobe:order_leak_probes:count >= 1",
+        "15m",
+        "warning",
         f"order {{{{ $labels.order }}}} is not enforced on {_WHERE}: {_LEAK_COUNT} leaking name(s) × qtype(s), "
         f"e.g. {_LEAK_EXAMPLES}",
         "Order {{ $labels.order }} requires these names blocked on this resolver in {{ $labels.country }}, "
         "but {{ $value }} probe(s) have seen some of them resolve for 15 minutes.",
-        "blockprobeleak", _LEAK_GRAFANA,
+        "blockprobeleak",
+        _LEAK_GRAFANA,
     ),
     Alert(
-        "BlockprobeLeakConfirmed", "blockprobe:order_leak_probes:count >= 2", "10m", "critical",
+        "BlockprobeLeakConfirmed",
+        "blockprobe:order_leak_probes:count >= 2",
+        "10m",
+        "critical",
         f"order {{{{ $labels.order }}}} leaks on {_WHERE}, confirmed by {{{{ $value }}}} probes",
         f"Order {{{{ $labels.order }}}}: {{{{ $value }}}} independent probes see names it requires blocked resolve "
         f"on {{{{ $labels.resolver }}}} over {{{{ $labels.transport }}}}: {_LEAK_COUNT} name(s) × qtype(s), "
         f"e.g. {_LEAK_EXAMPLES}.",
-        "blockprobeleakconfirmed", _LEAK_GRAFANA,
+        "blockprobeleakconfirmed",
+        _LEAK_GRAFANA,
     ),
     Alert(
-        "BlockprobeOverblock", "blockprobe:list_overblock_probes:count >= 1", "15m", "warning",
+        "BlockprobeOverblock",
+        "blockprobe:list_overblock_probes:count >= 1",
+        "15m",
+        "warning",
         f"names of {{{{ $labels.list }}}} are blocked on {_WHERE} but must resolve: {_OVER_COUNT} name(s) × "
         f"qtype(s), e.g. {_OVER_EXAMPLES}",
         "{{ $labels.list }} names them as names that must resolve in {{ $labels.country }} (a control list, or "
         "a block ordered elsewhere); {{ $value }} probe(s) have seen them blocked for 15 minutes.",
-        "blockprobeoverblock", _OVER_GRAFANA,
+        "blockprobeoverblock",
+        _OVER_GRAFANA,
     ),
     Alert(
-        "BlockprobeOverblockConfirmed", "blockprobe:list_overblock_probes:count >= 2", "10m", "critical",
+        "BlockprobeOverblockConfirmed",
+        "blockprobe:list_overblock_probes:count >= 2",
+        "10m",
+        "critical",
         f"names of {{{{ $labels.list }}}} are over-blocked on {_WHERE}, confirmed by {{{{ $value }}}} probes",
         f"{{{{ $labels.list }}}}: {{{{ $value }}}} independent probes see names that must resolve blocked on "
         f"{{{{ $labels.resolver }}}} over {{{{ $labels.transport }}}} in {{{{ $labels.country }}}}: {_OVER_COUNT} "
         f"name(s) × qtype(s), e.g. {_OVER_EXAMPLES}.",
-        "blockprobeoverblockconfirmed", _OVER_GRAFANA,
+        "blockprobeoverblockconfirmed",
+        _OVER_GRAFANA,
     ),
     Alert(
         "BlockprobeProbeSilent",
         "time() - max by (probe, region, country) (blockprobe_probe_last_report_timestamp_seconds) > 900",
-        "5m", "warning",
+        "5m",
+        "warning",
         "probe {{ $labels.probe }} in {{ $labels.region }} has not reported for 3 rounds",
         "No batch from {{ $labels.probe }} ({{ $labels.region }}, {{ $labels.country }}) for over 15 minutes: "
         "its findings are going stale and will disappear from the dashboards.",
         "blockprobeprobesilent",
     ),
     Alert(
-        "BlockprobeResolverUnreachable", "blockprobe:resolver_reachable:max_by_region == 0", "15m", "warning",
+        "BlockprobeResolverUnreachable",
+        "blockprobe:resolver_reachable:max_by_region == 0",
+        "15m",
+        "warning",
         "{{ $labels.resolver }} over {{ $labels.transport }} is unreachable from all of {{ $labels.region }}",
         "No probe in {{ $labels.region }} ({{ $labels.country }}) got any answer from {{ $labels.resolver }} over "
         "{{ $labels.transport }}: its blocks cannot be judged (timeouts are not counted as blocks then).",
@@ -160,7 +185,9 @@ ALERTS = [
     ),
     Alert(
         "BlockprobeCanaryFailing",
-        "max by (probe, region, country, resolver, transport) (blockprobe_canary_failing) == 1", "15m", "warning",
+        "max by (probe, region, country, resolver, transport) (blockprobe_canary_failing) == 1",
+        "15m",
+        "warning",
         "canaries fail on {{ $labels.resolver }} over {{ $labels.transport }} at {{ $labels.probe }}",
         "A canary of known fate did not get it on {{ $labels.resolver }} over {{ $labels.transport }} "
         "({{ $labels.probe }}, {{ $labels.region }}): that resolver's findings are inconclusive until it recovers.",
@@ -168,10 +195,12 @@ ALERTS = [
     ),
     Alert(
         "BlockprobeControlFailing",
-        "max by (probe, region, country) (blockprobe_control_failure_ratio) > 0.5", "15m", "warning",
+        "max by (probe, region, country) (blockprobe_control_failure_ratio) > 0.5",
+        "15m",
+        "warning",
         "the control resolver fails for probe {{ $labels.probe }} in {{ $labels.region }}",
         "{{ $value | humanizePercentage }} of control answers failed in {{ $labels.probe }}'s last batch: "
         "NXDOMAIN, NODATA, REFUSED and SERVFAIL answers cannot be told apart from dead names.",
         "blockprobecontrolfailing",
     ),
-]  # fmt: skip
+]

@@ -72,44 +72,90 @@ def grafana_alerting(base: str = RUNBOOK_URL) -> dict[str, Any]:
     rules = []
     for a in ALERTS:
         expr = _inline(a.expr)
-        rules.append({
-            "uid": f"blockprobe-{a.anchor.removeprefix('blockprobe')}"[:40],
-            "title": a.name,
-            "condition": "C",
-            "data": [
-                {"refId": "A", "relativeTimeRange": {"from": 600, "to": 0}, "datasourceUid": DATASOURCE_UID,
-                 "model": {"refId": "A", "expr": expr, "instant": True, "intervalMs": 60000, "maxDataPoints": 43200}},
-                {"refId": "C", "datasourceUid": "__expr__",
-                 "model": {"refId": "C", "type": "threshold", "expression": "A",
-                           "conditions": [{"evaluator": {"type": "gt", "params": [0]}}]}},
-            ],
-            "noDataState": "OK",
-            "execErrState": "Error",
-            "for": a.for_,
-            # Provisioning expands $VARS in labels: none of ours has a `$`.
-            "labels": {"severity": a.severity},
-            "annotations": a.annotations(base, for_grafana=True),
-        })  # fmt: skip
-    return {"apiVersion": 1, "groups": [{"orgId": 1, "name": "blockprobe", "folder": "blockprobe",
-                                         "interval": "1m", "rules": rules}]}  # fmt: skip
+        rules.append(
+            {
+                "uid": f"blockprobe-{a.anchor.removeprefix('blockprobe')}"[:40],
+                "title": a.name,
+                "condition": "C",
+                "data": [
+                    {
+                        "refId": "A",
+                        "relativeTimeRange": {"from": 600, "to": 0},
+                        "datasourceUid": DATASOURCE_UID,
+                        "model": {
+                            "refId": "A",
+                            "expr": expr,
+                            "instant": True,
+                            "intervalMs": 60000,
+                            "maxDataPoints": 43200,
+                        },
+                    },
+                    {
+                        "refId": "C",
+                        "datasourceUid": "__expr__",
+                        "model": {
+                            "refId": "C",
+                            "type": "threshold",
+                            "expression": "A",
+                            "conditions": [{"evaluator": {"type": "gt", "params": [0]}}],
+                        },
+                    },
+                ],
+                "noDataState": "OK",
+                "execErrState": "Error",
+                "for": a.for_,
+                # Provisioning expands $VARS in labels: none of ours has a `$`.
+                "labels": {"severity": a.severity},
+                "annotations": a.annotations(base, for_grafana=True),
+            }
+        )
+    return {
+        "apiVersion": 1,
+        "groups": [
+            {"orgId": 1, "name": "blockprobe", "folder": "blockprobe", "interval": "1m", "rules": rules}
+        ],
+    }
 
 
 def grafana_datasource() -> dict[str, Any]:
-    return {"apiVersion": 1, "datasources": [{
-        "name": "blockprobe Prometheus", "uid": DATASOURCE_UID, "type": "prometheus", "access": "proxy",
-        "url": "${BLOCKPROBE_PROMETHEUS_URL}", "isDefault": False, "jsonData": {"timeInterval": "1m"}}]}  # fmt: skip
+    return {
+        "apiVersion": 1,
+        "datasources": [
+            {
+                "name": "blockprobe Prometheus",
+                "uid": DATASOURCE_UID,
+                "type": "prometheus",
+                "access": "proxy",
+                "url": "${BLOCKPROBE_PROMETHEUS_URL}",
+                "isDefault": False,
+                "jsonData": {"timeInterval": "1m"},
+            }
+        ],
+    }
 
 
 def grafana_dashboard_provider() -> dict[str, Any]:
-    return {"apiVersion": 1, "providers": [{
-        "name": "blockprobe", "folder": "blockprobe", "type": "file", "disableDeletion": False,
-        "allowUiUpdates": False, "updateIntervalSeconds": 60,
-        "options": {"path": "${BLOCKPROBE_DASHBOARDS_DIR}", "foldersFromFilesStructure": False}}]}  # fmt: skip
+    return {
+        "apiVersion": 1,
+        "providers": [
+            {
+                "name": "blockprobe",
+                "folder": "blockprobe",
+                "type": "file",
+                "disableDeletion": False,
+                "allowUiUpdates": False,
+                "updateIntervalSeconds": 60,
+                "options": {"path": "${BLOCKPROBE_DASHBOARDS_DIR}", "foldersFromFilesStructure": False},
+            }
+        ],
+    }
 
 
 def outputs(base: str = RUNBOOK_URL) -> dict[Path, str]:
-    dashboards = {HERE / "grafana" / "dashboards" / f"blockprobe-{name}.json": json.dumps(d, indent=2) + "\n"
-                  for name, d in DASHBOARDS.items()}  # fmt: skip
+    dashboards = {
+        HERE / "grafana" / "dashboards" / f"blockprobe-{name}.json": json.dumps(d, indent=2) + "\n"
+        for name, d in DASHBOARDS.items()
+    }
     return {
         **dashboards,
         HERE / "grafana" / "provisioning" / "dashboards" / "blockprobe.yaml": _dump(

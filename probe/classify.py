@@ -25,9 +25,21 @@ PROHIBITED = 18  # RFC 8914 EDE 18: a policy block only when it is about the nam
 # RFC 6761 and the IANA special-use domain registry: names that never resolve publicly,
 # so a private address for them is normal, not a sinkhole.
 SPECIAL_USE = (
-    "test", "localhost", "invalid", "example", "example.com", "example.net", "example.org",
-    "local", "onion", "home.arpa", "alt", "internal", "10.in-addr.arpa", "168.192.in-addr.arpa",
-)  # fmt: skip
+    "test",
+    "localhost",
+    "invalid",
+    "example",
+    "example.com",
+    "example.net",
+    "example.org",
+    "local",
+    "onion",
+    "home.arpa",
+    "alt",
+    "internal",
+    "10.in-addr.arpa",
+    "168.192.in-addr.arpa",
+)
 
 _RCODE_OUTCOMES = {"NXDOMAIN": Outcome.NXDOMAIN, "REFUSED": Outcome.REFUSED, "SERVFAIL": Outcome.SERVFAIL}
 

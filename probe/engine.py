@@ -6,7 +6,9 @@ A run reads as its phases:
 3. the first pass over the plan; each (name, type) gets its control baseline on first use;
 4. the confirmation pass: every query still without a response is asked once more, per
    endpoint on one fresh connection (CONTRACTS.md section 3);
-5. the judgement of what had to wait for the whole run (silences, EDE 18), by `probe.judge`.
+5. the judgement of what had to wait for the whole run (silences, EDE 18), by `probe.judge`;
+6. answer checks, when a checker is given: the addresses of resolved answers with an
+   expectation are checked on port 443 after the DNS round, so they never delay it.
 
 A fixed pool of workers pulls jobs from a lazy plan; a global limit (the pool size) and
 a per-endpoint rate limit keep a probe from hammering anyone; measurements leave through
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from probe.answers import AddressCheck, AnswerChecker, addresses_of, same_addresses
 from probe.classify import PROHIBITED, ControlResult, Verdict, verdict_of
 from probe.fingerprints import Fingerprints, load_fingerprints
 from probe.identity import IDENTITY_PROBES, Canary, Identity, identity_of
@@ -121,6 +124,7 @@ class _Job:
     expected_by: dict[str, Any] | None = None
     attempts: list[Attempt] = field(default_factory=list)
     exchange: Exchange | None = None
+    lates: list[tuple[int, asyncio.Future[bytes]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -135,6 +139,7 @@ class _Run:
     # Per endpoint, responses without and with EDE 18: the rule for a name-specific 18.
     plain_answers: dict[Endpoint, int] = field(default_factory=dict)
     held: list[_Job] = field(default_factory=list)
+    to_check: list[_Job] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -170,12 +175,14 @@ class Engine:
         qps: float | None = 20.0,
         fingerprints: Fingerprints | None = None,
         queue_size: int = 1024,
+        checker: AnswerChecker | None = None,
     ) -> None:
         self.options = options or Options()
         self.concurrency = max(1, concurrency)
         self.default_qps = qps
         self.fingerprints = fingerprints or load_fingerprints()
         self.queue_size = queue_size
+        self.checker = checker if checker is not None and checker.enabled else None
         self._exchangers: dict[Endpoint, Exchanger] = {}
         self._limiters: dict[Endpoint, RateLimiter | None] = {}
         self.stats = Stats()
@@ -263,7 +270,11 @@ class Engine:
             await self._first_pass(self._jobs(plan), run, emit, hold=True)
             await self._confirm(run)
             for job in run.held:
-                await emit(await self._measure(job, run))
+                if self._wants_check(job):
+                    run.to_check.append(job)
+                else:
+                    await emit(await self._measure(job, run))
+            await self._check_answers(run, emit)
         finally:
             if run.identities is not None and not run.identities.done():
                 run.identities.cancel()
@@ -295,6 +306,8 @@ class Engine:
             ex = await self._ask(job, run, 1, None)
             if hold and (ex.response is None or self._needs_run(job, ex, run)):
                 run.held.append(job)
+            elif hold and self._wants_check(job):
+                run.to_check.append(job)
             elif ex.settled is not None and not ex.settled.done():
                 task = asyncio.ensure_future(finish(job))
                 finishing.add(task)
@@ -316,9 +329,44 @@ class Engine:
         job.attempts.append(
             Attempt(number, ex.sends, ex.channel, ex.response is not None, ex.failure, ex.overtaken)
         )
+        if ex.late is not None:
+            job.lates.append((number, ex.late))
         if ex.response is not None or job.exchange is None or job.exchange.response is None:
             job.exchange = ex
         return ex
+
+    def _wants_check(self, job: _Job) -> bool:
+        """Whether the answer gets address checks: a resolved answer for a name with an expectation."""
+        ex = job.exchange
+        if self.checker is None or job.expected is None or ex is None or ex.response is None:
+            return False
+        verdict = verdict_of(ex.response, None, job.domain, job.qtype, self.fingerprints)
+        return verdict.outcome is Outcome.RESOLVED
+
+    async def _check_answers(self, run: _Run, emit: Callable[[Measurement], Awaitable[None]]) -> None:
+        """Phase 6: check each held answer's addresses (the checker paces and caches), judge, emit."""
+        checker = self.checker
+        if checker is None or not run.to_check:
+            return
+
+        async def work(job: _Job) -> None:
+            ex = job.exchange
+            assert ex is not None and ex.response is not None
+            verdict = verdict_of(ex.response, None, job.domain, job.qtype, self.fingerprints)
+            mine = addresses_of(job.qtype, verdict.answers)
+            checks = tuple(await checker.check_all(job.domain, mine))
+            control_checks: tuple[AddressCheck, ...] = ()
+            same = False
+            control = await self._control(run, job.domain, job.qtype) if run.plan.controls else None
+            if control is not None:
+                same = same_addresses(verdict.answers, control.verdict.answers, job.qtype)
+                # The control's addresses matter only when every one of ours showed a bad certificate.
+                if checks and all(c.presents_invalid_cert for c in checks):
+                    theirs = addresses_of(job.qtype, control.verdict.answers)
+                    control_checks = tuple(await checker.check_all(job.domain, theirs))
+            await emit(await self._measure(job, run, (checks, control_checks, same)))
+
+        await self._pool(iter(run.to_check), work)
 
     def _needs_run(self, job: _Job, ex: Exchange, run: _Run) -> bool:
         """Whether the response's judgement depends on the rest of the run (an EDE 18)."""
@@ -439,12 +487,26 @@ class Engine:
                     for endpoint in resolver.endpoints:
                         yield _Job(domain, qtype, resolver, endpoint)
 
-    async def _measure(self, job: _Job, run: _Run) -> Measurement:
+    async def _measure(
+        self,
+        job: _Job,
+        run: _Run,
+        checked: tuple[tuple[AddressCheck, ...], tuple[AddressCheck, ...], bool] | None = None,
+    ) -> Measurement:
         """Gather what the judgement needs (phase 5), judge, and build the measurement."""
         ex = job.exchange
         assert ex is not None
         if ex.settled is not None:
             await ex.settled  # racing answers are still being collected (UDP linger)
+        if ex.response is None:
+            for number, late in job.lates:
+                if late.done() and not late.cancelled():
+                    # Answered after its deadline (a recursor's SERVFAIL once its upstream gave
+                    # up): the resolver did answer, so this was no silence. Judge the answer.
+                    ex = job.exchange = Exchange(
+                        late.result(), None, None, {**ex.evidence, "late_response": {"pass": number}}
+                    )
+                    break
         control = None
         if job.canary is None and run.plan.controls:
             control = await self._control(run, job.domain, job.qtype)
@@ -469,6 +531,9 @@ class Engine:
             operator=job.resolver.operator,
             canary_failure=run.canary_failures.get(job.endpoint),
             late=tuple(ex.evidence.get("late", ())),
+            checks=None if checked is None else checked[0],
+            control_checks=() if checked is None else checked[1],
+            same_addresses=False if checked is None else checked[2],
         )
         try:
             j = judge(obs, self.fingerprints)
@@ -510,6 +575,7 @@ class Engine:
             operator=job.resolver.operator,
             evidence=evidence,
             intercepted=j.intercepted,
+            reach=str(j.reach),
         )
 
 

@@ -69,15 +69,22 @@ class Expectations:
             return None, None
         country = country.upper()
         binding = [
-            r for r in rules
-            if r.order is not None and country in r.order.jurisdictions
-            and r.order.addresses(kind, operator) and r.order.binds_at(when)
-        ]  # fmt: skip
+            r
+            for r in rules
+            if r.order is not None
+            and country in r.order.jurisdictions
+            and r.order.addresses(kind, operator)
+            and r.order.binds_at(when)
+        ]
         if binding:
             best = max(binding, key=lambda r: r.specificity)
             assert best.order is not None
-            why = {"order": best.order.id, "authority": best.order.authority, "pattern": str(best.pattern),
-                   "orders": sorted({r.order.id for r in binding if r.order is not None})}  # fmt: skip
+            why = {
+                "order": best.order.id,
+                "authority": best.order.authority,
+                "pattern": str(best.pattern),
+                "orders": sorted({r.order.id for r in binding if r.order is not None}),
+            }
             due = best.order.due
             if due is not None:
                 why["due"] = format_instant(due)

@@ -167,5 +167,14 @@ def _parse(wire: bytes, qname: str, rdtype: int) -> tuple[object, ...] | None:
         owner = nxt
     key = owner if rdtype == _A else owner + "\x00v6"
     found = list(dict.fromkeys(answers.get(key, ())))  # an RRset holds each rdata once
-    return (_RCODES[rcode], (), tuple(found), tuple(found), tuple(chain), nsid,
-            bool(flags & 0x0400), bool(flags & 0x0080), soa)  # fmt: skip
+    return (
+        _RCODES[rcode],
+        (),
+        tuple(found),
+        tuple(found),
+        tuple(chain),
+        nsid,
+        bool(flags & 0x0400),
+        bool(flags & 0x0080),
+        soa,
+    )

@@ -35,8 +35,9 @@ class IdentityProbe:
     source: str
 
     def query(self) -> bytes:
-        msg = dns.message.make_query(self.qname, "TXT", self.qclass, use_edns=0, id=0,
-                                     options=[dns.edns.NSIDOption(b"")])  # fmt: skip
+        msg = dns.message.make_query(
+            self.qname, "TXT", self.qclass, use_edns=0, id=0, options=[dns.edns.NSIDOption(b"")]
+        )
         return msg.to_wire()
 
 
@@ -74,8 +75,13 @@ class Identity:
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"operator": self.operator, "method": self.method, "ok": self.ok,
-                "answers": list(self.answers), "detail": self.detail}  # fmt: skip
+        return {
+            "operator": self.operator,
+            "method": self.method,
+            "ok": self.ok,
+            "answers": list(self.answers),
+            "detail": self.detail,
+        }
 
 
 def identity_of(operator: str, probe: IdentityProbe, response: bytes | None, failure: str | None) -> Identity:

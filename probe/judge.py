@@ -10,9 +10,11 @@ so every rule that could make one errs towards `null` when the evidence is short
 from __future__ import annotations
 
 import base64
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from probe.answers import AddressCheck, Manipulation, Reach, manipulated, reach_of
 from probe.classify import ControlResult, Verdict, verdict_of
 from probe.fingerprints import Fingerprints
 from probe.identity import Identity
@@ -80,6 +82,11 @@ class Observation:
     operator: str | None = None
     canary_failure: str | None = None
     late: tuple[bytes, ...] = ()
+    # Answer checks (None: not checked): the resolver's answered addresses, the control's
+    # (checked only when they can change the verdict), and whether both answered alike.
+    checks: tuple[AddressCheck, ...] | None = None
+    control_checks: tuple[AddressCheck, ...] = ()
+    same_addresses: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,7 @@ class Judgement:
     finding: Finding | None
     intercepted: bool
     evidence: dict[str, Any] = field(default_factory=dict)
+    reach: Reach = Reach.UNCHECKED
 
 
 def finding_of(expected: Expectation | None, blocked: bool | None) -> Finding | None:
@@ -176,6 +184,9 @@ def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:
         if loss:
             evidence["loss"] = loss
     blocked = blocked_of(verdict, obs.control, silence)
+    reach = Reach.UNCHECKED
+    if obs.checks is not None and verdict.outcome is Outcome.RESOLVED:
+        verdict, blocked, reach = _answer_checks(obs, verdict, blocked, evidence)
     finding = finding_of(obs.expected, blocked)
     intercepted = obs.identity is not None and obs.identity.ok is False
     if obs.identity is not None:
@@ -197,7 +208,35 @@ def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:
         evidence["nsid"] = verdict.nsid
     if obs.expected_by:
         evidence["expected_by"] = obs.expected_by
-    return Judgement(verdict, blocked, finding, intercepted, evidence)
+    return Judgement(verdict, blocked, finding, intercepted, evidence, reach)
+
+
+def _answer_checks(
+    obs: Observation, verdict: Verdict, blocked: bool | None, evidence: dict[str, Any]
+) -> tuple[Verdict, bool | None, Reach]:
+    """CONTRACTS.md section 3, "Answer checks": certificates at the answered addresses.
+
+    Only a certificate not valid for the name, at every address, while the control's answer
+    validates, makes a resolved answer a block; a failed connection never does.
+    """
+    assert obs.checks is not None
+    manipulation = manipulated(obs.checks, obs.control_checks, obs.same_addresses)
+    evidence["answer_checks"] = [c.to_json() for c in obs.checks]
+    if obs.control_checks:
+        evidence["control_checks"] = [c.to_json() for c in obs.control_checks]
+    evidence["manipulation"] = str(manipulation)
+    if manipulation is Manipulation.MANIPULATED:
+        cert = next((c.cert for c in obs.checks if c.cert is not None), None)
+        match = ", ".join(cert.names) if cert is not None and cert.names else obs.checks[0].address
+        verdict = dataclasses.replace(
+            verdict, outcome=Outcome.SINKHOLE, sinkhole={"match": match, "source": "tls"}
+        )
+        blocked = True
+    elif manipulation is Manipulation.NOT_MANIPULATED:
+        evidence["verified"] = True
+    elif manipulation is Manipulation.CANNOT_TELL:
+        blocked = None  # perhaps a block page no fingerprint knows
+    return verdict, blocked, reach_of(obs.checks, manipulation)
 
 
 def _late(obs: Observation, wire: bytes) -> dict[str, Any]:

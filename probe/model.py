@@ -104,6 +104,7 @@ class Measurement:
     operator: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     intercepted: bool = False
+    reach: str = "unchecked"  # what a user would meet at the answered addresses (answer checks)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of CONTRACTS.md section 3, plus extension keys."""
@@ -131,6 +132,7 @@ class Measurement:
             "operator": self.operator,
             "expected_by": self.evidence.get("expected_by"),
             "intercepted": self.intercepted,
+            "reach": self.reach,
             "evidence": self.evidence,
         }
 

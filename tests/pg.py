@@ -38,11 +38,37 @@ class TempPostgres:
             shutil.chown(self.dir, "postgres", "postgres")
             self.as_user = ["runuser", "-u", "postgres", "--"]
         data = self.dir / "data"
-        subprocess.run([*self.as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                        "--no-sync"], check=True, capture_output=True)  # fmt: skip
-        subprocess.run([*self.as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w",
-                        "-o", f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off",
-                        "start"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                *self.as_user,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *self.as_user,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(self.dir / "log"),
+                "-w",
+                "-o",
+                f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
         self.bindir = bindir
         self.data = data
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
@@ -63,6 +89,8 @@ class TempPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
-        subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(self.dir, ignore_errors=True)

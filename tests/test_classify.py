@@ -37,9 +37,13 @@ def test_sinkhole_rules() -> None:
     assert sinkhole_of("127.0.0.1", False, FP) == {"match": "127.0.0.1", "source": "loopback address"}
     assert sinkhole_of("10.1.2.3", False, FP) is None  # a private address for a special-use name is normal
     assert sinkhole_of("100.64.1.1", True, FP) == {
-        "match": "100.64.1.1", "source": "special-purpose address (RFC 6890) for a public name"}  # fmt: skip
+        "match": "100.64.1.1",
+        "source": "special-purpose address (RFC 6890) for a public name",
+    }
     assert sinkhole_of("::ffff:146.112.61.104", True, FP) == {
-        "match": "::ffff:146.112.61.104", "source": "opendns.blockpage_104 (Cisco Umbrella doc 224799)"}  # fmt: skip
+        "match": "::ffff:146.112.61.104",
+        "source": "opendns.blockpage_104 (Cisco Umbrella doc 224799)",
+    }
     assert sinkhole_of("93.184.216.34", True, FP) is None
     assert sinkhole_of("not-an-address", True, FP) is None
 

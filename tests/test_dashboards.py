@@ -14,8 +14,12 @@ FILES = sorted(ROOT.glob("*.json"))
 
 
 def test_the_four_dashboards_are_there() -> None:
-    assert [f.name for f in FILES] == ["blockprobe-fleet.json", "blockprobe-leaks.json", "blockprobe-overblocking.json",
-                                       "blockprobe-overview.json"]  # fmt: skip
+    assert [f.name for f in FILES] == [
+        "blockprobe-fleet.json",
+        "blockprobe-leaks.json",
+        "blockprobe-overblocking.json",
+        "blockprobe-overview.json",
+    ]
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)

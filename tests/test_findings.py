@@ -20,8 +20,13 @@ from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from .conftest import start_lab, truth_zone
 
 D = "blockprobe-lab.net"
-REAL = Behaviour(records={"A": ("93.184.216.34",), "AAAA": ("2606:2800:220:1::248",),
-                          "HTTPS": ('1 . alpn="h2" ipv4hint=93.184.216.34',)})  # fmt: skip
+REAL = Behaviour(
+    records={
+        "A": ("93.184.216.34",),
+        "AAAA": ("2606:2800:220:1::248",),
+        "HTTPS": ('1 . alpn="h2" ipv4hint=93.184.216.34',),
+    }
+)
 LISTS = "tests/lists/lab-orders.yaml"
 
 
@@ -67,12 +72,35 @@ def _run(
     labs: dict[str, LabServer], lab_ca: LabCA, *extra: str
 ) -> tuple[int, dict[tuple[str, str, str, str], Any]]:
     isp, cf, gg = labs["isp"].specs(), labs["cf"].specs(), labs["gg"].specs()
-    args = ["once", "--json", "--list", LISTS, "--ca-file", str(lab_ca.ca_file), "--timeout", "3", "--qps", "0",
-            "--udp-linger", "0", "--control", labs["control"].specs()["udp"],
-            "-r", isp["udp"] + "#kind=isp,operator=tim", "-r", isp["dot"] + "#kind=isp,operator=tim",
-            "-r", isp["doh"] + "#kind=isp,operator=tim",
-            "-r", cf["udp"] + "#kind=public,operator=cloudflare", "-r", cf["tcp"] + "#kind=public,operator=cloudflare",
-            "-r", gg["udp"] + "#kind=public,operator=google", *extra]  # fmt: skip
+    args = [
+        "once",
+        "--json",
+        "--list",
+        LISTS,
+        "--ca-file",
+        str(lab_ca.ca_file),
+        "--timeout",
+        "3",
+        "--qps",
+        "0",
+        "--udp-linger",
+        "0",
+        "--control",
+        labs["control"].specs()["udp"],
+        "-r",
+        isp["udp"] + "#kind=isp,operator=tim",
+        "-r",
+        isp["dot"] + "#kind=isp,operator=tim",
+        "-r",
+        isp["doh"] + "#kind=isp,operator=tim",
+        "-r",
+        cf["udp"] + "#kind=public,operator=cloudflare",
+        "-r",
+        cf["tcp"] + "#kind=public,operator=cloudflare",
+        "-r",
+        gg["udp"] + "#kind=public,operator=google",
+        *extra,
+    ]
     result = CliRunner().invoke(cli, args)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     who = {
@@ -108,7 +136,7 @@ ITALY = [
     ("cf", "tcp", "pirate", "AAAA", "leak"),
     ("cf", "udp", "wiki", "A", "ok"),
     ("gg", "udp", "pirate", "A", "inconclusive"),  # answered by someone other than Google
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")

@@ -118,9 +118,14 @@ def _measure_all(
     control = resolve_spec(truth.specs["tcp"])
     names = sorted({n for n, _ in EXPECTED})
     out = measure(
-        [f"{n}.{ZONE}" for n in names], targets, ca=ca, qtypes=("A", "AAAA"), controls=[control], timeout=1.5,
+        [f"{n}.{ZONE}" for n in names],
+        targets,
+        ca=ca,
+        qtypes=("A", "AAAA"),
+        controls=[control],
+        timeout=1.5,
         expect=_expect,
-    )  # fmt: skip
+    )
     return {(m.domain.split(".")[0], m.qtype, str(m.transport)): m for m in out}
 
 

@@ -79,8 +79,10 @@ def test_good_files_load_and_normalise() -> None:
     assert [o.id for o in lists.orders] == ["agcom-2026-0042", "piracy-shield-77", "arcom-sport-12"]
     agcom = lists.orders[0]
     assert agcom.domains == (
-        Pattern("pirate.example", False), Pattern("pirate.example", True), Pattern("xn--bcher-pirat-thb.example", False)
-    )  # fmt: skip
+        Pattern("pirate.example", False),
+        Pattern("pirate.example", True),
+        Pattern("xn--bcher-pirat-thb.example", False),
+    )
     assert agcom.jurisdictions == {"IT"} and agcom.applies_to == {"isp", "cloudflare"}
     assert lists.orders[2].applies_to == {"isp", "google", "cloudflare", "opendns"}
 
@@ -95,7 +97,9 @@ def test_duplicate_ids_across_files_are_rejected(tmp_path: Path) -> None:
 
 def test_plain_and_csv_imports() -> None:
     assert import_plain("# Piracy Shield batch\nPirate.Example.\n*.calcio.example # all of it\n\n") == [
-        "pirate.example", "*.calcio.example"]  # fmt: skip
+        "pirate.example",
+        "*.calcio.example",
+    ]
     assert import_plain("ticket,domain,ip\n1,a.example,192.0.2.1\n2,B.example,\n") == [
         "a.example",
         "b.example",

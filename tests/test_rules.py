@@ -20,8 +20,11 @@ promtool = pytest.mark.skipif(
 
 @promtool
 def test_rules_pass_promtool_lint() -> None:
-    result = subprocess.run(["promtool", "check", "rules", "--lint=all", "--lint-fatal", str(RULES)],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        ["promtool", "check", "rules", "--lint=all", "--lint-fatal", str(RULES)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -43,8 +46,11 @@ def test_every_alert_has_a_passing_unit_test() -> None:
 def test_alertmanager_example_is_valid() -> None:
     if shutil.which("amtool") is None:
         pytest.skip("amtool is not installed")
-    result = subprocess.run(["amtool", "check-config", str(ROOT / "dashboards" / "alertmanager" / "example.yml")],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        ["amtool", "check-config", str(ROOT / "dashboards" / "alertmanager" / "example.yml")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

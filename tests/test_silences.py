@@ -265,10 +265,31 @@ def test_lone_surrogate_in_ede_text_is_written_as_json(lab_thread: LabThread, la
     lab = start_lab(lab_thread, zone, "127.53.3.5", lab_ca, transports=("udp",))
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     out = subprocess.run(
-        [sys.executable, "-m", "probe.cli", "once", "--json", "-t", "A", "-r", lab.specs()["udp"],
-         "--control", lab.specs()["udp"], "--timeout", "1", "--udp-linger", "0", "--expect", "blocked", f"s.{D}"],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "probe.cli",
+            "once",
+            "--json",
+            "-t",
+            "A",
+            "-r",
+            lab.specs()["udp"],
+            "--control",
+            lab.specs()["udp"],
+            "--timeout",
+            "1",
+            "--udp-linger",
+            "0",
+            "--expect",
+            "blocked",
+            f"s.{D}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout.splitlines()[0])
     assert m["outcome"] == "ede_blocked"

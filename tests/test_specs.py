@@ -31,18 +31,28 @@ def test_good_specs(spec: str, transport: Transport, host: str, port: int, path:
 
 BAD = [
     ("tls//x", "'tls//x' is not a resolver spec: expected SCHEME://HOST[:PORT] or HOST[:PORT]"),
-    ("ftp://x", "'ftp://x' is not a resolver spec: unknown scheme 'ftp' (one of udp, tcp, tls, https, h3, quic)"),
+    (
+        "ftp://x",
+        "'ftp://x' is not a resolver spec: unknown scheme 'ftp' (one of udp, tcp, tls, https, h3, quic)",
+    ),
     ("udp://x:99999", "'udp://x:99999' is not a resolver spec: bad port '99999'"),
     ("udp://bad host", "'udp://bad host' is not a resolver spec: bad host 'bad host'"),
     ("tcp://127.0.0.1/x", "'tcp://127.0.0.1/x' is not a resolver spec: tcp:// takes no path"),
     ("udp://[::1", "'udp://[::1' is not a resolver spec: unclosed '['"),
-    ("udp://192.0.2.1#kind=evil",
-     "'udp://192.0.2.1#kind=evil' is not a resolver spec: kind 'evil' is not one of isp, public, system"),
-    ("udp://192.0.2.1#colour=red",
-     "'udp://192.0.2.1#colour=red' is not a resolver spec: fragment item 'colour=red' "
-     "(expected key=value with key in address, kind, operator, qps)"),
-    ("udp://192.0.2.1#qps=-1", "'udp://192.0.2.1#qps=-1' is not a resolver spec: qps '-1' is not a positive number"),
-]  # fmt: skip
+    (
+        "udp://192.0.2.1#kind=evil",
+        "'udp://192.0.2.1#kind=evil' is not a resolver spec: kind 'evil' is not one of isp, public, system",
+    ),
+    (
+        "udp://192.0.2.1#colour=red",
+        "'udp://192.0.2.1#colour=red' is not a resolver spec: fragment item 'colour=red' "
+        "(expected key=value with key in address, kind, operator, qps)",
+    ),
+    (
+        "udp://192.0.2.1#qps=-1",
+        "'udp://192.0.2.1#qps=-1' is not a resolver spec: qps '-1' is not a positive number",
+    ),
+]
 
 
 @pytest.mark.parametrize(("spec", "message"), BAD)

@@ -10,7 +10,7 @@ overtaken exactly when that number passed its own before its deadline.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 __all__ = ["Channel", "await_reply"]
@@ -47,36 +47,35 @@ class Channel:
         return self.answered <= stamp and self.witnessed <= stamp
 
 
-def _expire(fut: asyncio.Future[T]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
 async def await_reply(
     fut: asyncio.Future[T],
     deadline: float,
-    *,
-    witness_at: float | None = None,
-    witness: Callable[[], None] | None = None,
+    steps: Sequence[tuple[float, Callable[[], None]]] = (),
 ) -> T:
     """`fut`'s result, or TimeoutError at the loop time `deadline`; whatever else fails it propagates.
 
-    If `fut` still waits at `witness_at`, `witness()` is called once (it sends a
-    question the resolver answered before, behind this one).
+    `steps` are (loop time, action) pairs run in order while `fut` still waits: UDP's
+    retransmissions, a witness sent behind a silent query. One timer is armed at a time,
+    so a query answered at once costs one timer, not one per step.
     """
     loop = asyncio.get_running_loop()
-    timer = loop.call_at(deadline, _expire, fut)
-    wtimer = None
-    if witness is not None and witness_at is not None and witness_at < deadline:
+    plan = [(at, act) for at, act in steps if at < deadline]
+    handle: asyncio.TimerHandle | None = None
+    index = 0
 
-        def fire() -> None:
-            if not fut.done():
-                witness()
+    def fire() -> None:
+        nonlocal handle, index
+        if fut.done():
+            return
+        if index == len(plan):
+            fut.set_exception(TimeoutError())
+            return
+        plan[index][1]()
+        index += 1
+        handle = loop.call_at(plan[index][0] if index < len(plan) else deadline, fire)
 
-        wtimer = loop.call_at(witness_at, fire)
+    handle = loop.call_at(plan[0][0] if plan else deadline, fire)
     try:
         return await fut
     finally:
-        timer.cancel()
-        if wtimer is not None:
-            wtimer.cancel()
+        handle.cancel()

@@ -59,7 +59,10 @@ class Exchange:
     query that waited for it. `sends` counts datagrams or stream writes of this query.
     `channel` names the connection (streams) or endpoint (UDP) it waited on, and
     `overtaken` says that, while it waited in silence, that channel answered a query
-    sent after this one's last send (CONTRACTS.md section 3 (c)). `settled`, when set,
+    sent after this one's last send (CONTRACTS.md section 3 (c)). `late`, on a silence,
+    completes with the response should it still arrive after the deadline (a recursor
+    that answers SERVFAIL once its upstream gives up, 8 s later): the engine looks before
+    it judges, and a silence that was answered late was no DROP. `settled`, when set,
     completes once a UDP socket has stopped listening for racing answers, which are
     then in `evidence["late"]`.
     """
@@ -69,6 +72,7 @@ class Exchange:
     latency_ms: float | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     settled: asyncio.Future[None] | None = None
+    late: asyncio.Future[bytes] | None = None
     sends: int = 1
     channel: str | None = None
     overtaken: bool = False

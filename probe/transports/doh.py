@@ -47,14 +47,33 @@ class _PlainEncoder(hpack.Encoder):
 
 
 class _Stream:
-    __slots__ = ("body", "ctype", "future", "stamp", "status")
+    __slots__ = ("body", "ctype", "future", "late", "query", "stamp", "status")
 
-    def __init__(self, future: asyncio.Future[None], stamp: int) -> None:
+    def __init__(self, future: asyncio.Future[None], stamp: int, query: bytes) -> None:
         self.future = future
         self.stamp = stamp
+        self.query = query
         self.status = 0
         self.ctype = b""
         self.body = bytearray()
+        self.late: asyncio.Future[bytes] | None = None  # set once the query timed out
+
+    def fail(self, failure: Failure) -> None:
+        if self.late is not None:
+            self.late.cancel()  # nobody awaits a late response: no error to report
+        elif not self.future.done():
+            self.future.set_exception(Broken(failure))
+
+    def ended(self) -> None:
+        if self.late is None:
+            if not self.future.done():
+                self.future.set_result(None)
+        elif not self.late.done():
+            ex = judge_http(self.status, self.ctype, bytes(self.body), self.query, 0.0, {})
+            if ex.response is None:
+                self.late.cancel()
+            else:
+                self.late.set_result(ex.response)
 
 
 class _H2Conn(asyncio.Protocol):
@@ -109,6 +128,14 @@ class _H2Conn(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def reclaim(self) -> bool:
+        """Give up listening late on the oldest timed-out stream, so a new query gets its slot."""
+        for sid, st in self.streams.items():
+            if st.late is not None:
+                self._end(sid, timeout())
+                return True
+        return False
+
     def can_open(self) -> bool:
         # Our own count: h2's open_outbound_streams walks every stream on each call.
         return len(self.streams) < self.h2.remote_settings.max_concurrent_streams
@@ -144,21 +171,20 @@ class _H2Conn(asyncio.Protocol):
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, h2.events.StreamEnded):
                 st = self.streams.pop(ev.stream_id, None)
-                if st is not None and not st.future.done():
+                if st is not None:
                     if st.status == 200:
                         self.channel.answer(st.stamp)
-                    st.future.set_result(None)
+                    st.ended()
             elif isinstance(ev, h2.events.StreamReset):
                 st = self.streams.pop(ev.stream_id, None)
-                if st is not None and not st.future.done():
-                    failure = error(Phase.HTTP, f"http2: stream reset ({ev.error_code!s})", True)
-                    st.future.set_exception(Broken(failure))
+                if st is not None:
+                    st.fail(error(Phase.HTTP, f"http2: stream reset ({ev.error_code!s})", True))
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 last = ev.last_stream_id or 0
                 self.dead = Broken(error(Phase.HTTP, "http2: connection closed by server (GOAWAY)", True))
                 for sid, st in list(self.streams.items()):
-                    if sid > last and not st.future.done():
-                        st.future.set_exception(self.dead)
+                    if sid > last:
+                        st.fail(self.dead.failure)
                         del self.streams[sid]
         self._wake()
         self.flush_soon()
@@ -166,8 +192,8 @@ class _H2Conn(asyncio.Protocol):
     def _end(self, sid: int, failure: Failure) -> None:
         """Give up one stream: reset it, fail its query, and free its slot for a waiting one."""
         st = self.streams.pop(sid, None)
-        if st is not None and not st.future.done():
-            st.future.set_exception(Broken(failure))
+        if st is not None:
+            st.fail(failure)
         with contextlib.suppress(h2.exceptions.H2Error):
             self.h2.reset_stream(sid)
         self.flush_soon()
@@ -176,8 +202,7 @@ class _H2Conn(asyncio.Protocol):
     def _kill(self, failure: Failure) -> None:
         self.dead = Broken(failure)
         for st in self.streams.values():
-            if not st.future.done():
-                st.future.set_exception(self.dead)
+            st.fail(failure)
         self.streams.clear()
         self._wake()
         if self.transport is not None:
@@ -267,7 +292,7 @@ class DohExchanger(RetryAlone):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(deadline):
-                while not conn.can_open() and conn.dead is None:
+                while not conn.can_open() and conn.dead is None and not conn.reclaim():
                     waiter: asyncio.Future[None] = loop.create_future()
                     conn.waiters.append(waiter)
                     await waiter
@@ -282,16 +307,27 @@ class DohExchanger(RetryAlone):
             await await_reply(
                 st.future,
                 deadline,
-                witness_at=now + (deadline - now) / 4 if witness else None,
-                witness=lambda: self._send_witness(conn, st.stamp, deadline),
+                [(now + (deadline - now) / 4, lambda: self._send_witness(conn, st.stamp, deadline))]
+                if witness
+                else (),
             )
         except Broken as exc:
             return Exchange(None, exc.failure, evidence=evidence, channel=conn.channel.name)
         except TimeoutError:
-            conn._end(sid, timeout())
             overtaken = conn.channel.overtook(st.stamp)
+            if conn.waiters:
+                conn._end(sid, timeout())  # queries wait for this slot: it is theirs now
+            else:
+                # Keep the stream: a response after the deadline is evidence too. Its slot
+                # goes back as soon as a new query needs one (reclaim).
+                st.late = loop.create_future()
             return Exchange(
-                None, timeout(), evidence=evidence, channel=conn.channel.name, overtaken=overtaken
+                None,
+                timeout(),
+                evidence=evidence,
+                channel=conn.channel.name,
+                overtaken=overtaken,
+                late=st.late,
             )
         latency = (time.perf_counter() - sent) * 1000
         evidence["http_version"] = "HTTP/2"
@@ -302,7 +338,7 @@ class DohExchanger(RetryAlone):
 
     def _submit(self, conn: _H2Conn, query: bytes) -> tuple[int, _Stream]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        st = _Stream(fut, conn.channel.stamp())
+        st = _Stream(fut, conn.channel.stamp(), query)
         sid = conn.h2.get_next_available_stream_id()
         conn.streams[sid] = st
         if self.options.doh_post:

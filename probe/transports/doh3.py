@@ -25,13 +25,24 @@ __all__ = ["Doh3Exchanger"]
 
 
 class _H3Query(_Query):
-    __slots__ = ("ctype", "query", "status")
+    __slots__ = ("ctype", "late", "query", "status")
 
     def __init__(self, future: asyncio.Future[bytes], query: bytes, stamp: int) -> None:
         super().__init__(future, b"", stamp)
         self.query = query
         self.status = 0
         self.ctype = b""
+        self.late: asyncio.Future[bytes] | None = None
+
+    def late_done(self) -> None:
+        """A late HTTP response: the DNS message, if it is one for our query, completes `late`."""
+        if self.late is None or self.late.done():
+            return
+        ex = judge_http(self.status, self.ctype, bytes(self.data), self.query, 0.0, {})
+        if ex.response is None:
+            self.late.cancel()
+        else:
+            self.late.set_result(ex.response)
 
 
 class _H3Protocol(_DoqProtocol):
@@ -67,6 +78,8 @@ class _H3Protocol(_DoqProtocol):
                         self.channel.answer(q.stamp)
                     # The HTTP judgement (status, type, the response to our query) is judge_http's.
                     q.future.set_result(bytes(q.data))
+                    if q.expired:
+                        q.late_done()
 
 
 class Doh3Exchanger(DoqExchanger):

@@ -34,13 +34,22 @@ _DOQ_INTERNAL_ERROR = 0x1  # RFC 9250 section 4.3: DOQ_INTERNAL_ERROR, to give u
 
 
 class _Query:
-    __slots__ = ("data", "future", "question", "stamp")
+    __slots__ = ("data", "expired", "future", "question", "stamp")
 
     def __init__(self, future: asyncio.Future[bytes], question: bytes, stamp: int) -> None:
         self.future = future
         self.question = question
         self.stamp = stamp
         self.data = bytearray()
+        self.expired = False  # timed out; `future` now waits for a late response
+
+    def fail(self, failure: Failure) -> None:
+        if self.future.done():
+            return
+        if self.expired:
+            self.future.cancel()  # nobody awaits a late response: no error to report
+        else:
+            self.future.set_exception(Broken(failure))
 
 
 class _DoqProtocol(QuicConnectionProtocol):
@@ -62,8 +71,8 @@ class _DoqProtocol(QuicConnectionProtocol):
     def end_stream(self, sid: int, failure: Failure) -> None:
         """Give up one stream: fail its query and tell the server to stop."""
         q = self.streams.pop(sid, None)
-        if q is not None and not q.future.done():
-            q.future.set_exception(Broken(failure))
+        if q is not None:
+            q.fail(failure)
         with contextlib.suppress(Exception):  # the stream may already be closed on the server's side
             self._quic.reset_stream(sid, _DOQ_INTERNAL_ERROR)
             self._quic.stop_stream(sid, _DOQ_INTERNAL_ERROR)
@@ -82,8 +91,8 @@ class _DoqProtocol(QuicConnectionProtocol):
                 self._complete(q)
         elif isinstance(event, StreamReset):
             q = self.streams.pop(event.stream_id, None)
-            if q is not None and not q.future.done():
-                q.future.set_exception(Broken(error(_RT, f"quic: stream reset ({event.error_code})")))
+            if q is not None:
+                q.fail(error(_RT, f"quic: stream reset ({event.error_code})"))
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason_phrase or f"error code {event.error_code}"
             if 0x100 <= event.error_code <= 0x1FF and event.frame_type is not None:
@@ -98,12 +107,12 @@ class _DoqProtocol(QuicConnectionProtocol):
             return
         data = bytes(q.data)
         if len(data) < 2 or struct.unpack("!H", data[:2])[0] != len(data) - 2:
-            q.future.set_exception(Broken(error(_RT, "malformed response: bad DoQ framing")))
+            q.fail(error(_RT, "malformed response: bad DoQ framing"))
             return
         # RFC 9250 section 4.2.1: the message ID is 0 on DoQ, in both directions.
         problem = reply_problem(data[2:], 0, q.question)
         if problem is not None:
-            q.future.set_exception(Broken(error(_RT, f"not the response: {problem}")))
+            q.fail(error(_RT, f"not the response: {problem}"))
             return
         self.channel.answer(q.stamp)
         q.future.set_result(data[2:])
@@ -111,8 +120,7 @@ class _DoqProtocol(QuicConnectionProtocol):
     def _fail(self, failure: Failure) -> None:
         self.dead = Broken(failure)
         for q in self.streams.values():
-            if not q.future.done():
-                q.future.set_exception(self.dead)
+            q.fail(failure)
         self.streams.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -214,8 +222,9 @@ class DoqExchanger(RetryAlone):
             msg = await await_reply(
                 q.future,
                 deadline,
-                witness_at=now + (deadline - now) / 4 if witness else None,
-                witness=lambda: self._send_witness(proto, q.stamp, deadline),
+                [(now + (deadline - now) / 4, lambda: self._send_witness(proto, q.stamp, deadline))]
+                if witness
+                else (),
             )
         except Broken as exc:
             return Exchange(None, exc.failure, evidence=evidence, channel=proto.channel.name)

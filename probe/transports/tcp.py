@@ -30,13 +30,14 @@ _WITNESS_AT = 0.25  # of a query's remaining time: later than any live resolver'
 
 
 class _Pending:
-    __slots__ = ("future", "qid", "question", "stamp")
+    __slots__ = ("expired", "future", "qid", "question", "stamp")
 
     def __init__(self, future: asyncio.Future[bytes], qid: int, question: bytes, stamp: int) -> None:
         self.future = future
         self.qid = qid
         self.question = question
         self.stamp = stamp
+        self.expired = False  # timed out; `future` now waits for a late response
 
 
 class _StreamConn(asyncio.Protocol):
@@ -66,8 +67,11 @@ class _StreamConn(asyncio.Protocol):
                 continue  # a reply to a query that gave up, or to nobody: not ours to judge
             problem = reply_problem(msg, item.qid, item.question)
             if problem is not None:
-                # On a stream there is no one else it could be for: the transport failed.
-                item.future.set_exception(Broken(error(_RT, f"not the response: {problem}")))
+                if item.expired:
+                    item.future.cancel()
+                else:
+                    # On a stream there is no one else it could be for: the transport failed.
+                    item.future.set_exception(Broken(error(_RT, f"not the response: {problem}")))
                 continue
             self.channel.answer(item.stamp)
             item.future.set_result(msg)
@@ -78,7 +82,10 @@ class _StreamConn(asyncio.Protocol):
         self.dead = Broken(failure_from(exc or EOFError(), _RT))
         for item in self.pending.values():
             if not item.future.done():
-                item.future.set_exception(self.dead)
+                if item.expired:
+                    item.future.cancel()
+                else:
+                    item.future.set_exception(self.dead)
 
 
 class StreamExchanger(RetryAlone):
@@ -139,6 +146,8 @@ class StreamExchanger(RetryAlone):
 
     def _submit(self, conn: _StreamConn, query: bytes) -> _Pending:
         """Write the query now (no await between numbering and writing, so the order is true)."""
+        if len(conn.pending) > _MAX_PENDING:
+            _forget_expired(conn)
         qid = random_id()
         while qid in conn.pending:
             qid = random_id()
@@ -162,21 +171,31 @@ class StreamExchanger(RetryAlone):
             data = await await_reply(
                 item.future,
                 deadline,
-                witness_at=now + (deadline - now) * _WITNESS_AT if witness else None,
-                witness=lambda: self._send_witness(conn, item.stamp, deadline),
+                [
+                    (
+                        now + (deadline - now) * _WITNESS_AT,
+                        lambda: self._send_witness(conn, item.stamp, deadline),
+                    )
+                ]
+                if witness
+                else (),
             )
         except Broken as exc:
+            conn.pending.pop(item.qid, None)
             return Exchange(None, exc.failure, evidence=evidence, channel=conn.channel.name)
         except TimeoutError:
+            # Keep the ID on the connection: a response after the deadline is evidence too.
+            item.expired = True
+            item.future = loop.create_future()
             return Exchange(
                 None,
                 timeout(),
                 evidence=evidence,
                 channel=conn.channel.name,
                 overtaken=conn.channel.overtook(item.stamp),
+                late=item.future,
             )
-        finally:
-            conn.pending.pop(item.qid, None)
+        conn.pending.pop(item.qid, None)
         return Exchange(data, None, (time.perf_counter() - sent) * 1000, evidence, channel=conn.channel.name)
 
     def _send_witness(self, conn: _StreamConn, stamp: int, deadline: float) -> None:
@@ -198,6 +217,16 @@ class StreamExchanger(RetryAlone):
 
 class TcpExchanger(StreamExchanger):
     """Plain DNS over TCP."""
+
+
+_MAX_PENDING = 16384  # IDs held on one connection; past it, late listening gives way to new queries
+
+
+def _forget_expired(conn: _StreamConn) -> None:
+    for qid, item in list(conn.pending.items()):
+        if item.expired:
+            item.future.cancel()
+            del conn.pending[qid]
 
 
 def _abort_conn(conn: _StreamConn) -> None:

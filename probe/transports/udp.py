@@ -18,6 +18,7 @@ import base64
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from probe.specs import Endpoint
@@ -34,7 +35,19 @@ _KEEP_IGNORED = 4  # datagrams that were not the response, kept per query as evi
 
 
 class _Pending:
-    __slots__ = ("answered", "first", "future", "ignored", "last", "late", "qid", "question", "sends", "sent")
+    __slots__ = (
+        "answered",
+        "expired",
+        "first",
+        "future",
+        "ignored",
+        "last",
+        "late",
+        "qid",
+        "question",
+        "sends",
+        "sent",
+    )
 
     def __init__(self, future: asyncio.Future[bytes], qid: int, question: bytes) -> None:
         self.future = future
@@ -45,6 +58,7 @@ class _Pending:
         self.last = 0
         self.sent = 0.0
         self.answered: bytes | None = None
+        self.expired = False  # timed out; `future` now waits for a late response
         self.late: list[bytes] = []
         self.ignored: list[tuple[str, bytes]] = []
 
@@ -114,7 +128,10 @@ class _Socket:
     def _fail(self, exc: Exception) -> None:
         for entry in self.pending.values():
             if entry.answered is None and not entry.future.done():
-                entry.future.set_exception(exc)
+                if entry.expired:
+                    entry.future.cancel()  # nobody awaits a late response: no error to report
+                else:
+                    entry.future.set_exception(exc)
 
 
 class UdpExchanger:
@@ -165,10 +182,12 @@ class UdpExchanger:
             return proto
 
     def _retire(self, sock: _Socket) -> None:
-        # In-flight queries and linger windows end within timeout + linger.
+        # In-flight queries end within a timeout, linger windows after it, and late responses
+        # matter until their confirmation pass (confirm_after, plus its own timeout) is judged.
         self._retired.append(sock)
         loop = asyncio.get_running_loop()
-        delay = self.options.timeout + self.options.udp_linger + 0.1
+        o = self.options
+        delay = max(o.timeout + o.udp_linger, o.confirm_after + 2 * o.timeout) + 0.1
         loop.call_later(delay, self._close_retired, sock)
 
     def _close_retired(self, sock: _Socket) -> None:
@@ -211,19 +230,18 @@ class UdpExchanger:
         start = loop.time()
         step = (deadline - start) / max(1, sends)
         send()
-        timers = [loop.call_at(start + step * i, send) for i in range(1, sends)]
-        # A quarter of an interval after the last send, a witness follows a query that
-        # nothing sent after it has overtaken yet.
-        witness_at = start + step * (sends - 1) + step / 4 if witness else None
+        steps: list[tuple[float, Callable[[], None]]] = [(start + step * i, send) for i in range(1, sends)]
+        if witness:
+            # A quarter of an interval after the last send, a witness follows a query that
+            # nothing sent after it has overtaken yet.
+            at = start + step * (sends - 1) + step / 4
+            steps.append((at, lambda: self._witness(entry.last, deadline)))
         try:
-            data = await await_reply(
-                entry.future,
-                deadline,
-                witness_at=witness_at,
-                witness=lambda: self._witness(entry.last, deadline),
-            )
+            data = await await_reply(entry.future, deadline, steps)
         except TimeoutError:
-            del sock.pending[qid]
+            # Keep listening under this ID: a response after the deadline is evidence too.
+            entry.expired = True
+            entry.future = loop.create_future()
             return Exchange(
                 None,
                 timeout(),
@@ -231,14 +249,12 @@ class UdpExchanger:
                 sends=entry.sends,
                 channel=channel.name,
                 overtaken=channel.overtook(entry.last),
+                late=entry.future,
             )
         except Exception as exc:
             del sock.pending[qid]
             failure = failure_from(exc, Phase.DNS_ROUND_TRIP)
             return Exchange(None, failure, evidence=_ignored(entry), sends=entry.sends, channel=channel.name)
-        finally:
-            for t in timers:
-                t.cancel()
         self.loss.add(entry.sends)
         latency = (time.perf_counter() - entry.sent) * 1000
         evidence = _ignored(entry)

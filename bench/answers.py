@@ -1,0 +1,177 @@
+"""The cost of answer checks, and how many names' answers a probe can check per full pass.
+
+    python -m bench.answers [--checks 300] [--budget 5] [--pass-hours 6] [--names 45000]
+
+Runs inside the sealed network namespace of tests/netlab.py (root; nothing leaves it): the
+probe's `AnswerChecker` against real TLS servers, one kind of check at a time, the cache off so
+every check is a new connection. Reports per check the client thread's CPU time, the
+connections opened and the wall time, next to a reference measured in the same run: a bare TCP
+connect and close to the same server (the least any check of an address can cost).
+
+Loopback wall times say nothing about the internet, where a check costs round trips (connect,
+TLS 1.3 handshake, HEAD: three) and the connection budget, not CPU, is the bound. So the pass
+capacity is computed from the budget and the measured connections per check; the CPU figure
+says what that budget costs the probe's machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import socket
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass
+
+from probe.answers import AddressCheck, AnswerChecker, CheckStatus
+from tests import netlab
+from tests.netlab import BLOCKPAGE_UNKNOWN, CDN, SITE, NetLab
+
+
+@dataclass
+class Row:
+    kind: str
+    status: str
+    cpu_ms: float  # client thread CPU per check
+    wall_ms: float  # per check, one at a time
+    connections: float  # per check
+    per_s: float  # checks per second with concurrency 16 and no pacing (loopback ceiling)
+
+
+async def _tcp_reference(address: str, n: int) -> tuple[float, float]:
+    loop = asyncio.get_running_loop()
+    cpu0, t0 = time.thread_time(), time.perf_counter()
+    for _ in range(n):
+        with socket.socket() as s:
+            s.setblocking(False)
+            await loop.sock_connect(s, (address, 443))
+    return (time.thread_time() - cpu0) / n * 1000, (time.perf_counter() - t0) / n * 1000
+
+
+async def _measure(lab: NetLab, kind: str, mode: str, name: str, address: str, n: int) -> Row:
+    sequential = AnswerChecker(mode, ca_file=lab.ca_file, ttl=0, rate=None, concurrency=1)
+    cpu0, t0 = time.thread_time(), time.perf_counter()
+    results: list[AddressCheck] = [await sequential.check(name, address) for _ in range(n)]
+    cpu = (time.thread_time() - cpu0) / n * 1000
+    wall = (time.perf_counter() - t0) / n * 1000
+    statuses = {str(r.status) for r in results}
+    parallel = AnswerChecker(mode, ca_file=lab.ca_file, ttl=0, rate=None, concurrency=16)
+    t1 = time.perf_counter()
+    # Below the cache and the sharing of in-flight checks (equal keys would share one check),
+    # through the same slots and pacer as check().
+    await asyncio.gather(*(parallel._guarded(name, address) for _ in range(n)))
+    per_s = n / (time.perf_counter() - t1)
+    return Row(kind, "/".join(sorted(statuses)), cpu, wall, sequential.connections / n, per_s)
+
+
+async def _cached_hit_cpu(lab: NetLab, n: int) -> float:
+    checker = AnswerChecker(ca_file=lab.ca_file, rate=None)
+    await checker.check("leaky.example", SITE)
+    cpu0 = time.thread_time()
+    for _ in range(n):
+        await checker.check("leaky.example", SITE)
+    return (time.thread_time() - cpu0) / n * 1000
+
+
+async def _cache_bytes(lab: NetLab, n: int) -> float:
+    """Memory a cached result holds, from `n` real checks of distinct names: what is still
+    allocated afterwards by code in probe/answers.py (the lab's servers share this process and
+    their allocations are left out). tracemalloc is slow, so this runs after the timed part."""
+    checker = AnswerChecker(ca_file=lab.ca_file, rate=None, concurrency=16)
+    await checker.check("leaky.example", SITE)  # one-off allocations (contexts, imports) first
+    names = [f"m{i}.leaky.example" for i in range(n)]  # the engine's strings, kept by the cache
+    gc.collect()
+    tracemalloc.start(64)
+    before = tracemalloc.take_snapshot()
+    results = await asyncio.gather(*(checker.check(name, SITE) for name in names))
+    del results
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    assert len(checker._cache) == n + 1
+    ours = [tracemalloc.Filter(True, "*/probe/answers.py", all_frames=True)]
+    grown = sum(
+        d.size_diff for d in after.filter_traces(ours).compare_to(before.filter_traces(ours), "filename")
+    )
+    return grown / n
+
+
+async def _bench(lab: NetLab, n: int) -> tuple[tuple[float, float], list[Row], float]:
+    reference = await _tcp_reference(SITE, n)
+    rows = [
+        await _measure(lab, "tls, genuine site", "tls", "leaky.example", SITE, n),
+        await _measure(lab, "http, genuine site (HEAD 200)", "http", "leaky.example", SITE, n),
+        await _measure(lab, "http, CDN answering 451", "http", "blocked-at-cdn.example", CDN, n),
+        await _measure(
+            lab, "tls, certificate for another name", "tls", "leaky.example", BLOCKPAGE_UNKNOWN, n
+        ),
+    ]
+    return reference, rows, await _cached_hit_cpu(lab, n * 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checks", type=int, default=300, help="checks per kind")
+    parser.add_argument("--budget", type=float, default=5.0, help="new connections per second")
+    parser.add_argument("--pass-hours", type=float, default=6.0, help="full_pass period")
+    parser.add_argument("--names", type=int, default=45_000, help="names in the lists")
+    args = parser.parse_args()
+    reason = netlab.unavailable()
+    if reason:
+        raise SystemExit(f"bench.answers: {reason}")
+    # The lab's servers share this process: a short GIL switch interval keeps the client from
+    # waiting out the default 5 ms behind them, which would otherwise dominate loopback wall times.
+    sys.setswitchinterval(0.0005)
+    with NetLab() as lab:
+        (ref_cpu, ref_wall), rows, hit_cpu = lab.run(lambda: _bench(lab, args.checks), timeout=600)
+        entry = lab.run(lambda: _cache_bytes(lab, args.checks * 2), timeout=600)
+
+    print(
+        "| check | status | client CPU ms/check | × TCP connect | wall ms/check | connections/check | checks/s, 16 at once (loopback, servers in this process) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(f"| reference: TCP connect + close | - | {ref_cpu:.3f} | 1.0x | {ref_wall:.3f} | 1 | - |")
+    for r in rows:
+        print(
+            f"| {r.kind} | {r.status} | {r.cpu_ms:.3f} | {r.cpu_ms / ref_cpu:.1f}x | {r.wall_ms:.3f} "
+            f"| {r.connections:.0f} | {r.per_s:.0f} |"
+        )
+    print(f"| cache hit | - | {hit_cpu:.4f} | {hit_cpu / ref_cpu:.2f}x | - | 0 | - |")
+
+    connections = args.budget * args.pass_hours * 3600
+    print(
+        f"\nA cached result holds {entry:.0f} bytes (one parsed certificate shared by the addresses that "
+        f"present it). The cache holds at most budget × ttl entries: {connections:,.0f} at "
+        f"{args.budget:g}/s with a {args.pass_hours:g} h ttl, {connections * entry / 2**20:.0f} MiB."
+    )
+    tls_cpu = rows[0].cpu_ms
+    invalid_extra = rows[3].connections - 1
+    print(
+        f"\nBudget {args.budget:g} new connections/s over a {args.pass_hours:g} h pass: "
+        f"{connections:,.0f} connections; client CPU at that rate about "
+        f"{args.budget * tls_cpu / 10:.2f} % of one core (tls checks)."
+    )
+    print(
+        "\n| distinct addresses per name (all resolvers, cache shared) | share of addresses with an invalid "
+        f"certificate (+{invalid_extra:.0f} connection each) | names checked per pass | of {args.names:,} |"
+    )
+    print("|---|---|---|---|")
+    for per_name in (2, 4, 8):
+        for invalid in (0.0, 0.1):
+            cost = per_name * (1 + invalid * invalid_extra)
+            names = connections / cost
+            print(f"| {per_name} | {invalid:.0%} | {names:,.0f} | {min(names / args.names, 1):.0%} |")
+    need = args.names * 4 * 1.1 / (args.pass_hours * 3600)
+    print(
+        f"\nAll {args.names:,} names at 4 addresses each and 10 % invalid need {need:.1f} connections/s. "
+        "Concurrency must cover budget × timeout (silent addresses hold a slot for the whole deadline): "
+        f"{args.budget:g}/s × 5 s = {args.budget * 5:.0f} slots."
+    )
+    ok = {str(s) for s in CheckStatus}
+    assert all(set(r.status.split("/")) <= ok for r in rows)
+
+
+if __name__ == "__main__":
+    main()
