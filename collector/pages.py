@@ -354,6 +354,16 @@ def runs_of(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return runs
 
 
+_REACH_WORDS = {
+    "reachable": "the site itself (a certificate valid for the name)",
+    "http_451": "HTTP 451 Unavailable For Legal Reasons",
+    "blockpage": "a block page",
+    "tls_error": "no valid certificate anywhere (the site's own fault)",
+    "unreachable": "nothing: no connection or handshake in time",
+    "unchecked": "",
+}
+
+
 def _same_as_control(m: dict[str, Any]) -> bool:
     control = m.get("control")
     return (
@@ -452,4 +462,5 @@ def judgement(m: dict[str, Any]) -> dict[str, Any]:
         or "none",
         "transport": "; ".join(transport),
         "cname": " → ".join(m.get("cname") or []) or "",
+        "reach": _REACH_WORDS.get(str(m.get("reach")), str(m.get("reach") or "")),
     }
