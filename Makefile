@@ -5,20 +5,28 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test test-boot lint bench install clean
 
-$(BIN)/probe: pyproject.toml
+# Two installs into one virtualenv: what the product and the demo need (`make demo`), and
+# the test tools on top (`make test`). Both come from the package index pip is configured for.
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-install: $(BIN)/probe
+install: $(VENV)/.installed-test
 
-demo: install
-	$(BIN)/collector demo
+# The whole fleet on loopback until Ctrl-C (fleet/: lab resolvers, collector, three probes, Prometheus).
+demo: $(VENV)/.installed
+	$(BIN)/python -m fleet
 
 lint: install
-	$(BIN)/ruff check probe collector tests bench dashboards
-	$(BIN)/ruff format --check probe collector tests bench dashboards
+	$(BIN)/ruff check probe collector fleet tests bench dashboards
+	$(BIN)/ruff format --check probe collector fleet tests bench dashboards
 	$(BIN)/mypy
 
 test: install

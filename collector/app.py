@@ -22,13 +22,13 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from jinja2 import Environment, PackageLoader, select_autoescape
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from collector.auth import hash_token, owner_of
 from collector.config import CollectorConfig
 from collector.metrics import make_registry
+from collector.pages import Pages
 from collector.schema import Batch
 from collector.store import Store, parse_time
 
@@ -144,7 +144,7 @@ def _loc(loc: Any) -> str:
 def create_app(config: CollectorConfig, store: Store) -> FastAPI:
     """The ASGI application for one store."""
     registry, health = make_registry(store, config.stale_after)
-    templates = Environment(loader=PackageLoader("collector", "templates"), autoescape=select_autoescape())
+    pages = Pages(store, config.stale_after, config.prometheus_url)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -264,35 +264,18 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/", response_class=HTMLResponse)
-    async def status_page() -> HTMLResponse:
-        """At a glance: current leaks and overblocks by country × resolver × transport, and every probe."""
-        now = time.time()
-        problems = await run_in_threadpool(store.problems, now - config.stale_after)
-        probes = await run_in_threadpool(store.probes)
-        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-        for p in problems:
-            p["answers_list"] = json.loads(p["answers"])
-            groups.setdefault((p["country"], p["resolver"], p["transport"]), []).append(p)
-        html = templates.get_template("status.html").render(
-            groups=sorted(groups.items()), probes=probes, now=now, stale_after=config.stale_after,
-            leaks=sum(p["finding"] == "leak" for p in problems), overblocks=sum(p["finding"] == "overblock" for p in problems),
-            fmt_time=_fmt_time,
-        )  # fmt: skip
-        return HTMLResponse(html)
+    async def status_page(show: str | None = Query(None, pattern="^(leak|overblock)$")) -> HTMLResponse:
+        """The answer first: a country × resolver × transport matrix, then leaks, then overblocks."""
+        return HTMLResponse(await run_in_threadpool(pages.status, show))
 
     @app.get("/evidence", response_class=HTMLResponse)
     async def evidence(
         probe: str = Query(max_length=64), resolver: str = Query(max_length=128), transport: str = Query(max_length=8),
         qtype: str = Query(max_length=8), domain: str = Query(max_length=253), format: str = Query("html", pattern="^(html|json)$"),
     ) -> Response:  # fmt: skip
-        """The archived measurements of one series, newest first, each with its raw wire response."""
-        rows = await run_in_threadpool(store.evidence, (probe, resolver, transport, qtype, domain))
-        if format == "json":
-            return JSONResponse(rows)
-        html = templates.get_template("evidence.html").render(
-            rows=rows, series={"probe": probe, "resolver": resolver, "transport": transport, "qtype": qtype,
-                               "domain": domain}, fmt_time=_fmt_time)  # fmt: skip
-        return HTMLResponse(html)
+        """One series: the judgement in words, its history, the raw responses (or JSON, newest first)."""
+        rows, html = await run_in_threadpool(pages.evidence, (probe, resolver, transport, qtype, domain))
+        return JSONResponse(rows) if format == "json" else HTMLResponse(html)
 
     app.add_middleware(BodyLimits, max_body=config.max_body, max_decompressed=config.max_decompressed,
                        on_reject=lambda reason: health.rejected.labels(reason).inc(),

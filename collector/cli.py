@@ -10,7 +10,12 @@ from typing import NoReturn
 
 import click
 
-from collector.config import CollectorConfig, CollectorConfigError, load_collector_config
+from collector.config import (
+    CollectorConfig,
+    CollectorConfigError,
+    load_collector_config,
+    parse_collector_config,
+)
 from collector.store import Store, open_store
 
 __all__ = ["main"]
@@ -21,9 +26,10 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def _load(config_file: str, database: str | None) -> tuple[CollectorConfig, Store]:
+def _load(config_file: str | None, database: str | None) -> tuple[CollectorConfig, Store]:
     try:
-        config = load_collector_config(config_file)
+        # Every key has a default, so no file means the defaults.
+        config = load_collector_config(config_file) if config_file else parse_collector_config("")
     except CollectorConfigError as exc:
         for line in exc.errors:
             click.echo(f"collector: {line}", err=True)
@@ -50,15 +56,29 @@ def cli() -> None:
 
 
 @cli.command()
-@CONFIG
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="Collector config (default: every default).",
+)
 @DATABASE
-def serve(config_file: str, database: str | None) -> None:
+def serve(config_file: str | None, database: str | None) -> None:
     """Serve the API, metrics and status page (HTTPS when the config names a certificate)."""
+    import socket
+
     import uvicorn
 
     from collector.app import create_app
 
     config, store = _load(config_file, database)
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family) as probe_socket:
+        try:  # a busy port is one clear line, not uvicorn's traceback-like log
+            probe_socket.bind((config.host, config.port))
+        except OSError as exc:
+            store.close()
+            _fail(f"listen: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
     app = create_app(config, store)
     uvicorn.run(app, host=config.host, port=config.port, ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
                 log_level="info", access_log=False, proxy_headers=False)  # fmt: skip
@@ -176,29 +196,6 @@ def _since(text: str) -> float:
         return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
     except ValueError:
         _fail(f"--since: {text!r} is neither a date (2026-11-01) nor an age (7d, 12h, 30m)")
-
-
-@cli.command()
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=1),
-    default=15.0,
-    show_default=True,
-    help="Seconds between rounds.",
-)
-@click.option("--no-prometheus", is_flag=True, help="Do not start Prometheus even when it is installed.")
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False),
-    help="Where to keep the fleet's state (default: a temp dir).",
-)
-def demo(interval: float, no_prometheus: bool, state_dir: str | None) -> None:
-    """The whole fleet on loopback until Ctrl-C: lab resolvers, this collector, probes in IT and FR, Prometheus."""
-    from pathlib import Path
-
-    from collector.fleet import run_fleet
-
-    run_fleet(Path(state_dir) if state_dir else None, with_prometheus=not no_prometheus, interval=interval)
 
 
 @cli.command()

@@ -36,9 +36,20 @@ class CollectorConfig:
     max_age_days: float
     lists: tuple[Path, ...]
     max_concurrent_ingest: int = 4
+    prometheus_url: str | None = None  # the status page shows the alerts it reports as firing
 
 
-_KEYS = {"listen", "database", "state_dir", "stale_after", "retention_days", "tls", "limits", "lists"}
+_KEYS = {
+    "listen",
+    "database",
+    "state_dir",
+    "stale_after",
+    "retention_days",
+    "tls",
+    "limits",
+    "lists",
+    "prometheus",
+}
 _LIMITS = {"max_body", "max_decompressed", "max_future_skew", "max_age_days", "max_concurrent_ingest"}
 
 
@@ -97,6 +108,10 @@ def parse_collector_config(text: str, source: str = "<config>", base: Path | Non
     if not isinstance(lists, list):
         errors.append("lists: must be a list of file paths")
         lists = []
+    prometheus = doc.get("prometheus")
+    if prometheus is not None and not re.match(r"^https?://[^/\s]+", str(prometheus)):
+        errors.append(f"prometheus: {prometheus!r} is not an http:// or https:// URL")
+        prometheus = None
     config = CollectorConfig(
         host=host,
         port=port,
@@ -116,6 +131,7 @@ def parse_collector_config(text: str, source: str = "<config>", base: Path | Non
         max_concurrent_ingest=int(
             number(limits.get("max_concurrent_ingest"), "limits.max_concurrent_ingest", 4, 1)
         ),
+        prometheus_url=str(prometheus) if prometheus else None,
     )
     if errors:
         raise CollectorConfigError([f"{source}: {e}" for e in errors])

@@ -13,7 +13,7 @@ import click
 
 from probe import __version__
 from probe.catalogue import load_catalogue, resolve_spec
-from probe.engine import Engine, Expect, Plan, control_endpoint
+from probe.engine import Engine, Expect, Plan
 from probe.errors import BlockprobeError, InputError
 from probe.expect import Expectations
 from probe.identity import Canary
@@ -27,8 +27,8 @@ from probe.lists import (
     load_lists,
     parse_lists,
 )
-from probe.model import Expectation, Finding, Measurement
-from probe.output import json_line, render_table, summary_line
+from probe.model import Expectation, Finding, Measurement, Outcome
+from probe.output import json_line, render_answer, render_rows, summary_line
 from probe.specs import Resolver
 from probe.transports import Options
 from probe.wire import QTYPES, normalize_name, normalize_qtype
@@ -99,7 +99,27 @@ def _stderr_console() -> Any:
 
 
 def _exit_status(measurements: Sequence[Measurement]) -> int:
-    return 1 if any(m.finding in (Finding.LEAK, Finding.OVERBLOCK) for m in measurements) else 0
+    """0 all clear, 1 a leak or overblock, 3 nothing could be judged (docs/cli.md).
+
+    3 keeps an outage from reading as "all clear" to a script: no measurement got a
+    response, or expectations were given and every finding is inconclusive.
+    """
+    if any(m.finding in (Finding.LEAK, Finding.OVERBLOCK) for m in measurements):
+        return 1
+    if not any(m.outcome not in (Outcome.TIMEOUT, Outcome.ERROR) for m in measurements):
+        return 3
+    findings = [m.finding for m in measurements if m.finding is not None]
+    if findings and all(f is Finding.INCONCLUSIVE for f in findings):
+        return 3
+    return 0
+
+
+_ALL = click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="After the answer, every row (name × resolver × transport × type).",
+)
 
 
 @cli.command()
@@ -189,6 +209,7 @@ def _exit_status(measurements: Sequence[Measurement]) -> int:
     help="Seconds to keep listening after a UDP answer, to catch racing injected answers.",
 )
 @click.option("--doh-post", is_flag=True, help="Send DoH queries with POST instead of GET.")
+@_ALL
 def once(
     domains: tuple[str, ...],
     resolvers: tuple[str, ...],
@@ -207,6 +228,7 @@ def once(
     qps: float,
     udp_linger: float,
     doh_post: bool,
+    show_all: bool,
 ) -> None:
     """Spot-check DOMAIN... on each resolver and transport, and say whether each answer is a block."""
     try:
@@ -237,7 +259,7 @@ def once(
     plan = Plan(names, types, targets, control_resolvers, _expectations(expect, lists, country),
                 canary_list, not no_identity)  # fmt: skip
     options = Options(timeout=timeout, ca_file=ca_file, udp_linger=udp_linger, doh_post=doh_post)
-    measurements = _run_and_print(plan, options, as_json, concurrency, qps or None)
+    measurements = _run_and_print(plan, options, as_json, concurrency, qps or None, show_all=show_all)
     sys.exit(_exit_status(measurements))
 
 
@@ -272,7 +294,8 @@ def _run_and_print(
     as_json: bool,
     concurrency: int,
     qps: float | None,
-    expect: Expect | None = None,
+    *,
+    show_all: bool = False,
 ) -> list[Measurement]:
     def emit(m: Measurement) -> None:
         if as_json:
@@ -284,8 +307,15 @@ def _run_and_print(
         plan, options, concurrency=concurrency, qps=qps, on_measurement=emit, progress=progress
     )
     if not as_json:
-        render_table(measurements)
         click.echo(summary_line(measurements))
+        render_answer(measurements)
+        if show_all:
+            render_rows(measurements)
+        status = _exit_status(measurements)
+        if status == 3:
+            click.echo("Nothing could be judged: no answers, or every finding inconclusive (exit 3).")
+        elif not show_all:
+            click.echo("Every row: --all. Measurements as JSON lines: --json.")
     return measurements
 
 
@@ -323,38 +353,35 @@ def resolvers(as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of the table.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of the answer.")
 @click.option("--timeout", type=click.FloatRange(min=0.05), default=2.0, show_default=True)
 @click.option("--country", default="IT", show_default=True, help="Where the demo probe stands (try FR).")
-def demo(as_json: bool, timeout: float, country: str) -> None:
+@_ALL
+def demo(as_json: bool, timeout: float, country: str, show_all: bool) -> None:
     """Start an offline lab of loopback resolvers on every transport, probe it, and print the findings."""
     from probe.demo import DEMO_DOMAINS, DemoLab, demo_lists
     from probe.lab import LabThread
 
+    if country.upper() not in ISO_ALPHA2:
+        _fail(f"--country: {country!r} is not an ISO 3166-1 alpha-2 code")
     lab = DemoLab.build()
     with LabThread() as thread:
         for server in lab.servers.values():
             thread.start(server)
         targets = [lab.resolver(n) for n in lab.servers if n != "control"]
         if not as_json:
-            click.echo("blockprobe demo: lab resolvers on loopback, every transport")
-            for r in targets:
-                click.echo(f"  {r.name:14} {r.kind:6} " + " ".join(str(e) for e in r.endpoints))
-            click.echo(f"  {'control':14} public " + str(control_endpoint(lab.resolver("control"))))
-            click.echo(f"probing from {country.upper()} against the demo lists (probe/data/demo-lists.yaml)")
-        if country.upper() not in ISO_ALPHA2:
-            _fail(f"--country: {country!r} is not an ISO 3166-1 alpha-2 code")
+            click.echo("blockprobe demo: lab resolvers on loopback, each on udp tcp dot doh doh3 doq")
+            for r in [*targets, lab.resolver("control")]:
+                address = r.endpoints[0].host
+                click.echo(f"  {r.name:14} {r.kind:6} {address}")
+            click.echo(f"probing from {country.upper()} against probe/data/demo-lists.yaml")
         expect = _expectations(None, demo_lists(), country)
         plan = Plan(DEMO_DOMAINS, QTYPES, targets, [lab.resolver("control")], expect)
         options = Options(timeout=timeout, ca_file=str(lab.ca.ca_file), udp_linger=0.05)
-        measurements = _run_and_print(plan, options, as_json, 64, None)
+        measurements = _run_and_print(plan, options, as_json, 64, None, show_all=show_all)
     if not as_json:
-        leaks = sum(m.finding is Finding.LEAK for m in measurements)
-        over = sum(m.finding is Finding.OVERBLOCK for m in measurements)
-        click.echo(
-            f"The lab shows {leaks} leaks and {over} overblocks, as scripted. "
-            "Real-world spot check: probe once example.org"
-        )
+        click.echo("Real-world spot check: probe once example.org")
+    sys.exit(_exit_status(measurements))
 
 
 @cli.group()
@@ -451,11 +478,18 @@ def lists_import(
 
 
 @cli.command("check-config")
-@click.argument("file", type=click.Path(dir_okay=False))
-def check_config(file: str) -> None:
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), help="The daemon's config (or FILE)."
+)
+def check_config(file: str | None, config_file: str | None) -> None:
     """Validate a daemon config: every mistake (exit 2), or a summary of what will run."""
     from probe.daemon.config import ConfigError, load_config
 
+    given = {f for f in (file, config_file) if f is not None}
+    if len(given) != 1:
+        _fail("check-config: give the config once, as FILE or --config FILE")
+    file = given.pop()
     try:
         config = load_config(file)
         if config.lists:

@@ -59,16 +59,20 @@ def _zone(
 
 
 def demo_zones() -> dict[str, tuple[str, str, str | None, Zone]]:
-    """name → (loopback address, kind, operator, zone) for every lab resolver."""
+    """name → (loopback address, kind, operator, zone) for every lab resolver.
+
+    Each operator is the resolver's lab name, so the collector's pages (which know a
+    resolver by its operator) and `probe demo` call it the same.
+    """
     nx = Behaviour(rcode="NXDOMAIN", soa=False)
     page = Behaviour(records={"A": ("83.224.65.74",)})  # the AGCOM copyright page
     censored = Behaviour(rcode="REFUSED", ede=((16, "blocked by a court order"),))
     return {
-        "isp-nxdomain": ("127.53.0.1", "isp", "isp-a", _zone("isp-a-1", dict.fromkeys(BLOCKED, nx))),
+        "isp-nxdomain": ("127.53.0.1", "isp", "isp-nxdomain", _zone("isp-a-1", dict.fromkeys(BLOCKED, nx))),
         "isp-blockpage": (
             "127.53.0.2",
             "isp",
-            "isp-b",
+            "isp-blockpage",
             # A-only zone template: A is rewritten, AAAA passes through (the classic leak);
             # the block also catches a control name (collateral damage).
             _zone(
@@ -80,14 +84,14 @@ def demo_zones() -> dict[str, tuple[str, str, str | None, Zone]]:
                 },
             ),
         ),
-        "public-leaky": ("127.53.0.3", "public", "leakydns", _zone("leaky-fra1", {})),
+        "public-leaky": ("127.53.0.3", "public", "public-leaky", _zone("leaky-fra1", {})),
         "public-censor": (
             "127.53.0.4",
             "public",
-            "censordns",
+            "public-censor",
             _zone("censor-mil1", dict.fromkeys(BLOCKED, censored)),
         ),
-        "control": ("127.53.0.9", "public", "truth", _zone("control-1", {})),
+        "control": ("127.53.0.9", "public", "control", _zone("control-1", {})),
     }
 
 

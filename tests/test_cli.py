@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from collector.cli import cli as collector_cli
 from probe.cli import cli
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 
@@ -81,7 +85,7 @@ def test_overblock_exits_1(isp: LabServer, control: LabServer, lab_ca: LabCA) ->
     assert {json.loads(line)["finding"] for line in result.stdout.splitlines()} == {"overblock"}
 
 
-def test_table_highlights_findings(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+def test_human_output_leads_with_the_answer(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
     args = [
         a
         for a in _args(isp, control, lab_ca, "--expect", "blocked", "leaky.blockprobe-lab.net")
@@ -89,7 +93,45 @@ def test_table_highlights_findings(isp: LabServer, control: LabServer, lab_ca: L
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1
-    assert result.stdout.count("leak") >= 5 and "5 measurements: 5 leak" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0] == "5 measurements: 5 leak"
+    # The matrix: one row for the lab resolver (by host, no URL), a column per transport.
+    host = isp.specs()["udp"].removeprefix("udp://").split(":")[0]
+    assert lines[1].split() == ["resolver", "udp", "tcp", "dot", "doh", "doq"]
+    assert lines[2].split() == [host, "1L", "1L", "1L", "1L", "1L"]
+    # Five leaks that say the same thing are one entry naming the five transports.
+    assert f"  leaky.blockprobe-lab.net A on {host} over udp tcp dot doh doq" in lines
+    assert "    answered 93.184.216.34; option --expect" in lines
+    assert "://" not in result.stdout
+    rows = CliRunner().invoke(cli, [*args, "--all"]).stdout
+    assert rows.count("leaky.blockprobe-lab.net") == 1 + 5  # the entry, then every row
+
+
+def test_exit_3_when_nothing_answers(control: LabServer, lab_ca: LabCA) -> None:
+    dead = shlex.split(
+        "once -t A -r udp://127.0.0.1:1 --control udp://127.0.0.1:1 --timeout 0.3 --udp-linger 0 --qps 0 example.org"
+    )
+    result = CliRunner().invoke(cli, dead)
+    assert result.exit_code == 3, result.output
+    assert "Nothing could be judged" in result.stdout
+    assert result.stdout.splitlines()[0] == "1 measurement: 1 no answer"
+    assert "1 got no answer (nothing was expected of these names)" in result.stdout
+
+
+def test_exit_3_when_every_finding_is_inconclusive(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
+    # NXDOMAIN for a name the control does not know either: no evidence of a block.
+    args = _args(isp, control, lab_ca, "--no-control", "--expect", "blocked", "pirate.blockprobe-lab.net")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 3, result.output
+    assert {json.loads(line)["finding"] for line in result.stdout.splitlines()} == {"inconclusive"}
+
+
+def test_exit_0_when_answers_come_but_nothing_is_expected(
+    isp: LabServer, control: LabServer, lab_ca: LabCA
+) -> None:
+    result = CliRunner().invoke(cli, _args(isp, control, lab_ca, "leaky.blockprobe-lab.net"))
+    assert result.exit_code == 0, result.output
+    assert {json.loads(line)["finding"] for line in result.stdout.splitlines()} == {None}
 
 
 @pytest.mark.parametrize(
@@ -139,7 +181,7 @@ def test_resolvers_lists_the_catalogue() -> None:
 
 def test_demo_runs_offline_and_shows_leaks_and_overblocks() -> None:
     result = _run("demo", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # leaks and overblocks, as scripted
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     findings = {(r["resolver"], r["domain"], r["qtype"], r["transport"]): r["finding"] for r in rows}
     assert findings[("public-leaky", "calcio-pirata.example", "A", "doh")] == "leak"
@@ -149,3 +191,80 @@ def test_demo_runs_offline_and_shows_leaks_and_overblocks() -> None:
     assert findings[("public-censor", "streaming-illegale.example", "A", "tcp")] == "enforced"
     assert findings[("isp-nxdomain", "wikipedia.example", "HTTPS", "udp")] == "ok"
     assert all(r["endpoint"].split("://")[1].startswith("127.53.0.") for r in rows)
+
+
+def test_demo_fits_80_columns_and_answers_first() -> None:
+    result = _run("demo")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    too_long = [line for line in lines if len(line) > 80]
+    assert not too_long, too_long
+    assert len(lines) < 60  # the answer, not 288 rows
+    assert lines[7] == "288 measurements: 96 enforced, 48 leak, 6 overblock, 138 ok"
+    assert lines[8].split() == ["resolver", "udp", "tcp", "dot", "doh", "doh3", "doq"]
+    matrix = {line.split()[0]: line.split()[1:] for line in lines[9:13]}
+    assert matrix["public-leaky"] == ["6L", "6✓"] * 6
+    assert matrix["isp-blockpage"] == ["2L", "1O", "9✓"] * 6
+    assert "  calcio-pirata.example A on public-leaky over every transport" in lines
+    assert "  drive.usercontent.google.example A on isp-blockpage over every transport" in lines
+    # No word is broken across lines: every wrapped line is whole words of the entry.
+    assert "    answered block page 83.224.65.74 [cl.dns_nat_it_agcom_block" in lines
+    every = _run("demo", "--all").stdout.splitlines()
+    assert not [line for line in every if len(line) > 80]
+    assert (
+        sum("calcio-pirata.example" in line for line in every) >= 72
+    )  # 2 types × 6 transports × 4 resolvers + 1
+
+
+def _occupied(port: int) -> socket.socket | None:
+    """Hold a loopback port (None when someone else already holds it: busy either way)."""
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return None
+    s.listen()
+    return s
+
+
+def test_collector_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    (tmp_path / "c.yaml").write_text(f"listen: 127.0.0.1:{port}\nstate_dir: {tmp_path / 'state'}\n")
+    try:
+        cmd = [sys.executable, "-m", "collector.cli", "serve", "--config", str(tmp_path / "c.yaml")]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"collector: listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_collector_serve_needs_no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default state_dir is relative to where it runs
+    holder = _occupied(8478)  # the default listen address, held so that serve stops at the bind
+    try:
+        result = CliRunner().invoke(collector_cli, ["serve"])
+    finally:
+        if holder is not None:
+            holder.close()
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("collector: listen: cannot listen on 127.0.0.1:8478: ")
+    assert (tmp_path / "collector-state" / "collector.sqlite3").exists()  # the defaults were used
+
+
+def test_check_config_takes_the_file_as_argument_or_option(tmp_path: Path) -> None:
+    bad = tmp_path / "probe.yaml"
+    bad.write_text("probe: {id: x}\n")
+    as_arg = CliRunner().invoke(cli, ["check-config", str(bad)])
+    as_opt = CliRunner().invoke(cli, ["check-config", "--config", str(bad)])
+    assert as_arg.exit_code == as_opt.exit_code == 2
+    assert as_arg.stderr == as_opt.stderr and as_arg.stderr.startswith("probe: ")
+    neither = CliRunner().invoke(cli, ["check-config"])
+    assert neither.exit_code == 2
+    assert neither.stderr == "probe: check-config: give the config once, as FILE or --config FILE\n"

@@ -1,0 +1,466 @@
+"""The two HTML pages people read: the status page (`/`) and the evidence page (`/evidence`).
+
+Plain server-rendered HTML (Jinja2, autoescaped), no JavaScript. The status page
+leads with the answer: a matrix of country × resolver × transport with the count of
+each finding, then the leaks, then the overblocks, each saying what the resolver
+answered and for how long. Identical problems seen over several transports or by
+several probes are one row, so a resolver that leaks a name over six transports to
+two probes is one line, not twelve. The evidence page leads with the judgement in
+words, then the history as runs of identical results, the raw wire data folded away.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import httpx2
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from collector.store import Store
+
+__all__ = ["Pages", "display_name", "runs_of"]
+
+TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
+FINDINGS = ("leak", "overblock", "inconclusive", "enforced", "ok")
+PAGE = 50  # problem rows per section before "show all"
+HISTORY = 500  # archived measurements of one series read for its evidence page
+
+_OUTCOME_WORDS = {
+    "timeout": "no answer in time",
+    "error": "a transport failure",
+    "ede_blocked": "a policy refusal (Extended DNS Error)",
+    "sinkhole": "a block page or sinkhole address",
+    "nxdomain": "NXDOMAIN (no such name)",
+    "refused": "REFUSED",
+    "servfail": "SERVFAIL",
+    "nodata": "no records of this type (NODATA)",
+    "resolved": "the records",
+}
+
+
+def display_name(resolver: str, operator: str | None) -> str:
+    """A resolver as people name it: a catalogue or lab name as given; for a spec, its operator or host."""
+    if "://" not in resolver:
+        return resolver.split("#", 1)[0]
+    if operator:
+        return operator
+    parts = urlsplit(resolver.split("#", 1)[0])
+    host = parts.hostname or resolver
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+def fmt_time(t: float | None) -> str:
+    if t is None:
+        return "never"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def fmt_age(seconds: float) -> str:
+    """3 s, 4 min, 2 h 5 min, 3 d 4 h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def said(m: dict[str, Any]) -> str:
+    """What a resolver answered, in a few words: outcome, rcode, answers, EDE, block-page match."""
+    outcome = str(m.get("outcome"))
+    if outcome in ("timeout", "error"):
+        return _OUTCOME_WORDS[outcome] + (f": {m['error']}" if m.get("error") else "")
+    bits = []
+    answers = m.get("answers") or []
+    sink = m.get("sinkhole")
+    if isinstance(sink, dict):
+        # The block page itself says more than the addresses that led to it.
+        bits.append(f"block page {sink.get('match')} ({sink.get('source')})")
+    elif answers:
+        bits.append(", ".join(answers[:4]) + (" …" if len(answers) > 4 else ""))
+    if outcome not in ("resolved", "sinkhole") or not (answers or sink):
+        rcode = m.get("rcode")
+        shown = rcode and rcode not in ("NOERROR", outcome.upper())
+        bits.append(outcome + (f" ({rcode})" if shown else ""))
+    for e in m.get("ede") or []:
+        bits.append(f"EDE {e.get('code')}" + (f" “{e.get('text')}”" if e.get("text") else ""))
+    return "; ".join(bits)
+
+
+@dataclass
+class Cell:
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FINDINGS, 0))
+
+    @property
+    def worst(self) -> str:
+        for f in ("leak", "overblock", "inconclusive"):
+            if self.counts[f]:
+                return f
+        return "fine" if self.counts["enforced"] or self.counts["ok"] else "none"
+
+
+@dataclass
+class Problem:
+    """Identical current leaks or overblocks, merged across transports and probes."""
+
+    finding: str
+    country: str
+    resolver: str
+    kind: str
+    domain: str
+    qtype: str
+    rule: str | None
+    outcome: str
+    answers: list[str]
+    since: float
+    transports: list[str]
+    probes: list[str]
+    key: tuple[str, str, str, str, str]  # one series, for the evidence link and the details
+    said: str = ""
+
+
+class Pages:
+    """Renders both pages from a store snapshot; one instance per app."""
+
+    def __init__(self, store: Store, stale_after: float, prometheus_url: str | None = None) -> None:
+        self.store = store
+        self.stale_after = stale_after
+        self.prometheus_url = prometheus_url
+        self.env = Environment(loader=PackageLoader("collector", "templates"), autoescape=select_autoescape())
+        self.env.globals.update(fmt_time=fmt_time, fmt_age=fmt_age, evidence_url=evidence_url)
+
+    # the status page --------------------------------------------------------------------
+    def status(self, show: str | None = None, now: float | None = None) -> str:
+        """The status page; `show` = "leak" or "overblock" lists every row of that section."""
+        now = time.time() if now is None else now
+        since = now - self.stale_after
+        names = self._resolver_names(since)
+        matrix, transports, totals = self._matrix(since, names)
+        problems = self._problems(since, names)
+        sections = []
+        for finding, title, explain in (
+            ("leak", "Leaks", "names an order requires blocked here that still resolve"),
+            ("overblock", "Overblocks", "names that must resolve here but are blocked"),
+        ):
+            rows = [p for p in problems if p.finding == finding]
+            shown = rows if show == finding else rows[:PAGE]
+            for p in shown:
+                p.said = self._said(p)
+            sections.append(
+                {
+                    "finding": finding,
+                    "title": title,
+                    "explain": explain,
+                    "rows": shown,
+                    "total": len(rows),
+                    "series": sum(len(p.probes) * len(p.transports) for p in rows),
+                }
+            )
+        alerts, alerts_error = self._alerts()
+        leaks = sum(1 for p in problems if p.finding == "leak")
+        overblocks = sum(1 for p in problems if p.finding == "overblock")
+        return self.env.get_template("status.html").render(
+            now=now,
+            stale_after=self.stale_after,
+            matrix=matrix,
+            transports=transports,
+            totals=totals,
+            sections=sections,
+            leak_series=totals["leak"],
+            overblock_series=totals["overblock"],
+            leaks=leaks,
+            overblocks=overblocks,
+            probes=self.store.probes(),
+            alerts=alerts,
+            alerts_error=alerts_error,
+            prometheus_url=self.prometheus_url,
+            bar=_bar(totals),
+        )
+
+    def _resolver_names(self, since: float) -> dict[str, tuple[str, str]]:
+        """resolver → (display name, kind), from the newest archived measurement of each."""
+        # The store has no reader for this; one query with the store's own placeholder style.
+        sql = "SELECT body FROM archive WHERE id IN (SELECT max(id) FROM archive WHERE time >= ? GROUP BY resolver)"
+        with self.store.tx() as cur:
+            cur.execute(sql.replace("?", self.store.placeholder), (since,))
+            bodies = [json.loads(r[0]) for r in cur.fetchall()]
+        out = {}
+        for b in bodies:
+            out[b["resolver"]] = (display_name(b["resolver"], b.get("operator")), b.get("kind") or "")
+        return out
+
+    def _matrix(
+        self, since: float, names: dict[str, tuple[str, str]]
+    ) -> tuple[list[dict[str, Any]], list[str], dict[str, int]]:
+        cells: dict[tuple[str, str, str], dict[str, Cell]] = defaultdict(lambda: defaultdict(Cell))
+        totals = dict.fromkeys(FINDINGS, 0)
+        seen_transports = set()
+        for _probe, _region, country, resolver, transport, rule, finding, n, *_ in self.store.counts(since):
+            if rule == "canary" or finding not in FINDINGS:
+                continue  # canaries say whether a resolver can be judged, not whether an order holds
+            name, kind = names.get(resolver, (display_name(resolver, None), ""))
+            cells[(country, name, kind)][transport].counts[finding] += int(n)
+            totals[finding] += int(n)
+            seen_transports.add(transport)
+        transports = [t for t in TRANSPORTS if t in seen_transports]
+        rows = []
+        for (country, name, kind), by_t in sorted(cells.items(), key=lambda kv: _row_order(kv[0], kv[1])):
+            rows.append(
+                {"country": country, "name": name, "kind": kind, "cells": [by_t.get(t) for t in transports]}
+            )
+        return rows, transports, totals
+
+    def _problems(self, since: float, names: dict[str, tuple[str, str]]) -> list[Problem]:
+        merged: dict[tuple[Any, ...], Problem] = {}
+        for p in self.store.problems(since):
+            name, kind = names.get(p["resolver"], (display_name(p["resolver"], None), ""))
+            answers = json.loads(p["answers"])
+            k = (
+                p["finding"],
+                p["country"],
+                name,
+                p["domain"],
+                p["qtype"],
+                p["rule"],
+                p["outcome"],
+                tuple(answers),
+            )
+            key = (p["probe_id"], p["resolver"], p["transport"], p["qtype"], p["domain"])
+            if k not in merged:
+                merged[k] = Problem(
+                    p["finding"],
+                    p["country"],
+                    name,
+                    kind,
+                    p["domain"],
+                    p["qtype"],
+                    p["rule"],
+                    p["outcome"],
+                    answers,
+                    p["since"],
+                    [],
+                    [],
+                    key,
+                )
+            row = merged[k]
+            row.since = min(row.since, p["since"])
+            if p["transport"] not in row.transports:
+                row.transports.append(p["transport"])
+            if p["probe_id"] not in row.probes:
+                row.probes.append(p["probe_id"])
+        out = list(merged.values())
+        for row in out:
+            row.transports.sort(key=lambda t: TRANSPORTS.index(t) if t in TRANSPORTS else 99)
+            row.probes.sort()
+        out.sort(key=lambda r: (r.finding != "leak", r.country, r.resolver, r.domain, r.qtype))
+        return out
+
+    def _said(self, p: Problem) -> str:
+        rows = self.store.evidence(p.key, limit=1)
+        return said(rows[0]) if rows else said({"outcome": p.outcome, "answers": p.answers})
+
+    def _alerts(self) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """(alerts Prometheus reports as firing, or None without a Prometheus; why it could not be asked)."""
+        if not self.prometheus_url:
+            return None, None
+        try:
+            doc = httpx2.get(self.prometheus_url.rstrip("/") + "/api/v1/alerts", timeout=2).json()
+            found = doc["data"]["alerts"]
+        except (httpx2.HTTPError, ValueError, KeyError, TypeError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:200]
+        alerts = [a for a in found if a.get("state") == "firing"]
+        alerts = [a for a in alerts if str(a.get("labels", {}).get("alertname", "")).startswith("Blockprobe")]
+        alerts.sort(
+            key=lambda a: (a["labels"].get("severity") != "critical", a["labels"].get("alertname", ""))
+        )
+        return alerts, None
+
+    # the evidence page -----------------------------------------------------------------
+    def evidence(self, key: Sequence[str]) -> tuple[list[dict[str, Any]], str]:
+        """(the archived rows of one series, newest first; the HTML page)."""
+        rows = self.store.evidence(key, limit=HISTORY)
+        series = dict(zip(("probe", "resolver", "transport", "qtype", "domain"), key, strict=True))
+        latest = rows[0] if rows else None
+        html = self.env.get_template("evidence.html").render(
+            series=series,
+            latest=latest,
+            judgement=judgement(latest) if latest else None,
+            runs=runs_of(rows),
+            rows=rows,
+            json_url=evidence_url(*key) + "&format=json",
+            name=display_name(key[1], latest.get("operator") if latest else None),
+        )
+        return rows, html
+
+
+def _row_order(row: tuple[str, str, str], by_t: dict[str, Cell]) -> tuple[Any, ...]:
+    worst = min(
+        (("leak", "overblock", "inconclusive", "fine", "none").index(c.worst) for c in by_t.values()),
+        default=9,
+    )
+    return (row[0], worst, row[1])
+
+
+def _bar(totals: dict[str, int]) -> list[dict[str, Any]]:
+    """Segments of a 100-unit stacked bar of every current series by finding (an inline SVG)."""
+    total = sum(totals.values())
+    out, x = [], 0.0
+    for f in FINDINGS:
+        if not totals[f] or not total:
+            continue
+        w = 100 * totals[f] / total
+        out.append({"finding": f, "x": round(x, 3), "w": round(w, 3), "n": totals[f]})
+        x += w
+    return out
+
+
+def evidence_url(probe: str, resolver: str, transport: str, qtype: str, domain: str) -> str:
+    q = {"probe": probe, "resolver": resolver, "transport": transport, "qtype": qtype, "domain": domain}
+    return "/evidence?" + urlencode(q)
+
+
+def _signature(m: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        m.get("outcome"),
+        m.get("finding"),
+        m.get("rcode"),
+        tuple(m.get("answers") or ()),
+        tuple(e.get("code") for e in m.get("ede") or ()),
+        m.get("error"),
+    )
+
+
+def runs_of(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Newest-first rows collapsed into runs of identical results: (first seen, last seen, count)."""
+    runs: list[dict[str, Any]] = []
+    for m in rows:
+        sig = _signature(m)
+        if runs and runs[-1]["sig"] == sig:
+            runs[-1]["first"] = m["time"]
+            runs[-1]["count"] += 1
+        else:
+            runs.append(
+                {"sig": sig, "first": m["time"], "last": m["time"], "count": 1, "row": m, "said": said(m)}
+            )
+    return runs
+
+
+_REACH_WORDS = {
+    "reachable": "the site itself (a certificate valid for the name)",
+    "http_451": "HTTP 451 Unavailable For Legal Reasons",
+    "blockpage": "a block page",
+    "tls_error": "no valid certificate anywhere (the site's own fault)",
+    "unreachable": "nothing: no connection or handshake in time",
+    "unchecked": "",
+}
+
+
+def _same_as_control(m: dict[str, Any]) -> bool:
+    control = m.get("control")
+    return (
+        isinstance(control, dict)
+        and bool(m.get("answers"))
+        and (sorted(control.get("answers") or []) == sorted(m.get("answers") or []))
+    )
+
+
+def _block_words(m: dict[str, Any]) -> str:
+    """Why an answer counts as a block, in words."""
+    outcome = m.get("outcome")
+    if outcome == "ede_blocked":
+        codes = ", ".join(str(e.get("code")) for e in m.get("ede") or [])
+        return f"with a policy Extended DNS Error (EDE {codes}), a block"
+    if outcome == "sinkhole":
+        sink = m.get("sinkhole") or {}
+        return (
+            f"with a block page or sinkhole ({sink.get('match')}, matched by {sink.get('source')}), a block"
+        )
+    if outcome in ("nxdomain", "nodata", "refused"):
+        return f"{_OUTCOME_WORDS[str(outcome)]} while the control has records for it, a block"
+    if outcome == "timeout":
+        return "nothing, while it kept answering later questions (the silence was proven), a block"
+    return _OUTCOME_WORDS.get(str(outcome), str(outcome))
+
+
+def judgement(m: dict[str, Any]) -> dict[str, Any]:
+    """The judgement of one measurement in words: expected, answered, control, why."""
+    why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by") or {}
+    expected = m.get("expected")
+    finding = m.get("finding")
+    blocked = m.get("blocked")
+    if "order" in why and expected == "blocked":
+        rule = f"Order {why['order']}" + (f" ({why['authority']})" if why.get("authority") else "")
+        expectation = f"{rule} requires {m['domain']} to be blocked on this resolver here"
+        if why.get("pattern") and why["pattern"] != m["domain"]:
+            expectation += f" (pattern {why['pattern']})"
+    elif expected == "resolves" and "reason" in why:
+        expectation = f"{m['domain']} is named by order {why.get('order')}, which does not bind here: {why['reason']}; so it must resolve"
+    elif expected == "resolves" and "list" in why:
+        expectation = f"Control list {why['list']} names {m['domain']}: it must resolve everywhere"
+    elif expected == "resolves" and "canary" in why:
+        expectation = f"{m['domain']} is a canary that must resolve"
+    elif expected:
+        expectation = f"Expected {expected}" + (
+            f" ({', '.join(f'{k} {v}' for k, v in why.items())})" if why else ""
+        )
+    else:
+        expectation = "Nothing is expected of this name here"
+    control = m.get("control")
+    if isinstance(control, dict):
+        c_answers = control.get("answers") or []
+        control_said = (", ".join(c_answers) if c_answers else "") + (
+            f" ({control.get('outcome')})" if control.get("outcome") != "resolved" or not c_answers else ""
+        )
+    else:
+        control_said = "no control was asked"
+    blocked_words = {True: "a block", False: "not a block", None: "cannot be told"}[blocked]
+    reasons = {
+        "leak": "The name must be blocked, but the resolver answered with records"
+        + (" — the same as the control's, the real site" if _same_as_control(m) else "")
+        + ": the block leaks.",
+        "overblock": f"The name must resolve, but the resolver answered {_block_words(m)}: this is over-reach.",
+        "enforced": f"The name must be blocked, and the resolver answered {_block_words(m)}.",
+        "ok": "The name must resolve, and it did.",
+        "inconclusive": "Whether this answer is a block cannot be told"
+        + (
+            f": {(m.get('evidence') or {}).get('inconclusive_reason')}"
+            if (m.get("evidence") or {}).get("inconclusive_reason")
+            else " (no control records for the name, a failure, or an unproven silence), so it is neither a leak nor an enforcement."
+        ),
+    }
+    ev = m.get("evidence") or {}
+    transport = [f"endpoint {m.get('endpoint') or m.get('resolver')}"]
+    if ev.get("http_version"):
+        transport.append(str(ev["http_version"]))
+    if m.get("latency_ms") is not None:
+        transport.append(f"latency {m['latency_ms']:g} ms")
+    if ev.get("connect_ms") is not None:
+        transport.append(f"connection set-up {ev['connect_ms']:g} ms")
+    if ev.get("tc_fallback"):
+        transport.append("truncated over UDP, retried over TCP")
+    if ev.get("injected"):
+        transport.append("racing answers seen (possible injection)")
+    return {
+        "expectation": expectation,
+        "said": said(m),
+        "blocked": blocked_words,
+        "control": control_said,
+        "reason": reasons.get(str(finding), "No finding: nothing is expected of this name here."),
+        "operator": m.get("operator") or "-",
+        "kind": m.get("kind") or "-",
+        "nsid": ev.get("nsid") or "-",
+        "ede": ", ".join(f"{e.get('code')} {e.get('text') or ''}".strip() for e in m.get("ede") or [])
+        or "none",
+        "transport": "; ".join(transport),
+        "cname": " → ".join(m.get("cname") or []) or "",
+        "reach": _REACH_WORDS.get(str(m.get("reach")), str(m.get("reach") or "")),
+    }

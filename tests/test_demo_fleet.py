@@ -1,0 +1,170 @@
+"""`make demo` (python -m fleet): the whole fleet as processes, alerts that fire in the time it states."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+import yaml
+
+from dashboards.alerts import ALERTS
+from fleet import DEMO_FOR, alert_deadline, demo_rules
+
+from .browser import Browser, chromium
+from .fake_collector import wait_for
+
+ROOT = Path(__file__).parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+FIRING = ("BlockprobeLeak", "BlockprobeLeakConfirmed", "BlockprobeOverblock", "BlockprobeOverblockConfirmed")
+
+
+def test_the_collector_imports_no_daemon_lab_or_demo() -> None:
+    """Layers point one way: the collector may use the probe's measurement model, not its machinery."""
+    for path in sorted((ROOT / "collector").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        bad = {
+            n
+            for n in names
+            if n.startswith(("probe.daemon", "probe.lab", "probe.demo", "probe.engine", "fleet"))
+        }
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_demo_rules_are_the_production_rules_with_short_for() -> None:
+    rules = demo_rules()
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]  # type: ignore[index, attr-defined]
+    assert [a["alert"] for a in alerts] == [a.name for a in ALERTS]
+    assert [a["expr"] for a in alerts] == [a.expr for a in ALERTS]
+    assert {a["for"] for a in alerts} == {DEMO_FOR}
+    assert yaml.safe_load(yaml.safe_dump(rules)) == rules
+
+
+def _children_of(work: Path) -> list[int]:
+    """Processes whose command line names the fleet's state folder (the collector, probes, Prometheus)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(work).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _firing(prom: str) -> set[tuple[str, str]]:
+    doc = httpx2.get(f"{prom}/api/v1/alerts", timeout=5).json()
+    return {
+        (a["labels"]["alertname"], a["labels"].get("country", ""))
+        for a in doc["data"]["alerts"]
+        if a["state"] == "firing"
+    }
+
+
+def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp_path: Path) -> None:
+    with_prometheus = shutil.which("prometheus") is not None
+    if not with_prometheus and os.environ.get("CI"):
+        pytest.fail("prometheus is not installed (scripts/system-deps installs it)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the fleet's temporary state lands where we can see it
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "--interval", "3"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not any("Ctrl-C" in ln for ln in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        banner = "".join(lines)
+        assert max(len(ln.rstrip("\n")) for ln in lines if not ln.startswith("State in")) <= 90, banner
+        url = re.search(r"collector\s+(http://127\.0\.0\.1:\d+)/", banner).group(1)  # type: ignore[union-attr]
+        work = Path(re.search(r"State in (\S+)\nRemoved on exit", banner).group(1))  # type: ignore[union-attr]
+        assert work.parent == tmp_path and work.is_dir()
+        assert len(_children_of(work)) == 4 + with_prometheus  # collector, three probes (and Prometheus)
+
+        def findings() -> bool:
+            title = re.search(r"<title>(.*?)</title>", httpx2.get(url + "/", timeout=5).text).group(1)  # type: ignore[union-attr]
+            m = re.search(r"(\d+) leaks?, (\d+) overblocks?", title)
+            return bool(m and int(m.group(1)) > 0 and int(m.group(2)) > 0)
+
+        wait_for(findings, 60, "leaks and overblocks on the status page")
+        if with_prometheus:
+            prom = re.search(r"prometheus\s+(http://127\.0\.0\.1:\d+)/alerts", banner).group(1)  # type: ignore[union-attr]
+            stated = float(re.search(r"Within (\d+) s of start", banner).group(1))  # type: ignore[union-attr]
+            assert stated == round(alert_deadline(3))
+            left = stated - (time.monotonic() - started)
+            want = {(name, "IT") for name in FIRING} | {("BlockprobeOverblock", "FR")}
+            wait_for(lambda: want <= _firing(prom), left, f"{sorted(want)} firing within {stated:g} s")
+            page = httpx2.get(url + "/", timeout=5).text
+            assert "BlockprobeLeakConfirmed" in page and 'id="alerts"' in page
+            exe = chromium()
+            if exe is not None:  # with the alerts listed, the matrix and a leak still fit the first screen
+                browser = Browser(exe, tmp_path / "chrome", 1400, 900)
+                try:
+                    browser.load(url + "/")
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    browser.screenshot(ARTIFACTS / "demo-status-1400x900.png")
+                    assert browser.visible("#alerts") and browser.visible("#matrix")
+                    assert browser.visible("tr.leak-row")
+                finally:
+                    browser.close()
+        proc.send_signal(signal.SIGINT)
+        stopping = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out[-2000:]
+        assert out.rstrip().splitlines()[-2:] == [f"removed {work}", "stopped"]
+        assert time.monotonic() - stopping < 30
+        assert not work.exists()
+        assert _children_of(work) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # its children die with it (parent-death signal), as checked below
+            proc.communicate()
+            deadline = time.monotonic() + 20
+            while _children_of(tmp_path) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _children_of(tmp_path) == []
+
+
+def test_killing_the_demo_outright_leaves_no_process_behind(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "--no-prometheus"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not any("Ctrl-C" in ln for ln in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert len(_children_of(tmp_path)) == 4
+    finally:
+        proc.kill()  # no chance to clean up: the children must notice on their own
+        proc.communicate()
+    wait_for(lambda: not _children_of(tmp_path), 20, "the collector and probes to exit with the demo")

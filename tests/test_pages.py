@@ -1,0 +1,343 @@
+"""The status and evidence pages: what they say (on both stores) and what a first screen shows (Chromium)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+from html import unescape
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from collector.config import CollectorConfigError, parse_collector_config
+from collector.pages import display_name, runs_of
+from collector.store import open_store
+
+from .browser import Browser, chromium
+from .test_collector import Server, batch, measurement, post, postgres, server  # noqa: F401 - fixtures
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
+ORDER = {
+    "order": "agcom-2026-1",
+    "authority": "AGCOM",
+    "pattern": "calcio.example",
+    "orders": ["agcom-2026-1"],
+}
+PAGE_IP = "83.224.65.74"
+
+
+def _spec(host: str, transport: str) -> str:
+    return {
+        "udp": f"udp://{host}:5301",
+        "tcp": f"tcp://{host}:5302",
+        "dot": f"tls://{host}:8531",
+        "doh": f"https://{host}:4431/dns-query",
+        "doh3": f"h3://{host}:4432/dns-query",
+        "doq": f"quic://{host}:8532",
+    }[transport]
+
+
+def _lab_batch(country: str, probe: str) -> list[dict[str, Any]]:
+    """What a demo probe reports: a leaky public resolver, a block-page ISP, an EDE refuser."""
+    out = []
+    binding = country == "IT"
+    for t in TRANSPORTS:
+        leaky = {
+            "resolver": _spec("127.53.0.3", t),
+            "transport": t,
+            "operator": "leakydns",
+            "kind": "public",
+            "endpoint": _spec("127.53.0.3", t),
+        }
+        page = {
+            "resolver": _spec("127.53.0.2", t),
+            "transport": t,
+            "operator": "isp-b",
+            "kind": "isp",
+            "endpoint": _spec("127.53.0.2", t),
+        }
+        censor = {
+            "resolver": _spec("127.53.0.4", t),
+            "transport": t,
+            "operator": "censordns",
+            "kind": "public",
+            "endpoint": _spec("127.53.0.4", t),
+        }
+        control = {"outcome": "resolved", "answers": ["185.199.108.10"]}
+        if binding:
+            out.append(
+                measurement(
+                    "calcio.example",
+                    "leak",
+                    **leaky,
+                    control=control,
+                    expected_by=ORDER,
+                    answers=["185.199.108.10"],
+                    evidence={"nsid": "leaky-fra1"},
+                )
+            )
+            out.append(
+                measurement(
+                    "calcio.example",
+                    "enforced",
+                    **page,
+                    outcome="sinkhole",
+                    blocked=True,
+                    answers=[PAGE_IP],
+                    sinkhole={"match": PAGE_IP, "source": "agcom"},
+                    expected_by=ORDER,
+                    control=control,
+                )
+            )
+        else:
+            out.append(
+                measurement(
+                    "calcio.example",
+                    "ok",
+                    **leaky,
+                    expected="resolves",
+                    control=control,
+                    expected_by={**ORDER, "list": "agcom-2026-1", "reason": "ordered in IT, not in FR"},
+                )
+            )
+            out.append(
+                measurement(
+                    "calcio.example",
+                    "overblock",
+                    **page,
+                    outcome="sinkhole",
+                    blocked=True,
+                    expected="resolves",
+                    answers=[PAGE_IP],
+                    sinkhole={"match": PAGE_IP, "source": "agcom"},
+                    expected_by={**ORDER, "list": "agcom-2026-1", "reason": "ordered in IT, not in FR"},
+                    control=control,
+                )
+            )
+        out.append(
+            measurement(
+                "wiki.example",
+                "overblock",
+                **censor,
+                outcome="ede_blocked",
+                blocked=True,
+                expected="resolves",
+                rcode="REFUSED",
+                answers=[],
+                ede=[{"code": 16, "text": "court order"}],
+                expected_by={"list": "controls", "pattern": "wiki.example"},
+                control=control,
+            )
+        )
+        out.append(
+            measurement(
+                "wiki.example",
+                "inconclusive",
+                **leaky,
+                outcome="timeout",
+                blocked=None,
+                expected="resolves",
+                rcode=None,
+                answers=[],
+                wire=None,
+                expected_by={"list": "controls"},
+            )
+        )
+    return out
+
+
+def _fill(s: Server) -> None:
+    for probe, country in (("it-1", "IT"), ("it-2", "IT"), ("fr-1", "FR")):
+        token = s.token(probe)
+        body = batch(probe, _lab_batch(country, probe))
+        body["probe"].update(country=country, region=f"{country.lower()}-demo")
+        assert post(s, token, body).status_code == 200
+
+
+def _text(html: str) -> str:
+    return unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))).strip()
+
+
+def test_display_names_never_show_a_url() -> None:
+    assert display_name("https://127.53.0.2:4431/dns-query", "isp-b") == "isp-b"
+    assert display_name("tls://[2001:db8::1]:853", None) == "2001:db8::1:853"
+    assert display_name("cloudflare", "cloudflare") == "cloudflare"
+
+
+def test_status_page_leads_with_the_matrix_then_leaks_then_overblocks(server: Server) -> None:  # noqa: F811
+    _fill(server)
+    html = server.client.get("/").text
+    text = _text(html)
+    # Two probes in Italy see 6 transports leak; one row says so, with both probes and every transport.
+    assert "<title>blockprobe — 1 leak, 3 overblocks</title>" in html
+    matrix = html.index('id="matrix"')
+    assert matrix < html.index('id="leaks"') < html.index('id="overblocks"')
+    assert "https://127.53" not in text and "udp://" not in text  # resolvers by name
+    rows = re.findall(r'<tr class="problem-row leak-row">(.*?)</tr>', html, re.S)
+    assert len(rows) == 1
+    leak = _text(rows[0])
+    assert leak.split()[:6] == ["IT", "leakydns", "public", "calcio.example", "A", "agcom-2026-1"]
+    assert "185.199.108.10" in leak and "udp tcp dot doh doh3 doq" in leak and "it-1, it-2" in leak
+    over = [_text(r) for r in re.findall(r'<tr class="problem-row overblock-row">(.*?)</tr>', html, re.S)]
+    assert any(
+        "ede_blocked (REFUSED); EDE 16 “court order”" in r and r.startswith("FR censordns") for r in over
+    )
+    assert any(f"block page {PAGE_IP} (agcom)" in r and r.startswith("FR isp-b isp") for r in over)
+    # The matrix: IT leakydns is red over every transport, counting two probes' leaks and inconclusives.
+    cells = re.findall(r'<td class="cell (\w+)"[^>]*>(.*?)</td>', html[matrix:], re.S)
+    assert ("leak", "2 leak 2 ?") in [(c, _text(v)) for c, v in cells]
+    evidence = re.search(r'href="(/evidence\?[^"]+)">why\?', html)
+    assert evidence is not None
+    assert server.client.get(unescape(evidence.group(1))).status_code == 200
+
+
+def test_long_sections_are_paged(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    s = Server(store)
+    try:
+        token = s.token("it-1")
+        many = [measurement(f"n{i:03}.example") for i in range(130)]
+        assert post(s, token, batch(measurements=many)).status_code == 200
+        started = time.perf_counter()
+        page = s.client.get("/").text
+        took = time.perf_counter() - started
+        assert page.count("leak-row") == 50 and "Show all 130 leaks" in page
+        assert s.client.get("/?show=leak").text.count("leak-row") == 130
+        assert s.client.get("/?show=nonsense").status_code == 422
+        assert took < 10  # a sanity bound on a loaded machine, not a benchmark
+    finally:
+        s.stop()
+        store.close()
+
+
+def _series(resolver: str = "udp://192.0.2.53") -> dict[str, str]:
+    return {
+        "probe": "it-1",
+        "resolver": resolver,
+        "transport": "udp",
+        "qtype": "A",
+        "domain": "calcio.example",
+    }
+
+
+def test_evidence_page_says_why_then_the_history_in_runs(server: Server) -> None:  # noqa: F811
+    token = server.token("it-1")
+    leak = measurement(
+        "calcio.example",
+        "leak",
+        expected_by=ORDER,
+        operator="leakydns",
+        kind="public",
+        control={"outcome": "resolved", "answers": ["185.199.108.10"]},
+        evidence={"nsid": "leaky-fra1", "connect_ms": 1.5},
+    )
+    for _ in range(3):
+        assert post(server, token, batch(measurements=[leak])).status_code == 200
+    enforced = measurement(
+        "calcio.example",
+        "enforced",
+        outcome="nxdomain",
+        rcode="NXDOMAIN",
+        blocked=True,
+        answers=[],
+        expected_by=ORDER,
+        control={"outcome": "resolved", "answers": ["185.199.108.10"]},
+    )
+    assert post(server, token, batch(measurements=[enforced])).status_code == 200
+    html = server.client.get("/evidence", params=_series()).text
+    text = _text(html)
+    assert (
+        "The name must be blocked, and the resolver answered NXDOMAIN (no such name) while the control has records for it, a block."
+        in text
+    )
+    assert "Order agcom-2026-1 (AGCOM) requires calcio.example to be blocked on this resolver here." in text
+    assert "The control answered 185.199.108.10" in text
+    assert 'href="/"' in html
+    history = re.search(r'<table id="history">(.*?)</table>', html, re.S)
+    assert history is not None
+    runs = [_text(r).split() for r in re.findall(r"<tr><td>(.*?)</tr>", history.group(1), re.S)]
+    assert [(r[2], r[3]) for r in runs] == [("1", "enforced"), ("3", "leak")]
+    assert html.index('<details id="raw">') > html.index('id="history"')  # wire data folded away, last
+    # JSON is unchanged: every archived row, newest first, with its wire data.
+    rows = server.client.get("/evidence", params={**_series(), "format": "json"}).json()
+    assert [r["finding"] for r in rows] == ["enforced", "leak", "leak", "leak"] and rows[0]["wire"] == "AAA="
+
+
+def test_runs_of_collapses_identical_neighbours_only() -> None:
+    a = {"time": "t4", "outcome": "resolved", "finding": "leak", "answers": ["1.2.3.4"]}
+    b = {"time": "t2", "outcome": "nxdomain", "finding": "enforced", "answers": []}
+    rows = [a, {**a, "time": "t3"}, b, {**a, "time": "t1"}]
+    assert [(r["first"], r["last"], r["count"]) for r in runs_of(rows)] == [
+        ("t3", "t4", 2),
+        ("t2", "t2", 1),
+        ("t1", "t1", 1),
+    ]
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    exe = chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (make test installs it)")
+    b = Browser(exe, tmp_path / "chrome", 1400, 900)
+    yield b
+    b.close()
+
+
+def test_first_screen_at_1400x900_shows_the_matrix_and_a_leak(tmp_path: Path, browser: Browser) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    s = Server(store)
+    try:
+        _fill(s)
+        browser.load(s.url + "/")
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.screenshot(ARTIFACTS / "status-page-1400x900.png")
+        assert browser.evaluate("window.innerWidth") == 1400 and browser.evaluate("window.innerHeight") == 900
+        assert browser.visible("#matrix")
+        assert browser.visible("tr.leak-row")
+        assert (
+            browser.evaluate("document.querySelector('tr.leak-row td.name').textContent") == "calcio.example"
+        )
+        browser.load(s.url + "/evidence?" + urlencode(_series(_spec("127.53.0.3", "udp"))))
+        browser.screenshot(ARTIFACTS / "evidence-page-1400x900.png")
+        for selector in ("#reason", "#expected", "#answered", "#control"):
+            assert browser.visible(selector), selector
+        assert "agcom-2026-1" in browser.evaluate("document.querySelector('#expected').textContent")
+        assert "185.199.108.10" in browser.evaluate("document.querySelector('#control').textContent")
+        assert browser.evaluate("document.querySelector('#raw').open") is False
+    finally:
+        s.stop()
+        store.close()
+
+
+def test_an_unreachable_prometheus_is_said_not_hidden(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    s = Server(store, f"prometheus: http://127.0.0.1:{closed.getsockname()[1]}\n")
+    try:
+        page = s.client.get("/").text
+        assert f"Prometheus at http://127.0.0.1:{closed.getsockname()[1]} did not answer" in page
+        assert "alerts unknown" in page
+    finally:
+        s.stop()
+        store.close()
+        closed.close()
+
+
+def test_the_prometheus_url_is_checked() -> None:
+    with pytest.raises(CollectorConfigError) as exc:
+        parse_collector_config("prometheus: ftp://127.0.0.1:9090\n")
+    assert exc.value.errors == [
+        "<config>: prometheus: 'ftp://127.0.0.1:9090' is not an http:// or https:// URL"
+    ]
+    assert (
+        parse_collector_config("prometheus: http://127.0.0.1:9090\n").prometheus_url
+        == "http://127.0.0.1:9090"
+    )
+    assert parse_collector_config("").prometheus_url is None
