@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import click
 
 from probe import __version__
+from probe.answers import AnswerChecker
 from probe.catalogue import load_catalogue, resolve_spec
 from probe.engine import Engine, Expect, Plan
 from probe.errors import BlockprobeError, InputError
@@ -68,12 +69,13 @@ def run_plan(
     qps: float | None,
     on_measurement: Callable[[Measurement], None],
     progress: bool,
+    checker: AnswerChecker | None = None,
 ) -> list[Measurement]:
     """Run a plan to completion on a fresh event loop; measurements also go to the callback."""
 
     async def go() -> list[Measurement]:
         out: list[Measurement] = []
-        async with Engine(options, concurrency=concurrency, qps=qps) as engine:
+        async with Engine(options, concurrency=concurrency, qps=qps, checker=checker) as engine:
             if progress:
                 from rich.progress import Progress
 
@@ -209,6 +211,22 @@ _ALL = click.option(
     help="Seconds to keep listening after a UDP answer, to catch racing injected answers.",
 )
 @click.option("--doh-post", is_flag=True, help="Send DoH queries with POST instead of GET.")
+@click.option(
+    "--confirm-after",
+    type=click.FloatRange(min=0),
+    default=Options().confirm_after,
+    show_default=True,
+    help="Seconds after its first send before a silent query is asked again (past recursors' "
+    "own upstream timeouts).",
+)
+@click.option(
+    "--verify",
+    type=click.Choice(["off", "tls", "http"]),
+    default="off",
+    show_default=True,
+    help="Answer checks: connect to each answered address on port 443 with the name as SNI "
+    "(tls), and send one HEAD / (http). Off for a spot check: it connects to the listed sites.",
+)
 @_ALL
 def once(
     domains: tuple[str, ...],
@@ -228,6 +246,8 @@ def once(
     qps: float,
     udp_linger: float,
     doh_post: bool,
+    confirm_after: float,
+    verify: str,
     show_all: bool,
 ) -> None:
     """Spot-check DOMAIN... on each resolver and transport, and say whether each answer is a block."""
@@ -258,8 +278,17 @@ def once(
         _fail(str(exc))
     plan = Plan(names, types, targets, control_resolvers, _expectations(expect, lists, country),
                 canary_list, not no_identity)  # fmt: skip
-    options = Options(timeout=timeout, ca_file=ca_file, udp_linger=udp_linger, doh_post=doh_post)
-    measurements = _run_and_print(plan, options, as_json, concurrency, qps or None, show_all=show_all)
+    options = Options(
+        timeout=timeout,
+        ca_file=ca_file,
+        udp_linger=udp_linger,
+        doh_post=doh_post,
+        confirm_after=confirm_after,
+    )
+    checker = AnswerChecker(verify, ca_file=ca_file, timeout=timeout) if verify != "off" else None
+    measurements = _run_and_print(
+        plan, options, as_json, concurrency, qps or None, show_all=show_all, checker=checker
+    )
     sys.exit(_exit_status(measurements))
 
 
@@ -296,6 +325,7 @@ def _run_and_print(
     qps: float | None,
     *,
     show_all: bool = False,
+    checker: AnswerChecker | None = None,
 ) -> list[Measurement]:
     def emit(m: Measurement) -> None:
         if as_json:
@@ -304,7 +334,13 @@ def _run_and_print(
 
     progress = not as_json and sys.stderr.isatty() and plan.size >= 50
     measurements = run_plan(
-        plan, options, concurrency=concurrency, qps=qps, on_measurement=emit, progress=progress
+        plan,
+        options,
+        concurrency=concurrency,
+        qps=qps,
+        on_measurement=emit,
+        progress=progress,
+        checker=checker,
     )
     if not as_json:
         click.echo(summary_line(measurements))

@@ -388,7 +388,11 @@ class Engine:
         Jobs go in the reverse of their first-pass order, so that a name that stalled an
         in-order server the first time is not in front of the same names again.
         """
-        silent = [job for job in run.held if job.exchange is not None and job.exchange.response is None]
+        silent = [
+            job
+            for job in run.held
+            if job.exchange is not None and job.exchange.response is None and not _final(job.exchange.failure)
+        ]
         if not silent:
             return
         fresh: dict[Endpoint, Exchanger] = {}
@@ -405,9 +409,13 @@ class Engine:
         loop = asyncio.get_running_loop()
 
         async def work(job: _Job) -> None:
-            wait = job.first_sent + self.options.confirm_after - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            failure = job.exchange.failure if job.exchange is not None else None
+            if failure is not None and failure.silence:
+                # Only a silence waits: its second ask must come after a recursor's own upstream
+                # timeout. A failed connection or handshake is simply tried again.
+                wait = job.first_sent + self.options.confirm_after - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             ex = await self._ask(job, run, 2, fresh[job.endpoint])
             if ex.response is not None:
                 self._needs_run(job, ex, run)
@@ -594,6 +602,11 @@ def _canary_failures(measurements: Sequence[Measurement]) -> dict[str, str]:
                 failures[endpoint] = f"canary {m.domain} should resolve but got {m.outcome}"
                 break
     return failures
+
+
+def _final(failure: Failure | None) -> bool:
+    """A failure that asking again cannot change: the resolver's certificate does not name it."""
+    return failure is not None and failure.text.startswith("tls: certificate verify failed")
 
 
 def _internal(exc: BaseException) -> Failure:
