@@ -53,7 +53,8 @@ def _config_text(tmp: Path, isp: LabServer, control: LabServer, url: str, **over
     lists = Path(__file__).parent / "lists" / "lab-orders.yaml"
     doc: dict[str, Any] = {
         "probe": {"id": "it-test-1", "region": "it-lab", "country": "IT"},
-        "collector": {"url": url, "token_file": str(tmp / "token"), "timeout": 1, "batch_size": 50},
+        "collector": {"url": url, "token_file": str(tmp / "token"), "timeout": 1, "batch_size": 50,
+                      "retry": {"base": 0.05, "max": 0.3}, "rate": 0},
         "resolvers": [{"spec": isp.specs()["udp"], "kind": "isp", "operator": "tim"}, isp.specs()["tcp"]],
         "lists": [str(lists)],
         "controls": [control.specs()["udp"]],
@@ -80,7 +81,7 @@ class _Running:
     """A Daemon on its own event loop in a thread, stopped through its stop_event."""
 
     def __init__(self, config_path: Path) -> None:
-        self.daemon = Daemon(load_config(config_path), push_base_delay=0.05, push_max_delay=0.3)
+        self.daemon = Daemon(load_config(config_path))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.daemon.run(grace=5),))
         self.thread.start()
