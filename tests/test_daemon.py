@@ -53,8 +53,14 @@ def _config_text(tmp: Path, isp: LabServer, control: LabServer, url: str, **over
     lists = Path(__file__).parent / "lists" / "lab-orders.yaml"
     doc: dict[str, Any] = {
         "probe": {"id": "it-test-1", "region": "it-lab", "country": "IT"},
-        "collector": {"url": url, "token_file": str(tmp / "token"), "timeout": 1, "batch_size": 50,
-                      "retry": {"base": 0.05, "max": 0.3}, "rate": 0},
+        "collector": {
+            "url": url,
+            "token_file": str(tmp / "token"),
+            "timeout": 1,
+            "batch_size": 50,
+            "retry": {"base": 0.05, "max": 0.3},
+            "rate": 0,
+        },
         "resolvers": [{"spec": isp.specs()["udp"], "kind": "isp", "operator": "tim"}, isp.specs()["tcp"]],
         "lists": [str(lists)],
         "controls": [control.specs()["udp"]],

@@ -449,6 +449,8 @@ class Daemon:
         self.reload_lists()
 
     async def _round_job(self) -> None:
+        if self.stop_event.is_set():
+            return  # dispatched just before the stop, started after it
         self._round_task = asyncio.current_task()
         try:
             await self.round()
