@@ -710,3 +710,44 @@ def test_check_config_never_echoes_the_token_whatever_yaml_makes_of_it(
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert not any("s3cret" in e or "1234567890" in e for e in info.value.errors)
+
+
+# -- the systemd unit and the config the Ansible role writes ---------------------------------------
+
+
+def test_the_role_writes_a_notify_unit_with_a_watchdog_and_a_config_the_daemon_accepts(
+    tmp_path: Path,
+) -> None:
+    import jinja2
+    import yaml
+
+    role = Path(__file__).parent.parent / "ansible" / "roles" / "probe"
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters["to_json"] = json.dumps
+    env.filters["bool"] = bool
+    variables = yaml.safe_load((role / "defaults" / "main.yml").read_text())
+    variables.update(
+        ansible_managed="managed",
+        inventory_hostname="it-milan-1.example",
+        blockprobe_collector_url="https://collector.example:8443",
+    )
+    # Defaults refer to each other ("{{ probe_home }}/venv"): render them until they settle.
+    for _ in range(3):
+        variables = {
+            k: env.from_string(v).render(**variables) if isinstance(v, str) else v
+            for k, v in variables.items()
+        }
+    unit = env.from_string((role / "templates" / "blockprobe-probe.service.j2").read_text()).render(
+        **variables
+    )
+    lines = set(unit.splitlines())
+    assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=120", "Restart=on-failure"} <= lines
+    text = env.from_string((role / "templates" / "probe.yaml.j2").read_text()).render(**variables)
+    (tmp_path / "etc").mkdir()
+    doc = yaml.safe_load(text)
+    doc["collector"]["token_file"] = str(tmp_path / "token")
+    doc["state_dir"] = str(tmp_path / "state")
+    (tmp_path / "token").write_text("t0ken")
+    config = parse_config(json.dumps(doc), "probe.yaml", tmp_path)
+    assert config.round_deadline == 3600 and config.collector is not None
+    assert (config.collector.retry_base, config.collector.retry_max) == (1, 30)
