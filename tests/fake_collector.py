@@ -5,21 +5,32 @@ so tests can check that each result arrived exactly once. With `strict` it refus
 the real collector refuses (the bounds of probe/limits.py: 422 naming the first bad
 measurement, 500 for JSON nested deeper than the collector's parser takes); `refuse` is a
 per-measurement predicate for refusals scripted by a test (say, results too old).
+
+`HostileResolver` is the other side: a DNS server over TCP that sends whatever its script
+says, up to 65,535 bytes (hundreds of answers, EDE texts of kilobytes, JSON nested
+hundreds deep), where the lab politely fits its answers to the query's EDNS buffer.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import socketserver
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from probe import limits
+import dns.edns
+import dns.message
+import dns.rdatatype
+import dns.rrset
 
-__all__ = ["FakeCollector", "wait_for"]
+from probe import limits
+from probe.lab import Behaviour
+
+__all__ = ["FakeCollector", "HostileResolver", "wait_for"]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -170,3 +181,47 @@ def _out_of_bounds(m: dict[str, Any]) -> str | None:
     if m.get("error") and len(m["error"]) > limits.MAX_ERROR_CHARS:
         return "error: too long"
     return None
+
+
+class HostileResolver(socketserver.ThreadingTCPServer):
+    """A resolver over TCP that answers the HOSTILE names as they are, up to 65,535 bytes.
+
+    The lab sizes its answers to the query's EDNS buffer even over TCP, as a polite
+    server does; a hostile one sends whatever it likes, so this one is written for it.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, names: dict[str, Behaviour], host: str = "127.0.0.1") -> None:
+        self.names = names
+        super().__init__((host, 0), _HostileHandler)
+        self.spec = f"tcp://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _HostileHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        conn = self.request
+        assert isinstance(self.server, HostileResolver)
+        while True:
+            head = conn.recv(2)
+            if len(head) < 2:
+                return
+            size = int.from_bytes(head, "big")
+            wire = b""
+            while len(wire) < size:
+                chunk = conn.recv(size - len(wire))
+                if not chunk:
+                    return
+                wire += chunk
+            query = dns.message.from_wire(wire)
+            name = query.question[0].name.to_text(omit_final_dot=True)
+            b = self.server.names.get(name, Behaviour(records={"A": ("93.184.216.34",)}))
+            resp = dns.message.make_response(query)
+            if query.question[0].rdtype == dns.rdatatype.A:
+                resp.answer.append(dns.rrset.from_text_list(name + ".", 300, "IN", "A", list(b.records["A"])))
+            options = [dns.edns.EDEOption(dns.edns.EDECode(c), t or None) for c, t in b.ede]
+            resp.use_edns(0, payload=1232, options=options)
+            out = resp.to_wire(max_size=65535)
+            conn.sendall(len(out).to_bytes(2, "big") + out)

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import socket
-import socketserver
 import sqlite3
 import subprocess
 import sys
@@ -20,10 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dns.edns
-import dns.message
-import dns.rdatatype
-import dns.rrset
 import pytest
 
 from collector.schema import Batch as BatchIn
@@ -36,7 +31,7 @@ from probe.daemon.spool import ReadOnlySpool, Spool, SpoolThread
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 
 from .conftest import start_lab, truth_zone
-from .fake_collector import FakeCollector, _depth, wait_for
+from .fake_collector import FakeCollector, HostileResolver, _depth, wait_for
 from .test_daemon import TOKEN, _unique, _write_config
 
 D = "blockprobe-lab.net"
@@ -193,54 +188,12 @@ def test_clamp_brings_a_hostile_measurement_within_every_bound_and_says_so() -> 
 # -- a hostile resolver end to end -----------------------------------------------------------
 
 
-class _HostileTcp(socketserver.ThreadingTCPServer):
-    """A resolver over TCP that answers the HOSTILE names as they are, up to 65,535 bytes.
-
-    The lab sizes its answers to the query's EDNS buffer even over TCP, as a polite
-    server does; a hostile one sends whatever it likes, so this one is written for it.
-    """
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _HostileHandler)
-        self.spec = f"tcp://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-class _HostileHandler(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        conn = self.request
-        while True:
-            head = conn.recv(2)
-            if len(head) < 2:
-                return
-            size = int.from_bytes(head, "big")
-            wire = b""
-            while len(wire) < size:
-                chunk = conn.recv(size - len(wire))
-                if not chunk:
-                    return
-                wire += chunk
-            query = dns.message.from_wire(wire)
-            name = query.question[0].name.to_text(omit_final_dot=True)
-            b = HOSTILE.get(name, Behaviour(records={"A": ("93.184.216.34",)}))
-            resp = dns.message.make_response(query)
-            if query.question[0].rdtype == dns.rdatatype.A:
-                resp.answer.append(dns.rrset.from_text_list(name + ".", 300, "IN", "A", list(b.records["A"])))
-            options = [dns.edns.EDEOption(dns.edns.EDECode(c), t or None) for c, t in b.ede]
-            resp.use_edns(0, payload=1232, options=options)
-            out = resp.to_wire(max_size=65535)
-            conn.sendall(len(out).to_bytes(2, "big") + out)
-
-
 def test_hostile_resolver_answers_are_clamped_and_every_result_is_accepted(
     tmp_path: Path, hostile: LabServer, control: LabServer, collector: FakeCollector
 ) -> None:
     collector.strict = True  # refuses what the real collector refuses
     names = [*HOSTILE, *FINE]
-    server = _HostileTcp()
+    server = HostileResolver(HOSTILE)
     resolvers = [{"spec": server.spec, "kind": "isp"}]
     run = _Running(_config(tmp_path, hostile, control, collector.url, names, timeout=5, resolvers=resolvers))
     try:
@@ -751,3 +704,48 @@ def test_the_role_writes_a_notify_unit_with_a_watchdog_and_a_config_the_daemon_a
     config = parse_config(json.dumps(doc), "probe.yaml", tmp_path)
     assert config.round_deadline == 3600 and config.collector is not None
     assert (config.collector.retry_base, config.collector.retry_max) == (1, 30)
+
+
+def test_a_collector_that_refuses_everything_is_waited_for_not_emptied_into_the_quarantine(
+    tmp_path: Path, collector: FakeCollector
+) -> None:
+    from probe.daemon.push import SUSPECT_AFTER
+
+    pusher, thread = _pusher(tmp_path, collector.url, retry={"base": 0.05, "max": 0.1}, rate=0)
+    thread.spool.add([{"domain": f"n{i}.example", "finding": None, "time": "t"} for i in range(60)])
+    collector.refuse = lambda m: "qtype: a bad deploy refuses everything"
+
+    async def go() -> None:
+        out = await pusher.push()
+        assert out.quarantined == SUSPECT_AFTER and out.failure and "a bad deploy" in out.failure
+        assert pusher.backoff.remaining() > 0
+        collector.refuse = lambda m: None  # fixed
+        while thread.spool.depth():
+            await asyncio.sleep(0.05)
+            await pusher.push()
+        await pusher.aclose()
+
+    asyncio.run(go())
+    thread.shutdown()
+    assert len(collector.results()) == 60 - SUSPECT_AFTER
+    assert thread.spool.quarantine_depth() == SUSPECT_AFTER
+
+
+def test_the_collectors_age_bound_is_learnt_from_its_refusal(
+    tmp_path: Path, collector: FakeCollector
+) -> None:
+    pusher, thread = _pusher(tmp_path, collector.url)
+    thread.spool.add([{"domain": "old.example", "finding": None, "time": "t"}])
+    thread.spool.db.execute("UPDATE results SET created = created - 40 * 86400")
+    thread.spool.add([{"domain": "new.example", "finding": None, "time": "t"}])
+    collector.refuse = lambda m: (
+        "time: 2026-10-01T00:00:00Z is more than 30 days old (check the probe's clock)"
+        if m["domain"] == "old.example"
+        else None
+    )
+    asyncio.run(pusher.push())
+    asyncio.run(pusher.aclose())
+    thread.shutdown()
+    assert pusher.max_age_days == 30
+    assert [m["domain"] for m in collector.results()] == ["new.example"]
+    assert [q.measurement["domain"] for q in thread.spool.quarantined()] == ["old.example"]

@@ -55,6 +55,11 @@ _NOT_ABOUT_CONTENT = frozenset({401, 403, 404, 405, 407, 408, 411, 415, 421, 429
 _RETRY_AFTER_CAP = 3600.0  # a Retry-After beyond an hour is a misconfiguration, not a plan
 _RESEND = uuid.UUID("6f1d2c3e-9a54-4bde-8a43-51c0f3a0b7d1")  # namespace of resent batches' ids
 _INDEX = re.compile(r"^(?:body\.)?measurements\[(\d+)\]")
+_AGE = re.compile(r"more than ([0-9.]+) days old")
+# After this many measurements quarantined in a row with no batch accepted in between, the
+# collector is refusing everything (a bad deploy, a schema mismatch), not these measurements:
+# further refusals are then treated as a failing collector, and the spool waits for it.
+SUSPECT_AFTER = 5
 
 
 def backoff(attempts: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
@@ -148,6 +153,8 @@ class Pusher:
         self.backoff = Backoff(self.collector.retry_base, self.collector.retry_max, clock)
         self.batch_size = self.collector.batch_size
         self.rate = self.collector.rate
+        self.max_age_days = self.collector.max_age_days
+        self.refused_in_a_row = 0
         self.clock = clock
         self._next_send = 0.0
         self.on_failure = on_failure or (lambda reason: None)
@@ -195,8 +202,8 @@ class Pusher:
         or max_batches requests; returns at once while the collector is backing off."""
         out = PushOutcome()
         sent = 0
-        max_age = self.collector.max_age_days * 86400
         while (max_batches is None or sent < max_batches) and self.backoff.remaining() == 0:
+            max_age = self.max_age_days * 86400
             batch = await self.spool.call(self.spool.spool.next_batch, self.batch_size, None, max_age)
             if batch is None:
                 break
@@ -213,6 +220,7 @@ class Pusher:
         if reply.ok:
             await self.spool.call(spool.ack, batch.batch_id)
             self.backoff.succeeded()
+            self.refused_in_a_row = 0
             out.sent_batches += 1
             out.sent_results += n
             log.info(
@@ -223,10 +231,27 @@ class Pusher:
             )
             return True
         self.on_failure(reply.reason)
+        age = _AGE.search(reply.detail)
+        if age and float(age.group(1)) < self.max_age_days:
+            # The collector keeps less than we thought: learn its bound, so what is older
+            # goes to the quarantine before it is sent.
+            self.max_age_days = float(age.group(1))
+            log.warning(
+                "the collector refuses results older than %g days; older ones are quarantined",
+                self.max_age_days,
+            )
+        suspect = self.refused_in_a_row >= SUSPECT_AFTER and not age
+        if suspect and reply.refuses_content:
+            log.error(
+                "the collector has refused %d measurements in a row and accepted none: treating it as failing, "
+                "not quarantining more",
+                self.refused_in_a_row,
+            )
         # The collector answered: it is up, whatever it thought of this batch.
-        if reply.status == 413 or reply.refuses_content:
+        if reply.status == 413 or (reply.refuses_content and not suspect):
             self.backoff.succeeded()
             if n == 1:
+                self.refused_in_a_row += 1
                 why = f"{reply.reason}: {reply.detail}".strip(": ")
                 await self.spool.call(spool.quarantine, batch.batch_id, why)
                 out.quarantined += 1
