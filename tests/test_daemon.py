@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,6 +227,11 @@ def test_kill_9_mid_push_then_restart_loses_nothing_and_sends_no_batch_twice(
     assert len(collector.results()) == 2 * PER_ROUND  # one round per process (interval 60 s)
     sent_ids = [b for b, _, status in collector.requests if status == 200]
     assert hung is None or hung in sent_ids  # the interrupted batch was resent under its own id
+    status = subprocess.run([sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    life = json.loads(status.stdout)["lifetime"]
+    assert life["unclean_starts_total"] == 1 and life["rounds_total"] == 2
+    assert life["written_total"] == life["pushed_total"] == 2 * PER_ROUND
 
 
 def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
@@ -242,6 +248,8 @@ def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
     assert proc.returncode == 0, stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert lines and all(line["probe"] == "it-test-1" for line in lines)
+    acks = [line["message"] for line in lines if " acknowledged: " in line["message"]]
+    assert acks and all(re.fullmatch(r"batch [0-9a-f-]{36} acknowledged: \d+ results", a) for a in acks)
     assert TOKEN not in stderr
     status = subprocess.run([sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)  # fmt: skip

@@ -201,8 +201,10 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-# Measurements are handed to the spool thread in chunks of this many.
+# Measurements are handed to the spool thread in chunks of this many, or every second,
+# whichever comes first: a kill -9 loses at most the last second's measurements.
 CHUNK = 500
+FLUSH_EVERY = 1.0
 # A round still running this long past its deadline did not obey its cancellation: the
 # watchdog stops pinging and systemd restarts the service.
 DEADLINE_SLACK = 60.0
@@ -247,6 +249,7 @@ class Daemon:
         self._buffer: list[dict[str, Any]] = []
         self._unstored: dict[int, list[dict[str, Any]]] = {}
         self._chunks = itertools.count()
+        self._last_flush = time.monotonic()
         if self.unclean_start:
             log.warning("the previous run did not stop cleanly (kill -9, watchdog, power loss); counted")
 
@@ -325,7 +328,7 @@ class Daemon:
                     # A resolver may send anything: cut it to what the collector accepts.
                     self._buffer.append(clamp({**m.to_json(), **extra}))
                     measured += 1
-                    if len(self._buffer) >= CHUNK:
+                    if len(self._buffer) >= CHUNK or time.monotonic() - self._last_flush > FLUSH_EVERY:
                         await self._flush()
         except TimeoutError:
             if not deadline.expired():
@@ -361,6 +364,7 @@ class Daemon:
 
     async def _flush(self) -> None:
         """Hand the buffer to the spool thread and wait until it is committed (backpressure)."""
+        self._last_flush = time.monotonic()
         if self._buffer:
             self._unstored[next(self._chunks)] = self._buffer
             self._buffer = []
