@@ -749,3 +749,44 @@ def test_the_collectors_age_bound_is_learnt_from_its_refusal(
     assert pusher.max_age_days == 30
     assert [m["domain"] for m in collector.results()] == ["new.example"]
     assert [q.measurement["domain"] for q in thread.spool.quarantined()] == ["old.example"]
+
+
+def test_hostile_answers_are_stored_by_the_real_collector(
+    tmp_path: Path, hostile: LabServer, control: LabServer
+) -> None:
+    """The same hostile resolver, against the collector itself (FastAPI, SQLite): nothing refused."""
+    from collector.store import open_store
+
+    from .test_collector import Server
+
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    live = Server(store)
+    server = HostileResolver(HOSTILE)
+    names = [*HOSTILE, *FINE]
+    try:
+        config = _config(
+            tmp_path,
+            hostile,
+            control,
+            live.url,
+            names,
+            timeout=5,
+            resolvers=[{"spec": server.spec, "kind": "isp"}],
+        )
+        (tmp_path / "token").write_text(live.token("it-test-1"))
+        run = _Running(config)
+        try:
+            wait_for(
+                lambda: run.daemon.rounds_done >= 1 and run.daemon.spool.depth() == 0, 30, "a round pushed"
+            )
+        finally:
+            run.stop()
+        assert run.daemon.spool.totals()["quarantined_total"] == 0
+        with live.store.tx() as cur:
+            cur.execute("SELECT count(*) FROM archive")
+            (rows,) = cur.fetchone()
+        assert rows == run.daemon.spool.totals()["pushed_total"] >= len(names)
+    finally:
+        server.shutdown()
+        server.server_close()
+        live.stop()

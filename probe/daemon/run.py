@@ -502,7 +502,14 @@ class Daemon:
     async def run(self, *, grace: float = 10.0) -> None:
         """Run until SIGTERM/SIGINT (or stop_event). Everything measured is stored before it
         returns, whatever the grace; the round gets `grace` to finish, the final push too."""
-        self.reload_lists(initial=True)
+        try:
+            self.reload_lists(initial=True)
+        except ListsError:
+            # Refused to start (bad lists, exit 2): a clean stop, not one to count as a crash.
+            await self.writer.call(self.spool.mark_stop)
+            self.writer.shutdown()
+            self.spool.close()
+            raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Outside the main thread (in tests) only stop_event stops the daemon.
@@ -538,6 +545,7 @@ class Daemon:
             self._beat, IntervalTrigger(seconds=_BEAT), id="beat", max_instances=1, coalesce=True
         )
         scheduler.start()
+        self._scheduler_beat = time.monotonic()
         if self.pusher is not None:
             self._push_task = asyncio.create_task(self._push_loop())
         watchdog = None
