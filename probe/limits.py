@@ -74,6 +74,66 @@ def _bounded(value: Any, depth: int, cut: list[str], path: str) -> Any:
     return value
 
 
+def _small(value: Any, depth: int) -> bool:
+    """True when `_bounded` would cut nothing: the common case, checked without copying."""
+    if isinstance(value, str):
+        return len(value) <= MAX_WIRE_B64
+    if isinstance(value, dict):
+        if depth > _MEASUREMENT_DEPTH:
+            return False
+        for k, v in value.items():
+            if (v.__class__ not in _SCALARS and not _small(v, depth + 1)) or len(str(k)) > MAX_WIRE_B64:
+                return False
+        return True
+    if isinstance(value, list):
+        if depth > _MEASUREMENT_DEPTH or len(value) > MAX_ANSWERS:
+            return False
+        for v in value:
+            if v.__class__ not in _SCALARS and not _small(v, depth + 1):
+                return False
+    return True
+
+
+# Values that can never be cut (strings can, when long).
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _fits(m: dict[str, Any]) -> bool:
+    """True when `clamp` would change nothing."""
+    answers = m.get("answers") or ()
+    if len(answers) > MAX_ANSWERS:
+        return False
+    for a in answers:
+        if len(a) > MAX_ANSWER_CHARS:
+            return False
+    cname = m.get("cname") or ()
+    if len(cname) > MAX_CNAME:
+        return False
+    for c in cname:
+        if len(c) > MAX_NAME_CHARS:
+            return False
+    ede = m.get("ede") or ()
+    if len(ede) > MAX_EDE:
+        return False
+    for e in ede:
+        if len(str(e.get("text") or "")) > MAX_EDE_TEXT or ("json" in e and not _small(e["json"], 4)):
+            return False
+    for key, limit in (
+        ("error", MAX_ERROR_CHARS),
+        ("resolver", MAX_LABEL_CHARS),
+        ("rcode", 16),
+        ("wire", MAX_WIRE_B64),
+    ):
+        value = m.get(key)
+        if isinstance(value, str) and len(value) > limit:
+            return False
+    for key in ("control", "sinkhole", "evidence"):
+        value = m.get(key)
+        if isinstance(value, dict) and not _small(value, 2):
+            return False
+    return True
+
+
 def _strings(values: Any, limit_items: int, limit_chars: int, cut: list[str], key: str) -> list[str]:
     items = list(values or [])
     if len(items) > limit_items:
@@ -97,6 +157,8 @@ def clamp(m: dict[str, Any]) -> dict[str, Any]:
     clamped answer for the whole answer. A measurement already within bounds comes back
     unchanged (the same object), so clamping twice changes nothing.
     """
+    if _fits(m):
+        return m
     cut: list[str] = []
     out = dict(m)
     if "answers" in m:

@@ -416,12 +416,6 @@ class Spool(_Reader):
                 new.append(part)
         return new
 
-    def split(self, batch_id: str) -> None:
-        """The batch goes back to be batched again (e.g. in smaller batches after a 413)."""
-        with self._tx():
-            self.db.execute("UPDATE results SET batch_id = NULL WHERE batch_id = ?", (batch_id,))
-            self.db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
-
     def quarantine(self, batch_id: str, reason: str) -> int:
         """The collector refused these measurements for good: set them aside, counted, kept."""
         now = time.time()
