@@ -27,7 +27,7 @@ from probe.daemon.config import ConfigError, load_config, parse_config
 from probe.daemon.notify import Notifier
 from probe.daemon.push import Backoff, Pusher, retry_after
 from probe.daemon.run import Daemon
-from probe.daemon.spool import ReadOnlySpool, Spool, SpoolThread
+from probe.daemon.spool import ReadOnlySpool, Spool, SpoolThread, encode
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 
 from .conftest import start_lab, truth_zone
@@ -428,13 +428,13 @@ def test_a_chunk_is_never_stored_twice_nor_lost_when_the_spool_errs(tmp_path: Pa
     )
     daemon = Daemon(config)
     spool = daemon.spool
-    real_bound, real_add = spool._enforce_bound, spool.add
+    real_bound, real_add = spool._enforce_bound, spool.add_encoded
     fail_before_commit = [True]
 
     def locked_after_commit() -> int:
         raise sqlite3.OperationalError("database is locked")
 
-    def locked_before_commit(rows: list[dict[str, Any]]) -> int:
+    def locked_before_commit(rows: list[tuple[str | None, str]]) -> int:
         if fail_before_commit[0]:
             fail_before_commit[0] = False
             raise sqlite3.OperationalError("database is locked")
@@ -442,11 +442,11 @@ def test_a_chunk_is_never_stored_twice_nor_lost_when_the_spool_errs(tmp_path: Pa
 
     async def go() -> None:
         spool._enforce_bound = locked_after_commit  # type: ignore[method-assign]
-        daemon._buffer = [{"n": i} for i in range(7)]
+        daemon._buffer = [encode({"n": i}) for i in range(7)]
         await daemon._flush()  # committed, then the bound check failed: not stored again
         spool._enforce_bound = real_bound  # type: ignore[method-assign]
-        spool.add = locked_before_commit  # type: ignore[method-assign]
-        daemon._buffer = [{"n": i} for i in range(7, 10)]
+        spool.add_encoded = locked_before_commit  # type: ignore[method-assign]
+        daemon._buffer = [encode({"n": i}) for i in range(7, 10)]
         await daemon._flush()  # not committed: kept for the next flush
         assert daemon._unstored
         await daemon._flush()
@@ -464,13 +464,13 @@ def test_spool_writes_run_on_the_spool_thread_not_the_event_loop(
     tmp_path: Path, hostile: LabServer, control: LabServer, collector: FakeCollector
 ) -> None:
     threads: set[str] = set()
-    real = Spool.add
+    real = Spool.add_encoded
 
-    def add(self: Spool, rows: list[dict[str, Any]]) -> int:
+    def add(self: Spool, rows: list[tuple[str | None, str]]) -> int:
         threads.add(threading.current_thread().name)
         return real(self, rows)
 
-    Spool.add = add  # type: ignore[method-assign]
+    Spool.add_encoded = add  # type: ignore[method-assign]
     try:
         run = _Running(_config(tmp_path, hostile, control, collector.url, FINE))
         try:
@@ -478,7 +478,7 @@ def test_spool_writes_run_on_the_spool_thread_not_the_event_loop(
         finally:
             run.stop()
     finally:
-        Spool.add = real  # type: ignore[method-assign]
+        Spool.add_encoded = real  # type: ignore[method-assign]
     assert threads and all(t.startswith("spool") for t in threads)
 
 

@@ -42,7 +42,7 @@ from probe import __version__
 from probe.daemon.config import Config
 from probe.daemon.notify import Notifier
 from probe.daemon.push import Pusher
-from probe.daemon.spool import Spool, SpoolThread
+from probe.daemon.spool import Spool, SpoolThread, encode
 from probe.engine import Engine, Plan
 from probe.expect import Expectations
 from probe.limits import clamp
@@ -246,8 +246,8 @@ class Daemon:
         # buffer; a flush moves it to `_unstored` under a chunk number, and the spool thread
         # deletes a chunk only once committed. Whatever is left when the daemon stops is
         # written then, so a cancelled round loses nothing and no chunk is written twice.
-        self._buffer: list[dict[str, Any]] = []
-        self._unstored: dict[int, list[dict[str, Any]]] = {}
+        self._buffer: list[tuple[str | None, str]] = []
+        self._unstored: dict[int, list[tuple[str | None, str]]] = {}
         self._chunks = itertools.count()
         self._last_flush = time.monotonic()
         if self.unclean_start:
@@ -326,7 +326,7 @@ class Daemon:
                 async for m in engine.run(plan):
                     self.metrics.queries.labels(str(m.transport), str(m.outcome)).inc()
                     # A resolver may send anything: cut it to what the collector accepts.
-                    self._buffer.append(clamp({**m.to_json(), **extra}))
+                    self._buffer.append(encode(clamp({**m.to_json(), **extra})))
                     measured += 1
                     if len(self._buffer) >= CHUNK or time.monotonic() - self._last_flush > FLUSH_EVERY:
                         await self._flush()
@@ -380,7 +380,7 @@ class Daemon:
         `_unstored` only after its commit, and only this thread removes chunks."""
         dropped = 0
         for cid in sorted(list(self._unstored)):
-            dropped += self.spool.add(self._unstored[cid])
+            dropped += self.spool.add_encoded(self._unstored[cid])
             del self._unstored[cid]
         if dropped:
             self._dropped = self.spool.dropped()

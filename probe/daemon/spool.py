@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-__all__ = ["COUNTERS", "Batch", "Quarantined", "ReadOnlySpool", "Spool", "SpoolThread"]
+__all__ = ["COUNTERS", "Batch", "Quarantined", "ReadOnlySpool", "Spool", "SpoolThread", "encode"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
 class Batch:
     batch_id: str
     attempts: int
-    measurements: list[dict[str, Any]]
+    bodies: list[str]  # each measurement's JSON, as stored: sent as is, never decoded on the way
+
+    @property
+    def measurements(self) -> list[dict[str, Any]]:
+        return [json.loads(b) for b in self.bodies]
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,12 @@ class Quarantined:
             "reason": self.reason,
             "measurement": self.measurement,
         }
+
+
+def encode(m: dict[str, Any]) -> tuple[str | None, str]:
+    """A measurement as the spool stores it: its finding (for the bound) and its JSON."""
+    finding = m.get("finding")
+    return (finding if isinstance(finding, str) else None), json.dumps(m, separators=(",", ":"))
 
 
 class _Tx:
@@ -246,18 +256,21 @@ class Spool(_Reader):
         self.set_meta("running", "0")
 
     def add(self, measurements: list[dict[str, Any]]) -> int:
-        """Store measurements durably (one transaction), then enforce the bound; returns rows dropped.
+        """Store measurements durably (one transaction), then enforce the bound; returns rows dropped."""
+        return self.add_encoded([encode(m) for m in measurements])
 
-        Raises only when the rows were not committed, so the caller may offer them again
-        without ever storing them twice.
+    def add_encoded(self, encoded: list[tuple[str | None, str]]) -> int:
+        """Store (finding, JSON) pairs made by `encode`; returns rows dropped by the bound.
+
+        The daemon encodes each measurement on the loop as it comes (tens of microseconds
+        each), so this thread runs SQLite, which releases the GIL, instead of holding it
+        for a chunk's JSON while the loop waits. Raises only when the rows were not
+        committed, so the caller may offer them again without ever storing them twice.
         """
-        if not measurements:
+        if not encoded:
             return 0
         now = time.time()
-        rows = [
-            (now, _PRIORITY.get(m.get("finding"), 0), m.get("finding"), json.dumps(m, separators=(",", ":")))
-            for m in measurements
-        ]
+        rows = [(now, _PRIORITY.get(finding, 0), finding, body) for finding, body in encoded]
         with self._tx():
             self.db.executemany(
                 "INSERT INTO results (created, priority, finding, body) VALUES (?,?,?,?)", rows
@@ -364,13 +377,8 @@ class Spool(_Reader):
         log.warning("%d results older than %g days quarantined: the collector would refuse them", n, days)
 
     def _load(self, batch_id: str, attempts: int) -> Batch:
-        bodies = [
-            json.loads(b)
-            for (b,) in self.db.execute(
-                "SELECT body FROM results WHERE batch_id = ? ORDER BY id", (batch_id,)
-            )
-        ]
-        return Batch(batch_id, attempts, bodies)
+        rows = self.db.execute("SELECT body FROM results WHERE batch_id = ? ORDER BY id", (batch_id,))
+        return Batch(batch_id, attempts, [str(b) for (b,) in rows])
 
     def ack(self, batch_id: str) -> int:
         """The collector has the batch: it leaves the spool."""
