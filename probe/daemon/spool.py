@@ -116,7 +116,9 @@ class Quarantined:
 def encode(m: dict[str, Any]) -> tuple[str | None, str]:
     """A measurement as the spool stores it: its finding (for the bound) and its JSON."""
     finding = m.get("finding")
-    return (finding if isinstance(finding, str) else None), json.dumps(m, separators=(",", ":"))
+    # default=str: a value JSON cannot hold (bytes in some evidence) is kept as text rather
+    # than failing the round it came from.
+    return (finding if isinstance(finding, str) else None), json.dumps(m, separators=(",", ":"), default=str)
 
 
 class _Tx:
