@@ -250,7 +250,8 @@ def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
     assert lines and all(line["probe"] == "it-test-1" for line in lines)
     acks = [line["message"] for line in lines if " acknowledged: " in line["message"]]
     assert acks and all(
-        re.fullmatch(r"batch [0-9a-f-]{36} acknowledged: \d+ results( \(duplicate: .*\))?", a) for a in acks
+        re.fullmatch(r"batch [0-9a-f-]{36} acknowledged: \d+ results, (new|a duplicate \(.*\))", a)
+        for a in acks
     )
     assert TOKEN not in stderr
     status = subprocess.run([sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],

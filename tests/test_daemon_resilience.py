@@ -790,3 +790,29 @@ def test_hostile_answers_are_stored_by_the_real_collector(
         server.shutdown()
         server.server_close()
         live.stop()
+
+
+def test_each_acknowledged_batch_is_logged_with_whether_it_was_a_duplicate(
+    tmp_path: Path, collector: FakeCollector, caplog: pytest.LogCaptureFixture
+) -> None:
+    pusher, thread = _pusher(tmp_path, collector.url)
+    thread.spool.add([{"domain": f"n{i}.example", "finding": None, "time": "t"} for i in range(15)])
+    first = thread.spool.next_batch(10)
+    assert first is not None
+
+    async def go() -> None:
+        # The collector stored the first batch, but its answer never reached the probe.
+        assert (await pusher.send(first.batch_id, first.bodies)).ok
+        with caplog.at_level("INFO", logger="probe.daemon.push"):
+            await pusher.push()
+        await pusher.aclose()
+
+    asyncio.run(go())
+    thread.shutdown()
+    acks = [r.getMessage() for r in caplog.records if "acknowledged" in r.getMessage()]
+    assert (
+        acks[0]
+        == f"batch {first.batch_id} acknowledged: 10 results, a duplicate (the collector had it already)"
+    )
+    assert acks[1].endswith("acknowledged: 5 results, new") and len(acks) == 2
+    assert len(collector.results()) == 15

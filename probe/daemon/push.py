@@ -224,10 +224,10 @@ class Pusher:
             out.sent_batches += 1
             out.sent_results += n
             log.info(
-                "batch %s acknowledged: %d results%s",
+                "batch %s acknowledged: %d results, %s",
                 batch.batch_id,
                 n,
-                " (duplicate: the collector had it already)" if reply.duplicate else "",
+                "a duplicate (the collector had it already)" if reply.duplicate else "new",
             )
             return True
         self.on_failure(reply.reason)
