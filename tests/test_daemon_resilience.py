@@ -332,10 +332,11 @@ def test_backoff_is_one_state_per_collector_and_the_backlog_drains_at_once(
     assert len(collector.results()) == 400
 
 
-def test_429_and_503_honour_retry_after(tmp_path: Path, collector: FakeCollector) -> None:
+@pytest.mark.parametrize("status", ["429", "503"])
+def test_429_and_503_honour_retry_after(tmp_path: Path, collector: FakeCollector, status: str) -> None:
     pusher, thread = _pusher(tmp_path, collector.url, retry={"base": 0.01, "max": 0.02}, rate=0)
     thread.spool.add([{"domain": "a.example", "finding": None, "time": "t"}])
-    collector.mode, collector.failures_left, collector.retry_after = "429", 1, "1"
+    collector.mode, collector.failures_left, collector.retry_after = status, 1, "1"
 
     async def go() -> None:
         await pusher.push()
@@ -347,7 +348,7 @@ def test_429_and_503_honour_retry_after(tmp_path: Path, collector: FakeCollector
 
     asyncio.run(go())
     thread.shutdown()
-    assert [s for _, _, s in collector.requests] == [429, 200]
+    assert [s for _, _, s in collector.requests] == [int(status), 200]
     assert collector.times[1] - collector.times[0] >= 1.0
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0 and retry_after("120") == 120.0
     assert retry_after("soon") is None
@@ -816,3 +817,25 @@ def test_each_acknowledged_batch_is_logged_with_whether_it_was_a_duplicate(
     )
     assert acks[1].endswith("acknowledged: 5 results, new") and len(acks) == 2
     assert len(collector.results()) == 15
+
+
+@pytest.mark.parametrize(
+    ("collector_keys", "message"),
+    [
+        ({"retry": {"base": 10, "max": 2}}, "collector.retry.max: 2 must be at least retry.base (10)"),
+        ({"retry": {"base": 1, "maximum": 2}}, "collector.retry.maximum: unknown key (one of base, max)"),
+        ({"retry": "fast"}, "collector.retry: 'fast' must be a mapping with base and max"),
+        ({"rate": -1}, "collector.rate: -1 must be at least 0"),
+        ({"batch_size": 50000}, "collector.batch_size: 50000 must be between 1 and 20000"),
+    ],
+)
+def test_push_settings_are_checked(collector_keys: dict[str, Any], message: str) -> None:
+    doc = {
+        "probe": {"id": "t", "region": "r", "country": "IT"},
+        "collector": {"url": "http://127.0.0.1:9", "token": "t0ken", **collector_keys},
+        "resolvers": ["udp://127.0.0.1"],
+        "controls": [],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(json.dumps(doc), "probe.yaml")
+    assert info.value.errors == [f"probe.yaml: {message}"]
