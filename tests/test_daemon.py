@@ -227,8 +227,12 @@ def test_kill_9_mid_push_then_restart_loses_nothing_and_sends_no_batch_twice(
     assert len(collector.results()) == 2 * PER_ROUND  # one round per process (interval 60 s)
     sent_ids = [b for b, _, status in collector.requests if status == 200]
     assert hung is None or hung in sent_ids  # the interrupted batch was resent under its own id
-    status = subprocess.run([sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    status = subprocess.run(
+        [sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     life = json.loads(status.stdout)["lifetime"]
     assert life["unclean_starts_total"] == 1 and life["rounds_total"] == 2
     assert life["written_total"] == life["pushed_total"] == 2 * PER_ROUND
