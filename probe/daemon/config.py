@@ -101,7 +101,7 @@ class Config:
             lines.append(
                 f"collector: {c.url} (token from {c.token_source}), push every {self.push_interval:g}s, "
                 f"batches of {c.batch_size}, retry {c.retry_base:g}s to {c.retry_max:g}s, "
-                f"{c.rate or 'unlimited'} requests/s while catching up, results kept {c.max_age_days:g} days"
+                f"{c.rate or 'unlimited'} requests/s while catching up, results older than {c.max_age_days:g} days quarantined"
             )
         else:
             lines.append("collector: none (results stay in the spool)")
