@@ -560,56 +560,14 @@ def run(config_file: str) -> None:
         _fail_all(exc.errors)
 
 
-@cli.command()
-@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
-def status(config_file: str, as_json: bool) -> None:
-    """Spool depth, batches waiting, the last round and the last push, from the state directory."""
-    import json
-    import time
+def _daemon_commands() -> None:
+    from probe.daemon.cli import spool, status
 
-    from probe.daemon.config import ConfigError, load_config
-    from probe.daemon.spool import Spool
-
-    try:
-        config = load_config(config_file)
-    except ConfigError as exc:
-        _fail_all(exc.errors)
-    path = config.state_dir / "spool.sqlite3"
-    if not path.exists():
-        _fail(f"no spool at {path}: has `probe run` started with this config?")
-    spool = Spool(path, config.spool_max_rows)
-    now = time.time()
-
-    def ago(key: str) -> float | None:
-        value = spool.meta(key)
-        return None if value is None else round(now - float(value), 1)
-
-    doc: dict[str, Any] = {"probe": config.probe_id, "spool_results": spool.depth(), "spool_bound": config.spool_max_rows,
-           "batches_waiting": [{"batch_id": b, "attempts": a, "retry_in_s": max(0.0, round(n - now, 1)), "last_error": e}
-                               for b, a, n, e in spool.pending_batches()],
-           "last_round_s_ago": ago("last_round"), "last_push_s_ago": ago("last_push"), "dropped": spool.dropped()}  # fmt: skip
-    spool.close()
-    if as_json:
-        click.echo(json.dumps(doc))
-        return
-    click.echo(
-        f"probe {doc['probe']}: {doc['spool_results']} results in the spool (bound {doc['spool_bound']})"
-    )
-    click.echo(
-        f"last round: {_ago(doc['last_round_s_ago'])}; last acknowledged push: {_ago(doc['last_push_s_ago'])}"
-    )
-    for b in doc["batches_waiting"]:
-        click.echo(f"  batch {b['batch_id']}: {b['attempts']} failed attempts, retry in {b['retry_in_s']}s"
-                   + (f" ({b['last_error']})" if b["last_error"] else ""))  # fmt: skip
-    if doc["dropped"]:
-        click.echo(
-            "dropped because the spool was full: " + ", ".join(f"{k} {v}" for k, v in doc["dropped"].items())
-        )
+    cli.add_command(status)
+    cli.add_command(spool)
 
 
-def _ago(seconds: object) -> str:
-    return "never" if seconds is None else f"{seconds}s ago"
+_daemon_commands()
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,7 +54,14 @@ def _config_text(tmp: Path, isp: LabServer, control: LabServer, url: str, **over
     lists = Path(__file__).parent / "lists" / "lab-orders.yaml"
     doc: dict[str, Any] = {
         "probe": {"id": "it-test-1", "region": "it-lab", "country": "IT"},
-        "collector": {"url": url, "token_file": str(tmp / "token"), "timeout": 1, "batch_size": 50},
+        "collector": {
+            "url": url,
+            "token_file": str(tmp / "token"),
+            "timeout": 1,
+            "batch_size": 50,
+            "retry": {"base": 0.05, "max": 0.3},
+            "rate": 0,
+        },
         "resolvers": [{"spec": isp.specs()["udp"], "kind": "isp", "operator": "tim"}, isp.specs()["tcp"]],
         "lists": [str(lists)],
         "controls": [control.specs()["udp"]],
@@ -80,7 +88,7 @@ class _Running:
     """A Daemon on its own event loop in a thread, stopped through its stop_event."""
 
     def __init__(self, config_path: Path) -> None:
-        self.daemon = Daemon(load_config(config_path), push_base_delay=0.05, push_max_delay=0.3)
+        self.daemon = Daemon(load_config(config_path))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.daemon.run(grace=5),))
         self.thread.start()
@@ -219,6 +227,15 @@ def test_kill_9_mid_push_then_restart_loses_nothing_and_sends_no_batch_twice(
     assert len(collector.results()) == 2 * PER_ROUND  # one round per process (interval 60 s)
     sent_ids = [b for b, _, status in collector.requests if status == 200]
     assert hung is None or hung in sent_ids  # the interrupted batch was resent under its own id
+    status = subprocess.run(
+        [sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    life = json.loads(status.stdout)["lifetime"]
+    assert life["unclean_starts_total"] == 1 and life["rounds_total"] == 2
+    assert life["written_total"] == life["pushed_total"] == 2 * PER_ROUND
 
 
 def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
@@ -235,6 +252,11 @@ def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
     assert proc.returncode == 0, stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert lines and all(line["probe"] == "it-test-1" for line in lines)
+    acks = [line["message"] for line in lines if " acknowledged: " in line["message"]]
+    assert acks and all(
+        re.fullmatch(r"batch [0-9a-f-]{36} acknowledged: \d+ results, (new|a duplicate \(.*\))", a)
+        for a in acks
+    )
     assert TOKEN not in stderr
     status = subprocess.run([sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)  # fmt: skip

@@ -18,6 +18,7 @@ import yaml
 from probe.catalogue import load_catalogue, resolve_spec
 from probe.errors import BlockprobeError, SpecError
 from probe.identity import Canary
+from probe.limits import MAX_AGE_DAYS, MAX_BATCH_MEASUREMENTS, MAX_LABEL_CHARS
 from probe.lists import ISO_ALPHA2
 from probe.model import Expectation
 from probe.specs import KINDS, Resolver
@@ -43,6 +44,10 @@ class CollectorConfig:
     timeout: float
     batch_size: int
     fetch_lists: bool
+    retry_base: float = 1.0  # seconds: the first backoff after a failed push
+    retry_max: float = 30.0  # seconds: the longest; also how late a recovery can be noticed
+    rate: float = 20.0  # requests per second while a backlog drains (0: unlimited)
+    max_age_days: float = MAX_AGE_DAYS  # older results go to quarantine, not to the collector
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Config:
     interval: float
     jitter: float
     push_interval: float
+    round_deadline: float
     qtypes: tuple[str, ...]
     timeout: float
     concurrency: int
@@ -76,21 +82,27 @@ class Config:
         eps = sum(len(r.endpoints) for r in self.resolvers)
         lines = [
             f"probe {self.probe_id} in region {self.region}, country {self.country}",
-            f"every {self.interval:g}s (jitter {self.jitter:g}s): {len(self.resolvers)} resolvers, "
+            f"every {self.interval:g}s (jitter {self.jitter:g}s, deadline {self.round_deadline:g}s): "
+            f"{len(self.resolvers)} resolvers, "
             f"{eps} endpoints, qtypes {', '.join(self.qtypes)}, timeout {self.timeout:g}s, "
             f"concurrency {self.concurrency}, {self.qps or 'unlimited'} q/s per endpoint",
         ]
         for r in self.resolvers:
-            lines.append(f"  {r.name}: kind {r.kind}, operator {r.operator or '-'}, "
-                         + ", ".join(str(e.transport) for e in r.endpoints))  # fmt: skip
+            lines.append(
+                f"  {r.name}: kind {r.kind}, operator {r.operator or '-'}, "
+                + ", ".join(str(e.transport) for e in r.endpoints)
+            )
         lines.append("lists: " + (", ".join(str(p) for p in self.lists) or "none"))
         lines.append("controls: " + (", ".join(r.name for r in self.controls) or "none"))
         if self.canaries:
             lines.append("canaries: " + ", ".join(f"{c.expect}={c.name}" for c in self.canaries))
         if self.collector:
             c = self.collector
-            lines.append(f"collector: {c.url} (token from {c.token_source}), push every {self.push_interval:g}s, "
-                         f"batches of {c.batch_size}")  # fmt: skip
+            lines.append(
+                f"collector: {c.url} (token from {c.token_source}), push every {self.push_interval:g}s, "
+                f"batches of {c.batch_size}, retry {c.retry_base:g}s to {c.retry_max:g}s, "
+                f"{c.rate or 'unlimited'} requests/s while catching up, results older than {c.max_age_days:g} days quarantined"
+            )
         else:
             lines.append("collector: none (results stay in the spool)")
         lines.append(f"state: {self.state_dir} (spool bound {self.spool_max_rows} results)")
@@ -99,8 +111,25 @@ class Config:
         return lines
 
 
-_TOP = {"probe", "collector", "resolvers", "lists", "controls", "canaries", "schedule", "qtypes", "timeout",
-        "concurrency", "qps", "udp_linger", "ca_file", "state_dir", "spool", "metrics", "log"}  # fmt: skip
+_TOP = {
+    "probe",
+    "collector",
+    "resolvers",
+    "lists",
+    "controls",
+    "canaries",
+    "schedule",
+    "qtypes",
+    "timeout",
+    "concurrency",
+    "qps",
+    "udp_linger",
+    "ca_file",
+    "state_dir",
+    "spool",
+    "metrics",
+    "log",
+}
 _SECTIONS = {
     "probe": {"id", "region", "country"},
     "collector": {
@@ -112,9 +141,12 @@ _SECTIONS = {
         "timeout",
         "batch_size",
         "fetch_lists",
+        "retry",
+        "rate",
+        "max_age_days",
     },
     "canaries": {"resolves", "blocked"},
-    "schedule": {"interval", "jitter", "push_interval"},
+    "schedule": {"interval", "jitter", "push_interval", "round_deadline"},
     "spool": {"max_rows"},
     "metrics": {"listen"},
     "log": {"format", "level"},
@@ -231,11 +263,29 @@ def _token(c: _Checker, col: dict[str, Any]) -> tuple[str, str]:
             c.err("collector.token_env", f"environment variable {name!r} is not set or empty")
         source = f"environment variable {name}"
     else:
-        token = c.text(col["token"], "collector.token")
+        # Never echo the value: whatever YAML made of it, it is a secret.
+        raw = col["token"]
+        token = raw.strip() if isinstance(raw, str) else ""
+        if not isinstance(raw, str):
+            c.err("collector.token", f"must be a text, not a YAML {type(raw).__name__} (quote it)")
+            return "", ""
+        if not token:
+            c.err("collector.token", "must be a non-empty text")
         source = "the config file (prefer token_file)"
     if token and not re.fullmatch(r"[\x21-\x7e]+", token):
         c.err(f"collector.{key}", "the token holds spaces or non-printable characters")
     return token, source
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's message without its snippet of the file: the line quoted may hold the token."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        where = exc.problem_mark or exc.context_mark
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        return f"{exc.problem or exc.context or 'syntax error'}{at}"
+    if isinstance(exc, yaml.YAMLError):
+        return type(exc).__name__
+    return "a value YAML cannot read (an impossible date?)"
 
 
 def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> Config:
@@ -244,7 +294,7 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     try:
         doc = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: PyYAML on impossible dates
-        raise ConfigError([f"{source}: not YAML: {exc}"]) from None
+        raise ConfigError([f"{source}: not YAML: {_yaml_problem(exc)}"]) from None
     if not isinstance(doc, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
     for key in doc:
@@ -255,6 +305,8 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     if probe_id and not _ID.match(probe_id):
         c.err("probe.id", f"{probe_id!r} is not an id (letters, digits, '.', '_', '-'; up to 64)")
     region = c.text(probe.get("region"), "probe.region")
+    if len(region) > MAX_LABEL_CHARS:
+        c.err("probe.region", f"{region[:40]!r}... is longer than {MAX_LABEL_CHARS} characters")
     country = c.text(probe.get("country"), "probe.country").upper()
     if country and country not in ISO_ALPHA2:
         c.err("probe.country", f"{probe.get('country')!r} is not an ISO 3166-1 alpha-2 code")
@@ -267,12 +319,30 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
             c.err("collector.url", f"{url!r} is not an http(s) URL")
         token, token_source = _token(c, col)
         ca = str(c.path(col["ca_file"], "collector.ca_file")) if col.get("ca_file") else None
+        retry = col.get("retry") or {}
+        if not isinstance(retry, dict):
+            c.err("collector.retry", f"{retry!r} must be a mapping with base and max")
+            retry = {}
+        for key in retry:
+            if key not in ("base", "max"):
+                c.err(f"collector.retry.{key}", "unknown key (one of base, max)")
+        retry_base = c.number(retry.get("base"), "collector.retry.base", 1, 0.01, 3600)
+        retry_max = c.number(retry.get("max"), "collector.retry.max", 30, 0.01, 86400)
+        if retry_max < retry_base:
+            c.err("collector.retry.max", f"{retry_max:g} must be at least retry.base ({retry_base:g})")
         collector = CollectorConfig(
-            url.rstrip("/"), token, token_source, ca,
+            url.rstrip("/"),
+            token,
+            token_source,
+            ca,
             c.number(col.get("timeout"), "collector.timeout", 10, 0.1, 300),
-            int(c.number(col.get("batch_size"), "collector.batch_size", 500, 1, 10000)),
+            int(c.number(col.get("batch_size"), "collector.batch_size", 500, 1, MAX_BATCH_MEASUREMENTS)),
             bool(col.get("fetch_lists", False)),
-        )  # fmt: skip
+            retry_base,
+            retry_max,
+            c.number(col.get("rate"), "collector.rate", 20, 0),
+            c.number(col.get("max_age_days"), "collector.max_age_days", MAX_AGE_DAYS, 0.001),
+        )
 
     resolvers: list[Resolver] = []
     raw = doc.get("resolvers")
@@ -321,6 +391,9 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     if jitter >= interval:
         c.err("schedule.jitter", f"{jitter:g} must be less than the interval ({interval:g})")
     push = c.number(sched.get("push_interval"), "schedule.push_interval", 15, 0.1)
+    # A round may take long under a rate limit (30,000 queries at 20 q/s: 25 minutes);
+    # the deadline is for a round that is stuck, not for a slow one.
+    deadline = c.number(sched.get("round_deadline"), "schedule.round_deadline", max(3600.0, 3 * interval), 1)
 
     qtypes = doc.get("qtypes", list(QTYPES))
     if not isinstance(qtypes, list) or not qtypes or any(q not in QTYPES for q in qtypes):
@@ -357,6 +430,7 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
         interval=interval,
         jitter=jitter,
         push_interval=push,
+        round_deadline=deadline,
         qtypes=tuple(qtypes),
         timeout=c.number(doc.get("timeout"), "timeout", 5, 0.05, 60),
         concurrency=int(c.number(doc.get("concurrency"), "concurrency", 64, 1, 10000)),

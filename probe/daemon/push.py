@@ -1,20 +1,39 @@
-"""Pushing spooled batches to the collector (CONTRACTS.md section 6), never losing one.
+"""Pushing spooled batches to the collector (CONTRACTS.md section 6), never losing one, never stuck.
 
-Each batch is POSTed to /api/v1/results, gzip-compressed, with the probe's bearer
-token and the batch id (also as Idempotency-Key). 2xx acknowledges it and only then
-does it leave the spool. 413 splits it into smaller batches; anything else — 401,
-403, 422, 429, 5xx, a refused connection, a hang — keeps it and retries later, with
-exponential backoff and jitter counted per batch (so it resumes after a restart).
+Each batch is POSTed to /api/v1/results, gzip-compressed (off the event loop), with the
+probe's bearer token and the batch id (also as Idempotency-Key). What the collector says
+decides what happens to the batch:
+
+- 2xx: acknowledged; only now does it leave the spool (logged, with the collector's
+  `duplicate` flag).
+- 413: too large; divided in two (and later batches made smaller), until one measurement
+  alone is too large: that one is quarantined.
+- another 4xx that depends on what is in the batch (422 and the like): the collector
+  refuses some of these measurements for good. The batch is bisected (cut first where
+  the collector's reason names a measurement) until each refused measurement stands
+  alone; those are quarantined, the rest is sent. A refusal that cannot depend on the
+  measurements (401, 403, 404, 405, 407, 411, 415, 421: the token, the URL, the proxy,
+  the encoding) is a collector failure instead: bisecting would quarantine everything.
+- 408, 429, 5xx, a refused connection, a hang: the collector is failing. One backoff
+  state for the whole collector (not per batch): exponential with jitter between
+  `retry.base` and `retry.max`, at least what `Retry-After` says on 429 and 503. The
+  first success resets it, and the backlog then drains at full speed, bounded by
+  `collector.rate` requests per second.
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import gzip
 import json
 import logging
 import random
+import re
 import ssl
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +42,24 @@ import httpx2
 
 from probe import __version__
 from probe.daemon.config import Config
-from probe.daemon.spool import Spool
+from probe.daemon.spool import Batch, Quarantined, SpoolThread, encode
+from probe.limits import clamp
 
-__all__ = ["PushOutcome", "Pusher", "backoff"]
+__all__ = ["Backoff", "PushOutcome", "Pusher", "Reply", "backoff"]
 
 log = logging.getLogger(__name__)
+
+# Refusals about the request, not about the measurements in it: a bisection could only
+# quarantine every measurement, so these are treated as the collector failing.
+_NOT_ABOUT_CONTENT = frozenset({401, 403, 404, 405, 407, 408, 411, 415, 421, 429})
+_RETRY_AFTER_CAP = 3600.0  # a Retry-After beyond an hour is a misconfiguration, not a plan
+_RESEND = uuid.UUID("6f1d2c3e-9a54-4bde-8a43-51c0f3a0b7d1")  # namespace of resent batches' ids
+_INDEX = re.compile(r"^(?:body\.)?measurements\[(\d+)\]")
+_AGE = re.compile(r"more than ([0-9.]+) days old")
+# After this many measurements quarantined in a row with no batch accepted in between, the
+# collector is refusing everything (a bad deploy, a schema mismatch), not these measurements:
+# further refusals are then treated as a failing collector, and the spool waits for it.
+SUSPECT_AFTER = 5
 
 
 def backoff(attempts: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
@@ -36,10 +68,70 @@ def backoff(attempts: int, base: float, cap: float, rng: Callable[[], float] = r
     return float(delay / 2 + rng() * delay / 2)
 
 
+class Backoff:
+    """The collector's one failure state: consecutive failures and when to try again."""
+
+    def __init__(self, base: float, cap: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.base = base
+        self.cap = cap
+        self.clock = clock
+        self.failures = 0
+        self.not_before = 0.0
+
+    def failed(self, retry_after: float | None = None) -> float:
+        delay = backoff(self.failures, self.base, self.cap)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, _RETRY_AFTER_CAP))
+        self.failures += 1
+        self.not_before = self.clock() + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.not_before = 0.0
+
+    def remaining(self) -> float:
+        return max(0.0, self.not_before - self.clock())
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one POST came to: status 0 when there was no HTTP answer at all."""
+
+    status: int
+    reason: str
+    detail: str = ""
+    retry_after: float | None = None
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def refuses_content(self) -> bool:
+        return 400 <= self.status < 500 and self.status != 413 and self.status not in _NOT_ABOUT_CONTENT
+
+
 @dataclass
 class PushOutcome:
     sent_batches: int = 0
     sent_results: int = 0
+    quarantined: int = 0
     failure: str | None = None
 
 
@@ -49,19 +141,22 @@ class Pusher:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: SpoolThread,
         *,
-        base_delay: float = 2.0,
-        max_delay: float = 300.0,
         on_failure: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         assert config.collector is not None
         self.config = config
         self.collector = config.collector
         self.spool = spool
-        self.base_delay = base_delay
-        self.max_delay = max_delay
+        self.backoff = Backoff(self.collector.retry_base, self.collector.retry_max, clock)
         self.batch_size = self.collector.batch_size
+        self.rate = self.collector.rate
+        self.max_age_days = self.collector.max_age_days
+        self.refused_in_a_row = 0
+        self.clock = clock
+        self._next_send = 0.0
         self.on_failure = on_failure or (lambda reason: None)
         verify: Any = True
         if self.collector.ca_file:
@@ -79,43 +174,162 @@ class Pusher:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    def _body(self, batch_id: str, measurements: list[dict[str, Any]]) -> bytes:
-        doc = {
-            "probe": {"id": self.config.probe_id, "region": self.config.region, "country": self.config.country,
-                      "version": __version__},
-            "batch_id": batch_id,
-            "sent_at": time.time(),
-            "measurements": measurements,
-        }  # fmt: skip
-        return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), compresslevel=5)
+    def _body(self, batch_id: str, bodies: list[str]) -> bytes:
+        """The request body, built around the measurements' stored JSON without decoding it."""
+        probe = {
+            "id": self.config.probe_id,
+            "region": self.config.region,
+            "country": self.config.country,
+            "version": __version__,
+        }
+        head = json.dumps(
+            {"probe": probe, "batch_id": batch_id, "sent_at": time.time()}, separators=(",", ":")
+        )
+        text = head[:-1] + ',"measurements":[' + ",".join(bodies) + "]}"
+        return gzip.compress(text.encode(), compresslevel=5)
 
-    async def push(self, max_batches: int = 100) -> PushOutcome:
-        """Send what is due, oldest first, until the spool is empty, a send fails, or max_batches."""
+    async def _paced(self) -> None:
+        """At most `rate` requests per second, so a drained backlog cannot flood the collector."""
+        if not self.rate:
+            return
+        wait = self._next_send - self.clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._next_send = max(self._next_send, self.clock()) + 1.0 / self.rate
+
+    async def push(self, max_batches: int | None = None) -> PushOutcome:
+        """Send what is waiting, oldest first, until the spool is empty, the collector fails,
+        or max_batches requests; returns at once while the collector is backing off."""
         out = PushOutcome()
-        for _ in range(max_batches):
-            batch = self.spool.next_batch(self.batch_size)
+        sent = 0
+        while (max_batches is None or sent < max_batches) and self.backoff.remaining() == 0:
+            max_age = self.max_age_days * 86400
+            batch = await self.spool.call(self.spool.spool.next_batch, self.batch_size, None, max_age)
             if batch is None:
                 break
-            reason = await self._send(batch.batch_id, batch.measurements)
-            if reason is None:
-                self.spool.ack(batch.batch_id)
-                out.sent_batches += 1
-                out.sent_results += len(batch.measurements)
-                continue
-            out.failure = reason
-            self.on_failure(reason.split(":")[0])
-            if reason.startswith("http 413") and len(batch.measurements) > 1:
-                self.batch_size = max(1, len(batch.measurements) // 2)
-                self.spool.split(batch.batch_id)
-                log.warning("collector refused batch %s as too large (%d results): resending in batches of %d",
-                            batch.batch_id, len(batch.measurements), self.batch_size)  # fmt: skip
-                continue
-            delay = backoff(batch.attempts, self.base_delay, self.max_delay)
-            self.spool.retry_later(batch.batch_id, delay, reason)
-            log.warning("push of batch %s failed (%s); attempt %d, retrying in %.1fs",
-                        batch.batch_id, reason, batch.attempts + 1, delay)  # fmt: skip
-            break
+            await self._paced()
+            sent += 1
+            reply = await self.send(batch.batch_id, batch.bodies)
+            if not await self._settle(batch, reply, out):
+                break
         return out
+
+    async def _settle(self, batch: Batch, reply: Reply, out: PushOutcome) -> bool:
+        """Act on one reply; False when the collector is failing and pushing must pause."""
+        spool, n = self.spool.spool, len(batch.bodies)
+        if reply.ok:
+            await self.spool.call(spool.ack, batch.batch_id)
+            self.backoff.succeeded()
+            self.refused_in_a_row = 0
+            out.sent_batches += 1
+            out.sent_results += n
+            log.info(
+                "batch %s acknowledged: %d results, %s",
+                batch.batch_id,
+                n,
+                "a duplicate (the collector had it already)" if reply.duplicate else "new",
+            )
+            return True
+        self.on_failure(reply.reason)
+        age = _AGE.search(reply.detail)
+        if age and float(age.group(1)) < self.max_age_days:
+            # The collector keeps less than we thought: learn its bound, so what is older
+            # goes to the quarantine before it is sent.
+            self.max_age_days = float(age.group(1))
+            log.warning(
+                "the collector refuses results older than %g days; older ones are quarantined",
+                self.max_age_days,
+            )
+        suspect = self.refused_in_a_row >= SUSPECT_AFTER and not age
+        if suspect and reply.refuses_content:
+            log.error(
+                "the collector has refused %d measurements in a row and accepted none: treating it as failing, "
+                "not quarantining more",
+                self.refused_in_a_row,
+            )
+        # The collector answered: it is up, whatever it thought of this batch.
+        if reply.status == 413 or (reply.refuses_content and not suspect):
+            self.backoff.succeeded()
+            if n == 1:
+                self.refused_in_a_row += 1
+                why = f"{reply.reason}: {reply.detail}".strip(": ")
+                await self.spool.call(spool.quarantine, batch.batch_id, why)
+                out.quarantined += 1
+                log.error(
+                    "measurement quarantined, the collector refuses it (%s): %s %s %s via %s",
+                    why,
+                    *(
+                        json.loads(batch.bodies[0]).get(k)
+                        for k in ("domain", "qtype", "resolver", "transport")
+                    ),
+                )
+                return True
+            cuts = [n // 2]
+            if reply.status == 413:
+                self.batch_size = max(1, min(self.batch_size, n // 2))
+            else:
+                hint = _INDEX.match(reply.detail)
+                if hint and 0 <= int(hint.group(1)) < n:
+                    i = int(hint.group(1))
+                    cuts = [i, i + 1]  # the named measurement alone, then what is around it
+            parts = await self.spool.call(spool.divide, batch.batch_id, cuts)
+            log.warning(
+                "collector refused batch %s of %d results (%s %s): divided into %d to find what it refuses",
+                batch.batch_id,
+                n,
+                reply.reason,
+                reply.detail[:200],
+                len(parts),
+            )
+            return True
+        delay = self.backoff.failed(reply.retry_after)
+        out.failure = f"{reply.reason}: {reply.detail}".strip(": ")
+        await self.spool.call(spool.note_failure, batch.batch_id, out.failure, time.time() + delay)
+        log.warning(
+            "push of batch %s failed (%s); %d failures in a row, next try in %.1fs",
+            batch.batch_id,
+            out.failure[:300],
+            self.backoff.failures,
+            delay,
+        )
+        return False
+
+    async def resend(self, items: list[Quarantined]) -> tuple[int, int, str | None]:
+        """Send quarantined measurements again (after a collector fix, say), bisecting what is
+        still refused; returns (acknowledged, still refused, why the collector failed or None).
+
+        Batch ids derive from the quarantine rows, so a resend interrupted after the
+        collector stored it is recognised as a duplicate the next time, not stored twice.
+        """
+        spool = self.spool.spool
+        acknowledged = refused = 0
+        queue = deque(items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size))
+        while queue:
+            group = queue.popleft()
+            ids = [q.id for q in group]
+            batch_id = str(uuid.uuid5(_RESEND, f"{self.config.probe_id}:" + ",".join(map(str, ids))))
+            await self._paced()
+            reply = await self.send(batch_id, [encode(clamp(q.measurement))[1] for q in group])
+            if reply.ok:
+                acknowledged += await self.spool.call(spool.release, ids)
+            elif reply.status == 413 or reply.refuses_content:
+                if len(group) == 1:
+                    await self.spool.call(
+                        spool.requarantine, ids, f"{reply.reason}: {reply.detail}".strip(": ")
+                    )
+                    refused += 1
+                    continue
+                hint = _INDEX.match(reply.detail)
+                cut = int(hint.group(1)) if hint and reply.status != 413 else len(group) // 2
+                parts = (
+                    [p for p in (group[:cut], group[cut : cut + 1], group[cut + 1 :]) if p]
+                    if hint
+                    else [group[:cut], group[cut:]]
+                )
+                queue.extendleft(reversed(parts))
+            else:
+                return acknowledged, refused, f"{reply.reason}: {reply.detail}".strip(": ")
+        return acknowledged, refused, None
 
     async def fetch_lists(self, etag: str | None) -> tuple[str | None, list[tuple[str, str]] | None]:
         """The collector's lists files: (etag, [(name, text)]), or (etag, None) when unchanged."""
@@ -127,22 +341,29 @@ class Pusher:
         files = [(str(f["name"]), str(f["content"])) for f in resp.json()["files"]]
         return resp.headers.get("etag"), files
 
-    async def _send(self, batch_id: str, measurements: list[dict[str, Any]]) -> str | None:
-        """None when acknowledged; else a short reason (`http 500`, `timeout`, `connect: …`)."""
+    async def send(self, batch_id: str, bodies: list[str]) -> Reply:
+        """POST one batch; never raises for anything the network or the collector does."""
         headers = {
             "Content-Type": "application/json",
             "Content-Encoding": "gzip",
             "Idempotency-Key": batch_id,
         }
+        # zlib releases the GIL while it compresses: a worker thread keeps this off the loop.
+        body = await asyncio.to_thread(self._body, batch_id, bodies)
         try:
-            resp = await self.client.post(
-                self.url, content=self._body(batch_id, measurements), headers=headers
-            )
+            resp = await self.client.post(self.url, content=body, headers=headers)
         except httpx2.TimeoutException:
-            return "timeout: the collector did not answer in time"
+            return Reply(0, "timeout", "the collector did not answer in time")
         except httpx2.HTTPError as exc:
-            return f"connect: {type(exc).__name__}: {exc}"[:300]
-        if 200 <= resp.status_code < 300:
-            return None
-        detail = resp.text[:200].replace("\n", " ")
-        return f"http {resp.status_code}: {detail}"
+            return Reply(0, "connect", f"{type(exc).__name__}: {exc}"[:300])
+        detail = ""
+        duplicate = False
+        try:
+            doc = resp.json()
+            if isinstance(doc, dict):
+                detail = str(doc.get("detail") or "")
+                duplicate = doc.get("duplicate") is True
+        except ValueError:
+            detail = resp.text[:200].replace("\n", " ")
+        wait = retry_after(resp.headers.get("retry-after")) if resp.status_code in (429, 503) else None
+        return Reply(resp.status_code, f"http {resp.status_code}", detail[:500], wait, duplicate)

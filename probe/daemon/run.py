@@ -1,11 +1,17 @@
 """`probe run`: measurement rounds and pushes on an APScheduler 3 schedule, durable in between.
 
-A round is one engine run over every listed name, every resolver and transport; its
-measurements go to the spool as they come. Rounds never overlap (max_instances=1,
-coalesced); pushes run on their own interval. Lists files are re-read when they
-change; a bad new file is rejected, logged and counted, and the old one stays in
-force. SIGTERM stops the schedule, gives a running round a bounded grace, pushes what
-it can in a bounded time, and exits 0.
+A round is one engine run over every listed name, every resolver and transport, cut at
+its deadline; its measurements are clamped to what the collector accepts and go to the
+spool as they come, written by the spool's own thread so the event loop that times
+queries never waits on a disk. Rounds never overlap (max_instances=1, coalesced); a push
+loop drains the spool beside them. Lists files are re-read when they change; a bad new
+file is rejected, logged and counted, and the old one stays in force.
+
+Under systemd (Type=notify) the daemon says READY=1 once scheduled and pings the
+watchdog only while the scheduler dispatches jobs and no round overruns its deadline, so
+a stuck probe is restarted. SIGTERM stops the schedule, gives a running round a bounded
+grace, writes everything measured (whatever the grace), pushes what it can in a bounded
+time, and exits 0.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,13 +36,16 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from probe import __version__
 from probe.daemon.config import Config
+from probe.daemon.notify import Notifier
 from probe.daemon.push import Pusher
-from probe.daemon.spool import Spool
+from probe.daemon.spool import Spool, SpoolThread, encode
 from probe.engine import Engine, Plan
 from probe.expect import Expectations
+from probe.limits import clamp
 from probe.lists import Lists, ListsError, load_lists, parse_lists
 from probe.model import Expectation, Outcome, Transport
 from probe.specs import Resolver
@@ -43,6 +55,8 @@ __all__ = ["Daemon", "setup_logging"]
 
 log = logging.getLogger("probe.daemon")
 
+_BEAT = 5.0  # seconds between the scheduler's heartbeat jobs
+
 
 class _JsonFormatter(logging.Formatter):
     def __init__(self, probe_id: str) -> None:
@@ -50,9 +64,13 @@ class _JsonFormatter(logging.Formatter):
         self.probe_id = probe_id
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "probe": self.probe_id, "logger": record.name,
-               "message": record.getMessage()}  # fmt: skip
+        doc = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "probe": self.probe_id,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)
@@ -77,29 +95,102 @@ class _Metrics:
     """The probe's own health (names prefixed blockprobe_probe_); label values are closed vocabularies."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.rounds = Counter("blockprobe_probe_rounds", "Measurement rounds run, by result.", ["result"],
-                              registry=registry)  # fmt: skip
-        self.queries = Counter("blockprobe_probe_queries", "Measurements made, by transport and outcome.",
-                               ["transport", "outcome"], registry=registry)  # fmt: skip
+        self.rounds = Counter(
+            "blockprobe_probe_rounds", "Measurement rounds run, by result.", ["result"], registry=registry
+        )
+        for result in ROUND_RESULTS:
+            self.rounds.labels(result)
+        self.queries = Counter(
+            "blockprobe_probe_queries",
+            "Measurements made, by transport and outcome.",
+            ["transport", "outcome"],
+            registry=registry,
+        )
         for t in Transport:
             for o in Outcome:
                 self.queries.labels(str(t), str(o))
-        self.spool = Gauge("blockprobe_probe_spool_results", "Results in the spool, not yet acknowledged.",
-                           registry=registry)  # fmt: skip
-        self.dropped = Counter("blockprobe_probe_spool_dropped", "Results dropped because the spool was full.",
-                               ["finding"], registry=registry)  # fmt: skip
-        self.push_failures = Counter("blockprobe_probe_push_failures", "Failed pushes, by reason.", ["reason"],
-                                     registry=registry)  # fmt: skip
-        self.pushed = Counter("blockprobe_probe_pushed_results", "Results acknowledged by the collector.",
-                              registry=registry)  # fmt: skip
-        self.last_push = Gauge("blockprobe_probe_last_push_timestamp_seconds",
-                               "When the collector last acknowledged a batch.", registry=registry)  # fmt: skip
-        self.last_round = Gauge("blockprobe_probe_last_round_timestamp_seconds", "When the last round ended.",
-                                registry=registry)  # fmt: skip
-        self.round_seconds = Gauge("blockprobe_probe_last_round_duration_seconds", "How long the last round took.",
-                                   registry=registry)  # fmt: skip
-        self.list_rejects = Counter("blockprobe_probe_lists_rejected", "Changed lists files rejected as invalid.",
-                                    registry=registry)  # fmt: skip
+        self.push_failures = Counter(
+            "blockprobe_probe_push_failures", "Failed pushes, by reason.", ["reason"], registry=registry
+        )
+        self.pushed = Counter(
+            "blockprobe_probe_pushed_results", "Results acknowledged by the collector.", registry=registry
+        )
+        self.last_push = Gauge(
+            "blockprobe_probe_last_push_timestamp_seconds",
+            "When the collector last acknowledged a batch.",
+            registry=registry,
+        )
+        self.last_round = Gauge(
+            "blockprobe_probe_last_round_timestamp_seconds", "When the last round ended.", registry=registry
+        )
+        self.round_seconds = Gauge(
+            "blockprobe_probe_last_round_duration_seconds", "How long the last round took.", registry=registry
+        )
+        self.list_rejects = Counter(
+            "blockprobe_probe_lists_rejected", "Changed lists files rejected as invalid.", registry=registry
+        )
+        self.unhealthy = Counter(
+            "blockprobe_probe_watchdog_withheld",
+            "Watchdog pings withheld because the loop, the scheduler or a round was stuck.",
+            registry=registry,
+        )
+
+
+ROUND_RESULTS = ("ok", "failed", "deadline", "cancelled")
+
+
+class _SpoolFigures:
+    """Figures kept by the spool, rendered at each scrape (client_python custom collector):
+    the lifetime counts persist in the spool, so they only grow, across restarts."""
+
+    def __init__(self, spool: Spool, dropped: Callable[[], dict[str, int]]) -> None:
+        self.spool = spool
+        self.dropped = dropped
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self.spool.totals()
+        for name, key, help_text in (
+            (
+                "measurements_written",
+                "written_total",
+                "Measurements written to the spool, over the probe's life.",
+            ),
+            (
+                "measurements_pushed",
+                "pushed_total",
+                "Measurements acknowledged by the collector, over the probe's life.",
+            ),
+            (
+                "measurements_quarantined",
+                "quarantined_total",
+                "Measurements the collector refused for good, set aside in the quarantine, over the probe's life.",
+            ),
+            (
+                "unclean_starts",
+                "unclean_starts_total",
+                "Starts after a run that did not stop cleanly (kill -9, a watchdog restart, power loss).",
+            ),
+            ("rounds_started", "rounds_total", "Measurement rounds started, over the probe's life."),
+        ):
+            yield CounterMetricFamily(f"blockprobe_probe_{name}", help_text, value=totals.get(key, 0))
+        yield GaugeMetricFamily(
+            "blockprobe_probe_spool_results",
+            "Results in the spool, not yet acknowledged.",
+            value=self.spool.depth(),
+        )
+        yield GaugeMetricFamily(
+            "blockprobe_probe_quarantine_results",
+            "Results in the quarantine.",
+            value=self.spool.quarantine_depth(),
+        )
+        dropped = CounterMetricFamily(
+            "blockprobe_probe_spool_dropped",
+            "Results dropped because the spool was full, over the probe's life.",
+            labels=["finding"],
+        )
+        for finding, n in sorted(self.dropped().items()):
+            dropped.add_metric([finding], n)
+        yield dropped
 
 
 def _release_memory() -> None:
@@ -110,27 +201,33 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# Measurements are handed to the spool thread in chunks of this many, or every second,
+# whichever comes first: a kill -9 loses at most the last second's measurements.
+CHUNK = 500
+FLUSH_EVERY = 1.0
+# A round still running this long past its deadline did not obey its cancellation: the
+# watchdog stops pinging and systemd restarts the service.
+DEADLINE_SLACK = 60.0
+
+
 class Daemon:
     """One probe: scheduler, engine options, spool and pusher. Use `await run()`."""
 
-    def __init__(
-        self, config: Config, *, push_base_delay: float = 2.0, push_max_delay: float = 300.0
-    ) -> None:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
         self.spool = Spool(config.state_dir / "spool.sqlite3", config.spool_max_rows)
+        self.unclean_start = self.spool.mark_start()
+        self.writer = SpoolThread(self.spool)
         self.registry = CollectorRegistry()
         self.metrics = _Metrics(self.registry)
+        self._dropped: dict[str, int] = self.spool.dropped()
+        self.registry.register(_SpoolFigures(self.spool, lambda: dict(self._dropped)))
         self.pusher = (
-            Pusher(
-                config,
-                self.spool,
-                base_delay=push_base_delay,
-                max_delay=push_max_delay,
-                on_failure=lambda r: self.metrics.push_failures.labels(r).inc(),
-            )
+            Pusher(config, self.writer, on_failure=lambda r: self.metrics.push_failures.labels(r).inc())
             if config.collector
             else None
         )
+        self.notifier = notifier or Notifier()
         self.options = Options(timeout=config.timeout, ca_file=config.ca_file, udp_linger=config.udp_linger)
         self.lists: Lists | None = None
         self._list_mtimes: dict[Path, float] = {}
@@ -138,8 +235,23 @@ class Daemon:
         self.fetched_lists: tuple[Path, ...] = ()
         self._lists_etag: str | None = None
         self.rounds_done = 0
-        self._dropped_seen: dict[str, int] = self.spool.dropped()
+        self.rounds_hit_deadline = 0
         self._round_task: asyncio.Task[Any] | None = None
+        self._round_started: float | None = None  # monotonic
+        self._scheduler_beat = time.monotonic()
+        self._push_task: asyncio.Task[Any] | None = None
+        self._push_wake = asyncio.Event()
+        self.scheduler: AsyncIOScheduler | None = None
+        # What was measured and not yet committed to the spool: the round appends to the
+        # buffer; a flush moves it to `_unstored` under a chunk number, and the spool thread
+        # deletes a chunk only once committed. Whatever is left when the daemon stops is
+        # written then, so a cancelled round loses nothing and no chunk is written twice.
+        self._buffer: list[tuple[str | None, str]] = []
+        self._unstored: dict[int, list[tuple[str | None, str]]] = {}
+        self._chunks = itertools.count()
+        self._last_flush = time.monotonic()
+        if self.unclean_start:
+            log.warning("the previous run did not stop cleanly (kill -9, watchdog, power loss); counted")
 
     # lists -----------------------------------------------------------------------------
     @property
@@ -187,61 +299,118 @@ class Daemon:
                 return None, None
             return engine.expect(country, resolver.kind, resolver.operator, domain, now)
 
-        return Plan(names, self.config.qtypes, self.config.resolvers, self.config.controls, expect,
-                    self.config.canaries)  # fmt: skip
+        return Plan(
+            names,
+            self.config.qtypes,
+            self.config.resolvers,
+            self.config.controls,
+            expect,
+            self.config.canaries,
+        )
 
     async def round(self) -> None:
-        """One measurement round; every measurement reaches the spool before the round ends."""
-        started = time.time()
+        """One measurement round, cut at its deadline; every measurement reaches the spool."""
+        started, wall = time.monotonic(), time.time()
+        self._round_started = started
+        number = await self.writer.call(self.spool.next_round)
         plan = self.plan(datetime.now(UTC))
         extra = {"probe": self.config.probe_id, "region": self.config.region, "country": self.config.country}
-        batch: list[dict[str, Any]] = []
-        stored = 0
+        measured = 0
+        result = "ok"
+        deadline = asyncio.timeout(self.config.round_deadline)
         try:
-            async with Engine(
-                self.options, concurrency=self.config.concurrency, qps=self.config.qps
-            ) as engine:
+            async with (
+                deadline,
+                Engine(self.options, concurrency=self.config.concurrency, qps=self.config.qps) as engine,
+            ):
                 async for m in engine.run(plan):
                     self.metrics.queries.labels(str(m.transport), str(m.outcome)).inc()
-                    batch.append({**m.to_json(), **extra})
-                    if len(batch) >= 500:
-                        stored += self._store(batch)
-                        batch = []
-            stored += self._store(batch)
+                    # A resolver may send anything: cut it to what the collector accepts.
+                    self._buffer.append(encode(clamp({**m.to_json(), **extra})))
+                    measured += 1
+                    if len(self._buffer) >= CHUNK or time.monotonic() - self._last_flush > FLUSH_EVERY:
+                        await self._flush()
+        except TimeoutError:
+            if not deadline.expired():
+                result = "failed"
+                log.exception("round %d failed", number)
+            else:
+                result = "deadline"
+                self.rounds_hit_deadline += 1
+                log.error(
+                    "round %d hit its deadline of %gs: %d measurements kept, the rest not measured",
+                    number,
+                    self.config.round_deadline,
+                    measured,
+                )
         except Exception:
-            self._store(batch)
-            self.metrics.rounds.labels("failed").inc()
-            log.exception("round failed")
-            return
+            result = "failed"
+            log.exception("round %d failed after %d measurements (they are kept)", number, measured)
+        finally:
+            self._round_started = None
+        await self._flush()
         self.rounds_done += 1
-        self.metrics.rounds.labels("ok").inc()
+        self.metrics.rounds.labels(result).inc()
         self.metrics.last_round.set(time.time())
-        self.metrics.round_seconds.set(time.time() - started)
-        self.spool.set_meta("last_round", str(time.time()))
-        log.info("round %d: %d measurements in %.1fs", self.rounds_done, stored, time.time() - started)
+        self.metrics.round_seconds.set(time.monotonic() - started)
+        await self.writer.call(self.spool.set_meta, "last_round", str(time.time()))
+        if result == "deadline":
+            await self.writer.call(self.spool.set_meta, "last_round_deadline", str(wall))
+        self._push_wake.set()
+        log.info(
+            "round %d: %d measurements in %.1fs (%s)", number, measured, time.monotonic() - started, result
+        )
         _release_memory()
 
-    def _store(self, batch: list[dict[str, Any]]) -> int:
-        if not batch:
-            return 0
-        dropped = self.spool.add(batch)
+    async def _flush(self) -> None:
+        """Hand the buffer to the spool thread and wait until it is committed (backpressure)."""
+        self._last_flush = time.monotonic()
+        if self._buffer:
+            self._unstored[next(self._chunks)] = self._buffer
+            self._buffer = []
+        if self._unstored:
+            try:
+                await self.writer.call(self._write_unstored)
+            except sqlite3.Error:
+                # Not committed: the chunks stay in `_unstored` and go with the next flush.
+                log.exception("could not write to the spool; will try again")
+
+    def _write_unstored(self) -> int:
+        """In the spool thread: commit every pending chunk, oldest first. A chunk leaves
+        `_unstored` only after its commit, and only this thread removes chunks."""
+        dropped = 0
+        for cid in sorted(list(self._unstored)):
+            dropped += self.spool.add_encoded(self._unstored[cid])
+            del self._unstored[cid]
         if dropped:
-            for finding, n in self.spool.dropped().items():  # lifetime totals, kept in the spool
-                seen = self._dropped_seen.get(finding, 0)
-                if n > seen:
-                    self.metrics.dropped.labels(finding).inc(n - seen)
-                    self._dropped_seen[finding] = n
-        self.metrics.spool.set(self.spool.depth())
-        return len(batch)
+            self._dropped = self.spool.dropped()
+        return dropped
 
     async def push(self) -> None:
+        """Push everything waiting (until the collector fails or the spool is empty)."""
         if self.pusher is None:
             return
         out = await self.pusher.push()
         if out.sent_batches:
             self.metrics.pushed.inc(out.sent_results)
             self.metrics.last_push.set(time.time())
-        self.metrics.spool.set(self.spool.depth())
+        if out.quarantined or out.sent_batches:
+            await self.writer.call(self.spool.refresh_quarantine_depth)
+
+    async def _push_loop(self) -> None:
+        """Push, then sleep: until the backoff ends while the collector fails, else until the
+        push interval passes or a round ends."""
+        assert self.pusher is not None
+        while not self.stop_event.is_set():
+            try:
+                await self.push()
+            except Exception:  # a bug must not end pushing for the rest of the probe's life
+                log.exception("push failed unexpectedly")
+            wait = self.pusher.backoff.remaining() or self.config.push_interval
+            self._push_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._push_wake.wait()
 
     async def fetch_lists(self) -> None:
         """Lists published by the collector: written to the state directory when they validate."""
@@ -284,17 +453,63 @@ class Daemon:
         self.reload_lists()
 
     async def _round_job(self) -> None:
+        if self.stop_event.is_set():
+            return  # dispatched just before the stop, started after it
         self._round_task = asyncio.current_task()
         try:
             await self.round()
         finally:
             self._round_task = None
 
+    async def _beat(self) -> None:
+        # A job like any other: when the scheduler stops dispatching, the beat stops.
+        self._scheduler_beat = time.monotonic()
+
+    def healthy(self) -> str | None:
+        """None when the loop, the scheduler and the round are healthy; else what is wrong."""
+        now = time.monotonic()
+        if self.scheduler is None or not self.scheduler.running:
+            return "the scheduler is not running"
+        if now - self._scheduler_beat > 3 * _BEAT + 5:
+            return f"the scheduler has not run a job for {now - self._scheduler_beat:.0f}s"
+        started = self._round_started
+        if started is not None and now - started > self.config.round_deadline + DEADLINE_SLACK:
+            return (
+                f"a round has run {now - started:.0f}s, past its deadline of {self.config.round_deadline:g}s"
+            )
+        if self._push_task is not None and self._push_task.done():
+            return "the push loop has ended"
+        return None
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd only while healthy: a stuck probe is then restarted (and the restart is
+        counted at the next start). Running on the loop, a blocked loop pings nothing either."""
+        said: str | None = None
+        while not self.stop_event.is_set():
+            problem = self.healthy()
+            if problem is None:
+                self.notifier.send("WATCHDOG=1")
+            else:
+                self.metrics.unhealthy.inc()
+                if problem != said:
+                    log.error("watchdog not pinged: %s", problem)
+            said = problem
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self.stop_event.wait()
+
     # lifecycle -------------------------------------------------------------------------
     async def run(self, *, grace: float = 10.0) -> None:
-        """Run until SIGTERM/SIGINT (or stop_event); exit cleanly within about grace + push timeout."""
-        self.reload_lists(initial=True)
-        self.metrics.spool.set(self.spool.depth())
+        """Run until SIGTERM/SIGINT (or stop_event). Everything measured is stored before it
+        returns, whatever the grace; the round gets `grace` to finish, the final push too."""
+        try:
+            self.reload_lists(initial=True)
+        except ListsError:
+            # Refused to start (bad lists, exit 2): a clean stop, not one to count as a crash.
+            await self.writer.call(self.spool.mark_stop)
+            self.writer.shutdown()
+            self.spool.close()
+            raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Outside the main thread (in tests) only stop_event stops the daemon.
@@ -303,45 +518,91 @@ class Daemon:
         if self.config.metrics_listen:
             host, port = self.config.metrics_listen
             self._metrics_server = start_http_server(port, host, registry=self.registry)
-        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler = self.scheduler = AsyncIOScheduler(timezone=UTC)
         now = datetime.now(UTC)
-        scheduler.add_job(self._round_job, IntervalTrigger(seconds=self.config.interval, jitter=self.config.jitter),
-                          id="round", max_instances=1, coalesce=True, next_run_time=now,
-                          misfire_grace_time=max(1, int(self.config.interval)))  # fmt: skip
-        if self.pusher is not None:
-            scheduler.add_job(self.push, IntervalTrigger(seconds=self.config.push_interval), id="push",
-                              max_instances=1, coalesce=True, next_run_time=now)  # fmt: skip
+        scheduler.add_job(
+            self._round_job,
+            IntervalTrigger(seconds=self.config.interval, jitter=self.config.jitter),
+            id="round",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=now,
+            misfire_grace_time=max(1, int(self.config.interval)),
+        )
         if self.config.collector is not None and self.config.collector.fetch_lists:
             await self.fetch_lists()  # before the first round
-            scheduler.add_job(self.fetch_lists, IntervalTrigger(seconds=60), id="fetch-lists", max_instances=1,
-                              coalesce=True)  # fmt: skip
+            scheduler.add_job(
+                self.fetch_lists,
+                IntervalTrigger(seconds=60),
+                id="fetch-lists",
+                max_instances=1,
+                coalesce=True,
+            )
         scheduler.add_job(
             self._reload_job, IntervalTrigger(seconds=5), id="lists", max_instances=1, coalesce=True
         )
+        scheduler.add_job(
+            self._beat, IntervalTrigger(seconds=_BEAT), id="beat", max_instances=1, coalesce=True
+        )
         scheduler.start()
-        log.info("probe %s %s started: region %s, country %s, pid %d", self.config.probe_id, __version__,
-                 self.config.region, self.config.country, os.getpid())  # fmt: skip
+        self._scheduler_beat = time.monotonic()
+        if self.pusher is not None:
+            self._push_task = asyncio.create_task(self._push_loop())
+        watchdog = None
+        if self.notifier.watchdog_interval:
+            watchdog = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
+        self.notifier.send("READY=1", f"STATUS=measuring every {self.config.interval:g}s")
+        log.info(
+            "probe %s %s started: region %s, country %s, pid %d",
+            self.config.probe_id,
+            __version__,
+            self.config.region,
+            self.config.country,
+            os.getpid(),
+        )
         try:
             await self.stop_event.wait()
         finally:
-            log.info("stopping")
-            scheduler.shutdown(wait=False)
-            task = self._round_task
-            if task is not None and not task.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), grace)
-                except TimeoutError:
-                    task.cancel()  # what the round stored so far stays in the spool
-                    await asyncio.gather(task, return_exceptions=True)
-                    log.warning("round abandoned after %.0fs grace", grace)
-            if self.pusher is not None:
-                try:
-                    await asyncio.wait_for(self.pusher.push(), grace)
-                except TimeoutError:
-                    log.warning("final push abandoned; the spool keeps the results for next start")
-                await self.pusher.aclose()
-            self.spool.close()
-            if self.config.metrics_listen:
-                self._metrics_server[0].shutdown()
-                self._metrics_server[0].server_close()
-            log.info("stopped")
+            await self._stop(scheduler, watchdog, grace)
+
+    async def _stop(
+        self, scheduler: AsyncIOScheduler, watchdog: asyncio.Task[Any] | None, grace: float
+    ) -> None:
+        log.info("stopping")
+        self.notifier.send("STOPPING=1")
+        scheduler.shutdown(wait=False)
+        task = self._round_task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), grace)
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self.metrics.rounds.labels("cancelled").inc()
+                log.warning("round abandoned after %.0fs grace; what it measured is kept", grace)
+        for side in (self._push_task, watchdog):
+            if side is not None:
+                side.cancel()
+                await asyncio.gather(side, return_exceptions=True)
+        # Whatever the grace: every measurement made is written before the process ends.
+        if self._buffer:
+            self._unstored[next(self._chunks)] = self._buffer
+            self._buffer = []
+        try:
+            await self.writer.call(self._write_unstored)
+        except sqlite3.Error:
+            lost = sum(len(c) for c in self._unstored.values())
+            log.exception("could not write %d measurements to the spool at stop", lost)
+        if self.pusher is not None:
+            try:
+                await asyncio.wait_for(self.push(), grace)
+            except TimeoutError:
+                log.warning("final push abandoned; the spool keeps the results for next start")
+            await self.pusher.aclose()
+        await self.writer.call(self.spool.mark_stop)
+        self.writer.shutdown()
+        self.spool.close()
+        if self.config.metrics_listen:
+            self._metrics_server[0].shutdown()
+            self._metrics_server[0].server_close()
+        log.info("stopped")
