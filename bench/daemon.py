@@ -166,6 +166,7 @@ def main() -> None:
         "concurrency": 100,
         "ca_file": str(ca.ca_file),
         "state_dir": str(work / "state"),
+        "verify": {"mode": "off"},  # loopback only
         "log": {"format": "json"},
     }
     (work / "probe.yaml").write_text(json.dumps(config))

@@ -185,6 +185,7 @@ def main() -> None:
         "qps": 0,
         "concurrency": 64,
         "state_dir": str(work / "state"),
+        "verify": {"mode": "off"},  # loopback only
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
         "log": {"format": "json", "level": "info"},
     }

@@ -151,6 +151,7 @@ class Fleet:
                 "qps": 0,
                 "ca_file": str(lab.ca.ca_file),
                 "state_dir": str(pdir / "state"),
+                "verify": {"mode": "off"},  # the demo stays on loopback: no answer checks
                 "metrics": {"listen": f"127.0.0.1:{mport}"},
                 "log": {"level": "warning"},
             }

@@ -112,6 +112,7 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
             "schedule": {"interval": 2, "jitter": 0, "push_interval": 0.5}, "qtypes": ["A", "AAAA"],
             "timeout": 1, "udp_linger": 0, "qps": 0, "ca_file": str(lab.ca.ca_file),
             "state_dir": str(tmp_path / probe_id / "state"), "metrics": {"listen": f"127.0.0.1:{port}"},
+            "verify": {"mode": "off"},  # the lab answers public addresses: no answer checks off loopback
         }  # fmt: skip
         path = tmp_path / probe_id / "probe.yaml"
         path.write_text(json.dumps(cfg))

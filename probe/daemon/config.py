@@ -35,6 +35,17 @@ class ConfigError(BlockprobeError):
         self.errors = errors
 
 
+@dataclass(frozen=True, slots=True)
+class VerifyConfig:
+    """Answer checks at the answered addresses: `mode` off, tls or http; connections paced to
+    `rate` per second, at most `concurrency` at once, results kept for `ttl` seconds."""
+
+    mode: str
+    rate: float
+    concurrency: int
+    ttl: float
+
+
 @dataclass(frozen=True)
 class CollectorConfig:
     url: str
@@ -69,6 +80,8 @@ class Config:
     concurrency: int
     qps: float | None
     udp_linger: float
+    confirm_after: float
+    verify: VerifyConfig
     ca_file: str | None
     state_dir: Path
     spool_max_rows: int
@@ -85,7 +98,12 @@ class Config:
             f"every {self.interval:g}s (jitter {self.jitter:g}s, deadline {self.round_deadline:g}s): "
             f"{len(self.resolvers)} resolvers, "
             f"{eps} endpoints, qtypes {', '.join(self.qtypes)}, timeout {self.timeout:g}s, "
-            f"concurrency {self.concurrency}, {self.qps or 'unlimited'} q/s per endpoint",
+            f"concurrency {self.concurrency}, {self.qps or 'unlimited'} q/s per endpoint, "
+            f"silences asked again after {self.confirm_after:g}s",
+            "answer checks: off"
+            if self.verify.mode == "off"
+            else f"answer checks: {self.verify.mode} on port 443, {self.verify.rate:g} connections/s, "
+            f"at most {self.verify.concurrency} at once, kept {self.verify.ttl:g}s",
         ]
         for r in self.resolvers:
             lines.append(
@@ -124,6 +142,8 @@ _TOP = {
     "concurrency",
     "qps",
     "udp_linger",
+    "confirm_after",
+    "verify",
     "ca_file",
     "state_dir",
     "spool",
@@ -148,6 +168,7 @@ _SECTIONS = {
     "canaries": {"resolves", "blocked"},
     "schedule": {"interval", "jitter", "push_interval", "round_deadline"},
     "spool": {"max_rows"},
+    "verify": {"mode", "rate", "concurrency", "ttl"},
     "metrics": {"listen"},
     "log": {"format", "level"},
 }
@@ -418,6 +439,16 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
         c.err("log.level", f"{log_level!r} is not one of debug, info, warning, error")
 
     qps_value = c.number(doc.get("qps"), "qps", 20, 0)
+    verify = c.section(doc, "verify")
+    mode = str(verify.get("mode", "tls"))
+    if mode not in ("off", "tls", "http"):
+        c.err("verify.mode", f"{verify.get('mode')!r} is not one of off, tls, http")
+    verify_config = VerifyConfig(
+        mode=mode,
+        rate=c.number(verify.get("rate"), "verify.rate", 5, 0.01, 1000),
+        concurrency=int(c.number(verify.get("concurrency"), "verify.concurrency", 32, 1, 1000)),
+        ttl=c.number(verify.get("ttl"), "verify.ttl", 21600, 0),
+    )
     config = Config(
         probe_id=probe_id,
         region=region,
@@ -436,6 +467,8 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
         concurrency=int(c.number(doc.get("concurrency"), "concurrency", 64, 1, 10000)),
         qps=qps_value or None,
         udp_linger=c.number(doc.get("udp_linger"), "udp_linger", 0.2, 0, 5),
+        confirm_after=c.number(doc.get("confirm_after"), "confirm_after", 10, 0, 300),
+        verify=verify_config,
         ca_file=str(c.path(doc["ca_file"], "ca_file")) if doc.get("ca_file") else None,
         state_dir=c.path(doc.get("state_dir", "state"), "state_dir"),
         spool_max_rows=int(c.number(spool.get("max_rows"), "spool.max_rows", 500_000, 10)),

@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from probe import __version__
+from probe.answers import AnswerChecker
 from probe.daemon.config import Config
 from probe.daemon.notify import Notifier
 from probe.daemon.push import Pusher
@@ -228,7 +229,27 @@ class Daemon:
             else None
         )
         self.notifier = notifier or Notifier()
-        self.options = Options(timeout=config.timeout, ca_file=config.ca_file, udp_linger=config.udp_linger)
+        self.options = Options(
+            timeout=config.timeout,
+            ca_file=config.ca_file,
+            udp_linger=config.udp_linger,
+            confirm_after=config.confirm_after,
+        )
+        v = config.verify
+        # One checker for the daemon's life: its cache is what keeps a name answered alike by
+        # every resolver, round after round, at one check per address per `ttl`.
+        self.checker = (
+            AnswerChecker(
+                v.mode,
+                ca_file=config.ca_file,
+                timeout=config.timeout,
+                ttl=v.ttl,
+                concurrency=v.concurrency,
+                rate=v.rate,
+            )
+            if v.mode != "off"
+            else None
+        )
         self.lists: Lists | None = None
         self._list_mtimes: dict[Path, float] = {}
         self.stop_event = asyncio.Event()
@@ -297,7 +318,9 @@ class Daemon:
         def expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
             if engine is None:
                 return None, None
-            return engine.expect(country, resolver.kind, resolver.operator, domain, now)
+            # Asked as each query leaves: an order that starts binding mid-round must not turn
+            # prompt enforcement into an overblock (`now` is only the round's start).
+            return engine.expect(country, resolver.kind, resolver.operator, domain, datetime.now(UTC))
 
         return Plan(
             names,
@@ -321,7 +344,12 @@ class Daemon:
         try:
             async with (
                 deadline,
-                Engine(self.options, concurrency=self.config.concurrency, qps=self.config.qps) as engine,
+                Engine(
+                    self.options,
+                    concurrency=self.config.concurrency,
+                    qps=self.config.qps,
+                    checker=self.checker,
+                ) as engine,
             ):
                 async for m in engine.run(plan):
                     self.metrics.queries.labels(str(m.transport), str(m.outcome)).inc()

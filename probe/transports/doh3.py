@@ -91,6 +91,7 @@ class Doh3Exchanger(DoqExchanger):
     def _submit(self, proto: _DoqProtocol, query: bytes) -> int:
         assert isinstance(proto, _H3Protocol)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        proto.reclaim()
         sid = proto._quic.get_next_available_stream_id()
         proto.streams[sid] = _H3Query(fut, query, proto.channel.stamp())
         ep = self.endpoint

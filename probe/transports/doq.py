@@ -31,6 +31,11 @@ __all__ = ["DoqExchanger"]
 
 _RT = Phase.DNS_ROUND_TRIP
 _DOQ_INTERNAL_ERROR = 0x1  # RFC 9250 section 4.3: DOQ_INTERNAL_ERROR, to give up a stream
+# Timed-out streams kept open for a late response, per connection. The peer grants a limited
+# number of concurrent streams (aioquic: 128); past this many, the oldest is given up (STOP_SENDING,
+# which obliges the peer to reset it and hand the credit back), so dropped names cannot use up
+# the connection's streams.
+_MAX_LATE_STREAMS = 32
 
 
 class _Query:
@@ -101,6 +106,12 @@ class _DoqProtocol(QuicConnectionProtocol):
                 self._fail(error(Phase.TLS_HANDSHAKE, f"tls: certificate verify failed: {reason}"))
             else:
                 self._fail(error(_RT, f"quic: connection closed: {reason}", True))
+
+    def reclaim(self) -> None:
+        """Give up the oldest timed-out streams beyond `_MAX_LATE_STREAMS`."""
+        late = [sid for sid, q in self.streams.items() if q.expired]
+        for sid in late[: max(0, len(late) - _MAX_LATE_STREAMS)]:
+            self.end_stream(sid, error(_RT, "quic: stream given up"))
 
     def _complete(self, q: _Query) -> None:
         if q.future.done():
@@ -200,6 +211,7 @@ class DoqExchanger(RetryAlone):
     def _submit(self, proto: _DoqProtocol, query: bytes) -> int:
         """Open the stream and write the query; returns the stream id."""
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        proto.reclaim()
         quic = proto._quic
         sid = quic.get_next_available_stream_id()
         proto.streams[sid] = _Query(fut, question_of(query), proto.channel.stamp())
