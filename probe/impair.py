@@ -415,13 +415,16 @@ class _StreamConnection:
 
     async def _blackhole(self) -> None:
         """Hold the connection open and forward nothing, until the client gives up."""
-        if not self.blackholed:
-            self.blackholed = True
-            self.proxy.counters.blackholed += 1
+        self._mark_blackholed()
         if self.up_writer is not None:
             self.up_writer.transport.abort()
         while await self.reader.read(_CHUNK):
             pass
+
+    def _mark_blackholed(self) -> None:
+        if not self.blackholed:
+            self.blackholed = True
+            self.proxy.counters.blackholed += 1
 
     def _count_queries(self, data: bytes) -> None:
         self.frame += data
@@ -451,6 +454,8 @@ class _StreamConnection:
             if self.proxy.client_spoke():
                 await self._blackhole()
                 return
+            if self.up_writer.transport.is_closing():
+                return  # reset by us, or closed by the server: what the client still sends goes nowhere
             self.up_writer.write(data)
             await self.up_writer.drain()
 
@@ -460,6 +465,7 @@ class _StreamConnection:
         while True:
             data = await up_reader.read(_CHUNK)
             if proxy.gone():
+                self._mark_blackholed()
                 return  # stop answering; the client's connection stays open and learns nothing
             if not data:
                 if writer.can_write_eof():
