@@ -7,6 +7,7 @@ deviations, so they cannot flake; timing checks assert lower bounds the proxy im
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 import struct
@@ -69,6 +70,10 @@ def _wait_for(condition: Callable[[], bool], deadline: float = 5.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("condition not met before the deadline")
         time.sleep(0.01)
+
+
+def _has_connections(proxy: ImpairProxy, count: int) -> bool:
+    return proxy.counters.connections == count
 
 
 def _query(name: str, qid: int = 0) -> dns.message.Message:
@@ -309,3 +314,46 @@ def test_the_engine_measures_every_transport_through_a_clean_proxy(
     }
     assert proxy.counters.connections >= 2  # tcp, dot, doh each open one
     assert isinstance(proxy.counters, Counters)
+
+
+def test_one_in_n_connections_is_a_rate_and_repeats_with_the_seed(
+    proxy_of: Callable[..., ImpairProxy],
+) -> None:
+    n, one_in = 120, 4
+    cfg = StreamImpairment(stall_one_in=one_in, stall_for=0.0)
+    proxies = [proxy_of(Impairment(stream=cfg, seed=5)), proxy_of(Impairment(stream=cfg, seed=5))]
+    for proxy in proxies:
+        for k in range(1, n + 1):
+            # One at a time, so that the connections meet the generator in the same order.
+            socket.create_connection((proxy.host, proxy.ports["tcp"]), timeout=3).close()
+            _wait_for(functools.partial(_has_connections, proxy, k))
+    a, b = (proxy.counters for proxy in proxies)
+    sd = (n * (1 / one_in) * (1 - 1 / one_in)) ** 0.5
+    assert abs(a.stalled - n / one_in) < 5 * sd, a.stalled
+    assert a.stalled == b.stalled
+
+
+def test_a_resolver_vanishes_at_a_moment_and_after_k_connections(
+    proxy_of: Callable[..., ImpairProxy],
+) -> None:
+    timed = proxy_of(Impairment(vanish_after=0.3))
+    dns.query.udp(_query("a.impair.test"), timed.host, port=timed.ports["udp"], timeout=3)
+    _wait_for(lambda: timed.counters.vanished_at is not None)
+    with pytest.raises(dns.exception.Timeout):
+        dns.query.udp(_query("a.impair.test"), timed.host, port=timed.ports["udp"], timeout=0.3)
+    counted = proxy_of(Impairment(vanish_after_connections=1))
+    reply = dns.query.tcp(_query("a.impair.test"), counted.host, port=counted.ports["tcp"], timeout=3)
+    assert reply.rcode() == dns.rcode.NOERROR
+    with pytest.raises(dns.exception.Timeout):
+        dns.query.tcp(_query("a.impair.test"), counted.host, port=counted.ports["tcp"], timeout=0.3)
+    assert counted.gone() and counted.counters.blackholed == 1
+
+
+def test_duplicates_towards_the_server_reach_it_twice(
+    proxy_of: Callable[..., ImpairProxy], lab: LabServer
+) -> None:
+    proxy = proxy_of(Impairment(to_server=PathImpairment(duplicate=1.0)))
+    before = lab.queries
+    dns.query.udp(_query("a.impair.test"), proxy.host, port=proxy.ports["udp"], timeout=3)
+    _wait_for(lambda: lab.queries - before == 2)
+    assert proxy.counters.duplicated_c2s == 1
