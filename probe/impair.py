@@ -465,7 +465,8 @@ class _StreamConnection:
         while True:
             data = await up_reader.read(_CHUNK)
             if proxy.gone():
-                self._mark_blackholed()
+                if not self.reader.at_eof():  # a client still there is left hanging
+                    self._mark_blackholed()
                 return  # stop answering; the client's connection stays open and learns nothing
             if not data:
                 if writer.can_write_eof():
@@ -558,8 +559,13 @@ class ImpairProxy:
         host: str = "127.54.0.1",
         vanish_when: Callable[[], bool] | None = None,
     ) -> ImpairProxy:
-        """A proxy in front of every port of a `LabServer` (or anything with `host` and `ports`)."""
-        return cls(server.host, server.ports, impairment, host, vanish_when)
+        """A proxy in front of every port of a `LabServer`, or of a real resolver described by
+        `host` and `ports` (where `dns` stands for the UDP and TCP port, as in tests/real.py)."""
+        ports = dict(server.ports)
+        if "dns" in ports:
+            ports.setdefault("udp", ports["dns"])
+            ports.setdefault("tcp", ports.pop("dns"))
+        return cls(server.host, ports, impairment, host, vanish_when)
 
     # -- vanishing ---------------------------------------------------------------
 

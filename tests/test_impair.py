@@ -13,6 +13,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import dns.exception
 import dns.message
@@ -25,8 +26,10 @@ from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.specs import resolve_spec
 
 from .conftest import measure
+from .real import have, start_unbound
 
 LAB = "127.54.1.1"
+REAL_HOST = "127.54.3.1"
 PROXIES = tuple(f"127.54.0.{i}" for i in range(1, 20))
 REAL = Behaviour(records={"A": ("192.0.2.1",)})
 _next_proxy = iter(PROXIES)
@@ -34,7 +37,7 @@ _next_proxy = iter(PROXIES)
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> LabCA:
-    return LabCA(hosts=(LAB, *PROXIES), directory=tmp_path_factory.mktemp("impair-ca"))
+    return LabCA(hosts=(LAB, REAL_HOST, *PROXIES), directory=tmp_path_factory.mktemp("impair-ca"))
 
 
 def _zone() -> Zone:
@@ -357,3 +360,53 @@ def test_duplicates_towards_the_server_reach_it_twice(
     dns.query.udp(_query("a.impair.test"), proxy.host, port=proxy.ports["udp"], timeout=3)
     _wait_for(lambda: lab.queries - before == 2)
     assert proxy.counters.duplicated_c2s == 1
+
+
+@pytest.mark.skipif(not have("unbound"), reason="Debian's unbound is not installed")
+def test_a_real_unbound_behind_the_proxy(
+    proxy_of_real: Callable[[Impairment], ImpairProxy], ca: LabCA
+) -> None:
+    # TLS passes through untouched: the client verifies unbound's own certificate.
+    clean = proxy_of_real(Impairment())
+    ctx = ssl.create_default_context(cafile=str(ca.ca_file))
+    reply = dns.query.tls(
+        _query("www.real-lab.net"),
+        clean.host,
+        port=clean.ports["dot"],
+        timeout=5,
+        ssl_context=ctx,
+        server_hostname=clean.host,
+    )
+    assert reply.answer[0][0].to_text() == "93.184.216.34"
+    gone = proxy_of_real(Impairment(vanish_after_queries=0))
+    with pytest.raises(dns.exception.Timeout):
+        dns.query.udp(_query("www.real-lab.net"), gone.host, port=gone.ports["udp"], timeout=0.3)
+    assert gone.counters.vanished_datagrams == 1
+
+
+@pytest.fixture
+def proxy_of_real(
+    lab_thread: LabThread, ca: LabCA, tmp_path: Path
+) -> Iterator[Callable[[Impairment], ImpairProxy]]:
+    unbound = start_unbound(
+        tmp_path / "unbound",
+        REAL_HOST,
+        ca.cert_file,
+        ca.key_file,
+        zone_name="real-lab.net",
+        zone_text="www IN A 93.184.216.34\n",
+    )
+    started: list[ImpairProxy] = []
+    try:
+        unbound.wait_ready("www.real-lab.net")
+
+        def make(impairment: Impairment) -> ImpairProxy:
+            proxy = lab_thread.start(ImpairProxy.of(unbound, impairment, next(_next_proxy)))
+            started.append(proxy)
+            return proxy
+
+        yield make
+    finally:
+        for proxy in started:
+            lab_thread.stop_server(proxy)
+        unbound.stop()
