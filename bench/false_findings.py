@@ -22,18 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from probe.engine import Engine, Plan
 from probe.impair import Impairment, ImpairProxy, PathImpairment, StreamImpairment
-from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
+from probe.lab import LAB_TRANSPORTS, Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Expectation, Finding, Measurement
 from probe.specs import Resolver, resolve_spec
 from probe.transports import Options
@@ -83,13 +85,14 @@ def _reset(transport: str, timeout: float) -> Impairment:
 
 
 CASES = (
-    Case("clean", ("udp", "tcp", "dot", "doh")),
+    Case("clean", ("udp", "tcp", "dot", "doh", "doq", "doh3")),
     Case("udp 5% loss each way", ("udp",), _loss(0.05)),
     Case("udp 20% loss each way", ("udp",), _loss(0.20)),
+    Case("quic 5% datagram loss each way", ("doq", "doh3"), _loss(0.05)),
     Case("udp 100-400 ms jitter, reordering, 10% duplicates", ("udp",), _jitter),
     Case("1 in 5 stream connections stalled past the timeout", ("tcp", "dot", "doh"), _stall),
     Case("streams reset mid-answer (1 in 2 connections)", ("tcp", "dot", "doh"), _reset),
-    Case("resolver vanishes halfway", ("udp", "tcp", "dot", "doh"), vanish_halfway=True),
+    Case("resolver vanishes halfway", ("udp", "tcp", "dot", "doh", "doq", "doh3"), vanish_halfway=True),
     Case("in-order DoT front end, one dropped name", ("dot",), in_order=True, one_drop=True),
 )
 
@@ -153,54 +156,131 @@ def is_false(m: Measurement, blocked_in_truth: bool) -> bool:
     return False
 
 
-def run_case(
-    case: Case,
-    measurements: int,
-    timeout: float,
-    concurrency: int,
+class Network:
+    """The labs and proxies of the cases, in a process of their own.
+
+    The network and the resolvers are not the probe: run in the probe's process they
+    would share its interpreter lock, and a busy lab would look like a slow network.
+    Commands go over a pipe: start a case (answered with a spec per transport), finish
+    it (answered with what the proxies did), quit.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        ctx = multiprocessing.get_context("fork")  # before the parent runs any thread or loop
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_network_main, args=(child, timeout), daemon=True)
+        self.proc.start()
+        child.close()
+        hello = self.conn.recv()
+        self.ca_file: str = hello["ca_file"]
+        self.control: str = hello["control"]
+
+    def start(self, case_index: int, per_transport: int) -> dict[str, str]:
+        self.conn.send(("start", case_index, per_transport))
+        specs: dict[str, str] = self.conn.recv()
+        return specs
+
+    def finish(self) -> dict[str, int]:
+        self.conn.send(("finish",))
+        network: dict[str, int] = self.conn.recv()
+        return network
+
+    def close(self) -> None:
+        self.conn.send(("quit",))
+        self.proc.join(timeout=60)
+
+
+def _network_main(conn: Connection, timeout: float) -> None:
+    hosts = list(zip(LAB_HOSTS, PROXY_HOSTS, strict=True))
+    with tempfile.TemporaryDirectory(prefix="blockprobe-bench-") as tmp, LabThread() as thread:
+        ca = LabCA(hosts=(CONTROL_HOST, *LAB_HOSTS, *PROXY_HOSTS), directory=Path(tmp))
+        control_zone = Zone()
+        control_zone.set(f"*.{ZONE}", RESOLVES)
+        control_lab = thread.start(LabServer(control_zone, CONTROL_HOST, ca, transports=("udp", "tcp")))
+        conn.send({"ca_file": str(ca.ca_file), "control": control_lab.specs()["udp"]})
+        started: list[Any] = []
+        proxies: list[ImpairProxy] = []
+        while True:
+            command = conn.recv()
+            if command[0] == "start":
+                case, per_transport = CASES[command[1]], command[2]
+                specs = {}
+                for transport in case.transports:
+                    lab, proxy = _start_pair(thread, ca, case, transport, per_transport, timeout, hosts.pop())
+                    started += [lab, proxy]
+                    proxies.append(proxy)
+                    specs[transport] = proxy.specs()[transport]
+                conn.send(specs)
+            elif command[0] == "finish":
+                network: Counter[str] = Counter()
+                for proxy in proxies:
+                    for key, value in proxy.counters.to_json().items():
+                        if isinstance(value, int) and value and key not in _ROUTINE:
+                            network[key] += value
+                for server in started:
+                    thread.stop_server(server)
+                started.clear()
+                proxies.clear()
+                conn.send(dict(network))
+            else:
+                return
+
+
+_ROUTINE = frozenset({"datagrams_c2s", "datagrams_s2c", "queries"})  # what every case does
+
+
+def _start_pair(
     thread: LabThread,
     ca: LabCA,
-    control: Resolver,
-    hosts: list[tuple[str, str]],
-) -> Result:
+    case: Case,
+    transport: str,
+    per_transport: int,
+    timeout: float,
+    hosts: tuple[str, str],
+) -> tuple[LabServer, ImpairProxy]:
+    """One lab serving the truth, and the case's proxy in front of its `transport` port."""
+    lab_host, proxy_host = hosts
+    zone, _ = truth_zone(_names(per_transport), case.one_drop)
+    lab = thread.start(LabServer(zone, lab_host, ca, transports=LAB_TRANSPORTS, in_order=case.in_order))
+    vanish_when = None
+    if case.vanish_halfway:
+        half = per_transport // 2
+
+        def vanish_when() -> bool:
+            return lab.queries >= half
+
+    # Plain UDP's truncated answers are retried over TCP on the same port.
+    ports = {"udp": lab.ports["udp"], "tcp": lab.ports["tcp"]} if transport == "udp" else {}
+    ports[transport] = lab.ports[transport]
+    impairment = case.impairment(transport, timeout)
+    return lab, thread.start(ImpairProxy(lab_host, ports, impairment, proxy_host, vanish_when))
+
+
+def _names(count: int) -> list[str]:
+    return [f"n{i}.{ZONE}" for i in range(count)]
+
+
+def run_case(case: Case, measurements: int, timeout: float, concurrency: int, network: Network) -> Result:
+    """Measure one case through its impaired network; count what contradicts the truth."""
     per_transport = max(10, -(-measurements // len(case.transports)))
-    names = [f"n{i}.{ZONE}" for i in range(per_transport)]
+    names = _names(per_transport)
+    _, truth = truth_zone(names, case.one_drop)
     result = Result(case.name, case.transports)
-    resolvers: list[Resolver] = []
-    started: list[Any] = []
-    proxies: list[ImpairProxy] = []
-    truth: dict[str, bool] = {}
-    for transport in case.transports:
-        lab_host, proxy_host = hosts.pop()
-        zone, truth = truth_zone(names, case.one_drop)
-        lab = thread.start(
-            LabServer(zone, lab_host, ca, transports=("udp", "tcp", "dot", "doh"), in_order=case.in_order)
-        )
-        vanish_when = None
-        if case.vanish_halfway:
-            half = per_transport // 2
-
-            def vanish_when(lab: LabServer = lab, half: int = half) -> bool:
-                return lab.queries >= half
-
-        ports = {"udp": lab.ports["udp"], "tcp": lab.ports["tcp"]} if transport == "udp" else {}
-        ports[transport] = lab.ports[transport]
-        proxy = thread.start(
-            ImpairProxy(lab_host, ports, case.impairment(transport, timeout), proxy_host, vanish_when)
-        )
-        started += [lab, proxy]
-        proxies.append(proxy)
-        resolvers.append(resolve_spec(proxy.specs()[transport]))
-    options = Options(timeout=timeout, ca_file=str(ca.ca_file), udp_linger=0.1)
-    plan = Plan(names, ["A"], resolvers, [control], _expect)
+    specs = network.start(CASES.index(case), per_transport)
+    resolvers = [resolve_spec(specs[t]) for t in case.transports]
+    options = Options(timeout=timeout, ca_file=network.ca_file, udp_linger=0.1)
+    plan = Plan(names, ["A"], resolvers, [resolve_spec(network.control)], _expect)
 
     async def go() -> list[Measurement]:
         async with Engine(options, qps=None, concurrency=concurrency) as engine:
             return await engine.collect(plan)
 
     t0 = time.perf_counter()
-    ms = asyncio.run(go())
-    result.seconds = time.perf_counter() - t0
+    try:
+        ms = asyncio.run(go())
+    finally:
+        result.seconds = time.perf_counter() - t0
+        result.network = network.finish()
     false_by: Counter[str] = Counter()
     for m in ms:
         result.measurements += 1
@@ -210,14 +290,6 @@ def run_case(
             result.false_findings += 1
             false_by[f"{m.transport} {m.finding}"] += 1
     result.false_by = dict(sorted(false_by.items()))
-    network: Counter[str] = Counter()
-    for proxy in proxies:
-        for key, value in proxy.counters.to_json().items():
-            if isinstance(value, int) and value and key not in ("datagrams_c2s", "datagrams_s2c", "queries"):
-                network[key] += value
-    result.network = dict(network)
-    for server in started:
-        thread.stop_server(server)
     return result
 
 
@@ -254,18 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in CASES if not args.case or any(s.lower() in c.name.lower() for s in args.case)]
     if not cases:
         ap.error(f"--case: {args.case!r} matches none of: " + "; ".join(c.name for c in CASES))
-    hosts = list(zip(LAB_HOSTS, PROXY_HOSTS, strict=True))
     results: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="blockprobe-bench-") as tmp, LabThread() as thread:
-        ca = LabCA(hosts=(CONTROL_HOST, *LAB_HOSTS, *PROXY_HOSTS), directory=Path(tmp))
-        control_zone = Zone()
-        control_zone.set(f"*.{ZONE}", RESOLVES)
-        control_lab = thread.start(LabServer(control_zone, CONTROL_HOST, ca, transports=("udp", "tcp")))
-        control = resolve_spec(control_lab.specs()["udp"])
+    network = Network(args.timeout)
+    try:
         for case in cases:
-            result = run_case(
-                case, args.measurements, args.timeout, args.concurrency, thread, ca, control, hosts
-            )
+            result = run_case(case, args.measurements, args.timeout, args.concurrency, network)
             results.append(result)
             if args.json:
                 print(json.dumps(result.to_json()), flush=True)
@@ -276,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+    finally:
+        network.close()
     if not args.json:
         print(table(results))
     return 0

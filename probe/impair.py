@@ -8,9 +8,10 @@ Streams (TCP, and the TLS of DoT and DoH carried as opaque bytes: the proxy neve
 terminates TLS, so the client still verifies the upstream's certificate) can stall
 at accept or before the first bytes of the server, be reset after a number of bytes,
 or drip one byte at a time. A resolver can vanish: from a moment on, or after a
-number of queries or connections, nothing is answered (datagrams are dropped, stream
-connections are held open and blackholed), which is what a resolver that crashed
-behind a firewall that still accepts connections looks like.
+number of queries or connections, nothing more reaches it (datagrams are dropped, stream
+connections are held open and blackholed) and so nothing more is answered, which is what
+a resolver that crashed behind a firewall that still accepts connections looks like.
+What it had sent before still arrives, as packets on the wire would.
 
 Every random choice comes from generators seeded by `Impairment.seed`, so a run with
 the same arrival order makes the same choices; `ImpairProxy.counters` says what was
@@ -215,7 +216,8 @@ class _Path:
     def _deliver(
         self, data: bytes, seq: int, order: list[int], send: Callable[[bytes], None], copy: bool = False
     ) -> None:
-        if self.proxy.gone():
+        # A vanished resolver hears nothing more; what it sent before is already on the wire.
+        if self.direction == "c2s" and self.proxy.gone():
             self.proxy.counters.vanished_datagrams += 1
             return
         if not copy:
@@ -414,10 +416,8 @@ class _StreamConnection:
                 self.writer.transport.abort()
 
     async def _blackhole(self) -> None:
-        """Hold the connection open and forward nothing, until the client gives up."""
+        """Forward nothing more to the server, and hold the connection open until the client gives up."""
         self._mark_blackholed()
-        if self.up_writer is not None:
-            self.up_writer.transport.abort()
         while await self.reader.read(_CHUNK):
             pass
 
@@ -464,11 +464,9 @@ class _StreamConnection:
         sent = 0
         while True:
             data = await up_reader.read(_CHUNK)
-            if proxy.gone():
-                if not self.reader.at_eof():  # a client still there is left hanging
-                    self._mark_blackholed()
-                return  # stop answering; the client's connection stays open and learns nothing
             if not data:
+                if proxy.gone():
+                    return  # a vanished resolver does not close anything either
                 if writer.can_write_eof():
                     writer.write_eof()
                 return
@@ -492,16 +490,18 @@ class _StreamConnection:
             sent += len(data)
 
     async def _write(self, data: bytes) -> bool:
-        """Forward to the client; False once the resolver has vanished."""
+        """Forward to the client; False if the connection to it is gone."""
+        if self.writer.transport.is_closing():
+            return False
         if not data:
-            return not self.proxy.gone()
+            return True
         if not self.drip:
             self.writer.write(data)
             await self.writer.drain()
             return True
         interval = self.proxy.impairment.stream.drip_interval
         for i in range(len(data)):
-            if self.proxy.gone():
+            if self.writer.transport.is_closing():
                 return False
             self.writer.write(data[i : i + 1])
             await self.writer.drain()
@@ -570,7 +570,7 @@ class ImpairProxy:
     # -- vanishing ---------------------------------------------------------------
 
     def vanish(self) -> None:
-        """From now on the resolver answers nothing. Safe to call from any thread."""
+        """From now on nothing reaches the resolver, so it answers nothing new. Any thread."""
         if not self._vanished:
             self._vanished = True
             self.counters.vanished_at = time.monotonic()
