@@ -410,3 +410,21 @@ def proxy_of_real(
         for proxy in started:
             lab_thread.stop_server(proxy)
         unbound.stop()
+
+
+def test_what_the_resolver_sent_before_it_vanished_still_arrives(
+    proxy_of: Callable[..., ImpairProxy],
+) -> None:
+    proxy = proxy_of(Impairment())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((proxy.host, proxy.ports["udp"]))
+        sock.settimeout(3)
+        sock.send(_query("slow.impair.test", 1).to_wire())  # the lab answers it 0.3 s later
+        _wait_for(lambda: proxy.counters.datagrams_c2s == 1)
+        proxy.vanish()
+        sock.send(_query("a.impair.test", 2).to_wire())
+        assert struct.unpack("!H", sock.recv(4096)[:2])[0] == 1
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+    assert proxy.counters.vanished_datagrams == 1
