@@ -8,7 +8,8 @@ resolve; others are dropped, NXDOMAIN, or REFUSED with EDE 16: blocks) behind an
 control lab that is not behind it. The probe engine measures every name through the
 proxy with an expectation per name (half expected blocked, half expected to resolve,
 independent of the truth, so every finding can occur), exactly as tests/conftest.py
-drives it, so whatever engine is on the branch is what gets measured.
+drives it, so whatever engine is on the branch is what gets measured. Labs and proxies
+run in a child process, apart from the engine's interpreter.
 
 A false finding contradicts the truth: `enforced` or `overblock` for a name the lab
 resolves, `leak` or `ok` for a name the lab blocks. `inconclusive` is never false, but

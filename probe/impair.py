@@ -15,13 +15,15 @@ What it had sent before still arrives, as packets on the wire would.
 
 Every random choice comes from generators seeded by `Impairment.seed`, so a run with
 the same arrival order makes the same choices; `ImpairProxy.counters` says what was
-actually done. Run it on a `LabThread` like a lab server. Loopback only, like the lab.
+actually done. Run it on a `LabThread` like a lab server. It refuses any address but
+loopback, upstream and its own: the impaired network is for the lab.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import random
 import socket
 import struct
@@ -38,6 +40,13 @@ STREAM_TRANSPORTS = frozenset({"tcp", "dot", "doh"})
 _SCHEMES = {"udp": "udp", "tcp": "tcp", "dot": "tls", "doh": "https", "doh3": "h3", "doq": "quic"}
 _CHUNK = 65536
 _UDP_IDLE = 30.0  # a client socket silent this long has its upstream socket closed
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def _check_probability(owner: object, *names: str) -> None:
@@ -529,6 +538,10 @@ class ImpairProxy:
         host: str = "127.54.0.1",
         vanish_when: Callable[[], bool] | None = None,
     ) -> None:
+        for what, address in (("upstream", upstream), ("host", host)):
+            if not _is_loopback(address):
+                # Tests and benchmarks must not send traffic off the machine (HELPERS.md).
+                raise ValueError(f"ImpairProxy {what}: {address!r} is not a loopback address")
         unknown = set(ports) - DATAGRAM_TRANSPORTS - STREAM_TRANSPORTS
         if unknown:
             raise ValueError(f"ImpairProxy ports: {sorted(unknown)!r} are not transports this proxy relays")
