@@ -18,10 +18,11 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import dns.edns
 import dns.flags
@@ -45,7 +46,7 @@ from aioquic.h3.events import HeadersReceived as H3HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
-__all__ = ["Behaviour", "LabCA", "LabServer", "LabThread", "Reply", "Zone", "respond"]
+__all__ = ["Behaviour", "LabCA", "LabServer", "LabThread", "Reply", "Service", "Zone", "respond"]
 
 ACTIONS = frozenset({"answer", "drop", "truncate", "malformed", "mismatch", "inject", "close"})
 LAB_TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
@@ -239,13 +240,29 @@ class _Udp(asyncio.DatagramProtocol):
             self.transport.sendto(wire, addr)
 
 
+class _Slot:
+    """One query's place in an in-order connection: its reply once it has one."""
+
+    __slots__ = ("data", "ready")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ready = False
+
+
 class _Stream(asyncio.Protocol):
-    """TCP and DoT: length-prefixed messages, answered concurrently (out of order if delayed)."""
+    """TCP and DoT: length-prefixed messages, answered concurrently (out of order if delayed).
+
+    With the server's `in_order`, a connection's replies are written in the order of its
+    queries, as dnsdist 1.7 does on DoT: a query that is never answered (a drop) holds
+    back every reply behind it on that connection, for as long as the connection lives.
+    """
 
     def __init__(self, server: LabServer) -> None:
         self.server = server
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.slots: deque[_Slot] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -267,12 +284,28 @@ class _Stream(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
                 return
+            if self.server.in_order:
+                slot = _Slot()
+                self.slots.append(slot)
+                if reply.replies:  # a drop leaves its slot empty for good
+                    delay, wire = reply.replies[-1]
+                    framed = struct.pack("!H", len(wire)) + wire
+                    if delay > 0:
+                        loop.call_later(delay, self._fill, slot, framed)
+                    else:
+                        self._fill(slot, framed)
+                continue
             for delay, wire in reply.replies:
                 framed = struct.pack("!H", len(wire)) + wire
                 if delay > 0:
                     loop.call_later(delay, self._write, framed)
                 else:
                     self._write(framed)
+
+    def _fill(self, slot: _Slot, framed: bytes) -> None:
+        slot.data, slot.ready = framed, True
+        while self.slots and self.slots[0].ready:
+            self._write(self.slots.popleft().data)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -490,7 +523,11 @@ class _H3Server(QuicConnectionProtocol):
 
 
 class LabServer:
-    """One scripted resolver on one loopback address, every transport on its own port."""
+    """One scripted resolver on one loopback address, every transport on its own port.
+
+    `in_order=True` makes TCP and DoT answer each connection's queries in the order they
+    came, like dnsdist 1.7's DoT front end; the default answers each as soon as it can.
+    """
 
     def __init__(
         self,
@@ -499,8 +536,10 @@ class LabServer:
         ca: LabCA | None = None,
         transports: tuple[str, ...] = LAB_TRANSPORTS,
         http1_only: bool = False,
+        in_order: bool = False,
     ) -> None:
         self.zone = zone
+        self.in_order = in_order  # TCP and DoT reply in query order (see _Stream)
         self.host = host
         self.ca = ca
         self.transports = transports
@@ -583,19 +622,41 @@ class LabServer:
         self._closers.clear()
 
 
+class Service(Protocol):
+    """Anything a `LabThread` can run: a lab server, an impairment proxy."""
+
+    async def start(self) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=Service)
+_T = TypeVar("_T")
+
+
 class LabThread:
-    """Lab servers on an event loop of their own thread, for callers that are not async."""
+    """Lab servers (and proxies in front of them) on an event loop of their own thread,
+    for callers that are not async."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="blockprobe-lab", daemon=True)
         self._thread.start()
-        self.servers: list[LabServer] = []
+        self.servers: list[Service] = []
 
-    def start(self, server: LabServer) -> LabServer:
+    def start(self, server: _S) -> _S:
         asyncio.run_coroutine_threadsafe(server.start(), self.loop).result(timeout=30)
         self.servers.append(server)
         return server
+
+    def call(self, coro: Coroutine[Any, Any, _T], timeout: float = 30) -> _T:
+        """Run a coroutine on the lab's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
+
+    def stop_server(self, server: Service) -> None:
+        """Stop one server or proxy before the others (a test that ends a lab early)."""
+        self.call(server.stop())
+        self.servers.remove(server)
 
     def stop(self) -> None:
         async def stop_all() -> None:
