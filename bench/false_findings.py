@@ -34,11 +34,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from probe.catalogue import resolve_spec
 from probe.engine import Engine, Plan
 from probe.impair import Impairment, ImpairProxy, PathImpairment, StreamImpairment
 from probe.lab import LAB_TRANSPORTS, Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Expectation, Finding, Measurement
-from probe.catalogue import resolve_spec
 from probe.specs import Resolver
 from probe.transports import Options
 

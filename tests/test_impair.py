@@ -21,9 +21,9 @@ import dns.query
 import dns.rcode
 import pytest
 
+from probe.catalogue import resolve_spec
 from probe.impair import Counters, Impairment, ImpairProxy, PathImpairment, StreamImpairment
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
-from probe.specs import resolve_spec
 
 from .conftest import measure
 from .real import have, start_unbound
