@@ -291,7 +291,7 @@ INVALID = [
     ({"resolvers": [{"spec": "udp://192.0.2.1", "kind": "evil"}]}, "resolvers[0].kind: 'evil' is not one of isp, public, system"),
     ({"schedule": {"interval": 10, "jitter": 20}}, "schedule.jitter: 20 must be less than the interval (10)"),
     ({"schedule": {"interval": "often"}}, "schedule.interval: 'often' is not a number"),
-    ({"colour": "blue"}, "colour: unknown key (one of ca_file, canaries, collector, concurrency, controls, lists, log, metrics, probe, qps, qtypes, resolvers, schedule, spool, state_dir, timeout, udp_linger)"),
+    ({"colour": "blue"}, "colour: unknown key (one of ca_file, canaries, collector, concurrency, confirm_after, controls, lists, log, metrics, probe, qps, qtypes, resolvers, schedule, spool, state_dir, timeout, udp_linger, verify)"),
     ({"qtypes": ["MX"]}, "qtypes: ['MX'] must be a non-empty list of A, AAAA, HTTPS"),
     ({"collector": {"url": "ftp://x", "token_env": "BLOCKPROBE_NO_SUCH_VAR"}},
      "collector.url: 'ftp://x' is not an http(s) URL"),
@@ -371,3 +371,17 @@ def test_health_metrics_are_served(
     if shutil.which("promtool"):
         check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_answer_checks_and_the_confirmation_delay_are_configured_strictly(tmp_path: Path) -> None:
+    base = {"probe": {"id": "t", "region": "r", "country": "IT"}, "resolvers": ["udp://127.0.0.1"]}
+    config = parse_config(json.dumps(base), "probe.yaml", tmp_path)
+    assert (config.verify.mode, config.confirm_after) == ("tls", 10)  # checks on unless said otherwise
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            json.dumps({**base, "verify": {"mode": "maybe"}, "confirm_after": -1}), "probe.yaml", tmp_path
+        )
+    assert err.value.errors == [
+        "probe.yaml: verify.mode: 'maybe' is not one of off, tls, http",
+        "probe.yaml: confirm_after: -1 must be between 0 and 300",
+    ]
