@@ -31,7 +31,7 @@ from array import array
 from pathlib import Path
 from typing import NamedTuple
 
-from probe.expect import Expectations
+from probe.expect import OrderIndex
 from probe.lists import Lists, Order, Pattern
 from probe.model import Finding, Transport
 from probe.schedule import Scheduler, Settings, budget, check, format_span
@@ -104,7 +104,7 @@ def main() -> None:
         tickets.append(Ticket(order(f"ticket-{k}", names, effective), effective, k % 2 == 1, effective + lag))
     ahead = [tk.order for tk in tickets if not tk.late]
     lists = Lists(tuple(old + ahead), (), ("bench",))
-    index = Expectations(lists)  # the daemon's own, for the engine's expectations: shared
+    index = OrderIndex(lists)  # the daemon's own, for the engine's expectations: shared
     after_lists = rss_mib()[0]
 
     isp = Resolver(
@@ -174,7 +174,7 @@ def main() -> None:
                 known += fresh
                 new = Lists(tuple(known), (), ("bench",))
                 c = time.process_time()
-                index = Expectations(new)
+                index = OrderIndex(new)
                 index_cpu += time.process_time() - c
                 c = time.process_time()
                 sched.update_lists(new, now, index)

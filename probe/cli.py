@@ -14,9 +14,9 @@ import click
 from probe import __version__
 from probe.answers import AnswerChecker
 from probe.catalogue import load_catalogue, resolve_spec
-from probe.engine import Engine, Expect, Plan
+from probe.engine import Engine, ExpectFn, Plan
 from probe.errors import BlockprobeError, InputError
-from probe.expect import Expectations
+from probe.expect import OrderIndex
 from probe.identity import Canary
 from probe.lists import (
     ISO_ALPHA2,
@@ -299,14 +299,14 @@ def _canary(text: str) -> Canary:
     return Canary(normalize_name(name), Expectation(kind))
 
 
-def _expectations(expect: str | None, lists: Lists | None, country: str | None) -> Expect:
+def _expectations(expect: str | None, lists: Lists | None, country: str | None) -> ExpectFn:
     if lists is not None and country is not None:
-        engine = Expectations(lists)
+        orders = OrderIndex(lists)
         cc = country.upper()
 
         def by_lists(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
             # The engine asks when it sends the query: an order may start binding mid-run.
-            return engine.expect(cc, resolver.kind, resolver.operator, domain, datetime.now(UTC))
+            return orders.expect(cc, resolver.kind, resolver.operator, domain, datetime.now(UTC))
 
         return by_lists
     expectation = Expectation(expect) if expect else None

@@ -37,13 +37,12 @@ from probe.specs import Endpoint, Resolver
 from probe.transports import Exchange, Exchanger, Failure, FailureKind, Loss, Options, Phase, make_exchanger
 from probe.wire import build_query, parse_response
 
-__all__ = ["Engine", "Expect", "ExpectFn", "Plan", "RateLimiter", "control_endpoint"]
+__all__ = ["Engine", "ExpectFn", "Plan", "RateLimiter", "control_endpoint"]
 
 log = logging.getLogger(__name__)
 
 # (domain, resolver) -> (expectation, why): None when nothing is expected.
 ExpectFn = Callable[[str, Resolver], tuple[Expectation | None, dict[str, Any] | None]]
-Expect = ExpectFn  # the old name, kept while callers move
 
 _ENCRYPTED = frozenset({Transport.DOT, Transport.DOH, Transport.DOH3, Transport.DOQ})
 _CONTROL_PREFERENCE = (

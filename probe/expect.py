@@ -21,7 +21,7 @@ from typing import Any
 from probe.lists import ControlList, Lists, Order, Pattern, format_instant
 from probe.model import Expectation
 
-__all__ = ["Expectations", "Rule"]
+__all__ = ["OrderIndex", "Rule"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,7 @@ class Rule:
         return (0 if self.pattern.wildcard else 1, self.pattern.name.count(".") + 1)
 
 
-class Expectations:
+class OrderIndex:
     """An index of a Lists by name, for lookups in time proportional to the name's depth."""
 
     def __init__(self, lists: Lists) -> None:
@@ -102,3 +102,8 @@ class Expectations:
             reason = "the order is not in force at this time"
         why = {"list": order.id, "order": order.id, "pattern": str(best.pattern), "reason": reason}
         return Expectation.RESOLVES, why
+
+
+Expectations = (
+    OrderIndex  # the old name, until the daemon's scheduler lands (issue 15: one word, one meaning)
+)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any, Protocol
 
-from probe.expect import Expectations
+from probe.expect import OrderIndex
 from probe.lists import Lists, Order
 from probe.model import Expectation, Finding
 from probe.specs import Endpoint, Resolver
@@ -310,7 +310,7 @@ class Scheduler:
         now: dt.datetime,
         qps: float | None = 20.0,
         settings: Settings | None = None,
-        expectations: Expectations | None = None,
+        expectations: OrderIndex | None = None,
     ) -> None:
         if not qtypes or len(qtypes) > 32:
             raise ValueError("between 1 and 32 qtypes")
@@ -345,11 +345,11 @@ class Scheduler:
 
     # -- lists -------------------------------------------------------------------------------
 
-    def _load(self, lists: Lists, expectations: Expectations | None) -> None:
+    def _load(self, lists: Lists, expectations: OrderIndex | None) -> None:
         self.lists = lists
         # The daemon's own index when it hands it in: the largest part of the scheduler's memory.
         self._expect = (
-            expectations if expectations is not None and expectations.lists is lists else Expectations(lists)
+            expectations if expectations is not None and expectations.lists is lists else OrderIndex(lists)
         )
         self._names = sorted(set(lists.query_names()))
         self._index = {name: i for i, name in enumerate(self._names)}
@@ -370,7 +370,7 @@ class Scheduler:
         k = next(k for k, o in enumerate(self.lists.orders) if o is order)
         return [self._names[i] for i in self._order_names[k]]
 
-    def update_lists(self, lists: Lists, now: dt.datetime, expectations: Expectations | None = None) -> None:
+    def update_lists(self, lists: Lists, now: dt.datetime, expectations: OrderIndex | None = None) -> None:
         """New lists (from the collector): state carries over by name, the rotation resumes at
         the same place in the alphabet, and orders not seen before are chased from `now`."""
         t = _ts(now)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from probe.catalogue import resolve_spec
-from probe.engine import Engine, Expect, Plan
+from probe.engine import Engine, ExpectFn, Plan
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Measurement
 from probe.specs import Resolver
@@ -47,7 +47,7 @@ def measure(
     ca: LabCA | Path | None,
     qtypes: Sequence[str] = ("A",),
     controls: Sequence[Resolver] = (),
-    expect: Expect | None = None,
+    expect: ExpectFn | None = None,
     timeout: float = 1.0,
     linger: float = 0.1,
     qps: float | None = None,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from probe.expect import Expectations
+from probe.expect import OrderIndex
 from probe.lists import load_lists
 from probe.model import Expectation
 
@@ -17,8 +17,8 @@ MID_2026 = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module")
-def engine() -> Expectations:
-    return Expectations(load_lists([HERE / "good-it.yaml", HERE / "good-fr.yaml"]))
+def engine() -> OrderIndex:
+    return OrderIndex(load_lists([HERE / "good-it.yaml", HERE / "good-fr.yaml"]))
 
 
 # country, kind, operator, name, when, expected, the reason's key facts
@@ -161,7 +161,7 @@ TABLE = [
     ids=[t[0] for t in TABLE],
 )
 def test_expectation_table(
-    engine: Expectations,
+    engine: OrderIndex,
     case: str,
     country: str,
     kind: str,
@@ -178,8 +178,8 @@ def test_expectation_table(
 
 
 @pytest.fixture(scope="module")
-def timed() -> Expectations:
-    return Expectations(load_lists([HERE / "good-times.yaml"]))
+def timed() -> OrderIndex:
+    return OrderIndex(load_lists([HERE / "good-times.yaml"]))
 
 
 ROME = dt.timezone(dt.timedelta(hours=1))
@@ -260,7 +260,7 @@ TIMED = [
 
 @pytest.mark.parametrize(("case", "name", "when", "expected", "why"), TIMED, ids=[t[0] for t in TIMED])
 def test_orders_bind_from_instants(
-    timed: Expectations,
+    timed: OrderIndex,
     case: str,
     name: str,
     when: dt.datetime,
@@ -273,12 +273,12 @@ def test_orders_bind_from_instants(
         assert reason is not None and reason[key] == value, reason
 
 
-def test_no_due_without_a_deadline(engine: Expectations) -> None:
+def test_no_due_without_a_deadline(engine: OrderIndex) -> None:
     _, reason = engine.expect("IT", "isp", None, "pirate.example", MID_2026)
     assert reason is not None and "due" not in reason
 
 
-def test_a_naive_time_is_refused(timed: Expectations) -> None:
+def test_a_naive_time_is_refused(timed: OrderIndex) -> None:
     """Read as the host's local time it would move every order by the host's offset."""
     with pytest.raises(ValueError, match="aware"):
         timed.expect("IT", "isp", None, "live-calcio.example", dt.datetime(2026, 12, 1, 13, 5))

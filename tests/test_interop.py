@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from probe.catalogue import resolve_spec
-from probe.expect import Expectations
+from probe.expect import OrderIndex
 from probe.lab import LabCA
 from probe.lists import parse_lists
 from probe.model import Expectation, Finding, Measurement, Outcome
@@ -101,7 +101,7 @@ controls:
   - id: controls
     domains: [ok.{ZONE}]
 """
-_ENGINE = Expectations(parse_lists(LISTS))
+_ENGINE = OrderIndex(parse_lists(LISTS))
 
 
 def _expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:

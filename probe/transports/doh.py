@@ -69,7 +69,7 @@ class _Stream:
             if not self.future.done():
                 self.future.set_result(None)
         elif not self.late.done():
-            ex = judge_http(self.status, self.ctype, bytes(self.body), self.query, 0.0, {})
+            ex = doh_exchange(self.status, self.ctype, bytes(self.body), self.query, 0.0, {})
             if ex.response is None:
                 self.late.cancel()
             else:
@@ -332,7 +332,7 @@ class DohExchanger(RetryAlone):
         latency = (time.perf_counter() - sent) * 1000
         evidence["http_version"] = "HTTP/2"
         evidence["http_status"] = st.status
-        result = judge_http(st.status, st.ctype, bytes(st.body), query, latency, evidence)
+        result = doh_exchange(st.status, st.ctype, bytes(st.body), query, latency, evidence)
         result.channel = conn.channel.name
         return result
 
@@ -432,7 +432,7 @@ class DohExchanger(RetryAlone):
         evidence["http_version"] = resp.http_version
         evidence["http_status"] = resp.status_code
         ctype = resp.headers.get("content-type", "").encode("latin-1")
-        return judge_http(resp.status_code, ctype, bytes(body), query, latency, evidence)
+        return doh_exchange(resp.status_code, ctype, bytes(body), query, latency, evidence)
 
     async def aclose(self) -> None:
         for task in list(self._witnesses):
@@ -450,7 +450,7 @@ def _abort_h2(conn: _H2Conn | None) -> None:
         conn.transport.abort()
 
 
-def judge_http(
+def doh_exchange(
     status: int, ctype: bytes, body: bytes, query: bytes, latency: float, evidence: dict[str, Any]
 ) -> Exchange:
     """A DoH response over any HTTP version: 200, application/dns-message, and the response to our query."""

@@ -18,7 +18,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
 from probe.limits import MAX_DOH_BODY
 from probe.transports._errors import error
 from probe.transports.base import Exchange, Phase
-from probe.transports.doh import judge_http
+from probe.transports.doh import doh_exchange
 from probe.transports.doq import DoqExchanger, _DoqProtocol, _Query
 
 __all__ = ["Doh3Exchanger"]
@@ -38,7 +38,7 @@ class _H3Query(_Query):
         """A late HTTP response: the DNS message, if it is one for our query, completes `late`."""
         if self.late is None or self.late.done():
             return
-        ex = judge_http(self.status, self.ctype, bytes(self.data), self.query, 0.0, {})
+        ex = doh_exchange(self.status, self.ctype, bytes(self.data), self.query, 0.0, {})
         if ex.response is None:
             self.late.cancel()
         else:
@@ -76,7 +76,7 @@ class _H3Protocol(_DoqProtocol):
                 if not q.future.done():
                     if q.status == 200:
                         self.channel.answer(q.stamp)
-                    # The HTTP judgement (status, type, the response to our query) is judge_http's.
+                    # The HTTP judgement (status, type, the response to our query) is doh_exchange's.
                     q.future.set_result(bytes(q.data))
                     if q.expired:
                         q.late_done()
@@ -116,4 +116,4 @@ class Doh3Exchanger(DoqExchanger):
         assert isinstance(q, _H3Query)
         evidence["http_version"] = "HTTP/3"
         evidence["http_status"] = q.status
-        return judge_http(q.status, q.ctype, msg, query, latency, evidence)
+        return doh_exchange(q.status, q.ctype, msg, query, latency, evidence)
