@@ -53,16 +53,23 @@ def cli() -> None:
 @CONFIG
 @DATABASE
 def serve(config_file: str, database: str | None) -> None:
-    """Serve the API, metrics and status page (HTTPS when the config names a certificate)."""
-    import uvicorn
+    """Serve the API, metrics and status page (HTTPS when the config names a certificate).
 
+    SIGTERM or SIGINT stop it gracefully: requests in flight finish, the database is closed,
+    and the exit status is 0.
+    """
     from collector.app import create_app
+    from collector.server import CollectorServer, server_config
 
     config, store = _load(config_file, database)
-    app = create_app(config, store)
-    uvicorn.run(app, host=config.host, port=config.port, ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
-                log_level="info", access_log=False, proxy_headers=False)  # fmt: skip
-    store.close()
+    try:
+        app = create_app(config, store)
+        server = CollectorServer(server_config(app, config))
+        server.run()
+    finally:
+        store.close()
+    if not server.started:
+        _fail(f"could not serve on {config.host}:{config.port} (see the log above)")
 
 
 @cli.group()

@@ -17,11 +17,11 @@ from typing import Any
 
 import httpx2
 import pytest
-import uvicorn
 
 from collector.app import create_app
 from collector.auth import hash_token, new_token
 from collector.config import parse_collector_config
+from collector.server import CollectorServer, server_config
 from collector.store import Store, open_store
 
 from .pg import TempPostgres, find_pg_bin
@@ -43,11 +43,13 @@ def postgres() -> Iterator[TempPostgres | None]:
 class Server:
     def __init__(self, store: Store, config_text: str = "") -> None:
         self.port = free_port("127.0.0.1")
-        self.config = parse_collector_config(f"listen: 127.0.0.1:{self.port}\n" + config_text)
+        # Render caches off: these tests read what they just wrote.
+        self.config = parse_collector_config(
+            f"listen: 127.0.0.1:{self.port}\nlimits: {{render_cache_seconds: 0}}\n" + config_text
+        )
         self.store = store
         self.app = create_app(self.config, store)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))  # fmt: skip
+        self.server = CollectorServer(server_config(self.app, self.config, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
