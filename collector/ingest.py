@@ -238,15 +238,13 @@ def _lone_surrogate(value: Any, path: str = "") -> str | None:
 def parse_body(data: bytes) -> Any:
     """JSON with bounds a body cannot escape: depth, container count, finite numbers, valid UTF-8
     without unpaired surrogates. Raises Refusal (422)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Refusal(422, f"the body is not UTF-8 (byte {exc.start})", "invalid") from None
-    # Structure first, on bytes and at C speed: strings out, then brackets only.
+    # Structure first, on bytes and at C speed, before Python allocates a single object for it.
+    # Counting brackets with those inside strings is an upper bound that needs no copy: a body
+    # over it is refused even if its strings hold the brackets (no probe sends such text).
+    limit = CONTAINERS_PER_MEASUREMENT * MAX_BATCH_MEASUREMENTS + 64
+    if data.count(b"[") + data.count(b"{") > limit:
+        raise Refusal(422, f"the body holds more than {limit} JSON arrays and objects", "invalid")
     brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKET)
-    limit = 2 * (CONTAINERS_PER_MEASUREMENT * MAX_BATCH_MEASUREMENTS + 64)
-    if len(brackets) > limit:
-        raise Refusal(422, f"the body holds more than {limit // 2} JSON arrays and objects", "invalid")
     # Each pass removes the innermost pairs: anything left after MAX_BODY_DEPTH passes is deeper.
     for _ in range(MAX_BODY_DEPTH):
         if not brackets:
@@ -254,6 +252,11 @@ def parse_body(data: bytes) -> Any:
         brackets = _LEAF.sub(b"", brackets)
     if brackets and _LEAF.search(brackets):
         raise Refusal(422, f"the body is nested deeper than {MAX_BODY_DEPTH} levels", "invalid")
+    del brackets
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refusal(422, f"the body is not UTF-8 (byte {exc.start})", "invalid") from None
     try:
         doc = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:

@@ -100,7 +100,9 @@ def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
-        w = csv.DictWriter(out, FIELDS, lineterminator="\n")
+        # CRLF as RFC 4180 has it: the writer then quotes any cell holding a CR or LF, so none can
+        # break a row in two.
+        w = csv.DictWriter(out, FIELDS, lineterminator="\r\n")
         w.writeheader()
         for r in rows:
             flat = {
