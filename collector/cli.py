@@ -208,6 +208,28 @@ def demo(interval: float, no_prometheus: bool, state_dir: str | None) -> None:
     run_fleet(Path(state_dir) if state_dir else None, with_prometheus=not no_prometheus, interval=interval)
 
 
+@cli.command("tls-init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    required=True,
+    help="A DNS name or IP address the probes use (repeatable).",
+)
+def tls_init(directory: str, names: tuple[str, ...]) -> None:
+    """Make a small CA and a certificate for NAMEs in DIRECTORY (kept when still good).
+
+    Serve cert.pem and key.pem (config `tls`); give ca.pem to the probes (`collector.ca_file`).
+    Prints `created` or `unchanged`.
+    """
+    from pathlib import Path
+
+    from collector.tls import ensure_certificate
+
+    click.echo("created" if ensure_certificate(Path(directory), list(names)) else "unchanged")
+
+
 @cli.command()
 def openapi() -> None:
     """Print the API's OpenAPI description (committed as collector/openapi.json)."""

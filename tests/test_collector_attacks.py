@@ -15,6 +15,7 @@ import json
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -54,7 +55,9 @@ def _status(pid: int, key: str) -> float:
 class Collector:
     """`collector serve` as its own process, with tokens for a legitimate probe and an attacker."""
 
-    def __init__(self, work: Path, extra: str = "", limits: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, work: Path, extra: str = "", limits: dict[str, float] | None = None, verify: Any = True
+    ) -> None:
         self.work = work
         self.port = free_port(HOST)
         self.db = work / "c.sqlite3"
@@ -79,18 +82,19 @@ class Collector:
             stdout=subprocess.DEVNULL,
             stderr=self.log,
         )
-        self.url = f"http://{HOST}:{self.port}"
+        self.verify = verify
+        self.url = f"{'https' if 'cert:' in extra else 'http'}://{HOST}:{self.port}"
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx2.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx2.get(f"{self.url}/healthz", timeout=1, verify=verify).status_code == 200:
                     break
             except httpx2.HTTPError:
                 pass
             assert self.proc.poll() is None, (work / "collector.log").read_text()
             assert time.monotonic() < deadline, "collector did not start"
             time.sleep(0.1)
-        self.client = httpx2.Client(base_url=self.url, timeout=10)
+        self.client = httpx2.Client(base_url=self.url, timeout=10, verify=verify)
 
     def rss_mib(self) -> float:
         return _status(self.proc.pid, "VmRSS")
@@ -109,7 +113,7 @@ class Collector:
     def legit_push(self) -> float:
         """Push one batch as the legitimate probe on a fresh connection; its latency in seconds."""
         t0 = time.monotonic()
-        with httpx2.Client(base_url=self.url, timeout=PUSH_BUDGET * 3) as c:
+        with httpx2.Client(base_url=self.url, timeout=PUSH_BUDGET * 3, verify=self.verify) as c:
             r = c.post(
                 "/api/v1/results",
                 content=json.dumps(batch("legit", [measurement(domain=f"l{uuid.uuid4().hex[:8]}.example")])),
@@ -528,3 +532,24 @@ def test_sigterm_stops_cleanly_with_the_database_closed(tmp_path: Path) -> None:
     assert c.stop() == 0
     # SQLite removes the write-ahead log when its last connection closes.
     assert not (tmp_path / "c.sqlite3-wal").exists()
+
+
+def test_tls_init_makes_a_certificate_the_probes_verify(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from collector.cli import cli
+
+    runner = CliRunner()
+    args = ["tls-init", str(tmp_path / "tls"), "--name", HOST, "--name", "localhost"]
+    assert runner.invoke(cli, args).output == "created\n"
+    assert runner.invoke(cli, args).output == "unchanged\n"  # a second deployment run changes nothing
+    assert (tmp_path / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
+    trust = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem"))
+    c = Collector(tmp_path, "tls: {cert: tls/cert.pem, key: tls/key.pem}\n", verify=trust)
+    try:
+        assert c.url.startswith("https://")
+        assert c.legit_push() < PUSH_BUDGET
+        with pytest.raises(httpx2.ConnectError):  # without the CA, a probe refuses the collector
+            httpx2.get(f"{c.url}/healthz", timeout=5)
+    finally:
+        assert c.stop() == 0
