@@ -90,7 +90,9 @@ class TokenCache:
 
     Refreshed every `ttl` seconds, at once after a token change made through the same
     store object, and on an unknown token at most once every `miss_interval` seconds:
-    a flood of made-up tokens costs one query a second, not one per request.
+    a flood of made-up tokens costs one query a second, not one per request. Looking the
+    digest up in a dict can leak, through timing, at most something about a SHA-256 of a
+    token, which does not help to guess one (256 random bits).
     """
 
     def __init__(self, store: Store, ttl: float = 2.0, miss_interval: float = 1.0) -> None:
@@ -196,10 +198,19 @@ class GroupQuota:
             return None
 
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_PLAIN_STRING = re.compile(rb'"[^"]*"')
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 _LEAF = re.compile(rb"\[\]|\{\}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _outside_strings(data: bytes) -> bytes:
+    """`data` without its JSON strings. Inside a string every backslash starts a two-byte escape,
+    so removing `\\\\` pairs first and then `\\"` leaves only the quotes that delimit strings,
+    and a negated class finds those at C speed (twice as fast as an escape-aware pattern)."""
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return _PLAIN_STRING.sub(b"", data)
 
 
 def _finite(text: str) -> float:
@@ -244,7 +255,7 @@ def parse_body(data: bytes) -> Any:
     limit = CONTAINERS_PER_MEASUREMENT * MAX_BATCH_MEASUREMENTS + 64
     if data.count(b"[") + data.count(b"{") > limit:
         raise Refusal(422, f"the body holds more than {limit} JSON arrays and objects", "invalid")
-    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKET)
+    brackets = _outside_strings(data).translate(None, _NOT_BRACKET)
     # Each pass removes the innermost pairs: anything left after MAX_BODY_DEPTH passes is deeper.
     for _ in range(MAX_BODY_DEPTH):
         if not brackets:

@@ -553,3 +553,17 @@ def test_tls_init_makes_a_certificate_the_probes_verify(tmp_path: Path) -> None:
             httpx2.get(f"{c.url}/healthz", timeout=5)
     finally:
         assert c.stop() == 0
+
+
+def test_the_structure_scan_reads_strings_as_json_does() -> None:
+    """Brackets, escaped quotes and backslashes inside strings are text, not structure."""
+    from collector.ingest import Refusal, parse_body
+    from collector.schema import MAX_BODY_DEPTH
+
+    tricky = ["[[[[", "\\\\", '\\"[[[[', '\\\\"', '{"a": [', 'x\\\\\\"]]]]']
+    doc = {"k": tricky, "deep": json.loads("[" * (MAX_BODY_DEPTH - 2) + "]" * (MAX_BODY_DEPTH - 2))}
+    # The tricky strings are JSON-escaped once more by dumps: exactly what a probe sends.
+    assert parse_body(json.dumps(doc).encode()) == doc
+    too_deep = {"k": tricky, "deep": json.loads("[" * MAX_BODY_DEPTH + "]" * MAX_BODY_DEPTH)}
+    with pytest.raises(Refusal, match="nested deeper"):
+        parse_body(json.dumps(too_deep).encode())
