@@ -123,8 +123,14 @@ class ReadGuard:
 
 
 class Rendered:
-    """A rendered page or scrape kept for `ttl` seconds; one render at a time, shared by all
-    who ask meanwhile, in a worker thread: readers cannot pile renders on the ingest's database."""
+    """A rendered page or scrape, kept for `ttl` seconds; one render at a time, in a worker thread,
+    shared by all who ask meanwhile: readers cannot pile renders on the ingest's database.
+
+    While readers keep coming, a value up to 3 × `ttl` old is served at once and refreshed
+    behind them, so a busy reader never waits for a render; after a quiet spell (a scrape
+    every 15 s) the reader waits for a fresh one rather than get the last scrape's numbers.
+    `ttl` 0: a fresh render every time.
+    """
 
     def __init__(self, ttl: float, make: Callable[[], Any]) -> None:
         self.ttl = ttl
@@ -134,11 +140,16 @@ class Rendered:
         self.pending: asyncio.Future[Any] | None = None
 
     async def get(self) -> Any:
-        if self.value is not None and time.monotonic() - self.at < self.ttl:
+        if self.ttl <= 0:
+            return await run_in_threadpool(self.make)
+        age = time.monotonic() - self.at
+        if self.value is not None and age < self.ttl:
             return self.value
         if self.pending is None:
             self.pending = asyncio.ensure_future(run_in_threadpool(self.make))
             self.pending.add_done_callback(self._done)
+        if self.value is not None and age < 3 * self.ttl:
+            return self.value
         return await asyncio.shield(self.pending)
 
     def _done(self, fut: asyncio.Future[Any]) -> None:
