@@ -17,6 +17,8 @@ A request that fails a step gets the status and a reason, and costs nothing past
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import math
 import re
@@ -50,6 +52,17 @@ PER_PROBE_CONCURRENCY = 2
 # evidence...): 64 each is far above what a probe sends and bounds what a body can make
 # Python allocate (an empty list is 56 bytes; `[[],[],…]` is 3 bytes each on the wire).
 CONTAINERS_PER_MEASUREMENT = 64
+
+
+# After a body this large, hand freed memory back to the system: glibc keeps what worker
+# threads freed in their arenas, so one 64 MB body would leave the process that much bigger
+# for good on a small machine.
+TRIM_ABOVE = 8 << 20
+
+
+def _trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Refusal(Exception):
@@ -407,7 +420,18 @@ class IngestGate:
         """Everything CPU-bound, in a worker thread: inflate, parse, validate, check, store."""
         started = time.perf_counter()
         config, health = self.config, self.health
-        doc = parse_body(_inflate(body, encoding, config.max_decompressed))
+        data = _inflate(body, encoding, config.max_decompressed)
+        refused: Refusal | None = None
+        try:
+            doc = parse_body(data)
+        except Refusal as exc:
+            refused = exc.with_traceback(None)  # its frames would keep `data` alive
+        big = len(data) > TRIM_ABOVE
+        del data
+        if big:
+            _trim()
+        if refused is not None:
+            raise refused
         try:
             batch = Batch.model_validate(doc)
         except ValidationError as exc:

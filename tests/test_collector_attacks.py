@@ -155,6 +155,7 @@ def during(attack: Callable[[], None], c: Collector, pushes: int = 3) -> list[fl
         except BaseException as exc:
             errors.append(exc)
 
+    rss_before = c.rss_mib()
     t = threading.Thread(target=run, daemon=True)
     t.start()
     time.sleep(0.3)  # let the attack take hold first
@@ -164,6 +165,9 @@ def during(attack: Callable[[], None], c: Collector, pushes: int = 3) -> list[fl
     if errors:
         raise errors[0]
     assert max(latencies) < PUSH_BUDGET, latencies
+    # What the attack left allocated: bounded whatever it sent (a gzip bomb's transient peak
+    # is asserted where it is sent).
+    assert c.rss_mib() - rss_before < 100, (rss_before, c.rss_mib())
     return latencies
 
 
