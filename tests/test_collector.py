@@ -313,3 +313,31 @@ def test_canaries_and_control_failures_have_their_own_series(server: Server) -> 
         k.startswith("blockprobe_overblock{") for k in scrape
     )  # a canary is not an overblock of a list
     assert scrape['blockprobe_control_failure_ratio{country="IT",probe="it-1",region="it-milan"}'] == 0.5
+
+
+def test_an_older_database_moves_to_batch_ids_per_probe_keeping_its_batches(tmp_path: Path) -> None:
+    import sqlite3
+
+    from collector.store import MIGRATIONS
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    for migration in MIGRATIONS[:3]:  # the schema before batch ids were per probe
+        db.executescript(migration.format(serial="INTEGER"))
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (3)")
+    db.execute(
+        "INSERT INTO batches (batch_id, probe_id, received, results) VALUES ('batch-0001', 'it-1', 1, 1)"
+    )
+    db.commit()
+    db.close()
+    store = open_store(f"sqlite:///{path}")
+    try:
+        probe = {"id": "it-1", "region": "it-milan", "country": "IT"}
+        assert not store.ingest(
+            probe, "batch-0001", [measurement()], time.time()
+        ).new  # kept: still a duplicate
+        other = {"id": "fr-1", "region": "fr-paris", "country": "FR"}
+        assert store.ingest(other, "batch-0001", [measurement()], time.time()).new  # another probe's own id
+    finally:
+        store.close()
