@@ -1,11 +1,14 @@
 """Collector throughput and /metrics render time, on SQLite and (when installed) PostgreSQL.
 
-    python -m bench.collector [--batches 200] [--senders 50]
+    python -m bench.collector [--batches 200] [--senders 50] [--stores sqlite,postgresql]
 
 Starts `collector serve` as a real process, sends batches of 1,000 measurements from 50
-concurrent senders (httpx2, gzip), and reports results stored per second and the
-server's peak RSS; then fills the latest state to 100 probes × 50 resolver endpoints
-with 5,000 current leaks and times /metrics.
+concurrent senders (httpx2, gzip) through the whole authentication-first path, and
+reports results stored per second against the store's own rate in this process (the
+reference: the same batches straight into a fresh store) and the server's peak RSS.
+Then it fills the latest state to 100 probes × 50 resolver endpoints with 5,000 current
+leaks and times /metrics: alone, and while four clients hammer `/` and `/metrics`
+(with a probe pushing 1,000-result batches meanwhile, whose latency is reported too).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import asyncio
 import gzip
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +31,7 @@ from typing import Any
 import httpx2
 
 from collector.auth import hash_token, new_token
+from collector.metrics import render_findings
 from collector.store import open_store
 from tests.real import free_port
 
@@ -33,14 +39,27 @@ HOST = "127.0.0.1"
 
 
 def _measurement(i: int, probe: int, finding: str) -> dict[str, Any]:
-    return {"domain": f"n{i}.pirate-{i % 50}.example", "qtype": "A", "resolver": f"udp://192.0.2.{i % 50}",
-            "transport": "udp", "outcome": "resolved" if finding == "leak" else "nxdomain",
-            "blocked": finding != "leak", "expected": "blocked", "finding": finding, "rcode": "NOERROR",
-            "ede": [], "answers": ["93.184.216.34"], "cname": [], "sinkhole": None,
-            "control": {"outcome": "resolved", "answers": ["93.184.216.34"]}, "latency_ms": 12.5,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "error": None,
-            "wire": "AAGBgAABAAEAAAABAmlpB2V4YW1wbGUDb3JnAAABAAHADAABAAEAAAA8AARduNgiAAApBNAAAAAAAAA=",
-            "expected_by": {"order": "bench-order"}}  # fmt: skip
+    return {
+        "domain": f"n{i}.pirate-{i % 50}.example",
+        "qtype": "A",
+        "resolver": f"udp://192.0.2.{i % 50}",
+        "transport": "udp",
+        "outcome": "resolved" if finding == "leak" else "nxdomain",
+        "blocked": finding != "leak",
+        "expected": "blocked",
+        "finding": finding,
+        "rcode": "NOERROR",
+        "ede": [],
+        "answers": ["93.184.216.34"],
+        "cname": [],
+        "sinkhole": None,
+        "control": {"outcome": "resolved", "answers": ["93.184.216.34"]},
+        "latency_ms": 12.5,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        "error": None,
+        "wire": "AAGBgAABAAEAAAABAmlpB2V4YW1wbGUDb3JnAAABAAHADAABAAEAAAA8AARduNgiAAApBNAAAAAAAAA=",
+        "expected_by": {"order": "bench-order"},
+    }
 
 
 def _rss_mib(pid: int) -> float:
@@ -67,14 +86,92 @@ async def _send_all(url: str, tokens: dict[str, str], batches: int, senders: int
         async def sender() -> None:
             while not queue.empty():
                 probe, body = queue.get_nowait()
-                r = await client.post(f"{url}/api/v1/results", content=body, headers={
-                    "authorization": f"Bearer {tokens[probe]}", "content-encoding": "gzip",
-                    "content-type": "application/json"})  # fmt: skip
+                r = await client.post(
+                    f"{url}/api/v1/results",
+                    content=body,
+                    headers={
+                        "authorization": f"Bearer {tokens[probe]}",
+                        "content-encoding": "gzip",
+                        "content-type": "application/json",
+                    },
+                )
                 r.raise_for_status()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(sender() for _ in range(senders)))
         return time.perf_counter() - t0
+
+
+def _direct_rate(work: Path, batches: int) -> float:
+    """The reference: the same kind of batches stored straight into a fresh SQLite store, no HTTP."""
+    store = open_store(f"sqlite:///{work / 'direct.sqlite3'}")
+    docs = [[_measurement(b * 1000 + i, 0, "enforced") for i in range(1000)] for b in range(min(batches, 50))]
+    t0 = time.perf_counter()
+    for ms in docs:
+        store.ingest({"id": "p0", "region": "r", "country": "IT"}, str(uuid.uuid4()), ms, time.time())
+    elapsed = time.perf_counter() - t0
+    store.close()
+    return len(docs) * 1000 / elapsed
+
+
+def _hammer(url: str, token: str, seconds: float) -> dict[str, float]:
+    """Four clients loop on / and /metrics; a fifth times /metrics; a probe pushes meanwhile."""
+    stop = threading.Event()
+    metrics: list[float] = []
+    pushes: list[float] = []
+
+    def reader(path: str) -> None:
+        with httpx2.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                c.get(path).raise_for_status()
+
+    def timer() -> None:
+        with httpx2.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                c.get("/metrics").raise_for_status()
+                metrics.append(time.perf_counter() - t0)
+                time.sleep(0.1)
+
+    def pusher() -> None:
+        with httpx2.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                doc = {
+                    "probe": {"id": "p0", "region": "r", "country": "IT"},
+                    "batch_id": str(uuid.uuid4()),
+                    "measurements": [_measurement(i, 0, "enforced") for i in range(1000)],
+                }
+                body = gzip.compress(json.dumps(doc).encode(), 5)
+                t0 = time.perf_counter()
+                c.post(
+                    "/api/v1/results",
+                    content=body,
+                    headers={
+                        "authorization": f"Bearer {token}",
+                        "content-encoding": "gzip",
+                        "content-type": "application/json",
+                    },
+                ).raise_for_status()
+                pushes.append(time.perf_counter() - t0)
+                time.sleep(0.2)
+
+    httpx2.get(f"{url}/metrics", timeout=60).raise_for_status()  # warm, as a scraped collector is
+    threads = [threading.Thread(target=reader, args=(p,)) for p in ("/", "/metrics", "/", "/metrics")]
+    threads += [threading.Thread(target=timer), threading.Thread(target=pusher)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    metrics.sort()
+    return {
+        "hammer_metrics_p50_ms": metrics[len(metrics) // 2] * 1000,
+        "hammer_metrics_p95_ms": metrics[int(len(metrics) * 0.95)] * 1000,
+        "hammer_metrics_max_ms": metrics[-1] * 1000,
+        "hammer_push_p50_ms": statistics.median(pushes) * 1000,
+        "hammer_push_max_ms": max(pushes) * 1000,
+    }
 
 
 def run(database: str, work: Path, batches: int, senders: int) -> dict[str, float]:
@@ -90,8 +187,11 @@ def run(database: str, work: Path, batches: int, senders: int) -> dict[str, floa
         tokens[f"p{p}"] = new_token()
         store.set_token(f"p{p}", hash_token(tokens[f"p{p}"]))
     store.close()
-    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "serve", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collector.cli", "serve", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://{HOST}:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -117,35 +217,52 @@ def run(database: str, work: Path, batches: int, senders: int) -> dict[str, floa
                     ms.append(m)
             store.ingest({"id": f"p{p}", "region": "r", "country": "IT"}, str(uuid.uuid4()), ms, time.time())
         store.close()
+        # The render itself, uncached (the reference for /metrics under load), in this process.
+        store = open_store(database)
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
-            text = httpx2.get(f"{url}/metrics", timeout=30).text
+            text = render_findings(store, 3600)
             times.append(time.perf_counter() - t0)
+        store.close()
         leaks = sum(1 for line in text.splitlines() if line.startswith("blockprobe_leak{"))
+        hammer = _hammer(url, tokens["p0"], 8)
         rss = _rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
-    return {"results_per_s": batches * 1000 / elapsed, "metrics_ms": sorted(times)[2] * 1000, "leak_series": leaks,
-            "peak_rss_mib": rss}  # fmt: skip
+    return {
+        "results_per_s": batches * 1000 / elapsed,
+        "render_ms": sorted(times)[2] * 1000,
+        "leak_series": leaks,
+        "peak_rss_mib": rss,
+        "exit": proc.returncode,
+        **hammer,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--senders", type=int, default=50)
+    ap.add_argument("--stores", default="sqlite,postgresql", help="Which stores to run, comma-separated.")
     args = ap.parse_args()
+    stores = args.stores.split(",")
     work = Path(tempfile.mkdtemp(prefix="blockprobe-collector-bench-"))
-    rows = [
-        (
-            "sqlite",
-            run(f"sqlite:///{work / 'sqlite' / 'c.sqlite3'}", work / "sqlite", args.batches, args.senders),
+    direct = _direct_rate(work, args.batches)
+    rows = []
+    if "sqlite" in stores:
+        rows.append(
+            (
+                "sqlite",
+                run(
+                    f"sqlite:///{work / 'sqlite' / 'c.sqlite3'}", work / "sqlite", args.batches, args.senders
+                ),
+            )
         )
-    ]
     from tests.pg import TempPostgres, find_pg_bin
 
-    if find_pg_bin() is not None:
+    if "postgresql" in stores and find_pg_bin() is not None:
         pg = TempPostgres()
         try:
             rows.append(
@@ -153,12 +270,22 @@ def main() -> None:
             )
         finally:
             pg.stop()
-    print(f"| store | results/s ingested ({args.batches} batches of 1,000, {args.senders} senders) | "
-          "/metrics median of 5 (ms) | leak series | collector peak RSS (MiB) |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    load = Path("/proc/loadavg").read_text().split()[0]
+    print(
+        f"reference: {direct:.0f} results/s straight into a SQLite store in this process; load average {load}\n"
+    )
+    print(
+        f"| store | results/s over HTTP ({args.batches} × 1,000, {args.senders} senders) | ÷ reference | "
+        "render (ms, median of 5) | /metrics under 4 readers p50 / p95 / max (ms) | push of 1,000 meanwhile p50 / max (ms) "
+        "| leak series | peak RSS (MiB) | exit on SIGTERM |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
         print(
-            f"| {name} | {r['results_per_s']:.0f} | {r['metrics_ms']:.0f} | {r['leak_series']:.0f} | {r['peak_rss_mib']:.0f} |"
+            f"| {name} | {r['results_per_s']:.0f} | {r['results_per_s'] / direct:.2f} | {r['render_ms']:.0f} | "
+            f"{r['hammer_metrics_p50_ms']:.0f} / {r['hammer_metrics_p95_ms']:.0f} / {r['hammer_metrics_max_ms']:.0f} | "
+            f"{r['hammer_push_p50_ms']:.0f} / {r['hammer_push_max_ms']:.0f} | {r['leak_series']:.0f} | "
+            f"{r['peak_rss_mib']:.0f} | {r['exit']} |"
         )
 
 

@@ -2,18 +2,21 @@
 
 FastAPI because the request body is a typed model: the same pydantic model validates
 strictly (422 naming the first bad field) and generates the OpenAPI description that
-the fuzzing tests and client authors use. Bodies are size-limited before parsing, and
-gzip is inflated with a bound on the inflated size, in one ASGI middleware.
+the fuzzing tests and client authors use. The ingest itself runs in collector.ingest,
+in front of routing, so that the token is checked before a byte of body is read.
+Reads can be locked (config `reads`); every response carries the security headers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import gzip
 import hashlib
-import json
+import hmac
+import math
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,14 +26,15 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from collector.auth import hash_token, owner_of
-from collector.config import CollectorConfig
+from collector.config import CollectorConfig, ReadAccess
+from collector.ingest import INGEST_PATH, IngestGate, TokenCache, bearer, json_response, send_response
 from collector.metrics import make_registry
 from collector.pages import Pages
 from collector.schema import Batch
-from collector.store import Store, parse_time
+from collector.store import Store
 
 __all__ = ["create_app"]
 
@@ -40,111 +44,143 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class _TooLarge(Exception):
-    def __init__(self, detail: str) -> None:
-        self.detail = detail
+SECURITY_HEADERS = [
+    # Pages are server-rendered with inline styles and no scripts: nothing else may load.
+    (
+        b"content-security-policy",
+        b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+        b"frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+PROBE_PATHS = ("/api/v1/results", "/api/v1/lists")  # probe tokens guard these, in the app
 
 
-class BodyLimits:
-    """ASGI middleware: refuse bodies over `max_body`, inflate gzip up to `max_decompressed`."""
+class ReadGuard:
+    """ASGI middleware: read access (config `reads`) on every path but the probes' own, and the
+    security headers on every response."""
 
-    def __init__(
-        self,
-        app: Any,
-        max_body: int,
-        max_decompressed: int,
-        on_reject: Callable[[str], None],
-        concurrency: int = 4,
-    ) -> None:
+    def __init__(self, app: Any, access: ReadAccess, on_reject: Callable[[], None]) -> None:
         self.app = app
-        # Batches are parsed into objects several times their wire size: a few at a time keeps
-        # memory bounded however many probes push at once (the others wait their turn).
-        self.gate = asyncio.Semaphore(concurrency)
-        self.max_body = max_body
-        self.max_decompressed = max_decompressed
+        self.access = access
         self.on_reject = on_reject
 
+    def _open(self, path: str) -> bool:
+        if path in PROBE_PATHS:
+            return True
+        if path == "/healthz":
+            return self.access.open_healthz
+        if path == "/metrics":
+            return self.access.open_metrics
+        return self.access.open_pages
+
+    def allowed(self, authorization: str) -> bool:
+        scheme, _, value = authorization.partition(" ")
+        value = value.strip()
+        a = self.access
+        if scheme.lower() == "bearer" and a.token_sha256 and value:
+            return hmac.compare_digest(hashlib.sha256(value.encode()).hexdigest(), a.token_sha256)
+        if scheme.lower() == "basic" and a.basic_user and a.basic_password_sha256 and value:
+            try:
+                user, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            same_user = hmac.compare_digest(user.encode(), a.basic_user.encode())
+            same_password = hmac.compare_digest(
+                hashlib.sha256(password.encode()).hexdigest(), a.basic_password_sha256
+            )
+            return same_user and same_password
+        return False
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        async with self.gate:
-            await self._limited(scope, receive, send)
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            length = int(headers.get("content-length", "0") or 0)
-        except ValueError:
-            length = 0
-        try:
-            if length > self.max_body:
-                raise _TooLarge(f"body of {length} bytes is over the limit of {self.max_body}")
-            body = bytearray()
-            more = True
-            while more:
-                msg = await receive()
-                body += msg.get("body", b"")
-                more = msg.get("more_body", False)
-                if len(body) > self.max_body:
-                    raise _TooLarge(f"body is over the limit of {self.max_body} bytes")
-            encoding = headers.get("content-encoding", "identity").strip().lower()
-            if encoding == "gzip":
-                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                try:
-                    data = inflater.decompress(bytes(body), self.max_decompressed + 1)
-                except zlib.error:
-                    await _plain(send, 400, "the body is not valid gzip")
-                    self.on_reject("bad_encoding")
-                    return
-                if len(data) > self.max_decompressed or inflater.unconsumed_tail:
-                    raise _TooLarge(f"the inflated body is over the limit of {self.max_decompressed} bytes")
-                body = bytearray(data)
-            elif encoding not in ("identity", ""):
-                await _plain(send, 415, f"content-encoding {encoding!r} is not supported (gzip or none)")
-                self.on_reject("bad_encoding")
+        async def secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        if not self._open(scope["path"]):
+            authorization = ""
+            for k, v in scope["headers"]:
+                if k.lower() == b"authorization":
+                    authorization = v.decode("latin-1")
+            if not self.allowed(authorization):
+                self.on_reject()
+                status, body, headers = json_response(
+                    401,
+                    {"detail": "reading this collector needs the read token or the read user's password"},
+                    {"WWW-Authenticate": 'Basic realm="blockprobe", charset="UTF-8"'},
+                )
+                await send_response(secured, status, body, headers)
                 return
-        except _TooLarge as exc:
-            self.on_reject("too_large")
-            await _plain(send, 413, exc.detail)
-            return
-        new_headers = [
-            (k, v) for k, v in scope["headers"] if k.lower() not in (b"content-encoding", b"content-length")
-        ]
-        new_headers.append((b"content-length", str(len(body)).encode()))
-        scope = dict(scope, headers=new_headers)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, receive, secured)
 
 
-async def _plain(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body})
+class _Packed:
+    """A rendered body and its gzip, made once per render in the worker thread: a scrape of a
+    few megabytes costs each reader a tenth of that on the wire and no compression."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.gzipped = gzip.compress(body, 1)
+
+    def response(self, request: Request, media_type: str) -> Response:
+        if "gzip" in request.headers.get("accept-encoding", "").lower():
+            return Response(
+                self.gzipped,
+                media_type=media_type,
+                headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+            )
+        return Response(self.body, media_type=media_type, headers={"Vary": "Accept-Encoding"})
 
 
-def _loc(loc: Any) -> str:
-    out = ""
-    for part in loc:
-        if part == "body":
-            continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
+class Rendered:
+    """A rendered page or scrape, kept for `ttl` seconds; one render at a time, in a worker thread,
+    shared by all who ask meanwhile: readers cannot pile renders on the ingest's database.
+
+    While readers keep coming, a value up to 3 × `ttl` old is served at once and refreshed
+    behind them, so a busy reader never waits for a render; after a quiet spell (a scrape
+    every 15 s) the reader waits for a fresh one rather than get the last scrape's numbers.
+    `ttl` 0: a fresh render every time.
+    """
+
+    def __init__(self, ttl: float, make: Callable[[], Any]) -> None:
+        self.ttl = ttl
+        self.make = make
+        self.value: Any = None
+        self.at = -math.inf
+        self.pending: asyncio.Future[Any] | None = None
+
+    async def get(self) -> Any:
+        if self.ttl <= 0:
+            return await run_in_threadpool(self.make)
+        age = time.monotonic() - self.at
+        if self.value is not None and age < self.ttl:
+            return self.value
+        if self.pending is None:
+            self.pending = asyncio.ensure_future(run_in_threadpool(self.make))
+            self.pending.add_done_callback(self._done)
+        if self.value is not None and age < 3 * self.ttl:
+            return self.value
+        return await asyncio.shield(self.pending)
+
+    def _done(self, fut: asyncio.Future[Any]) -> None:
+        self.pending = None
+        if not fut.cancelled() and fut.exception() is None:
+            self.value, self.at = fut.result(), time.monotonic()
 
 
 def create_app(config: CollectorConfig, store: Store) -> FastAPI:
     """The ASGI application for one store."""
     registry, health = make_registry(store, config.stale_after)
     pages = Pages(store, config.stale_after, config.prometheus_url)
+    tokens = TokenCache(store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,81 +194,50 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:
         yield
         task.cancel()
 
-    app = FastAPI(title="blockprobe collector", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
-                  description="Receives measurements from authenticated probes; serves metrics, lists and evidence.")  # fmt: skip
+    app = FastAPI(
+        title="blockprobe collector",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        description="Receives measurements from authenticated probes; serves metrics, lists and evidence.",
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         health.rejected.labels("invalid").inc()
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid"}
-        return JSONResponse(status_code=422, content={"detail": f"{_loc(first['loc'])}: {first['msg']}",
-                                                      "errors": len(errors)})  # fmt: skip
+        return JSONResponse(
+            status_code=422,
+            content={"detail": f"{_loc(first['loc'])}: {first['msg']}", "errors": len(errors)},
+        )
 
     async def probe_of_token(request: Request) -> str:
         """The probe id a bearer token belongs to (401 when there is none)."""
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer({"authorization": request.headers.get("authorization", "")})
+        if token is None:
             health.rejected.labels("unauthorized").inc()
             raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-        digest = hash_token(token.strip())
-        owner = await run_in_threadpool(_owner, store, digest)
+        owner = await tokens.owner(token)
         if owner is None:
             health.rejected.labels("unauthorized").inc()
             raise HTTPException(401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
         return owner
 
-    @app.post("/api/v1/results", responses={401: {}, 403: {}, 413: {}, 415: {}, 422: {}})
-    async def ingest(batch: Batch, probe_id: str = Depends(probe_of_token)) -> dict[str, Any]:
-        """Store a batch of measurements. A batch id seen before is acknowledged and not stored again."""
-        started = time.perf_counter()
-        if batch.probe.id != probe_id:
-            health.rejected.labels("forbidden").inc()
-            raise HTTPException(403, f"this token belongs to probe {probe_id!r}, not {batch.probe.id!r}")
-        received = time.time()
-        rows = [m.model_dump(mode="json") for m in batch.measurements]
-        clamped = 0
-        oldest = received - config.max_age_days * 86400
-        for i, m in enumerate(rows):
-            try:
-                t = parse_time(m["time"])
-            except ValueError:
-                health.rejected.labels("invalid").inc()
-                raise HTTPException(422, f"measurements[{i}].time: {m['time']!r} is not a time") from None
-            if t > received + config.max_future_skew:
-                m["clock_clamped_from"] = m["time"]  # keep what the probe said, store when we got it
-                m["time"] = (
-                    datetime.fromtimestamp(received, UTC)
-                    .isoformat(timespec="milliseconds")
-                    .replace("+00:00", "Z")
-                )
-                clamped += 1
-            elif t < oldest:
-                health.rejected.labels("clock").inc()
-                raise HTTPException(422, f"measurements[{i}].time: {m['time']} is more than "
-                                         f"{config.max_age_days:g} days old (check the probe's clock)")  # fmt: skip
-        probe = batch.probe.model_dump()
-        try:
-            result = await run_in_threadpool(store.ingest, probe, batch.batch_id, rows, received)
-        except Exception:
-            health.db_errors.inc()
-            raise
-        health.batches.labels("stored" if result.new else "duplicate").inc()
-        health.results.inc(result.stored)
-        health.clamped.inc(clamped)
-        health.ingest.observe(time.perf_counter() - started)
-        out: dict[str, Any] = {
-            "batch_id": batch.batch_id,
-            "stored": result.stored,
-            "duplicate": not result.new,
-        }
-        if clamped:
-            out["clamped"] = clamped
-            out["warning"] = (
-                f"{clamped} measurement times were in the future and were set to the receive time"
-            )
-        return out
+    @app.post(
+        INGEST_PATH,
+        responses={400: {}, 401: {}, 403: {}, 408: {}, 413: {}, 415: {}, 422: {}, 429: {}},
+        response_model=IngestReply,
+    )
+    async def ingest(batch: Batch, probe_id: str = Depends(probe_of_token)) -> IngestReply:
+        """Store a batch of measurements. A batch id this probe sent before is acknowledged and not
+        stored again. 429 with Retry-After when the probe is over a quota.
+
+        Served by collector.ingest.IngestGate before routing (the token is checked before the
+        body is read); this declaration gives the OpenAPI description its schema.
+        """
+        raise HTTPException(500, "the ingest gate did not serve this request")
 
     @app.get("/api/v1/lists", responses={304: {}, 401: {}})
     async def lists(request: Request, probe_id: str = Depends(probe_of_token)) -> Response:
@@ -252,41 +257,77 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:
             return Response(status_code=304, headers={"ETag": etag})
         return JSONResponse({"files": files}, headers={"ETag": etag})
 
+    findings = Rendered(
+        config.render_cache_seconds,
+        lambda: _Packed(health.findings(store, config.stale_after, config.max_domain_series) + health.own()),
+    )
+
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         """Prometheus exposition: findings from the latest state, and the collector's own health."""
-        data = await run_in_threadpool(health.scrape, store, config.stale_after)
-        return Response(data, media_type=CONTENT_TYPE_LATEST)
+        packed: _Packed = await findings.get()
+        return packed.response(request, CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         await run_in_threadpool(store.probes)
         return {"status": "ok"}
 
+    # Rendered off the loop, cached a moment and gzipped once, so readers hammering the page
+    # never slow ingest; one cache per view.
+    def view(show: str | None) -> Callable[[], _Packed]:
+        return lambda: _Packed(pages.status(show).encode())
+
+    status_views = {
+        show: Rendered(config.render_cache_seconds, view(show)) for show in (None, "leak", "overblock")
+    }
+
     @app.get("/", response_class=HTMLResponse)
-    async def status_page(show: str | None = Query(None, pattern="^(leak|overblock)$")) -> HTMLResponse:
+    async def status_page(
+        request: Request, show: str | None = Query(None, pattern="^(leak|overblock)$")
+    ) -> Response:
         """The answer first: a country × resolver × transport matrix, then leaks, then overblocks."""
-        return HTMLResponse(await run_in_threadpool(pages.status, show))
+        packed: _Packed = await status_views[show].get()
+        return packed.response(request, "text/html; charset=utf-8")
 
     @app.get("/evidence", response_class=HTMLResponse)
     async def evidence(
-        probe: str = Query(max_length=64), resolver: str = Query(max_length=128), transport: str = Query(max_length=8),
-        qtype: str = Query(max_length=8), domain: str = Query(max_length=253), format: str = Query("html", pattern="^(html|json)$"),
-    ) -> Response:  # fmt: skip
+        probe: str = Query(max_length=64),
+        resolver: str = Query(max_length=128),
+        transport: str = Query(max_length=8),
+        qtype: str = Query(max_length=8),
+        domain: str = Query(max_length=253),
+        format: str = Query("html", pattern="^(html|json)$"),
+    ) -> Response:
         """One series: the judgement in words, its history, the raw responses (or JSON, newest first)."""
         rows, html = await run_in_threadpool(pages.evidence, (probe, resolver, transport, qtype, domain))
         return JSONResponse(rows) if format == "json" else HTMLResponse(html)
 
-    app.add_middleware(BodyLimits, max_body=config.max_body, max_decompressed=config.max_decompressed,
-                       on_reject=lambda reason: health.rejected.labels(reason).inc(),
-                       concurrency=config.max_concurrent_ingest)  # fmt: skip
+    # Added last, so outermost: read access and headers first, then the ingest gate.
+    app.add_middleware(IngestGate, config=config, store=store, health=health, tokens=tokens)
+    app.add_middleware(
+        ReadGuard, access=config.reads, on_reject=lambda: health.rejected.labels("read_unauthorized").inc()
+    )
     app.state.health = health
     app.state.registry = registry
     return app
 
 
-def _owner(store: Store, digest: str) -> str | None:
-    return owner_of(digest, [(p, h) for p, h, _created, revoked in store.tokens() if revoked is None])
+class IngestReply(BaseModel):
+    batch_id: str
+    stored: int
+    duplicate: bool
+    clamped: int | None = None
+    warning: str | None = None
+
+
+def _loc(loc: Any) -> str:
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
 
 
 def _fmt_time(t: float | None) -> str:

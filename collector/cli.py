@@ -64,12 +64,15 @@ def cli() -> None:
 )
 @DATABASE
 def serve(config_file: str | None, database: str | None) -> None:
-    """Serve the API, metrics and status page (HTTPS when the config names a certificate)."""
+    """Serve the API, metrics and status page (HTTPS when the config names a certificate).
+
+    SIGTERM or SIGINT stop it gracefully: requests in flight finish, the database is closed,
+    and the exit status is 0.
+    """
     import socket
 
-    import uvicorn
-
     from collector.app import create_app
+    from collector.server import CollectorServer, server_config
 
     config, store = _load(config_file, database)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -79,10 +82,14 @@ def serve(config_file: str | None, database: str | None) -> None:
         except OSError as exc:
             store.close()
             _fail(f"listen: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
-    app = create_app(config, store)
-    uvicorn.run(app, host=config.host, port=config.port, ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
-                log_level="info", access_log=False, proxy_headers=False)  # fmt: skip
-    store.close()
+    try:
+        app = create_app(config, store)
+        server = CollectorServer(server_config(app, config))
+        server.run()
+    finally:
+        store.close()
+    if not server.started:
+        _fail(f"could not serve on {config.host}:{config.port} (see the log above)")
 
 
 @cli.group()
@@ -196,6 +203,29 @@ def _since(text: str) -> float:
         return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
     except ValueError:
         _fail(f"--since: {text!r} is neither a date (2026-11-01) nor an age (7d, 12h, 30m)")
+
+
+@cli.command()
+@cli.command("tls-init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    required=True,
+    help="A DNS name or IP address the probes use (repeatable).",
+)
+def tls_init(directory: str, names: tuple[str, ...]) -> None:
+    """Make a small CA and a certificate for NAMEs in DIRECTORY (kept when still good).
+
+    Serve cert.pem and key.pem (config `tls`); give ca.pem to the probes (`collector.ca_file`).
+    Prints `created` or `unchanged`.
+    """
+    from pathlib import Path
+
+    from collector.tls import ensure_certificate
+
+    click.echo("created" if ensure_certificate(Path(directory), list(names)) else "unchanged")
 
 
 @cli.command()

@@ -46,6 +46,9 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                                        ("probe", "region", "country")),
     "blockprobe_canary_failing": ("gauge", "1 for each current canary whose fate was not the expected one.",
                                   ("probe", "region", "country", "resolver", "transport", "domain", "qtype", "outcome")),
+    "blockprobe_domain_series_capped": (
+        "gauge", "Per-domain series left out of blockprobe_leak/blockprobe_overblock by the cap (limits.max_domain_series).",
+        ("probe", "region", "country", "resolver", "transport", "rule", "finding")),
     "blockprobe_control_failure_ratio": ("gauge", "Share of the control resolver's answers that failed in the probe's last batch.",
                                          ("probe", "region", "country")),
 }  # fmt: skip
@@ -79,10 +82,42 @@ class _Writer:
         return "".join(self.parts)
 
 
-def render_findings(store: Store, stale_after: float, now: float | None = None) -> str:
-    """The findings families as Prometheus text, from the latest state within the staleness window."""
+def cap_problems(
+    problems: list[dict[str, Any]], per_group: int
+) -> tuple[list[dict[str, Any]], dict[tuple[str, ...], int]]:
+    """At most `per_group` per-domain rows per probe × resolver × transport × rule × finding
+    (CONTRACTS.md section 5), the first by name; and how many each group left out."""
+    kept: list[dict[str, Any]] = []
+    seen: dict[tuple[str, ...], int] = {}
+    left_out: dict[tuple[str, ...], int] = {}
+    for p in sorted(problems, key=lambda p: (p["domain"], p["qtype"])):
+        group = (
+            p["probe_id"],
+            p["region"],
+            p["country"],
+            p["resolver"],
+            p["transport"],
+            p["rule"] or "",
+            p["finding"],
+        )
+        n = seen.get(group, 0)
+        seen[group] = n + 1
+        if n < per_group:
+            kept.append(p)
+        else:
+            left_out[group] = left_out.get(group, 0) + 1
+    return kept, left_out
+
+
+def render_findings(
+    store: Store, stale_after: float, now: float | None = None, max_domain_series: int = 100
+) -> str:
+    """The findings families as Prometheus text, from the latest state within the staleness window.
+
+    Per-domain families are capped per group; the true counts stay in blockprobe_domains.
+    """
     since = (time.time() if now is None else now) - stale_after
-    problems = store.problems(since)
+    problems, left_out = cap_problems(store.problems(since), max_domain_series)
     counts = store.counts(since)
     probes = store.probes()
     w = _Writer()
@@ -109,6 +144,7 @@ def render_findings(store: Store, stale_after: float, now: float | None = None) 
         e[1] += float(lat_sum or 0)
         e[2] += int(lat_n or 0)
     w.family("blockprobe_domains", domains)
+    w.family("blockprobe_domain_series_capped", ((list(k), n) for k, n in sorted(left_out.items())))
     w.family("blockprobe_order_enforcement_ratio",
              ((list(k), c[0] / (c[0] + c[1])) for k, c in sorted(orders.items())))  # fmt: skip
     w.family("blockprobe_resolver_reachable", ((list(k), 1 if e[0] else 0) for k, e in endpoints.items()))
@@ -138,8 +174,26 @@ class Health:
         )
         self.rejected = Counter("blockprobe_collector_rejected", "Requests rejected, by reason.", ["reason"],
                                 registry=registry)  # fmt: skip
-        for r in ("unauthorized", "forbidden", "too_large", "invalid", "clock", "bad_encoding"):
+        for r in (
+            "unauthorized",
+            "forbidden",
+            "too_large",
+            "invalid",
+            "clock",
+            "bad_encoding",
+            "quota",
+            "busy",
+            "slow_body",
+            "read_unauthorized",
+        ):
             self.rejected.labels(r)
+        # Labelled by probe: only authenticated probes get here, so the label set is bounded by the tokens.
+        self.throttled = Counter(
+            "blockprobe_collector_throttled",
+            "Batches refused with 429, by probe and quota (results, series, groups, busy).",
+            ["probe", "quota"],
+            registry=registry,
+        )
         self.clamped = Counter("blockprobe_collector_clamped_results",
                                "Measurements whose future timestamps were clamped to the receive time.",
                                registry=registry)  # fmt: skip
@@ -150,16 +204,20 @@ class Health:
         self.db_errors = Counter("blockprobe_collector_database_errors", "Database operations that failed.",
                                  registry=registry)  # fmt: skip
 
-    def scrape(self, store: Store, stale_after: float) -> bytes:
-        """The whole /metrics body: findings from the store, then this process's health."""
+    def findings(self, store: Store, stale_after: float, max_domain_series: int = 100) -> bytes:
+        """The findings families from the store (the slow part of a scrape, cached by the app)."""
         started = time.perf_counter()
         try:
-            findings = render_findings(store, stale_after)
+            findings = render_findings(store, stale_after, max_domain_series=max_domain_series)
         except Exception:
             self.db_errors.inc()
             raise
         self.render.observe(time.perf_counter() - started)
-        return findings.encode() + generate_latest(self.registry)
+        return findings.encode()
+
+    def own(self) -> bytes:
+        """This process's health, always fresh."""
+        return generate_latest(self.registry)
 
 
 def make_registry(store: Store, stale_after: float) -> tuple[CollectorRegistry, Health]:

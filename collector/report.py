@@ -12,8 +12,23 @@ from collector.store import Store
 
 __all__ = ["build_report", "render_report"]
 
-FIELDS = ["finding", "rule", "country", "resolver", "transport", "qtype", "domain", "first_seen", "last_seen",
-          "measurements", "probes", "answers", "rcode", "ede", "wire"]  # fmt: skip
+FIELDS = [
+    "finding",
+    "rule",
+    "country",
+    "resolver",
+    "transport",
+    "qtype",
+    "domain",
+    "first_seen",
+    "last_seen",
+    "measurements",
+    "probes",
+    "answers",
+    "rcode",
+    "ede",
+    "wire",
+]
 
 
 def _iso(t: float) -> str:
@@ -33,9 +48,19 @@ def build_report(
         key = (finding, rule or "", ctry, m["resolver"], m["transport"], m["qtype"], m["domain"])
         g = groups.get(key)
         if g is None:
-            g = groups[key] = {"finding": finding, "rule": rule or "", "country": ctry, "resolver": m["resolver"],
-                               "transport": m["transport"], "qtype": m["qtype"], "domain": m["domain"],
-                               "first_seen": t, "last_seen": t, "measurements": 0, "probes": set()}  # fmt: skip
+            g = groups[key] = {
+                "finding": finding,
+                "rule": rule or "",
+                "country": ctry,
+                "resolver": m["resolver"],
+                "transport": m["transport"],
+                "qtype": m["qtype"],
+                "domain": m["domain"],
+                "first_seen": t,
+                "last_seen": t,
+                "measurements": 0,
+                "probes": set(),
+            }
         g["measurements"] += 1
         g["probes"].add(f"{probe} ({region})")
         g["first_seen"] = min(g["first_seen"], t)
@@ -48,9 +73,26 @@ def build_report(
     for g in sorted(
         groups.values(), key=lambda g: (g["finding"], g["rule"], g["country"], g["resolver"], g["domain"])
     ):
-        rows.append({**g, "first_seen": _iso(g["first_seen"]), "last_seen": _iso(g["last_seen"]),
-                     "probes": sorted(g["probes"])})  # fmt: skip
+        rows.append(
+            {
+                **g,
+                "first_seen": _iso(g["first_seen"]),
+                "last_seen": _iso(g["last_seen"]),
+                "probes": sorted(g["probes"]),
+            }
+        )
     return rows
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: one that would start a formula gets a leading quote
+    (OWASP's advice against CSV injection; the quote shows, the formula never runs)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
@@ -58,21 +100,35 @@ def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
-        w = csv.DictWriter(out, FIELDS, lineterminator="\n")
+        # CRLF as RFC 4180 has it: the writer then quotes any cell holding a CR or LF, so none can
+        # break a row in two.
+        w = csv.DictWriter(out, FIELDS, lineterminator="\r\n")
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "probes": "; ".join(r["probes"]), "answers": "; ".join(r.get("answers") or []),
-                        "ede": "; ".join(f"{e['code']} {e.get('text', '')}".strip() for e in r.get("ede") or [])})  # fmt: skip
+            flat = {
+                **r,
+                "probes": "; ".join(r["probes"]),
+                "answers": "; ".join(r.get("answers") or []),
+                "ede": "; ".join(f"{e['code']} {e.get('text', '')}".strip() for e in r.get("ede") or []),
+            }
+            w.writerow({k: cell(v) for k, v in flat.items() if k in FIELDS})
         return out.getvalue()
     cells = "".join(f"<th>{html.escape(f)}</th>" for f in FIELDS)
     body = []
     for r in rows:
-        vals = {**r, "probes": ", ".join(r["probes"]), "answers": ", ".join(r.get("answers") or []),
-                "ede": ", ".join(str(e["code"]) for e in r.get("ede") or [])}  # fmt: skip
+        vals = {
+            **r,
+            "probes": ", ".join(r["probes"]),
+            "answers": ", ".join(r.get("answers") or []),
+            "ede": ", ".join(str(e["code"]) for e in r.get("ede") or []),
+        }
         body.append(
             "<tr>" + "".join(f"<td>{html.escape(str(vals.get(f) or ''))}</td>" for f in FIELDS) + "</tr>"
         )
-    return ("<!doctype html><html lang=en><meta charset=utf-8><title>blockprobe evidence report</title>"
-            "<style>td,th{border:1px solid #ccc;padding:3px 6px;font:12px sans-serif;word-break:break-all}</style>"
-            f"<h1>blockprobe evidence report</h1><p>{len(rows)} findings</p><table><tr>{cells}</tr>"
-            + "".join(body) + "</table></html>\n")  # fmt: skip
+    return (
+        "<!doctype html><html lang=en><meta charset=utf-8><title>blockprobe evidence report</title>"
+        "<style>td,th{border:1px solid #ccc;padding:3px 6px;font:12px sans-serif;word-break:break-all}</style>"
+        f"<h1>blockprobe evidence report</h1><p>{len(rows)} findings</p><table><tr>{cells}</tr>"
+        + "".join(body)
+        + "</table></html>\n"
+    )

@@ -1,8 +1,10 @@
 """The ingest body (CONTRACTS.md sections 3 and 6), validated strictly.
 
 Built from the probe's own vocabularies (probe.model), so an outcome or transport the
-probe cannot produce is rejected here too. Unknown keys inside a measurement are
-allowed (the contract may be extended by newer probes); wrong types are not.
+probe cannot produce is rejected here too, and bounded by probe.limits, the numbers the
+probe clamps what a resolver sent to: a measurement the probe makes is never refused
+for its size. Unknown keys inside a measurement are allowed (the contract may be
+extended by newer probes); wrong types are not.
 """
 
 from __future__ import annotations
@@ -11,18 +13,35 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from probe.limits import (
+    MAX_ANSWER_CHARS,
+    MAX_ANSWERS,
+    MAX_BATCH_MEASUREMENTS,
+    MAX_CNAME,
+    MAX_EDE,
+    MAX_EDE_TEXT,
+    MAX_ERROR_CHARS,
+    MAX_JSON_DEPTH,
+    MAX_LABEL_CHARS,
+    MAX_NAME_CHARS,
+    MAX_WIRE_B64,
+)
 from probe.model import Expectation, Finding, Outcome, Transport
 
-__all__ = ["Batch", "MeasurementIn", "ProbeIdentity"]
+__all__ = ["MAX_BODY_DEPTH", "Batch", "MeasurementIn", "ProbeIdentity"]
+
+# The body's own levels (batch → measurements → a measurement → its key) above the free-form
+# JSON a measurement may carry, which probe.limits bounds at MAX_JSON_DEPTH.
+MAX_BODY_DEPTH = MAX_JSON_DEPTH + 4
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[a-z0-9_.-]+$")]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS)]
 
 
 class EdeIn(BaseModel):
     model_config = ConfigDict(extra="allow")
     code: int = Field(ge=0, le=65535)
-    text: str = Field(max_length=4096)
+    text: str = Field(max_length=MAX_EDE_TEXT)
 
 
 class MeasurementIn(BaseModel):
@@ -39,15 +58,17 @@ class MeasurementIn(BaseModel):
     expected: Expectation | None
     finding: Finding | None
     rcode: Annotated[str, StringConstraints(max_length=16)] | None
-    ede: list[EdeIn] = Field(max_length=16)
-    answers: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(max_length=256)
-    cname: list[Annotated[str, StringConstraints(max_length=255)]] = Field(max_length=32)
+    ede: list[EdeIn] = Field(max_length=MAX_EDE)
+    answers: list[Annotated[str, StringConstraints(max_length=MAX_ANSWER_CHARS)]] = Field(
+        max_length=MAX_ANSWERS
+    )
+    cname: list[Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]] = Field(max_length=MAX_CNAME)
     sinkhole: dict[str, str] | None
     control: dict[str, Any] | None
     latency_ms: float | None = Field(ge=0)
     time: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")]
-    error: Annotated[str, StringConstraints(max_length=1024)] | None
-    wire: Annotated[str, StringConstraints(max_length=90000, pattern=r"^[A-Za-z0-9+/=]*$")] | None
+    error: Annotated[str, StringConstraints(max_length=MAX_ERROR_CHARS)] | None
+    wire: Annotated[str, StringConstraints(max_length=MAX_WIRE_B64, pattern=r"^[A-Za-z0-9+/=]*$")] | None
 
 
 class ProbeIdentity(BaseModel):
@@ -65,4 +86,4 @@ class Batch(BaseModel):
     probe: ProbeIdentity
     batch_id: Annotated[str, StringConstraints(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
     sent_at: float | None = None
-    measurements: list[MeasurementIn] = Field(max_length=20000)
+    measurements: list[MeasurementIn] = Field(max_length=MAX_BATCH_MEASUREMENTS)

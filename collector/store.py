@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Store", "StoredBatch", "open_store"]
+__all__ = ["COLLECTOR_FIELDS", "SeriesQuotaExceeded", "Store", "StoredBatch", "open_store"]
 
 MIGRATIONS: list[str] = [
     """
@@ -49,7 +49,22 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE probes ADD COLUMN control_failure_ratio DOUBLE PRECISION",
     # 3: whether the rule behind a finding is an order, a control list or a canary.
     "ALTER TABLE latest ADD COLUMN rule_kind TEXT",
+    # 4: batch ids are unique per probe, not globally: another probe reusing an id (by chance or
+    # on purpose) must not get its batch acknowledged as a duplicate and dropped.
+    """
+    CREATE TABLE batches_by_probe (probe_id TEXT NOT NULL, batch_id TEXT NOT NULL,
+                                   received DOUBLE PRECISION NOT NULL, results INTEGER NOT NULL,
+                                   PRIMARY KEY (probe_id, batch_id));
+    INSERT INTO batches_by_probe (probe_id, batch_id, received, results)
+        SELECT probe_id, batch_id, received, results FROM batches;
+    DROP TABLE batches;
+    ALTER TABLE batches_by_probe RENAME TO batches;
+    CREATE INDEX batches_received ON batches (received)
+    """,
 ]
+
+# Keys of an evidence row that the collector sets: a measurement's own keys never override them.
+COLLECTOR_FIELDS = ("id", "batch_id", "probe", "region", "country", "received")
 
 _SERIES = ("probe_id", "resolver", "transport", "qtype", "domain")
 
@@ -85,11 +100,25 @@ class StoredBatch:
     stored: int
 
 
+class SeriesQuotaExceeded(Exception):
+    """Storing the batch would leave the probe with more current series than its quota."""
+
+    def __init__(self, series: int, limit: int) -> None:
+        super().__init__(
+            f"this batch would give the probe {series} current series, over its quota of {limit}"
+        )
+        self.series = series
+        self.limit = limit
+
+
 class Store:
     """Shared by both databases; subclasses provide connections and the dialect."""
 
     placeholder = "?"
     serial = "INTEGER"
+    # Bumped on every token change made through this object, so this process's token cache
+    # sees a revocation at once (another process's change is seen at the cache's next refresh).
+    token_generation = 0
 
     def _sql(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
@@ -122,12 +151,15 @@ class Store:
                 "INSERT INTO tokens (probe_id, token_hash, created, revoked) VALUES (?, ?, ?, NULL) "
                 "ON CONFLICT (probe_id) DO UPDATE SET token_hash = excluded.token_hash, created = excluded.created, "
                 "revoked = NULL"), (probe_id, token_hash, time.time()))  # fmt: skip
+        self.token_generation += 1
 
     def revoke_token(self, probe_id: str) -> bool:
         with self.tx() as cur:
             cur.execute(self._sql("UPDATE tokens SET revoked = ? WHERE probe_id = ? AND revoked IS NULL"),
                         (time.time(), probe_id))  # fmt: skip
-            return bool(cur.rowcount)
+            done = bool(cur.rowcount)
+        self.token_generation += 1
+        return done
 
     def tokens(self) -> list[tuple[str, str, float, float | None]]:
         with self.tx() as cur:
@@ -143,9 +175,19 @@ class Store:
             return None if row is None else str(row[0])
 
     # ingest ----------------------------------------------------------------------------
-    def ingest(self, probe: dict[str, Any], batch_id: str, measurements: Sequence[dict[str, Any]],
-               received: float) -> StoredBatch:  # fmt: skip
-        """Store a batch in one transaction: all of it, or (a batch id seen before) nothing."""
+    def ingest(
+        self,
+        probe: dict[str, Any],
+        batch_id: str,
+        measurements: Sequence[dict[str, Any]],
+        received: float,
+        max_series: tuple[int, float] | None = None,
+    ) -> StoredBatch:
+        """Store a batch in one transaction: all of it, or (a batch id this probe sent before) nothing.
+
+        `max_series` = (limit, since): refuse the whole batch (SeriesQuotaExceeded, nothing stored)
+        when the probe would then have more than `limit` series reported at or after `since`.
+        """
         pid, region, country = probe["id"], probe["region"], probe["country"]
         archive = []
         latest: dict[tuple[str, ...], tuple[Any, ...]] = {}
@@ -165,10 +207,26 @@ class Store:
             if key not in latest or latest[key][7] <= t:
                 latest[key] = row
         with self.tx() as cur:
-            cur.execute(self._sql("INSERT INTO batches (batch_id, probe_id, received, results) VALUES (?, ?, ?, ?) "
-                                  "ON CONFLICT (batch_id) DO NOTHING"), (batch_id, pid, received, len(archive)))  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "INSERT INTO batches (probe_id, batch_id, received, results) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (probe_id, batch_id) DO NOTHING"
+                ),
+                (pid, batch_id, received, len(archive)),
+            )
             if cur.rowcount == 0:
                 return StoredBatch(False, 0)
+            if max_series is not None:
+                # Counted before the upsert, so the batch's keys already there are not counted twice.
+                limit, since = max_series
+                cur.execute(
+                    self._sql("SELECT count(*) FROM latest WHERE probe_id = ? AND time >= ?"), (pid, since)
+                )
+                current = int(cur.fetchone()[0])
+                if current + len(latest) > limit:
+                    new = self._new_keys(cur, pid, since, list(latest))
+                    if current + new > limit:
+                        raise SeriesQuotaExceeded(current + new, limit)
             cur.executemany(self._sql(
                 "INSERT INTO archive (batch_id, probe_id, region, country, resolver, transport, qtype, domain, time, "
                 "outcome, finding, rule, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"), archive)  # fmt: skip
@@ -192,6 +250,26 @@ class Store:
                     "control_failure_ratio = COALESCE(excluded.control_failure_ratio, probes.control_failure_ratio)"),
                     (pid, region, country, received, probe.get("version"), control_ratio))  # fmt: skip
         return StoredBatch(True, len(archive))
+
+    def _new_keys(self, cur: Any, pid: str, since: float, keys: list[tuple[str, ...]]) -> int:
+        """How many of a batch's series keys are not yet current for this probe (exact, slower path)."""
+        existing: set[tuple[str, ...]] = set()
+        cur.execute(
+            self._sql(
+                "SELECT probe_id, resolver, transport, qtype, domain FROM latest WHERE probe_id = ? AND time >= ?"
+            ),
+            (pid, since),
+        )
+        for row in cur.fetchall():
+            existing.add(tuple(row))
+        return sum(k not in existing for k in keys)
+
+    def groups(self, probe_id: str, since: float) -> list[tuple[str, str, str]]:
+        """The probe's current (resolver, transport, rule) groups: seeds the ingest's group quota."""
+        with self.tx() as cur:
+            cur.execute(self._sql("SELECT DISTINCT resolver, transport, COALESCE(rule, '') FROM latest "
+                                  "WHERE probe_id = ? AND time >= ?"), (probe_id, since))  # fmt: skip
+            return [(str(a), str(b), str(c)) for a, b, c in cur.fetchall()]
 
     # reading ---------------------------------------------------------------------------
     def current(self, since: float) -> list[dict[str, Any]]:
@@ -242,12 +320,23 @@ class Store:
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     def evidence(self, key: Sequence[str], limit: int = 20) -> list[dict[str, Any]]:
-        """The archived measurements of one series, newest first (each with its raw response)."""
+        """The archived measurements of one series, newest first (each with its raw response).
+
+        The collector's own fields (COLLECTOR_FIELDS) are set last: a measurement that carries
+        keys of those names cannot make its evidence claim another probe, batch or time.
+        """
         with self.tx() as cur:
             cur.execute(self._sql(
-                "SELECT id, batch_id, time, body FROM archive WHERE probe_id = ? AND resolver = ? AND transport = ? "
-                "AND qtype = ? AND domain = ? ORDER BY time DESC LIMIT ?"), (*key, limit))  # fmt: skip
-            return [{"id": r[0], "batch_id": r[1], "time": r[2], **json.loads(r[3])} for r in cur.fetchall()]
+                "SELECT a.id, a.batch_id, a.probe_id, a.region, a.country, b.received, a.body FROM archive a "
+                "LEFT JOIN batches b ON b.probe_id = a.probe_id AND b.batch_id = a.batch_id "
+                "WHERE a.probe_id = ? AND a.resolver = ? AND a.transport = ? AND a.qtype = ? AND a.domain = ? "
+                "ORDER BY a.time DESC LIMIT ?"), (*key, limit))  # fmt: skip
+            rows = []
+            for r in cur.fetchall():
+                row = json.loads(r[6])
+                row.update(zip(COLLECTOR_FIELDS, r[:6], strict=True))
+                rows.append(row)
+            return rows
 
     def archive_problems(self, since: float, order: str | None, country: str | None) -> list[tuple[Any, ...]]:
         """Every archived leak and overblock since a time: (probe, region, country, time, finding, rule, body)."""

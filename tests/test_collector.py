@@ -17,11 +17,11 @@ from typing import Any
 
 import httpx2
 import pytest
-import uvicorn
 
 from collector.app import create_app
 from collector.auth import hash_token, new_token
 from collector.config import parse_collector_config
+from collector.server import CollectorServer, server_config
 from collector.store import Store, open_store
 
 from .pg import TempPostgres, find_pg_bin
@@ -43,11 +43,13 @@ def postgres() -> Iterator[TempPostgres | None]:
 class Server:
     def __init__(self, store: Store, config_text: str = "") -> None:
         self.port = free_port("127.0.0.1")
-        self.config = parse_collector_config(f"listen: 127.0.0.1:{self.port}\n" + config_text)
+        # Render caches off: these tests read what they just wrote.
+        self.config = parse_collector_config(
+            f"listen: 127.0.0.1:{self.port}\nlimits: {{render_cache_seconds: 0}}\n" + config_text
+        )
         self.store = store
         self.app = create_app(self.config, store)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))  # fmt: skip
+        self.server = CollectorServer(server_config(self.app, self.config, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -311,3 +313,31 @@ def test_canaries_and_control_failures_have_their_own_series(server: Server) -> 
         k.startswith("blockprobe_overblock{") for k in scrape
     )  # a canary is not an overblock of a list
     assert scrape['blockprobe_control_failure_ratio{country="IT",probe="it-1",region="it-milan"}'] == 0.5
+
+
+def test_an_older_database_moves_to_batch_ids_per_probe_keeping_its_batches(tmp_path: Path) -> None:
+    import sqlite3
+
+    from collector.store import MIGRATIONS
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    for migration in MIGRATIONS[:3]:  # the schema before batch ids were per probe
+        db.executescript(migration.format(serial="INTEGER"))
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (3)")
+    db.execute(
+        "INSERT INTO batches (batch_id, probe_id, received, results) VALUES ('batch-0001', 'it-1', 1, 1)"
+    )
+    db.commit()
+    db.close()
+    store = open_store(f"sqlite:///{path}")
+    try:
+        probe = {"id": "it-1", "region": "it-milan", "country": "IT"}
+        assert not store.ingest(
+            probe, "batch-0001", [measurement()], time.time()
+        ).new  # kept: still a duplicate
+        other = {"id": "fr-1", "region": "fr-paris", "country": "FR"}
+        assert store.ingest(other, "batch-0001", [measurement()], time.time()).new  # another probe's own id
+    finally:
+        store.close()
