@@ -205,7 +205,6 @@ def _since(text: str) -> float:
         _fail(f"--since: {text!r} is neither a date (2026-11-01) nor an age (7d, 12h, 30m)")
 
 
-@cli.command()
 @cli.command("tls-init")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option(
