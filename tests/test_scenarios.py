@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from probe.catalogue import resolve_spec
+from probe.impair import Impairment, ImpairProxy, PathImpairment
 from probe.lab import Behaviour, LabCA, LabThread, Zone
 from probe.model import Measurement, Outcome
 from probe.specs import Resolver
@@ -293,3 +295,46 @@ def test_doh_evidence_has_http_version_and_status(results: dict[tuple[str, str, 
 def test_doh3_evidence_has_http_version_and_status(results: dict[tuple[str, str, str], Measurement]) -> None:
     m = results[(f"resolves.{D}", "A", "doh3")]
     assert (m.evidence["http_version"], m.evidence["http_status"]) == ("HTTP/3", 200)
+
+
+@pytest.fixture(scope="module")
+def lossy_results(lab_thread: LabThread, lab_ca: LabCA) -> dict[tuple[str, str, str], Measurement]:
+    """The same table over UDP and TCP behind 5 % datagram loss each way and 50-150 ms of jitter."""
+
+    lab = start_lab(lab_thread, _lab_zone(), "127.53.1.2", lab_ca, transports=("udp", "tcp"))
+    control = start_lab(lab_thread, truth_zone(), "127.53.1.9", lab_ca, transports=("udp",))
+    impairment = Impairment.both_ways(PathImpairment(loss=0.05, delay=0.05, jitter=0.1), seed=14)
+    proxy = lab_thread.start(ImpairProxy.of(lab, impairment, "127.54.9.1"))
+    try:
+        specs = proxy.specs()
+        targets = [
+            Resolver(f"lab-{t}", "isp", None, resolve_spec(specs[t]).endpoints) for t in ("udp", "tcp")
+        ]
+        domains = list(dict.fromkeys(s.domain for s in SCENARIOS))
+        qtypes = sorted({s.qtype for s in SCENARIOS})
+        out = measure(
+            domains, targets, ca=lab_ca, qtypes=qtypes, controls=resolvers_of(control, ["udp"]), timeout=2.0
+        )
+    finally:
+        lab_thread.stop_server(proxy)
+    assert proxy.counters.lost_c2s + proxy.counters.lost_s2c > 0  # the network really was lossy
+    return {(m.domain, m.qtype, str(m.transport)): m for m in out}
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_the_table_holds_on_a_lossy_network(
+    transport: str, lossy_results: dict[tuple[str, str, str], Measurement]
+) -> None:
+    """Loss and jitter may make a judgement inconclusive, never turn it around."""
+    wrong, same = [], 0
+    for s in SCENARIOS:
+        m = lossy_results[(s.domain, s.qtype, transport)]
+        outcome, blocked = s.per_transport.get(transport, (s.outcome, s.blocked))
+        if (m.outcome, m.blocked) == (outcome, blocked):
+            same += 1
+        elif m.blocked is not None and m.blocked != blocked:
+            wrong.append((s.id, m.outcome, m.blocked, m.evidence.get("silence")))
+    assert not wrong, wrong
+    assert same >= len(SCENARIOS) - 2, (
+        f"only {same} of {len(SCENARIOS)} scenarios judged as on a clean network"
+    )
