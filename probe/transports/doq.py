@@ -172,7 +172,7 @@ class DoqExchanger(RetryAlone):
         family, _, _, _, addr = infos[0]
         local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         quic = QuicConnection(configuration=config)
-        transport, proto = await loop.create_datagram_endpoint(
+        _, proto = await loop.create_datagram_endpoint(
             lambda: self.protocol(quic, name), local_addr=local
         )
         state.phase = Phase.QUIC_HANDSHAKE
@@ -181,11 +181,11 @@ class DoqExchanger(RetryAlone):
             async with asyncio.timeout_at(deadline):
                 await proto.wait_connected()
         except ConnectionError:
-            transport.close()
+            _abort_quic(proto)
             # aioquic says only "ConnectionError"; the reason came with ConnectionTerminated.
             raise proto.dead or Broken(error(Phase.QUIC_HANDSHAKE, "quic: handshake failed")) from None
         except BaseException:
-            transport.close()
+            _abort_quic(proto)
             raise
         return proto
 
@@ -274,5 +274,11 @@ class DoqExchanger(RetryAlone):
 
 
 def _abort_quic(proto: _DoqProtocol) -> None:
+    # aioquic re-arms a timer that transmits on the socket; once the socket is gone that timer
+    # must not fire (it raises inside the event loop's callback).
+    for handle in (getattr(proto, "_timer", None), proto._tx):
+        if handle is not None:
+            handle.cancel()
+    proto._tx = None
     if proto._transport is not None:
         proto._transport.close()
