@@ -351,7 +351,8 @@ class Engine:
 
         async def work(job: _Job) -> None:
             ex = job.exchange
-            assert ex is not None and ex.response is not None
+            assert ex is not None
+            assert ex.response is not None
             verdict = verdict_of(ex.response, None, job.domain, job.qtype, self.fingerprints)
             mine = addresses_of(job.qtype, verdict.answers)
             checks = tuple(await checker.check_all(job.domain, mine))

@@ -90,7 +90,8 @@ def test_converge_installs_a_hardened_probe_and_collector_and_a_second_run_chang
 ) -> None:
     tree = target["tree"]
     first = _recap(_converge(target))
-    assert first["changed"] > 0 and first["failed"] == 0
+    assert first["changed"] > 0
+    assert first["failed"] == 0
 
     # What the roles installed.
     version = subprocess.run(["chroot", str(tree), "/opt/blockprobe/venv/bin/probe", "--version"], capture_output=True,
@@ -98,7 +99,8 @@ def test_converge_installs_a_hardened_probe_and_collector_and_a_second_run_chang
     assert version.stdout.startswith("probe, version")
     token = tree / "etc/blockprobe/token"
     st = token.stat()
-    assert stat.S_IMODE(st.st_mode) == 0o400 and token.read_text().strip() == TOKEN
+    assert stat.S_IMODE(st.st_mode) == 0o400
+    assert token.read_text().strip() == TOKEN
     owner = subprocess.run(["chroot", str(tree), "stat", "-c", "%U", "/etc/blockprobe/token"], capture_output=True,
                            text=True, check=True).stdout.strip()  # fmt: skip
     assert owner == "blockprobe"
@@ -113,7 +115,8 @@ def test_converge_installs_a_hardened_probe_and_collector_and_a_second_run_chang
     tokens = subprocess.run(["chroot", str(tree), "runuser", "-u", "blockprobe-collector", "--",
                              "/opt/blockprobe-collector/venv/bin/collector", "token", "list", "--config",
                              "/etc/blockprobe-collector/collector.yaml"], capture_output=True, text=True, check=True)  # fmt: skip
-    assert tokens.stdout.startswith("it-milan-1\t") and "active" in tokens.stdout
+    assert tokens.stdout.startswith("it-milan-1\t")
+    assert "active" in tokens.stdout
     assert (tree / "etc/prometheus/rules.d/blockprobe.rules.yml").exists()
     assert (tree / "var/lib/grafana/dashboards/blockprobe/blockprobe-leaks.json").exists()
 

@@ -49,8 +49,11 @@ def test_sinkhole_rules() -> None:
 
 
 def test_special_use_names() -> None:
-    assert is_special_use("a.test") and is_special_use("localhost") and is_special_use("x.example.com")
-    assert not is_special_use("example.community") and not is_special_use("pirate.it")
+    assert is_special_use("a.test")
+    assert is_special_use("localhost")
+    assert is_special_use("x.example.com")
+    assert not is_special_use("example.community")
+    assert not is_special_use("pirate.it")
 
 
 CONTROL_HAS = ControlResult("ctl", Verdict(Outcome.RESOLVED, answers=("1.2.3.4",)))

@@ -65,8 +65,10 @@ def test_enforced_block_exits_0_with_contract_json(isp: LabServer, control: LabS
             "blocked",
             "enforced",
         )
-        assert d["control"]["outcome"] == "resolved" and d["rcode"] == "NXDOMAIN"
-        assert d["time"].endswith("Z") and d["wire"]
+        assert d["control"]["outcome"] == "resolved"
+        assert d["rcode"] == "NXDOMAIN"
+        assert d["time"].endswith("Z")
+        assert d["wire"]
 
 
 def test_leak_exits_1(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
@@ -264,7 +266,8 @@ def test_check_config_takes_the_file_as_argument_or_option(tmp_path: Path) -> No
     as_arg = CliRunner().invoke(cli, ["check-config", str(bad)])
     as_opt = CliRunner().invoke(cli, ["check-config", "--config", str(bad)])
     assert as_arg.exit_code == as_opt.exit_code == 2
-    assert as_arg.stderr == as_opt.stderr and as_arg.stderr.startswith("probe: ")
+    assert as_arg.stderr == as_opt.stderr
+    assert as_arg.stderr.startswith("probe: ")
     neither = CliRunner().invoke(cli, ["check-config"])
     assert neither.exit_code == 2
     assert neither.stderr == "probe: check-config: give the config once, as FILE or --config FILE\n"

@@ -99,7 +99,8 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
         assert max(len(ln.rstrip("\n")) for ln in lines if not ln.startswith("State in")) <= 90, banner
         url = re.search(r"collector\s+(http://127\.0\.0\.1:\d+)/", banner).group(1)  # type: ignore[union-attr]
         work = Path(re.search(r"State in (\S+)\nRemoved on exit", banner).group(1))  # type: ignore[union-attr]
-        assert work.parent == tmp_path and work.is_dir()
+        assert work.parent == tmp_path
+        assert work.is_dir()
         assert len(_children_of(work)) == 4 + with_prometheus  # collector, three probes (and Prometheus)
 
         def findings() -> bool:
@@ -116,7 +117,8 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
             want = {(name, "IT") for name in FIRING} | {("BlockprobeOverblock", "FR")}
             wait_for(lambda: want <= _firing(prom), left, f"{sorted(want)} firing within {stated:g} s")
             page = httpx2.get(url + "/", timeout=5).text
-            assert "BlockprobeLeakConfirmed" in page and 'id="alerts"' in page
+            assert "BlockprobeLeakConfirmed" in page
+            assert 'id="alerts"' in page
             exe = chromium()
             if exe is not None:  # with the alerts listed, the matrix and a leak still fit the first screen
                 browser = Browser(exe, tmp_path / "chrome", 1400, 900)
@@ -124,7 +126,8 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
                     browser.load(url + "/")
                     ARTIFACTS.mkdir(exist_ok=True)
                     browser.screenshot(ARTIFACTS / "demo-status-1400x900.png")
-                    assert browser.visible("#alerts") and browser.visible("#matrix")
+                    assert browser.visible("#alerts")
+                    assert browser.visible("#matrix")
                     assert browser.visible("tr.leak-row")
                 finally:
                     browser.close()

@@ -174,7 +174,8 @@ def test_expectation_table(
     got, reason = engine.expect(country, kind, operator, name, when)
     assert got is expected, reason
     for key, value in why.items():
-        assert reason is not None and reason[key] == value, reason
+        assert reason is not None, key
+        assert reason[key] == value, reason
 
 
 @pytest.fixture(scope="module")
@@ -270,12 +271,14 @@ def test_orders_bind_from_instants(
     got, reason = timed.expect("IT", "isp", None, name, when)
     assert got is expected, reason
     for key, value in why.items():
-        assert reason is not None and reason[key] == value, reason
+        assert reason is not None, key
+        assert reason[key] == value, reason
 
 
 def test_no_due_without_a_deadline(engine: Expectations) -> None:
     _, reason = engine.expect("IT", "isp", None, "pirate.example", MID_2026)
-    assert reason is not None and "due" not in reason
+    assert reason is not None
+    assert "due" not in reason
 
 
 def test_a_naive_time_is_refused(timed: Expectations) -> None:
