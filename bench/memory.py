@@ -23,7 +23,7 @@ HOST = "127.53.5.3"
 ZONE = "mem-lab.net"
 
 
-def _peak_rss_mib(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float, int]:
+def _peak_rss_mib(cmd: list[str]) -> tuple[float, float, int]:
     """Run cmd alone in a fresh child, return (peak RSS MiB, wall seconds, exit code)."""
     wrapper = (
         "import resource, subprocess, sys\n"

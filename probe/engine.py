@@ -56,7 +56,8 @@ _CONTROL_PREFERENCE = (
 )
 
 
-def _no_expectation(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
+# An ExpectFn: the engine passes (domain, resolver); with no expectation neither matters.
+def _no_expectation(_domain: str, _resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
     return None, None
 
 
@@ -303,7 +304,7 @@ class Engine:
                 job.expected, job.expected_by = job.canary, {"canary": str(job.canary)}
             else:
                 job.expected, job.expected_by = run.plan.expect(job.domain, job.resolver)
-            ex = await self._ask(job, run, 1, None)
+            ex = await self._ask(job, 1, None)
             if hold and (ex.response is None or self._needs_run(job, ex, run)):
                 run.held.append(job)
             elif hold and self._wants_check(job):
@@ -319,7 +320,7 @@ class Engine:
         while finishing:
             await asyncio.gather(*list(finishing))
 
-    async def _ask(self, job: _Job, run: _Run, number: int, exchanger: Exchanger | None) -> Exchange:
+    async def _ask(self, job: _Job, number: int, exchanger: Exchanger | None) -> Exchange:
         try:
             ex = await self.query(job.endpoint, job.domain, job.qtype, exchanger)
         except Exception as exc:
@@ -417,7 +418,7 @@ class Engine:
                 wait = job.first_sent + self.options.confirm_after - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            ex = await self._ask(job, run, 2, fresh[job.endpoint])
+            ex = await self._ask(job, 2, fresh[job.endpoint])
             if ex.response is not None:
                 self._needs_run(job, ex, run)
 

@@ -317,11 +317,12 @@ def _cdn_answer(host: str) -> bytes:
     return _http("200 OK")
 
 
-def _block_answer(host: str) -> bytes:
+# The answer callbacks of _tls are given the SNI host; these two answer the same to every host.
+def _block_answer(_host: str) -> bytes:
     return _http("302 Found", (("Location", f"http://{KNOWN_BLOCKPAGE_HOST}/"),))
 
 
-def _unknown_block_answer(host: str) -> bytes:
+def _unknown_block_answer(_host: str) -> bytes:
     return _http("200 OK")
 
 

@@ -61,7 +61,7 @@ def _measure(lab: NetLab, mode: str) -> dict[str, Measurement]:
                 ["A"],
                 [resolve_spec(isp.specs()["udp"])],
                 [resolve_spec(truth.specs()["udp"])],
-                expect=lambda d, r: (Expectation.BLOCKED, {"order": "test"}),
+                expect=lambda _d, _r: (Expectation.BLOCKED, {"order": "test"}),
                 check_identity=False,
             )
             options = Options(timeout=2.0, udp_linger=0, confirm_after=0)

@@ -109,7 +109,7 @@ def test_human_output_leads_with_the_answer(isp: LabServer, control: LabServer, 
     assert rows.count("leaky.blockprobe-lab.net") == 1 + 5  # the entry, then every row
 
 
-def test_exit_3_when_nothing_answers(control: LabServer, lab_ca: LabCA) -> None:
+def test_exit_3_when_nothing_answers() -> None:
     dead = shlex.split(
         "once -t A -r udp://127.0.0.1:1 --control udp://127.0.0.1:1 --timeout 0.3 --udp-linger 0 --qps 0 example.org"
     )

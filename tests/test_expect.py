@@ -156,13 +156,11 @@ TABLE = [
 
 
 @pytest.mark.parametrize(
-    ("case", "country", "kind", "operator", "name", "when", "expected", "why"),
-    TABLE,
-    ids=[t[0] for t in TABLE],
+    ("country", "kind", "operator", "name", "when", "expected", "why"),
+    [pytest.param(*t[1:], id=t[0]) for t in TABLE],
 )
 def test_expectation_table(
     engine: Expectations,
-    case: str,
     country: str,
     kind: str,
     operator: str | None,
@@ -259,10 +257,9 @@ TIMED = [
 ]
 
 
-@pytest.mark.parametrize(("case", "name", "when", "expected", "why"), TIMED, ids=[t[0] for t in TIMED])
+@pytest.mark.parametrize(("name", "when", "expected", "why"), [pytest.param(*t[1:], id=t[0]) for t in TIMED])
 def test_orders_bind_from_instants(
     timed: Expectations,
-    case: str,
     name: str,
     when: dt.datetime,
     expected: Expectation | None,
@@ -284,4 +281,4 @@ def test_no_due_without_a_deadline(engine: Expectations) -> None:
 def test_a_naive_time_is_refused(timed: Expectations) -> None:
     """Read as the host's local time it would move every order by the host's offset."""
     with pytest.raises(ValueError, match="aware"):
-        timed.expect("IT", "isp", None, "live-calcio.example", dt.datetime(2026, 12, 1, 13, 5))
+        timed.expect("IT", "isp", None, "live-calcio.example", dt.datetime(2026, 12, 1, 13, 5))  # noqa: DTZ001 - naive on purpose

@@ -93,7 +93,7 @@ def net(lab_thread: LabThread, ca: LabCA) -> Net:
     return Net(lab_thread, ca)
 
 
-def _expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
+def _expect(domain: str, _resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
     """`ok` must resolve, `dead` has no expectation, every other name is ordered blocked."""
     label = domain.removesuffix(f".{ZONE}")
     if label == "dead":

@@ -42,7 +42,7 @@ def _spec(host: str, transport: str) -> str:
     }[transport]
 
 
-def _lab_batch(country: str, probe: str) -> list[dict[str, Any]]:
+def _lab_batch(country: str) -> list[dict[str, Any]]:
     """What a demo probe reports: a leaky public resolver, a block-page ISP, an EDE refuser."""
     out = []
     binding = country == "IT"
@@ -154,7 +154,7 @@ def _lab_batch(country: str, probe: str) -> list[dict[str, Any]]:
 def _fill(s: Server) -> None:
     for probe, country in (("it-1", "IT"), ("it-2", "IT"), ("fr-1", "FR")):
         token = s.token(probe)
-        body = batch(probe, _lab_batch(country, probe))
+        body = batch(probe, _lab_batch(country))
         body["probe"].update(country=country, region=f"{country.lower()}-demo")
         assert post(s, token, body).status_code == 200
 

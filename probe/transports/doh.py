@@ -42,7 +42,8 @@ class _PlainEncoder(hpack.Encoder):
     """HPACK without Huffman coding: pure-Python Huffman of each unique `?dns=` path cost
     more CPU than the rest of the exchange, to save a few bytes on loopback-sized frames."""
 
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+    # hpack's signature, kept so a caller passing huffman= still works; the answer is always no.
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:  # noqa: ARG002
         return super().encode(headers, huffman=False)
 
 
