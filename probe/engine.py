@@ -377,7 +377,7 @@ class Engine:
         if b"\x00\x0f" in ex.response and b"\x00\x12" in ex.response:
             try:
                 ede = parse_response(ex.response, job.domain, job.qtype).ede
-            except Exception:
+            except Exception:  # noqa: BLE001 - a hostile answer is classified (by the judge), never a crash
                 return False  # malformed: judged as such, nothing to wait for
             if any(e.code == PROHIBITED for e in ede):
                 return True

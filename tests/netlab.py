@@ -156,7 +156,7 @@ class NetLab:
             try:
                 self.enter()
                 box["result"] = asyncio.run(_call(factory))
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - carried to the caller's thread and raised there
                 box["error"] = exc
 
         thread = threading.Thread(target=body, name="netlab-client", daemon=True)
@@ -182,7 +182,7 @@ class NetLab:
         try:
             self.enter()
             asyncio.run(self._main())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread, which fails the start with it
             self._failure = exc
             self._ready.set()
 

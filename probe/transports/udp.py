@@ -203,7 +203,7 @@ class UdpExchanger:
         loop = asyncio.get_running_loop()
         try:
             sock = self._ready_socket() or await self._socket()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an exchanger never raises: every failure is classified
             return Exchange(None, failure_from(exc, Phase.CONNECT), sends=0)
         sock.used += 1
         qid = random_id()
@@ -251,7 +251,7 @@ class UdpExchanger:
                 overtaken=channel.overtook(entry.last),
                 late=entry.future,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an exchanger never raises: every failure is classified
             del sock.pending[qid]
             failure = failure_from(exc, Phase.DNS_ROUND_TRIP)
             return Exchange(None, failure, evidence=_ignored(entry), sends=entry.sends, channel=channel.name)
