@@ -479,7 +479,7 @@ class AnswerChecker:
             for writer in opened:
                 await _close(writer)
 
-    async def _judge(
+    async def _judge(  # noqa: C901 - one except per status the contract names, in its order
         self, name: str, address: str, ctx: ssl.SSLContext, opened: list[asyncio.StreamWriter]
     ) -> AddressCheck:
         """Connect, hand shake (and HEAD); every failure becomes a status with its phase."""
