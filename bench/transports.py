@@ -161,8 +161,10 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for mode, ref_qps, ref_cpu, qps, cpu, errors in rows:
-        ref = "-" if ref_qps != ref_qps else f"{ref_qps:.0f}"
-        print(f"| {mode} | {ref} | {ref_cpu:.1f} | {qps:.0f} | {cpu:.1f} | {cpu / ref_cpu:.1f}x | {errors} |")
+        ref_text = "-" if ref_qps != ref_qps else f"{ref_qps:.0f}"
+        print(
+            f"| {mode} | {ref_text} | {ref_cpu:.1f} | {qps:.0f} | {cpu:.1f} | {cpu / ref_cpu:.1f}x | {errors} |"
+        )
     print(f"\n(cpus: {os.cpu_count()}, names: {args.names}, probe queries per transport: {args.queries})")
 
 

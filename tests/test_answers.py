@@ -352,8 +352,8 @@ def test_a_bug_inside_a_check_becomes_an_error_value(lab: NetLab) -> None:
     async def go() -> AddressCheck:
         checker = AnswerChecker(ca_file=lab.ca_file, rate=None)
 
-        # Stands in for the per-address check, so it takes that check's arguments and ignores them.
-        async def broken(_name: str, _address: str, _ctx: ssl.SSLContext) -> AddressCheck:
+        # Stands in for AnswerChecker._attempt, whose signature (names too) it must keep.
+        async def broken(name: str, address: str, ctx: ssl.SSLContext) -> AddressCheck:  # noqa: ARG001
             raise KeyError("surprise")
 
         checker._attempt = broken  # type: ignore[method-assign]

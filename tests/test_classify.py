@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dns.edns
 import dns.message
+import dns.rcode
 import dns.rrset
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,7 @@ def _response(
 ) -> bytes:
     query = dns.message.from_wire(build_query(name, qtype))
     resp = dns.message.make_response(query)
-    resp.set_rcode(rcode)
+    resp.set_rcode(dns.rcode.Rcode(rcode))
     if answers:
         resp.answer.append(dns.rrset.from_text(name + ".", 60, "IN", qtype, *answers))
     if ede is not None:

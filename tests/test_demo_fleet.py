@@ -43,7 +43,9 @@ def test_the_collector_imports_no_daemon_lab_or_demo() -> None:
 
 def test_demo_rules_are_the_production_rules_with_short_for() -> None:
     rules = demo_rules()
-    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]  # type: ignore[index, attr-defined]
+    groups = rules["groups"]
+    assert isinstance(groups, list)
+    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
     assert [a["alert"] for a in alerts] == [a.name for a in ALERTS]
     assert [a["expr"] for a in alerts] == [a.expr for a in ALERTS]
     assert {a["for"] for a in alerts} == {DEMO_FOR}

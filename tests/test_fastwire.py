@@ -5,6 +5,7 @@ from __future__ import annotations
 import dns.edns
 import dns.exception
 import dns.message
+import dns.rcode
 import dns.rrset
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ def responses(draw: st.DrawFn) -> tuple[dns.message.Message, str, str]:
     qname = draw(st.sampled_from(NAMES))
     qtype = draw(st.sampled_from(["A", "AAAA"]))
     resp = dns.message.make_response(dns.message.from_wire(build_query(qname, qtype)))
-    resp.set_rcode(draw(st.sampled_from([0, 2, 3, 5])))
+    resp.set_rcode(draw(st.sampled_from([dns.rcode.Rcode(c) for c in (0, 2, 3, 5)])))
     owner = qname
     for target in draw(st.lists(st.sampled_from(NAMES), max_size=2)):
         resp.answer.append(dns.rrset.from_text(owner + ".", 60, "IN", "CNAME", target + "."))

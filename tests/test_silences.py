@@ -143,7 +143,12 @@ def control(lab_thread: LabThread, lab_ca: LabCA) -> Resolver:
 
 
 def _run(
-    spec: str, names: list[str], control: Resolver, timeout: float = 1.0, **kw: object
+    spec: str,
+    names: list[str],
+    control: Resolver,
+    timeout: float = 1.0,
+    concurrency: int = 32,
+    confirm_after: float = 0.0,
 ) -> list[Measurement]:
     expect = lambda _d, _r: (Expectation.BLOCKED, {"order": "test"})  # noqa: E731
     return measure(
@@ -154,8 +159,9 @@ def _run(
         expect=expect,
         timeout=timeout,
         linger=0,
-        **kw,
-    )  # type: ignore[arg-type]
+        concurrency=concurrency,
+        confirm_after=confirm_after,
+    )
 
 
 def _no_false_blocks(ms: list[Measurement]) -> None:

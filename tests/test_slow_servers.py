@@ -174,7 +174,9 @@ def test_waiting_for_a_free_stream_is_bounded_and_never_a_block(doh: str, lab_ca
 def test_reply_rules_of_the_contract() -> None:
     q = dns.message.make_query(f"x.{D}", "A", id=4660)
     wire = q.to_wire()
-    question = wire[12 : 12 + len(q.question[0].name.to_wire()) + 4]
+    qname = q.question[0].name.to_wire()
+    assert qname is not None  # no file given: the bytes are returned
+    question = wire[12 : 12 + len(qname) + 4]
     r = dns.message.make_response(q)
     assert reply_problem(r.to_wire(), 4660, question) is None
     assert reply_problem(wire, 4660, question) == "not a response (QR=0)"
