@@ -20,9 +20,25 @@ from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from .conftest import start_lab, truth_zone
 
 REQUIRED = {
-    "domain", "qtype", "resolver", "transport", "outcome", "blocked", "expected", "finding", "rcode",
-    "ede", "answers", "cname", "sinkhole", "control", "latency_ms", "time", "error", "wire",
-}  # fmt: skip
+    "domain",
+    "qtype",
+    "resolver",
+    "transport",
+    "outcome",
+    "blocked",
+    "expected",
+    "finding",
+    "rcode",
+    "ede",
+    "answers",
+    "cname",
+    "sinkhole",
+    "control",
+    "latency_ms",
+    "time",
+    "error",
+    "wire",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +58,32 @@ def control(lab_thread: LabThread, lab_ca: LabCA) -> LabServer:
 def _args(isp: LabServer, control: LabServer, lab_ca: LabCA, *extra: str) -> list[str]:
     s = isp.specs()
     return [
-        "once", "--json", "-t", "A", "--ca-file", str(lab_ca.ca_file), "--control", control.specs()["udp"],
-        "-r", s["udp"], "-r", s["tcp"], "-r", s["dot"], "-r", s["doh"], "-r", s["doq"], "--timeout", "3",
-        "--udp-linger", "0", "--qps", "0", *extra,
-    ]  # fmt: skip
+        "once",
+        "--json",
+        "-t",
+        "A",
+        "--ca-file",
+        str(lab_ca.ca_file),
+        "--control",
+        control.specs()["udp"],
+        "-r",
+        s["udp"],
+        "-r",
+        s["tcp"],
+        "-r",
+        s["dot"],
+        "-r",
+        s["doh"],
+        "-r",
+        s["doq"],
+        "--timeout",
+        "3",
+        "--udp-linger",
+        "0",
+        "--qps",
+        "0",
+        *extra,
+    ]
 
 
 def test_enforced_block_exits_0_with_contract_json(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
@@ -139,12 +177,24 @@ def test_exit_0_when_answers_come_but_nothing_is_expected(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-r", "tls//x", "a.org"], "probe: 'tls//x' is not a resolver spec: expected SCHEME://HOST[:PORT] or HOST[:PORT]"),
-        (["-r", "udp://127.0.0.1", "bad name.org"], "probe: 'bad name.org' is not a domain name: it holds characters a host name cannot"),
-        (["-r", "udp://127.0.0.1", "-t", "MX", "a.org"], "probe: 'MX' is not a query type this probe asks (one of A, AAAA, HTTPS)"),
-        (["-r", "udp://127.0.0.1", "--country", "ITA", "a.org"], "probe: --country: 'ITA' is not an ISO 3166-1 alpha-2 code"),
+        (
+            ["-r", "tls//x", "a.org"],
+            "probe: 'tls//x' is not a resolver spec: expected SCHEME://HOST[:PORT] or HOST[:PORT]",
+        ),
+        (
+            ["-r", "udp://127.0.0.1", "bad name.org"],
+            "probe: 'bad name.org' is not a domain name: it holds characters a host name cannot",
+        ),
+        (
+            ["-r", "udp://127.0.0.1", "-t", "MX", "a.org"],
+            "probe: 'MX' is not a query type this probe asks (one of A, AAAA, HTTPS)",
+        ),
+        (
+            ["-r", "udp://127.0.0.1", "--country", "ITA", "a.org"],
+            "probe: --country: 'ITA' is not an ISO 3166-1 alpha-2 code",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
     result = CliRunner().invoke(cli, ["once", *args])
     assert result.exit_code == 2
