@@ -299,7 +299,7 @@ def test_new_connections_are_paced(lab: NetLab) -> None:
             starts.append(time.monotonic())
             return await real(name, address, ctx)
 
-        checker._attempt = stamped  # type: ignore[method-assign]
+        checker._attempt = stamped  # type: ignore[method-assign]  # a stand-in with the same signature
         names = [f"n{i}.example" for i in range(5)]
         await asyncio.gather(*(checker.check(n, REFUSES) for n in names))
         assert checker.connections == 5
@@ -356,7 +356,7 @@ def test_a_bug_inside_a_check_becomes_an_error_value(lab: NetLab) -> None:
         async def broken(name: str, address: str, ctx: ssl.SSLContext) -> AddressCheck:  # noqa: ARG001
             raise KeyError("surprise")
 
-        checker._attempt = broken  # type: ignore[method-assign]
+        checker._attempt = broken  # type: ignore[method-assign]  # a stand-in with the same signature
         return await checker.check(NAME, SITE)
 
     result = lab.run(go)

@@ -46,7 +46,7 @@ def test_one_handshake_carries_many_queries(transport: str, lab_thread: LabThrea
             out = await engine.collect(
                 Plan(names, ["A", "AAAA"], [Resolver("lab", "isp", None, (endpoint,))])
             )
-            return [m.outcome for m in out], engine.exchanger(endpoint).handshakes  # type: ignore[attr-defined]
+            return [m.outcome for m in out], engine.exchanger(endpoint).handshakes  # type: ignore[attr-defined]  # connection transports only
 
     outcomes, handshakes = asyncio.run(go())
     assert outcomes.count(Outcome.RESOLVED) == 150
