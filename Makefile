@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 lint: install
 	$(BIN)/ruff check probe collector fleet tests bench dashboards
 	$(BIN)/ruff format --check probe collector fleet tests bench dashboards
-	$(BIN)/mypy
+	$(BIN)/mypy  # checks the packages listed in pyproject.toml: probe collector dashboards fleet tests bench
 
 test: install
 	scripts/system-deps

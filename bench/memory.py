@@ -23,7 +23,7 @@ HOST = "127.53.5.3"
 ZONE = "mem-lab.net"
 
 
-def _peak_rss_mib(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float, int]:
+def _peak_rss_mib(cmd: list[str]) -> tuple[float, float, int]:
     """Run cmd alone in a fresh child, return (peak RSS MiB, wall seconds, exit code)."""
     wrapper = (
         "import resource, subprocess, sys\n"
@@ -55,16 +55,34 @@ def main() -> None:
         floor, _, _ = _peak_rss_mib(
             [sys.executable, "-c", "import probe.cli, probe.engine, probe.transports"]
         )
-        cmd = [sys.executable, "-m", "probe.cli", "once", "--json", "--no-control", "--qps", "0",
-               "--concurrency", "100", "--udp-linger", "0", "--ca-file", str(ca.ca_file),
-               "-r", server.specs[args.transport], *names]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "probe.cli",
+            "once",
+            "--json",
+            "--no-control",
+            "--qps",
+            "0",
+            "--concurrency",
+            "100",
+            "--udp-linger",
+            "0",
+            "--ca-file",
+            str(ca.ca_file),
+            "-r",
+            server.specs[args.transport],
+            *names,
+        ]
         peak, wall, code = _peak_rss_mib(cmd)
     finally:
         server.stop()
     n = args.names * 3
     print(f"probe once --json, {args.names} names x 3 qtypes ({n} measurements) over {args.transport}:")
-    print(f"  peak RSS {peak:.0f} MiB (interpreter with the probe imported: {floor:.0f} MiB), "
-          f"wall {wall:.1f} s ({n / wall:.0f} measurements/s), exit {code}")  # fmt: skip
+    print(
+        f"  peak RSS {peak:.0f} MiB (interpreter with the probe imported: {floor:.0f} MiB), "
+        f"wall {wall:.1f} s ({n / wall:.0f} measurements/s), exit {code}"
+    )
 
 
 if __name__ == "__main__":

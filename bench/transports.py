@@ -35,6 +35,14 @@ HOST = "127.53.5.1"
 ZONE = "bench-lab.net"
 
 
+def _group(pattern: str, text: str) -> str:
+    """The first group of `pattern` in dnsperf's report; a report without it is an error worth its text."""
+    m = re.search(pattern, text)
+    if m is None:
+        raise RuntimeError(f"{pattern!r} not in dnsperf's output:\n{text}")
+    return m.group(1)
+
+
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -67,8 +75,8 @@ def dnsperf(server: RealResolver, mode: str, datafile: Path, seconds: int) -> tu
     before = _children_cpu()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     cpu = _children_cpu() - before
-    completed = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
-    qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    completed = int(_group(r"Queries completed:\s+(\d+)", out))
+    qps = float(_group(r"Queries per second:\s+([\d.]+)", out))
     return qps, cpu * 1000 / max(completed, 1) * 1000
 
 
@@ -161,8 +169,10 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for mode, ref_qps, ref_cpu, qps, cpu, errors in rows:
-        ref = "-" if ref_qps != ref_qps else f"{ref_qps:.0f}"
-        print(f"| {mode} | {ref} | {ref_cpu:.1f} | {qps:.0f} | {cpu:.1f} | {cpu / ref_cpu:.1f}x | {errors} |")
+        ref_text = "-" if ref_qps != ref_qps else f"{ref_qps:.0f}"
+        print(
+            f"| {mode} | {ref_text} | {ref_cpu:.1f} | {qps:.0f} | {cpu:.1f} | {cpu / ref_cpu:.1f}x | {errors} |"
+        )
     print(f"\n(cpus: {os.cpu_count()}, names: {args.names}, probe queries per transport: {args.queries})")
 
 

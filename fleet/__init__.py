@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import httpx2
 import yaml
@@ -68,6 +68,10 @@ def _free_port(host: str, preferred: int) -> int:
     raise OSError("no free port on loopback")
 
 
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
 @dataclass
 class _Child:
     name: str
@@ -86,7 +90,7 @@ class Fleet:
     prometheus_url: str | None = None
     metrics_ports: list[int] = field(default_factory=list)
     children: list[_Child] = field(default_factory=list)
-    _lab: object | None = None
+    _lab: _Stoppable | None = None  # the lab's thread (probe.lab is imported only when started)
 
     # starting ---------------------------------------------------------------------------
     def start(self, with_prometheus: bool = True) -> None:
@@ -239,7 +243,7 @@ class Fleet:
         for c in order:
             _wait_exit(c.proc, 15)
         if self._lab is not None:
-            self._lab.stop()  # type: ignore[attr-defined]
+            self._lab.stop()
             self._lab = None
         if not self.keep_state:
             shutil.rmtree(self.work, ignore_errors=True)

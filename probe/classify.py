@@ -121,7 +121,7 @@ class ControlResult:
         return self.verdict.outcome in (Outcome.TIMEOUT, Outcome.ERROR, Outcome.SERVFAIL, Outcome.REFUSED)
 
 
-def verdict_of(
+def verdict_of(  # noqa: C901 - the verdict rules of CONTRACTS.md section 3, in their order
     response: bytes | None,
     failure: Failure | None,
     qname: str,

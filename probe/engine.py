@@ -55,7 +55,8 @@ _CONTROL_PREFERENCE = (
 )
 
 
-def _no_expectation(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
+# An ExpectFn: the engine passes (domain, resolver); with no expectation neither matters.
+def _no_expectation(_domain: str, _resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
     return None, None
 
 
@@ -302,7 +303,7 @@ class Engine:
                 job.expected, job.expected_by = job.canary, {"canary": str(job.canary)}
             else:
                 job.expected, job.expected_by = run.plan.expect(job.domain, job.resolver)
-            ex = await self._ask(job, run, 1, None)
+            ex = await self._ask(job, 1, None)
             if hold and (ex.response is None or self._needs_run(job, ex, run)):
                 run.held.append(job)
             elif hold and self._wants_check(job):
@@ -318,7 +319,7 @@ class Engine:
         while finishing:
             await asyncio.gather(*list(finishing))
 
-    async def _ask(self, job: _Job, run: _Run, number: int, exchanger: Exchanger | None) -> Exchange:
+    async def _ask(self, job: _Job, number: int, exchanger: Exchanger | None) -> Exchange:
         try:
             ex = await self.query(job.endpoint, job.domain, job.qtype, exchanger)
         except Exception as exc:
@@ -350,7 +351,8 @@ class Engine:
 
         async def work(job: _Job) -> None:
             ex = job.exchange
-            assert ex is not None and ex.response is not None
+            assert ex is not None
+            assert ex.response is not None
             verdict = verdict_of(ex.response, None, job.domain, job.qtype, self.fingerprints)
             mine = addresses_of(job.qtype, verdict.answers)
             checks = tuple(await checker.check_all(job.domain, mine))
@@ -374,7 +376,7 @@ class Engine:
         if b"\x00\x0f" in ex.response and b"\x00\x12" in ex.response:
             try:
                 ede = parse_response(ex.response, job.domain, job.qtype).ede
-            except Exception:
+            except Exception:  # noqa: BLE001 - a hostile answer is classified (by the judge), never a crash
                 return False  # malformed: judged as such, nothing to wait for
             if any(e.code == PROHIBITED for e in ede):
                 return True
@@ -415,7 +417,7 @@ class Engine:
                 wait = job.first_sent + self.options.confirm_after - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            ex = await self._ask(job, run, 2, fresh[job.endpoint])
+            ex = await self._ask(job, 2, fresh[job.endpoint])
             if ex.response is not None:
                 self._needs_run(job, ex, run)
 

@@ -243,7 +243,7 @@ def _late(obs: Observation, wire: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {"wire": base64.b64encode(wire).decode("ascii")}
     try:
         p = parse_response(wire, obs.domain, obs.qtype)
-    except Exception:  # a hostile racing answer is evidence, never a crash
+    except Exception:  # noqa: BLE001 - a hostile racing answer is evidence, never a crash
         out["error"] = "malformed"
         return out
     out.update(rcode=p.rcode, answers=list(p.answers))

@@ -198,7 +198,7 @@ def format_duration(span: dt.timedelta) -> str:
     return f"{seconds}s"
 
 
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # C loader when built with libyaml
     """SafeLoader without implicit dates: we parse them ourselves, so that `2026-13-45`
     is reported with its path instead of escaping as PyYAML's bare ValueError."""
 
@@ -448,7 +448,7 @@ def parse_lists(text: str, source: str = "<lists>") -> Lists:
         for i, entry in enumerate(entries):
             item = build(entry, f"{key}[{i}]", errors, source)
             if item is not None:
-                sink.append(item)  # type: ignore[arg-type]
+                sink.append(item)  # type: ignore[arg-type]  # the loop pairs each builder with its own list
     errors = [e.lstrip(".") for e in errors]
     _duplicates(orders, controls, errors)
     if errors:

@@ -158,6 +158,14 @@ def render_answer(measurements: Sequence[Measurement], file: IO[str] | None = No
     """The summary matrix, then each leak and overblock (and what kept findings inconclusive)."""
     console = _console(file)
     names = _names(measurements)
+    used = _print_matrix(console, measurements, names)
+    _print_legend(console, measurements, used)
+    _print_problems(console, measurements, names)
+    _print_inconclusive(console, measurements)
+
+
+def _print_matrix(console: Console, measurements: Sequence[Measurement], names: dict[str, str]) -> set[str]:
+    """Resolver × transport counts; returns the marks used, for the legend."""
     by_resolver: dict[str, list[Measurement]] = defaultdict(list)
     for m in measurements:
         by_resolver[names[m.resolver]].append(m)
@@ -175,6 +183,10 @@ def render_answer(measurements: Sequence[Measurement], file: IO[str] | None = No
             used |= marks
         table.add_row(name, *cells)
     console.print(table)
+    return used
+
+
+def _print_legend(console: Console, measurements: Sequence[Measurement], used: set[str]) -> None:
     legend = [
         (_MARK[Finding.LEAK], "leak", _STYLE[Finding.LEAK]),
         (_MARK[Finding.OVERBLOCK], "overblock", _STYLE[Finding.OVERBLOCK]),
@@ -189,6 +201,9 @@ def render_answer(measurements: Sequence[Measurement], file: IO[str] | None = No
     if any(m.finding is None for m in measurements):
         parts.append("(nothing expected)")
     console.print(Text.assemble(*parts), overflow="fold")
+
+
+def _print_problems(console: Console, measurements: Sequence[Measurement], names: dict[str, str]) -> None:
     for finding, title in (
         (Finding.LEAK, "must be blocked here, but resolves"),
         (Finding.OVERBLOCK, "must resolve, but is blocked"),
@@ -215,6 +230,9 @@ def render_answer(measurements: Sequence[Measurement], file: IO[str] | None = No
         )
         for line in _grouped(bare, names):
             console.print(Text(line), overflow="fold")
+
+
+def _print_inconclusive(console: Console, measurements: Sequence[Measurement]) -> None:
     inconclusive = [m for m in measurements if m.finding is Finding.INCONCLUSIVE]
     if inconclusive:
         console.print()

@@ -396,9 +396,11 @@ class Scheduler:
             )
         self._refresh(now, t)
 
-    def next_change(self, now: dt.datetime) -> dt.datetime | None:
+    def next_change(self, _now: dt.datetime) -> dt.datetime | None:
         """The next instant the fast lane changes (an order takes effect, expires, falls due or
         stops being recent): call `next_batch()` then, whatever the slice."""
+        # The instant was fixed by the last refresh; the daemon's loop still passes its `now`
+        # (the documented call is `next_change(now)`), so the parameter stays, positional.
         if math.isinf(self._refresh_at):
             return None
         return dt.datetime.fromtimestamp(self._refresh_at, dt.UTC)

@@ -259,7 +259,7 @@ def parse_response(wire: bytes, qname: str, qtype: str) -> Parsed:
     """Parse a response; raises dns.exception.DNSException on a malformed one."""
     fast = parse_fast(wire, qname, qtype)
     if fast is not None:
-        return Parsed(*fast)  # type: ignore[arg-type]
+        return Parsed(*fast)
     return parse_response_slow(wire, qname, qtype)
 
 

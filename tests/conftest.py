@@ -32,7 +32,7 @@ def lab_thread() -> Iterator[LabThread]:
 
 
 def start_lab(thread: LabThread, zone: Zone, host: str, ca: LabCA, **kw: object) -> LabServer:
-    return thread.start(LabServer(zone, host, ca, **kw))  # type: ignore[arg-type]
+    return thread.start(LabServer(zone, host, ca, **kw))  # type: ignore[arg-type]  # kw: LabServer's own keyword options, passed through
 
 
 def resolvers_of(server: LabServer, transports: Sequence[str] | None = None) -> list[Resolver]:

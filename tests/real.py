@@ -45,7 +45,7 @@ def free_port(host: str) -> int:
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
             t.bind((host, 0))
-            port = t.getsockname()[1]
+            port: int = t.getsockname()[1]
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
                 try:
                     u.bind((host, port))

@@ -26,18 +26,35 @@ def _tool(name: str) -> str:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "ANSIBLE_HOME": str(tmp_path / "ansible-home"), "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
-            "HOME": str(tmp_path), "ANSIBLE_NOCOLOR": "1"}  # fmt: skip
+    return {
+        **os.environ,
+        "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
+        "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+        "HOME": str(tmp_path),
+        "ANSIBLE_NOCOLOR": "1",
+    }
 
 
 def test_ansible_lint_production_profile(tmp_path: Path) -> None:
-    result = subprocess.run([_tool("ansible-lint"), "--profile", "production", "--nocolor", "."], cwd=ANSIBLE,
-                            capture_output=True, text=True, env=_env(tmp_path), timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [_tool("ansible-lint"), "--profile", "production", "--nocolor", "."],
+        cwd=ANSIBLE,
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
 def test_playbook_syntax(tmp_path: Path) -> None:
-    result = subprocess.run([_tool("ansible-playbook"), "--syntax-check", "-i", "inventory/example.yml", "site.yml"],
-                            cwd=ANSIBLE, capture_output=True, text=True, env=_env(tmp_path), timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [_tool("ansible-playbook"), "--syntax-check", "-i", "inventory/example.yml", "site.yml"],
+        cwd=ANSIBLE,
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Invalid characters were found in group names" not in result.stderr

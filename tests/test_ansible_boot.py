@@ -50,30 +50,65 @@ def test_services_start_under_systemd_and_results_reach_the_collector(tmp_path: 
     # The container shares this machine's network namespace: its loopback is ours, so the
     # probe inside reaches the lab resolvers, and the collector inside is reachable from here.
     extra = {
-        "ansible_connection": "community.general.chroot", "ansible_host": str(tree),
-        "ansible_python_interpreter": "/usr/bin/python3", "blockprobe_wheel": str(wheel),
-        "blockprobe_collector_url": f"http://127.0.0.1:{port}", "blockprobe_probe_token": TOKEN,
-        "collector_listen": f"127.0.0.1:{port}", "probe_manage_service_state": False,
-        "collector_manage_service_state": False, "probe_id": "it-boot-1", "probe_region": "it-boot",
-        "probe_country": "IT", "probe_public_resolvers": [], "probe_canaries_resolve": [], "probe_interval": 5,
-        "probe_jitter": 0, "probe_push_interval": 1, "probe_metrics_listen": f"127.0.0.1:{free_port('127.0.0.1')}",
-        "probe_isp_resolvers": [{"spec": lab.servers["isp-nxdomain"].specs()["udp"], "kind": "isp", "operator": "isp-a"}],
+        "ansible_connection": "community.general.chroot",
+        "ansible_host": str(tree),
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "blockprobe_wheel": str(wheel),
+        "blockprobe_collector_url": f"http://127.0.0.1:{port}",
+        "blockprobe_probe_token": TOKEN,
+        "collector_listen": f"127.0.0.1:{port}",
+        "probe_manage_service_state": False,
+        "collector_manage_service_state": False,
+        "probe_id": "it-boot-1",
+        "probe_region": "it-boot",
+        "probe_country": "IT",
+        "probe_public_resolvers": [],
+        "probe_canaries_resolve": [],
+        "probe_interval": 5,
+        "probe_jitter": 0,
+        "probe_push_interval": 1,
+        "probe_metrics_listen": f"127.0.0.1:{free_port('127.0.0.1')}",
+        "probe_isp_resolvers": [
+            {"spec": lab.servers["isp-nxdomain"].specs()["udp"], "kind": "isp", "operator": "isp-a"}
+        ],
         "probe_controls": [lab.servers["control"].specs()["udp"]],
         "probe_verify": "off",  # the lab answers public addresses: no answer checks off loopback
         # The collector serves the demo lists; the probe fetches them from it (fetch_lists).
         "blockprobe_lists_files": [str(ROOT / "probe" / "data" / "demo-lists.yaml")],
-    }  # fmt: skip
+    }
     (tmp_path / "vars.yml").write_text(yaml.safe_dump(extra))
-    inventory = {"all": {"children": {"collector": {"hosts": {"boot-target": None}},
-                                      "probes": {"children": {"it_boot": {"hosts": {"boot-target": None}}}}}}}  # fmt: skip
+    inventory = {
+        "all": {
+            "children": {
+                "collector": {"hosts": {"boot-target": None}},
+                "probes": {"children": {"it_boot": {"hosts": {"boot-target": None}}}},
+            }
+        }
+    }
     (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
     env = {**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah"), "ANSIBLE_NOCOLOR": "1"}
-    converge = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.yml"), "-e",
-                               f"@{tmp_path / 'vars.yml'}", "site.yml"], cwd=ANSIBLE, capture_output=True, text=True,
-                              env=env, timeout=1800)  # fmt: skip
+    converge = subprocess.run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(tmp_path / "inventory.yml"),
+            "-e",
+            f"@{tmp_path / 'vars.yml'}",
+            "site.yml",
+        ],
+        cwd=ANSIBLE,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert converge.returncode == 0, converge.stdout[-5000:]
-    boot = subprocess.Popen(["systemd-nspawn", "-b", "--register=no", "--keep-unit", "-q", "-D", str(tree)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)  # fmt: skip
+    boot = subprocess.Popen(
+        ["systemd-nspawn", "-b", "--register=no", "--keep-unit", "-q", "-D", str(tree)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
     try:
 
         def reported() -> bool:

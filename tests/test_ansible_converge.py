@@ -34,8 +34,14 @@ pytestmark = pytest.mark.skipif(
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "ANSIBLE_HOME": str(tmp / "ansible-home"), "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
-            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_HOST_KEY_CHECKING": "False"}  # fmt: skip
+    return {
+        **os.environ,
+        "ANSIBLE_HOME": str(tmp / "ansible-home"),
+        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_HOST_KEY_CHECKING": "False",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +68,29 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
         "probe_id": "it-milan-1",
     }
     (work / "vars.yml").write_text(yaml.safe_dump(extra))
-    inventory = {"all": {
-        "children": {"collector": {"hosts": {"lab-target": None}}, "monitoring": {"hosts": {"lab-target": None}},
-                     "probes": {"children": {"it_milan": {"hosts": {"lab-target": None}}}}},
-    }}  # fmt: skip
+    inventory = {
+        "all": {
+            "children": {
+                "collector": {"hosts": {"lab-target": None}},
+                "monitoring": {"hosts": {"lab-target": None}},
+                "probes": {"children": {"it_milan": {"hosts": {"lab-target": None}}}},
+            },
+        }
+    }
     (work / "inventory.yml").write_text(yaml.safe_dump(inventory))
     yield {"work": work, "tree": tree, "inventory": work / "inventory.yml", "vars": work / "vars.yml"}
     subprocess.run(["umount", "-R", str(tree / "proc")], capture_output=True)
 
 
 def _converge(t: dict[str, Path], *extra: str) -> str:
-    result = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(t["inventory"]), "-e", f"@{t['vars']}", "site.yml",
-                             *extra], cwd=ANSIBLE,
-                            capture_output=True, text=True, env=_env(t["work"]), timeout=1800)  # fmt: skip
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(t["inventory"]), "-e", f"@{t['vars']}", "site.yml", *extra],
+        cwd=ANSIBLE,
+        capture_output=True,
+        text=True,
+        env=_env(t["work"]),
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -90,30 +106,61 @@ def test_converge_installs_a_hardened_probe_and_collector_and_a_second_run_chang
 ) -> None:
     tree = target["tree"]
     first = _recap(_converge(target))
-    assert first["changed"] > 0 and first["failed"] == 0
+    assert first["changed"] > 0
+    assert first["failed"] == 0
 
     # What the roles installed.
-    version = subprocess.run(["chroot", str(tree), "/opt/blockprobe/venv/bin/probe", "--version"], capture_output=True,
-                             text=True, check=True)  # fmt: skip
+    version = subprocess.run(
+        ["chroot", str(tree), "/opt/blockprobe/venv/bin/probe", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert version.stdout.startswith("probe, version")
     token = tree / "etc/blockprobe/token"
     st = token.stat()
-    assert stat.S_IMODE(st.st_mode) == 0o400 and token.read_text().strip() == TOKEN
-    owner = subprocess.run(["chroot", str(tree), "stat", "-c", "%U", "/etc/blockprobe/token"], capture_output=True,
-                           text=True, check=True).stdout.strip()  # fmt: skip
+    assert stat.S_IMODE(st.st_mode) == 0o400
+    assert token.read_text().strip() == TOKEN
+    owner = subprocess.run(
+        ["chroot", str(tree), "stat", "-c", "%U", "/etc/blockprobe/token"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert owner == "blockprobe"
     config = yaml.safe_load((tree / "etc/blockprobe/probe.yaml").read_text())
     assert config["probe"] == {"id": "it-milan-1", "region": "it-milan", "country": "IT"}
     unit = (tree / "etc/systemd/system/blockprobe-probe.service").read_text()
-    for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=blockprobe", "Restart=on-failure",
-                      "User=blockprobe"):  # fmt: skip
+    for hardening in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=blockprobe",
+        "Restart=on-failure",
+        "User=blockprobe",
+    ):
         assert hardening in unit
     assert (tree / "etc/systemd/system/multi-user.target.wants/blockprobe-probe.service").is_symlink()
     assert (tree / "etc/systemd/system/multi-user.target.wants/blockprobe-collector.service").is_symlink()
-    tokens = subprocess.run(["chroot", str(tree), "runuser", "-u", "blockprobe-collector", "--",
-                             "/opt/blockprobe-collector/venv/bin/collector", "token", "list", "--config",
-                             "/etc/blockprobe-collector/collector.yaml"], capture_output=True, text=True, check=True)  # fmt: skip
-    assert tokens.stdout.startswith("it-milan-1\t") and "active" in tokens.stdout
+    tokens = subprocess.run(
+        [
+            "chroot",
+            str(tree),
+            "runuser",
+            "-u",
+            "blockprobe-collector",
+            "--",
+            "/opt/blockprobe-collector/venv/bin/collector",
+            "token",
+            "list",
+            "--config",
+            "/etc/blockprobe-collector/collector.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert tokens.stdout.startswith("it-milan-1\t")
+    assert "active" in tokens.stdout
     assert (tree / "etc/prometheus/rules.d/blockprobe.rules.yml").exists()
     assert (tree / "var/lib/grafana/dashboards/blockprobe/blockprobe-leaks.json").exists()
 
@@ -125,6 +172,9 @@ def test_converge_installs_a_hardened_probe_and_collector_and_a_second_run_chang
     # systemd accepts the units.
     if shutil.which("systemd-analyze"):
         for name in ("blockprobe-probe.service", "blockprobe-collector.service"):
-            verify = subprocess.run(["systemd-analyze", "verify", f"--root={tree}", f"/etc/systemd/system/{name}"],
-                                    capture_output=True, text=True)  # fmt: skip
+            verify = subprocess.run(
+                ["systemd-analyze", "verify", f"--root={tree}", f"/etc/systemd/system/{name}"],
+                capture_output=True,
+                text=True,
+            )
             assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -61,7 +61,7 @@ def _measure(lab: NetLab, mode: str) -> dict[str, Measurement]:
                 ["A"],
                 [resolve_spec(isp.specs()["udp"])],
                 [resolve_spec(truth.specs()["udp"])],
-                expect=lambda d, r: (Expectation.BLOCKED, {"order": "test"}),
+                expect=lambda _d, _r: (Expectation.BLOCKED, {"order": "test"}),
                 check_identity=False,
             )
             options = Options(timeout=2.0, udp_linger=0, confirm_after=0)
@@ -77,7 +77,8 @@ def _measure(lab: NetLab, mode: str) -> dict[str, Measurement]:
 def test_an_unknown_block_page_is_a_block_by_its_certificate(lab: NetLab) -> None:
     m = _measure(lab, "tls")["unknown-page.leaky.example"]
     assert (m.outcome, m.blocked, m.finding, m.reach) == (Outcome.SINKHOLE, True, "enforced", "blockpage")
-    assert m.sinkhole is not None and m.sinkhole["source"] == "tls"
+    assert m.sinkhole is not None
+    assert m.sinkhole["source"] == "tls"
     assert m.evidence["manipulation"] == "manipulated"
     assert m.evidence["control_checks"][0]["cert_valid"] is True
 

@@ -95,9 +95,16 @@ def test_the_namespace_is_removed_on_exit() -> None:
     if netlab.unavailable():
         pytest.skip(netlab.unavailable() or "")
     probe_lab = NetLab(name=f"{netlab.PREFIX}{9_999_999}")  # a PID that cannot exist: swept if left
-    with pytest.raises(RuntimeError, match="boom"), probe_lab:
-        assert probe_lab.name in _namespaces()
-        raise RuntimeError("boom")
+    inside: list[bool] = []
+
+    def fail_inside() -> None:
+        with probe_lab:
+            inside.append(probe_lab.name in _namespaces())
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_inside()
+    assert inside == [True]
     assert probe_lab.name not in _namespaces()
 
 
@@ -116,10 +123,12 @@ def test_a_genuine_site_validates_with_its_certificate_as_evidence(lab: NetLab) 
         None,
         1,
     )
-    assert result.cert is not None and NAME in result.cert.names
+    assert result.cert is not None
+    assert NAME in result.cert.names
     assert "O=trustme" in result.cert.issuer
     assert len(result.cert.sha256) == 64
-    assert result.to_json()["status"] == "valid" and result.to_json()["port"] == 443
+    assert result.to_json()["status"] == "valid"
+    assert result.to_json()["port"] == 443
 
 
 def test_ipv6_addresses_are_checked_too(lab: NetLab) -> None:
@@ -143,8 +152,10 @@ def test_the_name_is_the_sni_and_the_host(lab: NetLab) -> None:
 def test_a_certificate_for_another_name_is_invalid_and_kept_as_evidence(lab: NetLab) -> None:
     result = check(lab, NAME, BLOCKPAGE_UNKNOWN)
     assert (result.status, result.cert_valid, result.phase) == (CheckStatus.INVALID_CERT, False, Phase.TLS)
-    assert result.verify_error is not None and "hostname mismatch" in result.verify_error.lower()
-    assert result.cert is not None and result.cert.names == (UNKNOWN_BLOCKPAGE_HOST,)
+    assert result.verify_error is not None
+    assert "hostname mismatch" in result.verify_error.lower()
+    assert result.cert is not None
+    assert result.cert.names == (UNKNOWN_BLOCKPAGE_HOST,)
     assert result.connections == 2  # the refused certificate was fetched again, unverified
     assert result.blockpage is None
 
@@ -152,7 +163,8 @@ def test_a_certificate_for_another_name_is_invalid_and_kept_as_evidence(lab: Net
 def test_a_known_block_page_is_recognised_by_its_certificate(lab: NetLab) -> None:
     result = check(lab, NAME, BLOCKPAGE_KNOWN)
     assert (result.status, result.cert_valid) == (CheckStatus.BLOCKPAGE, False)
-    assert result.verify_error is not None and "unable to get local issuer" in result.verify_error
+    assert result.verify_error is not None
+    assert "unable to get local issuer" in result.verify_error
     fp = load_fingerprints().name(KNOWN_BLOCKPAGE_HOST)
     assert fp is not None
     assert result.blockpage == {"match": KNOWN_BLOCKPAGE_HOST, "source": fp.describe()}
@@ -170,7 +182,8 @@ def test_a_redirect_to_a_known_block_page_is_recorded_and_not_followed(lab: NetL
     result = check(lab, "redirected.example", CDN, mode="http")
     assert (result.status, result.http_code, result.cert_valid) == (CheckStatus.BLOCKPAGE, 302, True)
     assert result.location == f"https://{KNOWN_BLOCKPAGE_HOST}/?site=redirected.example"
-    assert result.blockpage is not None and result.blockpage["match"] == KNOWN_BLOCKPAGE_HOST
+    assert result.blockpage is not None
+    assert result.blockpage["match"] == KNOWN_BLOCKPAGE_HOST
 
 
 def test_another_status_is_kept_with_its_code(lab: NetLab) -> None:
@@ -200,7 +213,8 @@ def test_reset_after_the_client_hello(lab: NetLab) -> None:
 def test_a_dropped_syn_times_out_in_connect(lab: NetLab) -> None:
     result = check(lab, NAME, DROPS, timeout=0.5)
     assert (result.status, result.phase) == (CheckStatus.TIMEOUT, Phase.CONNECT)
-    assert result.elapsed_ms is not None and result.elapsed_ms >= 450
+    assert result.elapsed_ms is not None
+    assert result.elapsed_ms >= 450
 
 
 def test_a_silent_handshake_times_out_under_the_same_deadline(lab: NetLab) -> None:
@@ -264,7 +278,8 @@ def test_check_all_checks_each_distinct_address_once(lab: NetLab) -> None:
         return await checker.check_all(NAME, [SITE, SITE_V6, SITE, f"::ffff:{SITE}", REFUSES])
 
     results = lab.run(go)
-    assert results[0].cert is not None and results[0].cert is results[1].cert  # parsed once, shared
+    assert results[0].cert is not None
+    assert results[0].cert is results[1].cert  # parsed once, shared
     assert [(r.address, r.status) for r in results] == [
         (SITE, CheckStatus.VALID),
         (SITE_V6, CheckStatus.VALID),
@@ -284,7 +299,7 @@ def test_new_connections_are_paced(lab: NetLab) -> None:
             starts.append(time.monotonic())
             return await real(name, address, ctx)
 
-        checker._attempt = stamped  # type: ignore[method-assign]
+        checker._attempt = stamped  # type: ignore[method-assign]  # a stand-in with the same signature
         names = [f"n{i}.example" for i in range(5)]
         await asyncio.gather(*(checker.check(n, REFUSES) for n in names))
         assert checker.connections == 5
@@ -292,7 +307,8 @@ def test_new_connections_are_paced(lab: NetLab) -> None:
 
     starts = sorted(lab.run(go))
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert len(gaps) == 4 and min(gaps) >= 0.9 / rate, gaps
+    assert len(gaps) == 4, gaps
+    assert min(gaps) >= 0.9 / rate, gaps
 
 
 def test_concurrency_is_bounded(lab: NetLab) -> None:
@@ -313,7 +329,9 @@ def test_off_checks_nothing(lab: NetLab) -> None:
 
     before = lab.served(SITE)
     listed, single = lab.run(go)
-    assert listed == [] and single.status is CheckStatus.ERROR and lab.served(SITE) == before
+    assert listed == []
+    assert single.status is CheckStatus.ERROR
+    assert lab.served(SITE) == before
     assert reach_of(listed) is Reach.UNCHECKED
 
 
@@ -334,10 +352,11 @@ def test_a_bug_inside_a_check_becomes_an_error_value(lab: NetLab) -> None:
     async def go() -> AddressCheck:
         checker = AnswerChecker(ca_file=lab.ca_file, rate=None)
 
-        async def broken(name: str, address: str, ctx: ssl.SSLContext) -> AddressCheck:
+        # Stands in for AnswerChecker._attempt, whose signature (names too) it must keep.
+        async def broken(name: str, address: str, ctx: ssl.SSLContext) -> AddressCheck:  # noqa: ARG001
             raise KeyError("surprise")
 
-        checker._attempt = broken  # type: ignore[method-assign]
+        checker._attempt = broken  # type: ignore[method-assign]  # a stand-in with the same signature
         return await checker.check(NAME, SITE)
 
     result = lab.run(go)
@@ -479,7 +498,9 @@ def test_reach_of(checks: list[AddressCheck], verdict: Manipulation | None, expe
 def test_json_is_complete_and_plain() -> None:
     cert = CertInfo("CN=x", "CN=ca", ("x",), "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z", "0" * 64)
     doc = AddressCheck(NAME, SITE, CheckMode.HTTP, CheckStatus.HTTP_451, cert=cert, http_code=451).to_json()
-    assert doc["status"] == "http_451" and doc["mode"] == "http" and doc["cert"]["names"] == ["x"]
+    assert doc["status"] == "http_451"
+    assert doc["mode"] == "http"
+    assert doc["cert"]["names"] == ["x"]
     keys = "name address port mode status phase cert_valid verify_error cert http_code location blockpage"
     assert list(doc) == [*keys.split(), "error", "elapsed_ms", "connections", "time", "cached"]
 

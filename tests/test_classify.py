@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dns.edns
 import dns.message
+import dns.rcode
 import dns.rrset
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,7 @@ def _response(
 ) -> bytes:
     query = dns.message.from_wire(build_query(name, qtype))
     resp = dns.message.make_response(query)
-    resp.set_rcode(rcode)
+    resp.set_rcode(dns.rcode.Rcode(rcode))
     if answers:
         resp.answer.append(dns.rrset.from_text(name + ".", 60, "IN", qtype, *answers))
     if ede is not None:
@@ -49,8 +50,11 @@ def test_sinkhole_rules() -> None:
 
 
 def test_special_use_names() -> None:
-    assert is_special_use("a.test") and is_special_use("localhost") and is_special_use("x.example.com")
-    assert not is_special_use("example.community") and not is_special_use("pirate.it")
+    assert is_special_use("a.test")
+    assert is_special_use("localhost")
+    assert is_special_use("x.example.com")
+    assert not is_special_use("example.community")
+    assert not is_special_use("pirate.it")
 
 
 CONTROL_HAS = ControlResult("ctl", Verdict(Outcome.RESOLVED, answers=("1.2.3.4",)))

@@ -20,9 +20,25 @@ from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from .conftest import start_lab, truth_zone
 
 REQUIRED = {
-    "domain", "qtype", "resolver", "transport", "outcome", "blocked", "expected", "finding", "rcode",
-    "ede", "answers", "cname", "sinkhole", "control", "latency_ms", "time", "error", "wire",
-}  # fmt: skip
+    "domain",
+    "qtype",
+    "resolver",
+    "transport",
+    "outcome",
+    "blocked",
+    "expected",
+    "finding",
+    "rcode",
+    "ede",
+    "answers",
+    "cname",
+    "sinkhole",
+    "control",
+    "latency_ms",
+    "time",
+    "error",
+    "wire",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +58,32 @@ def control(lab_thread: LabThread, lab_ca: LabCA) -> LabServer:
 def _args(isp: LabServer, control: LabServer, lab_ca: LabCA, *extra: str) -> list[str]:
     s = isp.specs()
     return [
-        "once", "--json", "-t", "A", "--ca-file", str(lab_ca.ca_file), "--control", control.specs()["udp"],
-        "-r", s["udp"], "-r", s["tcp"], "-r", s["dot"], "-r", s["doh"], "-r", s["doq"], "--timeout", "3",
-        "--udp-linger", "0", "--qps", "0", *extra,
-    ]  # fmt: skip
+        "once",
+        "--json",
+        "-t",
+        "A",
+        "--ca-file",
+        str(lab_ca.ca_file),
+        "--control",
+        control.specs()["udp"],
+        "-r",
+        s["udp"],
+        "-r",
+        s["tcp"],
+        "-r",
+        s["dot"],
+        "-r",
+        s["doh"],
+        "-r",
+        s["doq"],
+        "--timeout",
+        "3",
+        "--udp-linger",
+        "0",
+        "--qps",
+        "0",
+        *extra,
+    ]
 
 
 def test_enforced_block_exits_0_with_contract_json(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
@@ -65,8 +103,10 @@ def test_enforced_block_exits_0_with_contract_json(isp: LabServer, control: LabS
             "blocked",
             "enforced",
         )
-        assert d["control"]["outcome"] == "resolved" and d["rcode"] == "NXDOMAIN"
-        assert d["time"].endswith("Z") and d["wire"]
+        assert d["control"]["outcome"] == "resolved"
+        assert d["rcode"] == "NXDOMAIN"
+        assert d["time"].endswith("Z")
+        assert d["wire"]
 
 
 def test_leak_exits_1(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
@@ -107,7 +147,7 @@ def test_human_output_leads_with_the_answer(isp: LabServer, control: LabServer, 
     assert rows.count("leaky.blockprobe-lab.net") == 1 + 5  # the entry, then every row
 
 
-def test_exit_3_when_nothing_answers(control: LabServer, lab_ca: LabCA) -> None:
+def test_exit_3_when_nothing_answers() -> None:
     dead = shlex.split(
         "once -t A -r udp://127.0.0.1:1 --control udp://127.0.0.1:1 --timeout 0.3 --udp-linger 0 --qps 0 example.org"
     )
@@ -137,12 +177,24 @@ def test_exit_0_when_answers_come_but_nothing_is_expected(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-r", "tls//x", "a.org"], "probe: 'tls//x' is not a resolver spec: expected SCHEME://HOST[:PORT] or HOST[:PORT]"),
-        (["-r", "udp://127.0.0.1", "bad name.org"], "probe: 'bad name.org' is not a domain name: it holds characters a host name cannot"),
-        (["-r", "udp://127.0.0.1", "-t", "MX", "a.org"], "probe: 'MX' is not a query type this probe asks (one of A, AAAA, HTTPS)"),
-        (["-r", "udp://127.0.0.1", "--country", "ITA", "a.org"], "probe: --country: 'ITA' is not an ISO 3166-1 alpha-2 code"),
+        (
+            ["-r", "tls//x", "a.org"],
+            "probe: 'tls//x' is not a resolver spec: expected SCHEME://HOST[:PORT] or HOST[:PORT]",
+        ),
+        (
+            ["-r", "udp://127.0.0.1", "bad name.org"],
+            "probe: 'bad name.org' is not a domain name: it holds characters a host name cannot",
+        ),
+        (
+            ["-r", "udp://127.0.0.1", "-t", "MX", "a.org"],
+            "probe: 'MX' is not a query type this probe asks (one of A, AAAA, HTTPS)",
+        ),
+        (
+            ["-r", "udp://127.0.0.1", "--country", "ITA", "a.org"],
+            "probe: --country: 'ITA' is not an ISO 3166-1 alpha-2 code",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
     result = CliRunner().invoke(cli, ["once", *args])
     assert result.exit_code == 2
@@ -264,7 +316,8 @@ def test_check_config_takes_the_file_as_argument_or_option(tmp_path: Path) -> No
     as_arg = CliRunner().invoke(cli, ["check-config", str(bad)])
     as_opt = CliRunner().invoke(cli, ["check-config", "--config", str(bad)])
     assert as_arg.exit_code == as_opt.exit_code == 2
-    assert as_arg.stderr == as_opt.stderr and as_arg.stderr.startswith("probe: ")
+    assert as_arg.stderr == as_opt.stderr
+    assert as_arg.stderr.startswith("probe: ")
     neither = CliRunner().invoke(cli, ["check-config"])
     assert neither.exit_code == 2
     assert neither.stderr == "probe: check-config: give the config once, as FILE or --config FILE\n"

@@ -25,13 +25,15 @@ def test_the_four_dashboards_are_there() -> None:
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_dashboard_lint(path: Path) -> None:
     d: dict[str, Any] = json.loads(path.read_text())
-    assert d["schemaVersion"] >= 39 and d["uid"] and d["title"]
+    assert d["schemaVersion"] >= 39
+    assert d["uid"]
+    assert d["title"]
     variables = {v["name"]: v for v in d["templating"]["list"]}
-    assert (
-        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    )
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
     for name in ("country", "region", "resolver", "transport", "order"):
-        assert variables[name]["datasource"]["uid"] == "${datasource}" and variables[name]["includeAll"]
+        assert variables[name]["datasource"]["uid"] == "${datasource}"
+        assert variables[name]["includeAll"]
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
     for panel in d["panels"]:
@@ -42,7 +44,8 @@ def test_dashboard_lint(path: Path) -> None:
         assert panel["targets"], f"{where}: no query"
         for t in panel["targets"]:
             expr = t["expr"]
-            assert expr.strip() and t["datasource"]["uid"] == "${datasource}", where
+            assert expr.strip(), where
+            assert t["datasource"]["uid"] == "${datasource}", where
             for fn in re.findall(r"\b(rate|irate|increase)\(", expr):
                 assert "[$__rate_interval]" in expr, f"{where}: {fn}() without $__rate_interval"
             assert expr.count("(") == expr.count(")"), where

@@ -43,7 +43,9 @@ def test_the_collector_imports_no_daemon_lab_or_demo() -> None:
 
 def test_demo_rules_are_the_production_rules_with_short_for() -> None:
     rules = demo_rules()
-    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]  # type: ignore[index, attr-defined]
+    groups = rules["groups"]
+    assert isinstance(groups, list)
+    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
     assert [a["alert"] for a in alerts] == [a.name for a in ALERTS]
     assert [a["expr"] for a in alerts] == [a.expr for a in ALERTS]
     assert {a["for"] for a in alerts} == {DEMO_FOR}
@@ -97,26 +99,28 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
             lines.append(line)
         banner = "".join(lines)
         assert max(len(ln.rstrip("\n")) for ln in lines if not ln.startswith("State in")) <= 90, banner
-        url = re.search(r"collector\s+(http://127\.0\.0\.1:\d+)/", banner).group(1)  # type: ignore[union-attr]
-        work = Path(re.search(r"State in (\S+)\nRemoved on exit", banner).group(1))  # type: ignore[union-attr]
-        assert work.parent == tmp_path and work.is_dir()
+        url = _group(r"collector\s+(http://127\.0\.0\.1:\d+)/", banner)
+        work = Path(_group(r"State in (\S+)\nRemoved on exit", banner))
+        assert work.parent == tmp_path
+        assert work.is_dir()
         assert len(_children_of(work)) == 4 + with_prometheus  # collector, three probes (and Prometheus)
 
         def findings() -> bool:
-            title = re.search(r"<title>(.*?)</title>", httpx2.get(url + "/", timeout=5).text).group(1)  # type: ignore[union-attr]
+            title = _group(r"<title>(.*?)</title>", httpx2.get(url + "/", timeout=5).text)
             m = re.search(r"(\d+) leaks?, (\d+) overblocks?", title)
             return bool(m and int(m.group(1)) > 0 and int(m.group(2)) > 0)
 
         wait_for(findings, 60, "leaks and overblocks on the status page")
         if with_prometheus:
-            prom = re.search(r"prometheus\s+(http://127\.0\.0\.1:\d+)/alerts", banner).group(1)  # type: ignore[union-attr]
-            stated = float(re.search(r"Within (\d+) s of start", banner).group(1))  # type: ignore[union-attr]
+            prom = _group(r"prometheus\s+(http://127\.0\.0\.1:\d+)/alerts", banner)
+            stated = float(_group(r"Within (\d+) s of start", banner))
             assert stated == round(alert_deadline(3))
             left = stated - (time.monotonic() - started)
             want = {(name, "IT") for name in FIRING} | {("BlockprobeOverblock", "FR")}
             wait_for(lambda: want <= _firing(prom), left, f"{sorted(want)} firing within {stated:g} s")
             page = httpx2.get(url + "/", timeout=5).text
-            assert "BlockprobeLeakConfirmed" in page and 'id="alerts"' in page
+            assert "BlockprobeLeakConfirmed" in page
+            assert 'id="alerts"' in page
             exe = chromium()
             if exe is not None:  # with the alerts listed, the matrix and a leak still fit the first screen
                 browser = Browser(exe, tmp_path / "chrome", 1400, 900)
@@ -124,7 +128,8 @@ def test_make_demo_fleet_shows_findings_fires_alerts_in_time_and_stops_clean(tmp
                     browser.load(url + "/")
                     ARTIFACTS.mkdir(exist_ok=True)
                     browser.screenshot(ARTIFACTS / "demo-status-1400x900.png")
-                    assert browser.visible("#alerts") and browser.visible("#matrix")
+                    assert browser.visible("#alerts")
+                    assert browser.visible("#matrix")
                     assert browser.visible("tr.leak-row")
                 finally:
                     browser.close()
@@ -168,3 +173,10 @@ def test_killing_the_demo_outright_leaves_no_process_behind(tmp_path: Path) -> N
         proc.kill()  # no chance to clean up: the children must notice on their own
         proc.communicate()
     wait_for(lambda: not _children_of(tmp_path), 20, "the collector and probes to exit with the demo")
+
+
+def _group(pattern: str, text: str) -> str:
+    """The first group of `pattern` in `text`; a missing line fails with the text that lacked it."""
+    m = re.search(pattern, text)
+    assert m is not None, f"{pattern!r} not in {text!r}"
+    return m.group(1)

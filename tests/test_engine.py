@@ -63,7 +63,7 @@ def test_expectations_are_asked_when_each_query_leaves(lab_thread: LabThread, la
     resolver = resolve_spec(_lab(lab_thread, lab_ca))
     asked: list[str] = []
 
-    def expect(domain: str, r: object) -> tuple[Expectation | None, dict[str, str] | None]:
+    def expect(domain: str, _r: object) -> tuple[Expectation | None, dict[str, str] | None]:
         asked.append(domain)
         return Expectation.RESOLVES, {"list": "x"}
 

@@ -185,7 +185,9 @@ def test_unbound(
     stream_drop = name == "drop" and transport != "udp"
     m = _check(unbound_results, name, qtype, transport, UNBOUND_STREAM_DROP if stream_drop else None)
     if stream_drop:
-        assert m.error is not None and "connection" in m.error and "retried" in m.evidence
+        assert m.error is not None
+        assert "connection" in m.error
+        assert "retried" in m.evidence
     if (name, qtype, transport) == ("tcponly", "A", "udp"):
         assert m.evidence["tc_fallback"] is True
 

@@ -83,7 +83,8 @@ def test_good_files_load_and_normalise() -> None:
         Pattern("pirate.example", True),
         Pattern("xn--bcher-pirat-thb.example", False),
     )
-    assert agcom.jurisdictions == {"IT"} and agcom.applies_to == {"isp", "cloudflare"}
+    assert agcom.jurisdictions == {"IT"}
+    assert agcom.applies_to == {"isp", "cloudflare"}
     assert lists.orders[2].applies_to == {"isp", "google", "cloudflare", "opendns"}
 
 
@@ -137,12 +138,15 @@ def test_dates_are_midnight_utc_and_old_files_stay_valid() -> None:
 
 def test_timestamps_with_any_offset_and_deadlines() -> None:
     ps118, ps119, agcom = load_lists([HERE / "good-times.yaml"]).orders
-    assert ps118.effective == utc(2026, 12, 1, 13, 5) and ps118.effective.tzinfo is dt.UTC
-    assert ps118.deadline == dt.timedelta(minutes=30) and ps118.due == utc(2026, 12, 1, 13, 35)
+    assert ps118.effective == utc(2026, 12, 1, 13, 5)
+    assert ps118.effective.tzinfo is dt.UTC
+    assert ps118.deadline == dt.timedelta(minutes=30)
+    assert ps118.due == utc(2026, 12, 1, 13, 35)
     assert ps119.effective == utc(2026, 12, 1, 13, 10, 0, 250_000)
     assert ps119.expires == utc(2026, 12, 3, 7)
     assert ps119.due == utc(2026, 12, 2, 13, 10, 0, 250_000)
-    assert agcom.effective == utc(2026, 12, 1) and agcom.due == utc(2026, 12, 3)
+    assert agcom.effective == utc(2026, 12, 1)
+    assert agcom.due == utc(2026, 12, 3)
     assert agcom.expires == utc(2026, 12, 31, 23)
 
 
@@ -214,9 +218,8 @@ def test_messages_never_echo_a_huge_value() -> None:
     with pytest.raises(ListsError) as info:
         parse_lists(f"orders: [{{id: a, authority: A, jurisdictions: [IT], domains: [{huge}]}}]", "x.yaml")
     (message,) = info.value.errors
-    assert message.startswith("x.yaml: orders[0].domains[0]: ['n0.example', ") and message.endswith(
-        " is not a name"
-    )
+    assert message.startswith("x.yaml: orders[0].domains[0]: ['n0.example', ")
+    assert message.endswith(" is not a name")
     assert len(message) < 120
 
 
@@ -231,7 +234,8 @@ def test_import_sets_times_and_deadlines(tmp_path: Path) -> None:
     before = dt.datetime.now(dt.UTC).replace(microsecond=0)
     now = CliRunner().invoke(cli, [*args, "--effective", "now", "--deadline", "24h"])
     effective = parse_lists(now.stdout).orders[0].effective
-    assert effective is not None and before <= effective <= dt.datetime.now(dt.UTC)
+    assert effective is not None
+    assert before <= effective <= dt.datetime.now(dt.UTC)
     bad = CliRunner().invoke(cli, [*args, "--effective", "2026-12-01T14:05", "--deadline", "30"])
     assert bad.exit_code == 2
     assert bad.stderr.splitlines() == [

@@ -65,8 +65,12 @@ class Webhook:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def seen(self, name: str, status: str, **labels: str) -> bool:
-        return any(a["labels"].get("alertname") == name and a["status"] == status
-                   and all(a["labels"].get(k) == v for k, v in labels.items()) for a in self.alerts)  # fmt: skip
+        return any(
+            a["labels"].get("alertname") == name
+            and a["status"] == status
+            and all(a["labels"].get(k) == v for k, v in labels.items())
+            for a in self.alerts
+        )
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -102,45 +106,106 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
         metrics_ports.append(port)
         cfg = {
             "probe": {"id": probe_id, "region": f"{country.lower()}-lab", "country": country},
-            "collector": {"url": (collector if country == "IT" else replica).url,
-                          "token_file": str(tmp_path / probe_id / "token"), "timeout": 2},
+            "collector": {
+                "url": (collector if country == "IT" else replica).url,
+                "token_file": str(tmp_path / probe_id / "token"),
+                "timeout": 2,
+            },
             "resolvers": [
                 {"spec": lab.servers["isp-blockpage"].specs()["udp"], "kind": "isp", "operator": "isp-b"},
-                {"spec": lab.servers["public-leaky"].specs()["doh"], "kind": "public", "operator": "leakydns"},
+                {
+                    "spec": lab.servers["public-leaky"].specs()["doh"],
+                    "kind": "public",
+                    "operator": "leakydns",
+                },
             ],
-            "lists": [str(lists)], "controls": [lab.servers["control"].specs()["udp"]],
-            "schedule": {"interval": 2, "jitter": 0, "push_interval": 0.5}, "qtypes": ["A", "AAAA"],
-            "timeout": 1, "udp_linger": 0, "qps": 0, "ca_file": str(lab.ca.ca_file),
-            "state_dir": str(tmp_path / probe_id / "state"), "metrics": {"listen": f"127.0.0.1:{port}"},
+            "lists": [str(lists)],
+            "controls": [lab.servers["control"].specs()["udp"]],
+            "schedule": {"interval": 2, "jitter": 0, "push_interval": 0.5},
+            "qtypes": ["A", "AAAA"],
+            "timeout": 1,
+            "udp_linger": 0,
+            "qps": 0,
+            "ca_file": str(lab.ca.ca_file),
+            "state_dir": str(tmp_path / probe_id / "state"),
+            "metrics": {"listen": f"127.0.0.1:{port}"},
             "verify": {"mode": "off"},  # the lab answers public addresses: no answer checks off loopback
-        }  # fmt: skip
+        }
         path = tmp_path / probe_id / "probe.yaml"
         path.write_text(json.dumps(cfg))
         daemons.append(_Running(path))
     hook = Webhook()
     am_port, prom_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-    (tmp_path / "am.yml").write_text(yaml.safe_dump({
-        "route": {"receiver": "hook", "group_by": ["alertname", "order", "list", "country", "resolver", "transport"],
-                  "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"},
-        "receivers": [{"name": "hook", "webhook_configs": [{"url": hook.url, "send_resolved": True}]}]}))  # fmt: skip
-    am = _start(["prometheus-alertmanager", f"--config.file={tmp_path / 'am.yml'}", f"--storage.path={tmp_path / 'am'}",
-                 f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="], tmp_path / "am.log")  # fmt: skip
+    (tmp_path / "am.yml").write_text(
+        yaml.safe_dump(
+            {
+                "route": {
+                    "receiver": "hook",
+                    "group_by": ["alertname", "order", "list", "country", "resolver", "transport"],
+                    "group_wait": "1s",
+                    "group_interval": "1s",
+                    "repeat_interval": "1h",
+                },
+                "receivers": [
+                    {"name": "hook", "webhook_configs": [{"url": hook.url, "send_resolved": True}]}
+                ],
+            }
+        )
+    )
+    am = _start(
+        [
+            "prometheus-alertmanager",
+            f"--config.file={tmp_path / 'am.yml'}",
+            f"--storage.path={tmp_path / 'am'}",
+            f"--web.listen-address=127.0.0.1:{am_port}",
+            "--cluster.listen-address=",
+        ],
+        tmp_path / "am.log",
+    )
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(prometheus_rules(for_override="4s")))
-    (tmp_path / "prom.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(tmp_path / "rules.yml")],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-        "scrape_configs": [
-            {"job_name": "collector", "static_configs": [{"targets": [f"127.0.0.1:{collector.port}",
-                                                                     f"127.0.0.1:{replica.port}"]}]},
-            {"job_name": "collector-dr", "static_configs": [{"targets": [f"127.0.0.1:{collector.port}"]}]},
-            {"job_name": "probes", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in metrics_ports]}]},
-        ]}))  # fmt: skip
-    prom = _start(["prometheus", f"--config.file={tmp_path / 'prom.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                   f"--web.listen-address=127.0.0.1:{prom_port}"], tmp_path / "prom.log")  # fmt: skip
+    (tmp_path / "prom.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(tmp_path / "rules.yml")],
+                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
+                "scrape_configs": [
+                    {
+                        "job_name": "collector",
+                        "static_configs": [
+                            {"targets": [f"127.0.0.1:{collector.port}", f"127.0.0.1:{replica.port}"]}
+                        ],
+                    },
+                    {
+                        "job_name": "collector-dr",
+                        "static_configs": [{"targets": [f"127.0.0.1:{collector.port}"]}],
+                    },
+                    {
+                        "job_name": "probes",
+                        "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in metrics_ports]}],
+                    },
+                ],
+            }
+        )
+    )
+    prom = _start(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prom.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        tmp_path / "prom.log",
+    )
     try:
-        yield {"lab": lab, "hook": hook, "prom": f"http://127.0.0.1:{prom_port}", "collector": collector,
-               "daemons": daemons, "logs": tmp_path}  # fmt: skip
+        yield {
+            "lab": lab,
+            "hook": hook,
+            "prom": f"http://127.0.0.1:{prom_port}",
+            "collector": collector,
+            "daemons": daemons,
+            "logs": tmp_path,
+        }
     finally:
         for p in (prom, am):
             p.terminate()
@@ -234,11 +299,19 @@ def test_the_fleet_from_probe_to_pager(fleet: dict[str, Any]) -> None:
     assert not [a for a in hook.alerts if a["labels"]["alertname"].endswith("Confirmed")]
 
     # Every panel query parses and runs; the findings panels have data.
-    expected_data = {"Current leaks", "Current overblocks", "Enforcement ratio by country × resolver × transport",
-                     "Names by finding", "Blocks outside the ordering jurisdiction", "Blocked control names",
-                     "Seconds since each probe's last report", "Spool depth (results not yet acknowledged)",
-                     "Resolver reachability", "Measurements per second by transport",
-                     "Orders not enforced: probes and names per order × resolver × transport × country"}  # fmt: skip
+    expected_data = {
+        "Current leaks",
+        "Current overblocks",
+        "Enforcement ratio by country × resolver × transport",
+        "Names by finding",
+        "Blocks outside the ordering jurisdiction",
+        "Blocked control names",
+        "Seconds since each probe's last report",
+        "Spool depth (results not yet acknowledged)",
+        "Resolver reachability",
+        "Measurements per second by transport",
+        "Orders not enforced: probes and names per order × resolver × transport × country",
+    }
     for path in sorted(DASHBOARDS.glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel["targets"]:

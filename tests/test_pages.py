@@ -42,7 +42,7 @@ def _spec(host: str, transport: str) -> str:
     }[transport]
 
 
-def _lab_batch(country: str, probe: str) -> list[dict[str, Any]]:
+def _lab_batch(country: str) -> list[dict[str, Any]]:
     """What a demo probe reports: a leaky public resolver, a block-page ISP, an EDE refuser."""
     out = []
     binding = country == "IT"
@@ -154,7 +154,7 @@ def _lab_batch(country: str, probe: str) -> list[dict[str, Any]]:
 def _fill(s: Server) -> None:
     for probe, country in (("it-1", "IT"), ("it-2", "IT"), ("fr-1", "FR")):
         token = s.token(probe)
-        body = batch(probe, _lab_batch(country, probe))
+        body = batch(probe, _lab_batch(country))
         body["probe"].update(country=country, region=f"{country.lower()}-demo")
         assert post(s, token, body).status_code == 200
 
@@ -177,12 +177,15 @@ def test_status_page_leads_with_the_matrix_then_leaks_then_overblocks(server: Se
     assert "<title>blockprobe — 1 leak, 3 overblocks</title>" in html
     matrix = html.index('id="matrix"')
     assert matrix < html.index('id="leaks"') < html.index('id="overblocks"')
-    assert "https://127.53" not in text and "udp://" not in text  # resolvers by name
+    assert "https://127.53" not in text  # resolvers by name
+    assert "udp://" not in text  # resolvers by name
     rows = re.findall(r'<tr class="problem-row leak-row">(.*?)</tr>', html, re.S)
     assert len(rows) == 1
     leak = _text(rows[0])
     assert leak.split()[:6] == ["IT", "leakydns", "public", "calcio.example", "A", "agcom-2026-1"]
-    assert "185.199.108.10" in leak and "udp tcp dot doh doh3 doq" in leak and "it-1, it-2" in leak
+    assert "185.199.108.10" in leak
+    assert "udp tcp dot doh doh3 doq" in leak
+    assert "it-1, it-2" in leak
     over = [_text(r) for r in re.findall(r'<tr class="problem-row overblock-row">(.*?)</tr>', html, re.S)]
     assert any(
         "ede_blocked (REFUSED); EDE 16 “court order”" in r and r.startswith("FR censordns") for r in over
@@ -206,7 +209,8 @@ def test_long_sections_are_paged(tmp_path: Path) -> None:
         started = time.perf_counter()
         page = s.client.get("/").text
         took = time.perf_counter() - started
-        assert page.count("leak-row") == 50 and "Show all 130 leaks" in page
+        assert page.count("leak-row") == 50
+        assert "Show all 130 leaks" in page
         assert s.client.get("/?show=leak").text.count("leak-row") == 130
         assert s.client.get("/?show=nonsense").status_code == 422
         assert took < 10  # a sanity bound on a loaded machine, not a benchmark
@@ -265,7 +269,8 @@ def test_evidence_page_says_why_then_the_history_in_runs(server: Server) -> None
     assert html.index('<details id="raw">') > html.index('id="history"')  # wire data folded away, last
     # JSON is unchanged: every archived row, newest first, with its wire data.
     rows = server.client.get("/evidence", params={**_series(), "format": "json"}).json()
-    assert [r["finding"] for r in rows] == ["enforced", "leak", "leak", "leak"] and rows[0]["wire"] == "AAA="
+    assert [r["finding"] for r in rows] == ["enforced", "leak", "leak", "leak"]
+    assert rows[0]["wire"] == "AAA="
 
 
 def test_runs_of_collapses_identical_neighbours_only() -> None:
@@ -297,7 +302,8 @@ def test_first_screen_at_1400x900_shows_the_matrix_and_a_leak(tmp_path: Path, br
         browser.load(s.url + "/")
         ARTIFACTS.mkdir(exist_ok=True)
         browser.screenshot(ARTIFACTS / "status-page-1400x900.png")
-        assert browser.evaluate("window.innerWidth") == 1400 and browser.evaluate("window.innerHeight") == 900
+        assert browser.evaluate("window.innerWidth") == 1400
+        assert browser.evaluate("window.innerHeight") == 900
         assert browser.visible("#matrix")
         assert browser.visible("tr.leak-row")
         assert (

@@ -87,7 +87,8 @@ def test_grafana_alerting_matches_the_prometheus_rules() -> None:
     ]
     for r in rules:
         theirs = prom[r["title"]]
-        assert r["for"] == theirs["for"] and r["labels"]["severity"] == theirs["labels"]["severity"]
+        assert r["for"] == theirs["for"]
+        assert r["labels"]["severity"] == theirs["labels"]["severity"]
         assert "$" not in "".join(r["labels"].values())  # provisioning would expand it
         expr = r["data"][0]["model"]["expr"]
         assert not [name for name in records if name in expr], "Grafana must not rely on recorded series"
@@ -109,4 +110,5 @@ def test_leak_and_overblock_alerts_group_by_order_resolver_transport_country() -
             expr = recorded[a.expr.split()[0]]
             key = "order" if "Leak" in a.name else "list"
             assert expr.startswith(f"count by ({key}, country, resolver, transport) ("), a.name
-            assert "domain" not in expr and "qtype" not in expr
+            assert "domain" not in expr
+            assert "qtype" not in expr

@@ -256,9 +256,13 @@ def test_scenario(
     # The control's own answer is kept in every measurement.
     assert got["control"]["resolver"].startswith("udp://127.53.1.9")
     if m.outcome not in (Outcome.TIMEOUT, Outcome.ERROR):
-        assert m.wire is not None and m.rcode is not None and m.latency_ms is not None
+        assert m.wire is not None
+        assert m.rcode is not None
+        assert m.latency_ms is not None
     if scenario.id == "malformed":
-        assert m.wire is not None and m.error is not None and m.error.startswith("malformed response")
+        assert m.wire is not None
+        assert m.error is not None
+        assert m.error.startswith("malformed response")
 
 
 def test_truncation_is_retried_over_tcp_and_says_so(results: dict[tuple[str, str, str], Measurement]) -> None:

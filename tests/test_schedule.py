@@ -67,7 +67,7 @@ def new_order(oid: str, effective: dt.datetime, names: list[str], **extra: objec
 Finder = Callable[[str, Resolver, Endpoint, dt.datetime], Finding | None]
 
 
-def leaks(name: str, r: Resolver, ep: Endpoint, when: dt.datetime) -> Finding | None:
+def leaks(_name: str, _r: Resolver, _ep: Endpoint, _when: dt.datetime) -> Finding | None:  # a Finder
     return Finding.LEAK
 
 
@@ -124,7 +124,8 @@ def test_a_new_order_is_measured_from_its_effective_instant_and_then_every_fast_
             after = [t for t in run.times[(name, lane)] if t >= effective]
             assert after[0] == effective, (name, lane)
             gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(after)]
-            assert gaps and max(gaps) <= 120, (name, lane, max(gaps))  # leaking: never leaves the fast lane
+            assert gaps, (name, lane)
+            assert max(gaps) <= 120, (name, lane, max(gaps))  # leaking: never leaves the fast lane
             assert len(after) >= 2 * 3600 / 120 * 0.5
 
 
@@ -133,7 +134,7 @@ def test_enforced_names_leave_the_fast_lane_and_leaks_stay() -> None:
     enforced_at = effective + dt.timedelta(minutes=10)
     sched = make(lists_of([base_order(2000), new_order("t1", effective, ["ticket.example"])]))
 
-    def finder(name: str, r: Resolver, ep: Endpoint, when: dt.datetime) -> Finding:
+    def finder(name: str, r: Resolver, _ep: Endpoint, when: dt.datetime) -> Finding:
         if name == "ticket.example" and r is ISP and when >= enforced_at:
             return Finding.ENFORCED
         return Finding.LEAK if when >= effective else Finding.OK
@@ -265,7 +266,7 @@ def test_an_order_elsewhere_or_for_other_resolvers_is_not_chased() -> None:
 def test_naive_time_is_refused() -> None:
     sched = make(lists_of([base_order(10)]))
     with pytest.raises(ValueError, match="aware"):
-        sched.next_batch(dt.datetime(2026, 12, 1, 9, 0), 10)
+        sched.next_batch(dt.datetime(2026, 12, 1, 9, 0), 10)  # noqa: DTZ001 - naive on purpose: refused
 
 
 def test_check_rejects_a_config_that_cannot_meet_full_pass() -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import dns.flags
 import dns.message
@@ -46,7 +47,7 @@ class Script:
 
     def __init__(self, host: str) -> None:
         self.host = host
-        self.udp: Callable[[bytes, int], list[bytes]] = lambda w, n: [_answer(w)]
+        self.udp: Callable[[bytes, int], list[bytes]] = lambda w, _n: [_answer(w)]
         self.tcp_mode = "answer"  # answer | stall | echo | in-order
         self.dropped: set[str] = set()
         self.count = 0
@@ -64,12 +65,14 @@ class Script:
 
         class Udp(asyncio.DatagramProtocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                self.transport = transport
+                # A datagram endpoint's, although Python 3.11's selector transport does not
+                # subclass DatagramTransport (so no isinstance check).
+                self.transport = cast(asyncio.DatagramTransport, transport)
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 script.count += 1
                 for out in script.udp(data, script.count):
-                    self.transport.sendto(out, addr)  # type: ignore[attr-defined]
+                    self.transport.sendto(out, addr)
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind((self.host, 0))
@@ -143,9 +146,14 @@ def control(lab_thread: LabThread, lab_ca: LabCA) -> Resolver:
 
 
 def _run(
-    spec: str, names: list[str], control: Resolver, timeout: float = 1.0, **kw: object
+    spec: str,
+    names: list[str],
+    control: Resolver,
+    timeout: float = 1.0,
+    concurrency: int = 32,
+    confirm_after: float = 0.0,
 ) -> list[Measurement]:
-    expect = lambda d, r: (Expectation.BLOCKED, {"order": "test"})  # noqa: E731
+    expect = lambda _d, _r: (Expectation.BLOCKED, {"order": "test"})  # noqa: E731
     return measure(
         names,
         [resolve_spec(spec)],
@@ -154,8 +162,9 @@ def _run(
         expect=expect,
         timeout=timeout,
         linger=0,
-        **kw,
-    )  # type: ignore[arg-type]
+        concurrency=concurrency,
+        confirm_after=confirm_after,
+    )
 
 
 def _no_false_blocks(ms: list[Measurement]) -> None:
@@ -166,7 +175,7 @@ def _no_false_blocks(ms: list[Measurement]) -> None:
 def test_one_lost_datagram_is_sent_again_not_a_block(script: Script, control: Resolver) -> None:
     seen: set[bytes] = set()
 
-    def lose_first(wire: bytes, n: int) -> list[bytes]:
+    def lose_first(wire: bytes, _n: int) -> list[bytes]:
         if wire[:2] not in seen:
             seen.add(wire[:2])
             return []  # the first send of every query is lost
@@ -190,7 +199,7 @@ def test_a_resolver_that_vanishes_proves_nothing(script: Script, control: Resolv
 
 
 def test_a_reply_that_echoes_the_query_is_not_a_response(script: Script, control: Resolver) -> None:
-    script.udp = lambda w, n: [w]  # QR=0: the query reflected back
+    script.udp = lambda w, _n: [w]  # QR=0: the query reflected back
     script.tcp_mode = "echo"
     ms = _run(script.spec("udp"), [f"e.{D}"], control)
     assert (ms[0].outcome, ms[0].blocked) == (Outcome.TIMEOUT, None)
@@ -204,7 +213,7 @@ def test_a_reply_that_echoes_the_query_is_not_a_response(script: Script, control
 
 
 def test_a_stalled_handshake_is_an_error_of_its_phase_never_a_block(
-    script: Script, control: Resolver, lab_ca: LabCA
+    script: Script, control: Resolver
 ) -> None:
     script.tcp_mode = "stall"  # TCP accepts; TLS never gets a ServerHello
     started = time.monotonic()
@@ -247,7 +256,7 @@ def test_heavy_loss_explains_a_silence(script: Script, control: Resolver) -> Non
     rng = random.Random(7)
     dropped = f"dropped.{D}"
 
-    def lossy(wire: bytes, n: int) -> list[bytes]:
+    def lossy(wire: bytes, _n: int) -> list[bytes]:
         if dns.message.from_wire(wire).question[0].name.to_text().rstrip(".") == dropped:
             return []
         return [] if rng.random() < 0.4 else [_answer(wire)]
@@ -315,7 +324,7 @@ def test_the_confirmation_waits_past_a_recursors_own_upstream_timeout(
     # Like Knot Resolver with an unreachable upstream: silent for a while, then SERVFAIL.
     started: dict[bytes, float] = {}
 
-    def slow_then_servfail(wire: bytes, n: int) -> list[bytes]:
+    def slow_then_servfail(wire: bytes, _n: int) -> list[bytes]:
         q = dns.message.from_wire(wire)
         name = q.question[0].name.to_text()
         if not name.startswith("slow."):

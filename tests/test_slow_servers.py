@@ -51,12 +51,13 @@ class _H2(asyncio.Protocol):
         self.tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a stream server's: it can write and abort
         self.transport = transport
         self.conn.local_settings = h2.settings.Settings(
             client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams}
         )
         self.conn.initiate_connection()
-        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        transport.write(self.conn.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -73,7 +74,7 @@ class _H2(asyncio.Protocol):
                 task = asyncio.ensure_future(self._respond(ev.stream_id, label, wire))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
-        self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        self.transport.write(self.conn.data_to_send())
 
     async def _respond(self, sid: int, label: str, wire: bytes) -> None:
         # The client resets streams it gave up on; a server must take that in its stride.
@@ -92,13 +93,13 @@ class _H2(asyncio.Protocol):
         if label == "drip":
             for b in body:  # one byte every 0.3 s: httpx-style per-read timeouts never trip
                 self.conn.send_data(sid, bytes([b]))
-                self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+                self.transport.write(self.conn.data_to_send())
                 await asyncio.sleep(0.3)
             self.conn.end_stream(sid)
         else:
             for i in range(0, len(body), 16384):
                 self.conn.send_data(sid, body[i : i + 16384], end_stream=i + 16384 >= len(body))
-        self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+        self.transport.write(self.conn.data_to_send())
 
 
 class Server:
@@ -129,7 +130,7 @@ class Server:
             for proto in self.protocols:  # Python 3.11 has no Server.close_clients()
                 for task in proto.tasks:
                     task.cancel()
-                proto.transport.abort()  # type: ignore[attr-defined]
+                proto.transport.abort()
             await asyncio.sleep(0.05)
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
@@ -174,7 +175,9 @@ def test_waiting_for_a_free_stream_is_bounded_and_never_a_block(doh: str, lab_ca
 def test_reply_rules_of_the_contract() -> None:
     q = dns.message.make_query(f"x.{D}", "A", id=4660)
     wire = q.to_wire()
-    question = wire[12 : 12 + len(q.question[0].name.to_wire()) + 4]
+    qname = q.question[0].name.to_wire()
+    assert qname is not None  # no file given: the bytes are returned
+    question = wire[12 : 12 + len(qname) + 4]
     r = dns.message.make_response(q)
     assert reply_problem(r.to_wire(), 4660, question) is None
     assert reply_problem(wire, 4660, question) == "not a response (QR=0)"

@@ -46,10 +46,11 @@ def test_one_handshake_carries_many_queries(transport: str, lab_thread: LabThrea
             out = await engine.collect(
                 Plan(names, ["A", "AAAA"], [Resolver("lab", "isp", None, (endpoint,))])
             )
-            return [m.outcome for m in out], engine.exchanger(endpoint).handshakes  # type: ignore[attr-defined]
+            return [m.outcome for m in out], engine.exchanger(endpoint).handshakes  # type: ignore[attr-defined]  # connection transports only
 
     outcomes, handshakes = asyncio.run(go())
-    assert outcomes.count(Outcome.RESOLVED) == 150 and outcomes.count(Outcome.NODATA) == 150
+    assert outcomes.count(Outcome.RESOLVED) == 150
+    assert outcomes.count(Outcome.NODATA) == 150
     assert handshakes == 1
     if transport not in ("doq", "doh3"):  # QUIC has no TCP connection to count
         assert lab.connections == 1
@@ -65,7 +66,8 @@ def test_replies_out_of_order_are_matched(transport: str, server: LabServer, lab
     by = {m.domain: m for m in out}
     assert by["slow.reuse.test"].answers == ("93.184.216.1",)
     assert by["fast.reuse.test"].answers == ("93.184.216.34",)
-    assert by["fast.reuse.test"].latency_ms is not None and by["slow.reuse.test"].latency_ms is not None
+    assert by["fast.reuse.test"].latency_ms is not None
+    assert by["slow.reuse.test"].latency_ms is not None
     assert by["fast.reuse.test"].latency_ms < by["slow.reuse.test"].latency_ms
 
 
@@ -99,15 +101,16 @@ def test_doh_http_error_status_is_an_error_with_the_status(lab_thread: LabThread
     assert m.evidence["http_status"] == 451
 
 
-@pytest.mark.parametrize("transport", ("dot", "doh", "doh3", "doq"))
+@pytest.mark.parametrize("transport", ["dot", "doh", "doh3", "doq"])
 def test_untrusted_certificate_is_an_error(transport: str, server: LabServer) -> None:
     (m,) = measure(["a.reuse.test"], resolvers_of(server, [transport]), ca=None)
     assert m.outcome is Outcome.ERROR
-    assert m.error is not None and "certificate verify failed" in m.error, m.error
+    assert m.error is not None
+    assert "certificate verify failed" in m.error, m.error
     assert m.evidence["phase"] == "tls_handshake"
 
 
-@pytest.mark.parametrize("transport", ("dot", "doh", "doh3", "doq"))
+@pytest.mark.parametrize("transport", ["dot", "doh", "doh3", "doq"])
 def test_certificate_for_another_host_is_an_error(
     transport: str, lab_thread: LabThread, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -116,7 +119,8 @@ def test_certificate_for_another_host_is_an_error(
     lab = start_lab(lab_thread, _zone(), "127.53.1.4", other)
     (m,) = measure(["a.reuse.test"], resolvers_of(lab, [transport]), ca=other)
     assert m.outcome is Outcome.ERROR
-    assert m.error is not None and ("127.53.1.4" in m.error or "IP address mismatch" in m.error), m.error
+    assert m.error is not None
+    assert "127.53.1.4" in m.error or "IP address mismatch" in m.error, m.error
 
 
 def test_per_endpoint_rate_limit_spaces_queries(lab_thread: LabThread, lab_ca: LabCA) -> None:

@@ -88,7 +88,7 @@ class SharedConnection(Generic[C]):
         except TimeoutError:
             # This query's own deadline passed during the handshake: it was never sent.
             raise Broken(timeout(state.phase)) from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any handshake failure is translated into a Failure
             raise Broken(failure_from(exc, state.phase)) from None
         finally:
             evidence["connect_ms"] = round((time.perf_counter() - started) * 1000, 3)

@@ -31,7 +31,7 @@ def error(phase: Phase, text: str, retriable: bool = False) -> Failure:
     return Failure(ERROR, phase, text, retriable)
 
 
-def failure_from(exc: BaseException, phase: Phase) -> Failure:
+def failure_from(exc: BaseException, phase: Phase) -> Failure:  # noqa: C901 - a table of exception types, most specific first
     """Translate any exception raised under `phase` into the most specific failure."""
     if isinstance(exc, Broken):
         return exc.failure

@@ -251,8 +251,9 @@ class DoqExchanger(RetryAlone):
         result.channel = proto.channel.name
         return result
 
+    # A hook: Doh3Exchanger overrides it and reads the stream and the query; plain DoQ needs neither.
     def _result(
-        self, q: _Query, query: bytes, msg: bytes, latency: float, evidence: dict[str, Any]
+        self, _q: _Query, _query: bytes, msg: bytes, latency: float, evidence: dict[str, Any]
     ) -> Exchange:
         return Exchange(msg, None, latency, evidence)
 

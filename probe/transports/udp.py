@@ -203,7 +203,7 @@ class UdpExchanger:
         loop = asyncio.get_running_loop()
         try:
             sock = self._ready_socket() or await self._socket()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an exchanger never raises: every failure is classified
             return Exchange(None, failure_from(exc, Phase.CONNECT), sends=0)
         sock.used += 1
         qid = random_id()
@@ -251,7 +251,7 @@ class UdpExchanger:
                 overtaken=channel.overtook(entry.last),
                 late=entry.future,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an exchanger never raises: every failure is classified
             del sock.pending[qid]
             failure = failure_from(exc, Phase.DNS_ROUND_TRIP)
             return Exchange(None, failure, evidence=_ignored(entry), sends=entry.sends, channel=channel.name)
@@ -263,20 +263,28 @@ class UdpExchanger:
             return await self._fallback(query, deadline, latency, evidence, entry.sends)
         entry.answered = data
         result = Exchange(data, None, latency, evidence, sends=entry.sends, channel=channel.name)
-        if self.options.udp_linger > 0:
-            settled: asyncio.Future[None] = loop.create_future()
-            result.settled = settled
-
-            def close_window() -> None:
-                sock.pending.pop(qid, None)
-                if entry.late:
-                    evidence["late"] = entry.late
-                settled.set_result(None)
-
-            loop.call_later(self.options.udp_linger, close_window)
-        else:
-            del sock.pending[qid]
+        self._linger(sock, qid, entry, result, evidence)
         return result
+
+    def _linger(
+        self, sock: _Socket, qid: int, entry: _Pending, result: Exchange, evidence: dict[str, Any]
+    ) -> None:
+        """Keep listening under the answered ID for `udp_linger` seconds: a second, different
+        answer to the same query is kept as evidence."""
+        if self.options.udp_linger <= 0:
+            del sock.pending[qid]
+            return
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[None] = loop.create_future()
+        result.settled = settled
+
+        def close_window() -> None:
+            sock.pending.pop(qid, None)
+            if entry.late:
+                evidence["late"] = entry.late
+            settled.set_result(None)
+
+        loop.call_later(self.options.udp_linger, close_window)
 
     def _witness(self, stamp: int, deadline: float) -> None:
         if self.witness is None or not self.channel.needs_witness(stamp):
