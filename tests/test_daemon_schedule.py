@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -56,14 +57,26 @@ def _doc(tmp: Path, isp: LabServer, control: LabServer, url: str, lists: Path, *
     (tmp / "token").write_text(TOKEN + "\n")
     doc: dict[str, Any] = {
         "probe": {"id": "it-sched-1", "region": "it-lab", "country": "IT"},
-        "collector": {"url": url, "token_file": str(tmp / "token"), "timeout": 1, "rate": 0,
-                      "retry": {"base": 0.05, "max": 0.3}},
-        "resolvers": [{"spec": isp.specs()["udp"], "kind": "isp", "operator": "tim"},
-                      {"spec": isp.specs()["tcp"], "kind": "isp", "operator": "tim"}],
+        "collector": {
+            "url": url,
+            "token_file": str(tmp / "token"),
+            "timeout": 1,
+            "rate": 0,
+            "retry": {"base": 0.05, "max": 0.3},
+        },
+        "resolvers": [
+            {"spec": isp.specs()["udp"], "kind": "isp", "operator": "tim"},
+            {"spec": isp.specs()["tcp"], "kind": "isp", "operator": "tim"},
+        ],
         "lists": [str(lists)],
         "controls": [control.specs()["udp"]],
-        "schedule": {"mode": "slices", "slice": SLICE, "fast_interval": FAST, "full_pass": FULL,
-                     "push_interval": 0.2},
+        "schedule": {
+            "mode": "slices",
+            "slice": SLICE,
+            "fast_interval": FAST,
+            "full_pass": FULL,
+            "push_interval": 0.2,
+        },
         "qtypes": ["A"],
         "timeout": 3,
         "udp_linger": 0,
@@ -72,7 +85,7 @@ def _doc(tmp: Path, isp: LabServer, control: LabServer, url: str, lists: Path, *
         "state_dir": str(tmp / "state"),
         "verify": {"mode": "off"},  # the lab answers public addresses: no answer checks off loopback
         "log": {"format": "json"},
-    }  # fmt: skip
+    }
     doc.update(over)
     return doc
 
@@ -110,7 +123,9 @@ def test_every_listed_name_reaches_the_collector_within_full_pass_and_no_faster(
     run = _Running(config)
     lanes = {(name, t) for name in LISTED for t in ("udp", "tcp")}
     try:
-        wait_for(lambda: lanes <= set(_by_lane(collector.results())), 3 * FULL, "every name on every endpoint")
+        wait_for(
+            lambda: lanes <= set(_by_lane(collector.results())), 3 * FULL, "every name on every endpoint"
+        )
         # A second pass, to see the pace: each name once per pass, not once per slice.
         wait_for(lambda: datetime.now(UTC) > started + timedelta(seconds=1.5 * FULL), 3 * FULL, "a pass more")
         wait_for(lambda: run.daemon.spool.depth() == 0, 30, "everything pushed")
@@ -157,8 +172,11 @@ def test_a_new_order_is_measured_within_fast_interval_of_its_effective_instant(
     try:
         # The names leak (the lab answers them): they stay in the fast lane, measured again
         # every fast_interval; wait for a second measurement on each endpoint.
-        wait_for(lambda: len(after()) == len(lanes) and all(len(v) >= 2 for v in after().values()),
-                 30, "the new order's names measured twice after it took effect")  # fmt: skip
+        wait_for(
+            lambda: len(after()) == len(lanes) and all(len(v) >= 2 for v in after().values()),
+            30,
+            "the new order's names measured twice after it took effect",
+        )
         urgent = sum(
             run.daemon.registry.get_sample_value(
                 "blockprobe_probe_schedule_fast_lane_names",
@@ -172,12 +190,47 @@ def test_a_new_order_is_measured_within_fast_interval_of_its_effective_instant(
     seen = after()
     for lane in lanes:
         first, second = seen[lane][:2]
-        assert first <= effective + timedelta(seconds=FAST), f"{lane}: first measured {first}, effective {effective}"
+        assert first <= effective + timedelta(seconds=FAST), (
+            f"{lane}: first measured {first}, effective {effective}"
+        )
         # Due again fast_interval later, started by the next slice (0.5 s), sent within a second.
         assert second - first <= timedelta(seconds=FAST + SLICE + 1.5), (lane, first, second)
     post = [r for r in collector.results() if r["domain"] in names and _when(r) >= effective]
     assert {r["finding"] for r in post} == {"leak"}  # measured as bound by the order, not before it
     assert urgent >= 1
+
+
+def test_an_order_published_while_running_is_chased_from_when_it_is_loaded(
+    tmp_path: Path, isp: LabServer, control: LabServer, collector: FakeCollector
+) -> None:
+    lists = _lab_orders(tmp_path)
+    run = _Running(_write(tmp_path, _doc(tmp_path, isp, control, collector.url, lists)))
+    name = f"late.{D}"
+    try:
+        wait_for(lambda: run.daemon.rounds_done >= 1, 30, "a first slice")
+        # Effective months ago, older than the fast lane's chase window: only its publication
+        # is new, which is what a ticket fetched from the collector looks like.
+        order = (
+            "  - id: ticket-late\n    authority: AGCOM\n    jurisdictions: [IT]\n    applies_to: [isp]\n"
+            f"    effective: 2026-02-01\n    domains: [{name}]\n"
+        )
+        lists.write_text(lists.read_text().replace("controls:\n", order + "controls:\n", 1))
+        os.utime(lists, (1, 1))  # a different mtime, whatever the clock's granularity
+        wait_for(
+            lambda: (
+                run.daemon.lists is not None and any(o.id == "ticket-late" for o in run.daemon.lists.orders)
+            ),
+            30,
+            "the new lists loaded",
+        )
+        loaded = datetime.now(UTC)  # at or after the load
+        lanes = {(name, t) for t in ("udp", "tcp")}
+        wait_for(lambda: lanes <= set(_by_lane(collector.results())), 30, "the new name measured")
+    finally:
+        run.stop()
+    seen = _by_lane(collector.results())
+    for lane in lanes:
+        assert seen[lane][0] <= loaded + timedelta(seconds=FAST), (lane, seen[lane][0], loaded)
 
 
 def test_check_config_prints_the_budget_and_rejects_an_impossible_one(
@@ -186,20 +239,29 @@ def test_check_config_prints_the_budget_and_rejects_an_impossible_one(
     lists = _lab_orders(tmp_path)
     doc = _doc(tmp_path, isp, control, "http://127.0.0.1:9", lists, qps=1)
     doc["schedule"] = {"mode": "slices", "fast_interval": "1m", "full_pass": "1h"}
-    ok = subprocess.run([sys.executable, "-m", "probe.cli", "check-config", str(_write(tmp_path, doc))],
-                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    ok = subprocess.run(
+        [sys.executable, "-m", "probe.cli", "check-config", str(_write(tmp_path, doc))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "schedule: 5 names × 1 qtypes; fast lane every 1m, every name at least once per 1h" in ok.stdout
-    assert f"{isp.specs()['udp']} udp://{isp.specs()['udp'].split('//')[-1]}" not in ok.stdout or True
     assert "5 × 1 ÷ 1 = 5s per pass" in ok.stdout
     assert "slices of 15s" in ok.stdout
     doc["schedule"] = {"mode": "slices", "fast_interval": 1, "full_pass": 3}
     bad = _write(tmp_path, doc)
-    refused = subprocess.run([sys.executable, "-m", "probe.cli", "check-config", str(bad)],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "probe.cli", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2
     lines = refused.stderr.splitlines()
-    assert lines and all(line.startswith(f"probe: {bad}: schedule.full_pass: 3s cannot be met on ") for line in lines)
+    assert lines and all(
+        line.startswith(f"probe: {bad}: schedule.full_pass: 3s cannot be met on ") for line in lines
+    )
     assert "5 names × 1 qtypes ÷ 1 qps = 5s per pass" in lines[0]
     # `probe run` refuses it the same way, before measuring anything.
     daemon = Daemon(load_config(bad))
@@ -210,16 +272,25 @@ def test_check_config_prints_the_budget_and_rejects_an_impossible_one(
 
 INVALID = [
     ({"mode": "often"}, "schedule.mode: 'often' is not one of rounds, slices"),
-    ({"mode": "slices", "interval": 60}, "schedule.interval: 60 is for schedule.mode rounds (this config runs slices)"),
+    (
+        {"mode": "slices", "interval": 60},
+        "schedule.interval: 60 is for schedule.mode rounds (this config runs slices)",
+    ),
     ({"slice": 5}, "schedule.slice: 5 is for schedule.mode slices (this config runs rounds)"),
     ({"full_pass": "6h"}, "schedule.full_pass: '6h' is for schedule.mode slices (this config runs rounds)"),
-    ({"mode": "slices", "fast_interval": "soon"},
-     "schedule.fast_interval: 'soon' is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)"),
-    ({"mode": "slices", "fast_interval": "2m", "full_pass": "1m"},
-     "schedule.full_pass: '1m' must be longer than schedule.fast_interval (2m)"),
-    ({"mode": "slices", "fast_interval": 10, "slice": 20},
-     "schedule.slice: 20 must not be longer than schedule.fast_interval (10s)"),
-]  # fmt: skip
+    (
+        {"mode": "slices", "fast_interval": "soon"},
+        "schedule.fast_interval: 'soon' is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)",
+    ),
+    (
+        {"mode": "slices", "fast_interval": "2m", "full_pass": "1m"},
+        "schedule.full_pass: '1m' must be longer than schedule.fast_interval (2m)",
+    ),
+    (
+        {"mode": "slices", "fast_interval": 10, "slice": 20},
+        "schedule.slice: 20 must not be longer than schedule.fast_interval (10s)",
+    ),
+]
 
 
 @pytest.mark.parametrize(("schedule", "message"), INVALID)

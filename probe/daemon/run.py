@@ -137,11 +137,49 @@ class _Metrics:
         self.list_rejects = Counter(
             "blockprobe_probe_lists_rejected", "Changed lists files rejected as invalid.", registry=registry
         )
+        # Mode slices: the per-name scheduler's health per lane (resolver × endpoint, fixed by
+        # the config for the daemon's life), set on the loop at each slice.
+        self.schedule_behind = Gauge(
+            "blockprobe_probe_schedule_behind_seconds",
+            "Seconds of rotation a lane owes (0 when on pace to measure every name within full_pass).",
+            ["resolver", "endpoint"],
+            registry=registry,
+        )
+        self.schedule_fast = Gauge(
+            "blockprobe_probe_schedule_fast_lane_names",
+            "Names of recent orders measured every fast_interval on the lane until enforced there.",
+            ["resolver", "endpoint"],
+            registry=registry,
+        )
+        self.schedule_progress = Gauge(
+            "blockprobe_probe_schedule_pass_progress",
+            "Share of the names measured in the lane's current pass (0 to 1).",
+            ["resolver", "endpoint"],
+            registry=registry,
+        )
+        self.schedule_passes = Counter(
+            "blockprobe_probe_schedule_passes",
+            "Passes over every name completed on a lane.",
+            ["resolver", "endpoint"],
+            registry=registry,
+        )
+        self._passes: dict[tuple[str, str], int] = {}
         self.unhealthy = Counter(
             "blockprobe_probe_watchdog_withheld",
             "Watchdog pings withheld because the loop, the scheduler or a round was stuck.",
             registry=registry,
         )
+
+    def schedule(self, lanes: list[LaneStatus]) -> None:
+        for lane in lanes:
+            key = (lane.resolver, lane.endpoint)
+            self.schedule_behind.labels(*key).set(lane.behind)
+            self.schedule_fast.labels(*key).set(lane.urgent)
+            self.schedule_progress.labels(*key).set(lane.progress)
+            done = lane.passes - self._passes.get(key, 0)
+            if done > 0:  # counted from this start: a restart's scheduler begins a new pass
+                self.schedule_passes.labels(*key).inc(done)
+            self._passes[key] = lane.passes
 
 
 ROUND_RESULTS = ("ok", "failed", "deadline", "cancelled")
@@ -201,44 +239,6 @@ class _SpoolFigures:
         yield dropped
 
 
-class _ScheduleFigures:
-    """The per-name scheduler's health per lane (resolver × endpoint), from a snapshot taken
-    on the event loop at each slice: the scrape runs in another thread and must not read the
-    scheduler while a slice changes it."""
-
-    def __init__(self, snapshot: Callable[[], list[LaneStatus]]) -> None:
-        self.snapshot = snapshot
-
-    def collect(self) -> Iterator[Metric]:
-        lanes = self.snapshot()
-        labels = ["resolver", "endpoint"]
-        behind = GaugeMetricFamily(
-            "blockprobe_probe_schedule_behind_seconds",
-            "Seconds of rotation a lane owes (0 when on pace to measure every name within full_pass).",
-            labels=labels,
-        )
-        urgent = GaugeMetricFamily(
-            "blockprobe_probe_schedule_fast_lane_names",
-            "Names of recent orders measured every fast_interval on the lane until enforced.",
-            labels=labels,
-        )
-        progress = GaugeMetricFamily(
-            "blockprobe_probe_schedule_pass_progress",
-            "Share of the names measured in the lane's current pass (0 to 1).",
-            labels=labels,
-        )
-        passes = CounterMetricFamily(
-            "blockprobe_probe_schedule_passes", "Passes over every name completed on the lane.", labels=labels
-        )
-        for lane in lanes:
-            key = [lane.resolver, lane.endpoint]
-            behind.add_metric(key, lane.behind)
-            urgent.add_metric(key, lane.urgent)
-            progress.add_metric(key, lane.progress)
-            passes.add_metric(key, lane.passes)
-        yield from (behind, urgent, progress, passes)
-
-
 def _release_memory() -> None:
     """Give a round's garbage back to the OS: a probe idles between rounds for minutes, on small
     machines, and glibc keeps freed heap otherwise."""
@@ -269,10 +269,7 @@ class Daemon:
         self._dropped: dict[str, int] = self.spool.dropped()
         self.registry.register(_SpoolFigures(self.spool, lambda: dict(self._dropped)))
         self.sched: Scheduler | None = None  # mode slices, once lists are loaded
-        self._schedule_status: list[LaneStatus] = []
         self._slice_stop: datetime | None = None  # when the running slice's time is up
-        if config.mode == "slices":
-            self.registry.register(_ScheduleFigures(lambda: self._schedule_status))
         self.pusher = (
             Pusher(config, self.writer, on_failure=lambda r: self.metrics.push_failures.labels(r).inc())
             if config.collector
@@ -383,7 +380,7 @@ class Daemon:
                 )
             else:
                 self.sched.update_lists(lists, now, self.expectations)
-            self._schedule_status = self.sched.status(now)
+            self.metrics.schedule(self.sched.status(now))
             self._wake_slice()
 
     # work ------------------------------------------------------------------------------
@@ -419,9 +416,9 @@ class Daemon:
         failed, so a slice without them could report what a failing canary would have voided."""
         sched = self.sched
         stop = now + timedelta(seconds=self.config.slice)
-        if sched is None:  # no lists yet (fetched from the collector later): canaries only
-            self._slice_stop = stop
-            return self.plan(now)
+        self._slice_stop = stop
+        if sched is None:  # no lists (yet: they may come from the collector): nothing is due
+            return None
         change = sched.next_change(now)
         if change is not None and now < change < stop:
             stop = change
@@ -430,7 +427,7 @@ class Daemon:
         if change is not None and now < change < stop:
             stop = change
         self._slice_stop = stop
-        self._schedule_status = sched.status(now)
+        self.metrics.schedule(sched.status(now))
         if not batch:
             return None
         return Plan(
@@ -503,9 +500,17 @@ class Daemon:
         await self.writer.call(self.spool.set_meta, "last_round", str(time.time()))
         if result == "deadline":
             await self.writer.call(self.spool.set_meta, "last_round_deadline", str(wall))
+        if plan is None:  # a slice with nothing due: every few seconds, not worth a line or a trim
+            log.debug("slice %d: nothing due", number)
+            return
         self._push_wake.set()
         log.info(
-            "round %d: %d measurements in %.1fs (%s)", number, measured, time.monotonic() - started, result
+            "%s %d: %d measurements in %.1fs (%s)",
+            "slice" if slices else "round",
+            number,
+            measured,
+            time.monotonic() - started,
+            result,
         )
         _release_memory()
 
