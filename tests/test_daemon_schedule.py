@@ -38,6 +38,7 @@ def isp(lab_thread: LabThread, lab_ca: LabCA) -> LabServer:
     zone = Zone()
     zone.set(f"*.{D}", Behaviour(records={"A": ("93.184.216.34",)}))
     zone.set(f"pirate.{D}", Behaviour(rcode="NXDOMAIN"))
+    zone.set(f"gone.{D}", Behaviour(rcode="NXDOMAIN"))
     return start_lab(lab_thread, zone, "127.53.12.5", lab_ca, transports=("udp", "tcp"))
 
 
@@ -205,14 +206,14 @@ def test_an_order_published_while_running_is_chased_from_when_it_is_loaded(
 ) -> None:
     lists = _lab_orders(tmp_path)
     run = _Running(_write(tmp_path, _doc(tmp_path, isp, control, collector.url, lists)))
-    name = f"late.{D}"
+    name, enforced = f"late.{D}", f"gone.{D}"
     try:
         wait_for(lambda: run.daemon.rounds_done >= 1, 30, "a first slice")
         # Effective months ago, older than the fast lane's chase window: only its publication
         # is new, which is what a ticket fetched from the collector looks like.
         order = (
             "  - id: ticket-late\n    authority: AGCOM\n    jurisdictions: [IT]\n    applies_to: [isp]\n"
-            f"    effective: 2026-02-01\n    domains: [{name}]\n"
+            f"    effective: 2026-02-01\n    domains: [{name}, {enforced}]\n"
         )
         lists.write_text(lists.read_text().replace("controls:\n", order + "controls:\n", 1))
         os.utime(lists, (1, 1))  # a different mtime, whatever the clock's granularity
@@ -224,8 +225,16 @@ def test_an_order_published_while_running_is_chased_from_when_it_is_loaded(
             "the new lists loaded",
         )
         loaded = datetime.now(UTC)  # at or after the load
-        lanes = {(name, t) for t in ("udp", "tcp")}
-        wait_for(lambda: lanes <= set(_by_lane(collector.results())), 30, "the new name measured")
+        lanes = {(n, t) for n in (name, enforced) for t in ("udp", "tcp")}
+        wait_for(lambda: lanes <= set(_by_lane(collector.results())), 30, "the new names measured")
+
+        def chased(t: str) -> float | None:
+            spec = isp.specs()[t]
+            labels = {"resolver": spec, "endpoint": spec}
+            return run.daemon.registry.get_sample_value("blockprobe_probe_schedule_fast_lane_names", labels)
+
+        # The enforced name leaves the fast lane once its result is recorded; the leak stays.
+        wait_for(lambda: chased("udp") == chased("tcp") == 1, 30, "only the leaking name chased")
     finally:
         run.stop()
     seen = _by_lane(collector.results())
