@@ -607,7 +607,10 @@ class Daemon:
     def _wake_slice(self) -> None:
         """New lists: the next slice now rather than when the current wait ends, so a new
         order's names are not held back by a slice planned without them."""
-        if self.scheduler is not None and self.scheduler.running and self._round_task is None:
+        if self._round_task is not None:
+            self._slice_stop = datetime.now(UTC)  # running: the next one starts as it ends
+            return
+        if self.scheduler is not None and self.scheduler.running:
             with contextlib.suppress(Exception):  # the job is gone while stopping: nothing to wake
                 self.scheduler.modify_job("round", next_run_time=datetime.now(UTC))
 
