@@ -21,10 +21,11 @@ from probe.identity import Canary
 from probe.limits import MAX_AGE_DAYS, MAX_BATCH_MEASUREMENTS, MAX_LABEL_CHARS
 from probe.lists import ISO_ALPHA2
 from probe.model import Expectation
+from probe.schedule import Settings, budget, check, format_span, parse_settings
 from probe.specs import KINDS, Resolver
 from probe.wire import QTYPES, normalize_name
 
-__all__ = ["CollectorConfig", "Config", "ConfigError", "load_config", "parse_config"]
+__all__ = ["CollectorConfig", "Config", "ConfigError", "load_config", "parse_config", "schedule_budget"]
 
 
 class ConfigError(BlockprobeError):
@@ -73,6 +74,11 @@ class Config:
     canaries: tuple[Canary, ...]
     interval: float
     jitter: float
+    # "rounds": every listed name on every endpoint each `interval`; "slices": the per-name
+    # scheduler (probe/schedule.py), a slice every `slice` seconds within the qps budget.
+    mode: str
+    slice: float
+    settings: Settings
     push_interval: float
     round_deadline: float
     qtypes: tuple[str, ...]
@@ -93,10 +99,19 @@ class Config:
     def summary(self) -> list[str]:
         """What will run, for `probe check-config`: no secrets."""
         eps = sum(len(r.endpoints) for r in self.resolvers)
+        if self.mode == "slices":
+            cadence = (
+                f"slices of {self.slice:g}s (deadline {self.round_deadline:g}s), new orders every "
+                f"{format_span(self.settings.fast_interval)}, every name once per "
+                f"{format_span(self.settings.full_pass)}: "
+            )
+        else:
+            cadence = (
+                f"every {self.interval:g}s (jitter {self.jitter:g}s, deadline {self.round_deadline:g}s): "
+            )
         lines = [
             f"probe {self.probe_id} in region {self.region}, country {self.country}",
-            f"every {self.interval:g}s (jitter {self.jitter:g}s, deadline {self.round_deadline:g}s): "
-            f"{len(self.resolvers)} resolvers, "
+            cadence + f"{len(self.resolvers)} resolvers, "
             f"{eps} endpoints, qtypes {', '.join(self.qtypes)}, timeout {self.timeout:g}s, "
             f"concurrency {self.concurrency}, {self.qps or 'unlimited'} q/s per endpoint, "
             f"silences asked again after {self.confirm_after:g}s",
@@ -166,7 +181,16 @@ _SECTIONS = {
         "max_age_days",
     },
     "canaries": {"resolves", "blocked"},
-    "schedule": {"interval", "jitter", "push_interval", "round_deadline"},
+    "schedule": {
+        "mode",
+        "interval",
+        "jitter",
+        "slice",
+        "fast_interval",
+        "full_pass",
+        "push_interval",
+        "round_deadline",
+    },
     "spool": {"max_rows"},
     "verify": {"mode", "rate", "concurrency", "ttl"},
     "metrics": {"listen"},
@@ -407,14 +431,49 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
                 c.err(f"canaries.{kind}[{i}]", f"{name!r} is not a domain name")
 
     sched = c.section(doc, "schedule")
-    interval = c.number(sched.get("interval"), "schedule.interval", 300, 1)
-    jitter = c.number(sched.get("jitter"), "schedule.jitter", min(30.0, interval / 10), 0)
+    sched_mode = sched.get("mode", "rounds")
+    if sched_mode not in ("rounds", "slices"):
+        c.err("schedule.mode", f"{sched_mode!r} is not one of rounds, slices")
+        sched_mode = "rounds"
+    # Each mode has its own keys: a key the mode ignores would silently change nothing.
+    for key in ("interval", "jitter") if sched_mode == "slices" else ("slice", "fast_interval", "full_pass"):
+        if sched.get(key) is not None:
+            other = "rounds" if sched_mode == "slices" else "slices"
+            c.err(
+                f"schedule.{key}",
+                f"{sched[key]!r} is for schedule.mode {other} (this config runs {sched_mode})",
+            )
+    interval = c.number(
+        sched.get("interval") if sched_mode == "rounds" else None, "schedule.interval", 300, 1
+    )
+    jitter = c.number(
+        sched.get("jitter") if sched_mode == "rounds" else None,
+        "schedule.jitter",
+        min(30.0, interval / 10) if sched_mode == "rounds" else 0.0,
+        0,
+    )
     if jitter >= interval:
         c.err("schedule.jitter", f"{jitter:g} must be less than the interval ({interval:g})")
+    settings, problems = parse_settings(sched if sched_mode == "slices" else None)
+    c.errors.extend(problems)
+    slice_s = c.number(
+        sched.get("slice") if sched_mode == "slices" else None,
+        "schedule.slice",
+        min(15.0, settings.fast_interval),
+        0.1,
+        3600,
+    )
+    if sched_mode == "slices" and slice_s > settings.fast_interval:
+        c.err(
+            "schedule.slice",
+            f"{slice_s:g} must not be longer than schedule.fast_interval ({format_span(settings.fast_interval)})",
+        )
     push = c.number(sched.get("push_interval"), "schedule.push_interval", 15, 0.1)
     # A round may take long under a rate limit (30,000 queries at 20 q/s: 25 minutes);
-    # the deadline is for a round that is stuck, not for a slow one.
-    deadline = c.number(sched.get("round_deadline"), "schedule.round_deadline", max(3600.0, 3 * interval), 1)
+    # the deadline is for a round that is stuck, not for a slow one. A slice is sized to its
+    # length, so its deadline only has to cover timeouts and confirmations on top.
+    default_deadline = max(3600.0, 3 * interval) if sched_mode == "rounds" else max(600.0, 10 * slice_s)
+    deadline = c.number(sched.get("round_deadline"), "schedule.round_deadline", default_deadline, 1)
 
     qtypes = doc.get("qtypes", list(QTYPES))
     if not isinstance(qtypes, list) or not qtypes or any(q not in QTYPES for q in qtypes):
@@ -460,6 +519,9 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
         canaries=tuple(canaries),
         interval=interval,
         jitter=jitter,
+        mode=str(sched_mode),
+        slice=slice_s,
+        settings=settings,
         push_interval=push,
         round_deadline=deadline,
         qtypes=tuple(qtypes),
@@ -480,6 +542,15 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     if c.errors:
         raise ConfigError([f"{source}: {e}" for e in c.errors])
     return config
+
+
+def schedule_budget(config: Config, names: int) -> tuple[list[str], list[str]]:
+    """For `probe check-config` and the daemon's start, in mode slices: the budget's lines and
+    the errors of a config that cannot measure `names` names within `full_pass`."""
+    if config.mode != "slices":
+        return [], []
+    args = (names, config.qtypes, config.resolvers, config.qps, config.settings)
+    return budget(*args).splitlines(), check(*args)
 
 
 def load_config(path: str | Path) -> Config:

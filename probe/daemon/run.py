@@ -1,7 +1,12 @@
 """`probe run`: measurement rounds and pushes on an APScheduler 3 schedule, durable in between.
 
-A round is one engine run over every listed name, every resolver and transport, cut at
-its deadline; its measurements are clamped to what the collector accepts and go to the
+In `schedule.mode: rounds` a round is one engine run over every listed name, every resolver
+and transport, every `interval`. In `schedule.mode: slices` a round is a slice: what the
+per-name scheduler (probe/schedule.py) says is due in the next `slice` seconds (new orders
+every `fast_interval`, every name once per `full_pass`, no endpoint above its qps), cut at
+the next instant an order changes; the next slice starts when this one's time is up (at
+once when it ran over). Either way a round is cut at its deadline; its measurements are
+clamped to what the collector accepts and go to the
 spool as they come, written by the spool's own thread so the event loop that times
 queries never waits on a disk. Rounds never overlap (max_instances=1, coalesced); a push
 loop drains the spool beside them. Lists files are re-read when they change; a bad new
@@ -29,10 +34,11 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -40,15 +46,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from probe import __version__
 from probe.answers import AnswerChecker
-from probe.daemon.config import Config
+from probe.daemon.config import Config, schedule_budget
 from probe.daemon.notify import Notifier
 from probe.daemon.push import Pusher
 from probe.daemon.spool import Spool, SpoolThread, encode
-from probe.engine import Engine, Plan
+from probe.engine import Engine, ExpectFn, Plan
 from probe.expect import Expectations
 from probe.limits import clamp
 from probe.lists import Lists, ListsError, load_lists, parse_lists
 from probe.model import Expectation, Outcome, Transport
+from probe.schedule import LaneStatus, Scheduler
 from probe.specs import Resolver
 from probe.transports import Options
 
@@ -130,11 +137,49 @@ class _Metrics:
         self.list_rejects = Counter(
             "blockprobe_probe_lists_rejected", "Changed lists files rejected as invalid.", registry=registry
         )
+        # Mode slices: the per-name scheduler's health per lane (resolver × endpoint, fixed by
+        # the config for the daemon's life), set on the loop at each slice.
+        self.schedule_behind = Gauge(
+            "blockprobe_probe_schedule_behind_seconds",
+            "Seconds of rotation a lane owes (0 when on pace to measure every name within full_pass).",
+            ["resolver", "endpoint"],
+            registry=registry,
+        )
+        self.schedule_fast = Gauge(
+            "blockprobe_probe_schedule_fast_lane_names",
+            "Names of recent orders measured every fast_interval on the lane until enforced there.",
+            ["resolver", "endpoint"],
+            registry=registry,
+        )
+        self.schedule_progress = Gauge(
+            "blockprobe_probe_schedule_pass_progress",
+            "Share of the names measured in the lane's current pass (0 to 1).",
+            ["resolver", "endpoint"],
+            registry=registry,
+        )
+        self.schedule_passes = Counter(
+            "blockprobe_probe_schedule_passes",
+            "Passes over every name completed on a lane.",
+            ["resolver", "endpoint"],
+            registry=registry,
+        )
+        self._passes: dict[tuple[str, str], int] = {}
         self.unhealthy = Counter(
             "blockprobe_probe_watchdog_withheld",
             "Watchdog pings withheld because the loop, the scheduler or a round was stuck.",
             registry=registry,
         )
+
+    def schedule(self, lanes: list[LaneStatus]) -> None:
+        for lane in lanes:
+            key = (lane.resolver, lane.endpoint)
+            self.schedule_behind.labels(*key).set(lane.behind)
+            self.schedule_fast.labels(*key).set(lane.urgent)
+            self.schedule_progress.labels(*key).set(lane.progress)
+            done = lane.passes - self._passes.get(key, 0)
+            if done > 0:  # counted from this start: a restart's scheduler begins a new pass
+                self.schedule_passes.labels(*key).inc(done)
+            self._passes[key] = lane.passes
 
 
 ROUND_RESULTS = ("ok", "failed", "deadline", "cancelled")
@@ -223,6 +268,8 @@ class Daemon:
         self.metrics = _Metrics(self.registry)
         self._dropped: dict[str, int] = self.spool.dropped()
         self.registry.register(_SpoolFigures(self.spool, lambda: dict(self._dropped)))
+        self.sched: Scheduler | None = None  # mode slices, once lists are loaded
+        self._slice_stop: datetime | None = None  # when the running slice's time is up
         self.pusher = (
             Pusher(config, self.writer, on_failure=lambda r: self.metrics.push_failures.labels(r).inc())
             if config.collector
@@ -251,6 +298,7 @@ class Daemon:
             else None
         )
         self.lists: Lists | None = None
+        self.expectations: Expectations | None = None  # one index per lists load, not per round
         self._list_mtimes: dict[Path, float] = {}
         self.stop_event = asyncio.Event()
         self.fetched_lists: tuple[Path, ...] = ()
@@ -305,15 +353,40 @@ class Daemon:
             log.error("changed lists rejected, the previous lists stay in force: %s", "; ".join(exc.errors))
             return
         self._list_mtimes = mtimes
+        if self.config.mode == "slices":
+            _, problems = schedule_budget(self.config, len(lists.query_names()))
+            if problems and initial:
+                # Refused like bad lists (exit 2): the same check as `probe check-config`.
+                raise ListsError([f"{self.config.source}: {p}" for p in problems])
+            for problem in problems:
+                # Lists grew past the budget while running: measuring them late still beats
+                # ignoring a new order; the lag shows in blockprobe_probe_schedule_behind_seconds.
+                log.error("the lists cannot be measured within full_pass: %s", problem)
         self.lists = lists
+        self.expectations = Expectations(lists)
         log.info("lists loaded: %d orders, %d control lists", len(lists.orders), len(lists.controls))
+        if self.config.mode == "slices":
+            now = datetime.now(UTC)
+            if self.sched is None:
+                self.sched = Scheduler(
+                    lists,
+                    country=self.config.country,
+                    resolvers=self.config.resolvers,
+                    qtypes=self.config.qtypes,
+                    now=now,
+                    qps=self.config.qps,
+                    settings=self.config.settings,
+                    expectations=self.expectations,
+                )
+            else:
+                self.sched.update_lists(lists, now, self.expectations)
+            self.metrics.schedule(self.sched.status(now))
+            self._wake_slice()
 
     # work ------------------------------------------------------------------------------
-    def plan(self, now: datetime) -> Plan:
-        lists = self.lists
-        names = lists.query_names() if lists else []
+    def _expect_fn(self) -> ExpectFn:
+        engine = self.expectations
         country = self.config.country
-        engine = Expectations(lists) if lists else None
 
         def expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
             if engine is None:
@@ -322,13 +395,49 @@ class Daemon:
             # prompt enforcement into an overblock (`now` is only the round's start).
             return engine.expect(country, resolver.kind, resolver.operator, domain, datetime.now(UTC))
 
+        return expect
+
+    def plan(self, now: datetime) -> Plan:
+        """A round: every listed name on every endpoint."""
+        names = self.lists.query_names() if self.lists else []
         return Plan(
             names,
             self.config.qtypes,
             self.config.resolvers,
             self.config.controls,
-            expect,
+            self._expect_fn(),
             self.config.canaries,
+        )
+
+    def slice_plan(self, now: datetime) -> Plan | None:
+        """A slice: what the scheduler says is due until the slice's time is up or an order
+        changes, whichever is first; None when nothing is due. Canaries go with every slice
+        that measures: the engine makes findings inconclusive only for the run whose canary
+        failed, so a slice without them could report what a failing canary would have voided."""
+        sched = self.sched
+        stop = now + timedelta(seconds=self.config.slice)
+        self._slice_stop = stop
+        if sched is None:  # no lists (yet: they may come from the collector): nothing is due
+            return None
+        change = sched.next_change(now)
+        if change is not None and now < change < stop:
+            stop = change
+        batch = sched.next_batch(now, (stop - now).total_seconds())
+        change = sched.next_change(now)  # next_batch may have moved on to the next change
+        if change is not None and now < change < stop:
+            stop = change
+        self._slice_stop = stop
+        self.metrics.schedule(sched.status(now))
+        if not batch:
+            return None
+        return Plan(
+            (),
+            self.config.qtypes,
+            self.config.resolvers,
+            self.config.controls,
+            self._expect_fn(),
+            self.config.canaries,
+            targets=batch,
         )
 
     async def round(self) -> None:
@@ -336,28 +445,35 @@ class Daemon:
         started, wall = time.monotonic(), time.time()
         self._round_started = started
         number = await self.writer.call(self.spool.next_round)
-        plan = self.plan(datetime.now(UTC))
+        slices = self.config.mode == "slices"
+        plan = self.slice_plan(datetime.now(UTC)) if slices else self.plan(datetime.now(UTC))
+        sched = self.sched if slices else None
         extra = {"probe": self.config.probe_id, "region": self.config.region, "country": self.config.country}
         measured = 0
         result = "ok"
         deadline = asyncio.timeout(self.config.round_deadline)
         try:
-            async with (
-                deadline,
-                Engine(
-                    self.options,
-                    concurrency=self.config.concurrency,
-                    qps=self.config.qps,
-                    checker=self.checker,
-                ) as engine,
-            ):
-                async for m in engine.run(plan):
-                    self.metrics.queries.labels(str(m.transport), str(m.outcome)).inc()
-                    # A resolver may send anything: cut it to what the collector accepts.
-                    self._buffer.append(encode(clamp({**m.to_json(), **extra})))
-                    measured += 1
-                    if len(self._buffer) >= CHUNK or time.monotonic() - self._last_flush > FLUSH_EVERY:
-                        await self._flush()
+            async with deadline:
+                if plan is not None:
+                    async with Engine(
+                        self.options,
+                        concurrency=self.config.concurrency,
+                        qps=self.config.qps,
+                        checker=self.checker,
+                    ) as engine:
+                        async for m in engine.run(plan):
+                            self.metrics.queries.labels(str(m.transport), str(m.outcome)).inc()
+                            if sched is not None:
+                                # As they come: a slice cut at its deadline still counts what it got.
+                                sched.record(datetime.now(UTC), (m,))
+                            # A resolver may send anything: cut it to what the collector accepts.
+                            self._buffer.append(encode(clamp({**m.to_json(), **extra})))
+                            measured += 1
+                            if (
+                                len(self._buffer) >= CHUNK
+                                or time.monotonic() - self._last_flush > FLUSH_EVERY
+                            ):
+                                await self._flush()
         except TimeoutError:
             if not deadline.expired():
                 result = "failed"
@@ -384,9 +500,17 @@ class Daemon:
         await self.writer.call(self.spool.set_meta, "last_round", str(time.time()))
         if result == "deadline":
             await self.writer.call(self.spool.set_meta, "last_round_deadline", str(wall))
+        if plan is None:  # a slice with nothing due: every few seconds, not worth a line or a trim
+            log.debug("slice %d: nothing due", number)
+            return
         self._push_wake.set()
         log.info(
-            "round %d: %d measurements in %.1fs (%s)", number, measured, time.monotonic() - started, result
+            "%s %d: %d measurements in %.1fs (%s)",
+            "slice" if slices else "round",
+            number,
+            measured,
+            time.monotonic() - started,
+            result,
         )
         _release_memory()
 
@@ -480,6 +604,31 @@ class Daemon:
         # A coroutine, so APScheduler runs it on the loop with everything else, not in a thread.
         self.reload_lists()
 
+    def _wake_slice(self) -> None:
+        """New lists: the next slice now rather than when the current wait ends, so a new
+        order's names are not held back by a slice planned without them."""
+        if self._round_task is not None:
+            self._slice_stop = datetime.now(UTC)  # running: the next one starts as it ends
+            return
+        if self.scheduler is not None and self.scheduler.running:
+            with contextlib.suppress(Exception):  # the job is gone while stopping: nothing to wake
+                self.scheduler.modify_job("round", next_run_time=datetime.now(UTC))
+
+    def _slice_done(self, event: JobExecutionEvent) -> None:
+        """After a slice, the next one starts when its time is up (at an order change if that
+        comes first), or at once when it ran over: the interval trigger alone would leave a
+        slice that ran long idle until the next tick, and start late at an effective instant.
+        A listener, not code in the job: APScheduler counts the job as running until it
+        returns, and would skip a start asked for from inside it."""
+        if event.job_id != "round" or self.stop_event.is_set() or self.scheduler is None:
+            return
+        now = datetime.now(UTC)
+        when = max(now, self._slice_stop or now)
+        if self.sched is not None and (change := self.sched.next_change(now)) is not None:
+            when = max(now, min(when, change))
+        with contextlib.suppress(Exception):  # stopping: the job may already be gone
+            self.scheduler.modify_job("round", next_run_time=when)
+
     async def _round_job(self) -> None:
         if self.stop_event.is_set():
             return  # dispatched just before the stop, started after it
@@ -548,15 +697,19 @@ class Daemon:
             self._metrics_server = start_http_server(port, host, registry=self.registry)
         scheduler = self.scheduler = AsyncIOScheduler(timezone=UTC)
         now = datetime.now(UTC)
+        slices = self.config.mode == "slices"
+        every = self.config.slice if slices else self.config.interval
         scheduler.add_job(
             self._round_job,
-            IntervalTrigger(seconds=self.config.interval, jitter=self.config.jitter),
+            IntervalTrigger(seconds=every, jitter=None if slices else self.config.jitter),
             id="round",
             max_instances=1,
             coalesce=True,
             next_run_time=now,
-            misfire_grace_time=max(1, int(self.config.interval)),
+            misfire_grace_time=max(1, int(every)),
         )
+        if slices:
+            scheduler.add_listener(self._slice_done, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         if self.config.collector is not None and self.config.collector.fetch_lists:
             await self.fetch_lists()  # before the first round
             scheduler.add_job(
@@ -579,7 +732,12 @@ class Daemon:
         watchdog = None
         if self.notifier.watchdog_interval:
             watchdog = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
-        self.notifier.send("READY=1", f"STATUS=measuring every {self.config.interval:g}s")
+        self.notifier.send(
+            "READY=1",
+            f"STATUS=measuring in slices of {self.config.slice:g}s"
+            if slices
+            else f"STATUS=measuring every {self.config.interval:g}s",
+        )
         log.info(
             "probe %s %s started: region %s, country %s, pid %d",
             self.config.probe_id,
