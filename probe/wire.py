@@ -26,7 +26,6 @@ import dns.rdtypes.svcbbase
 
 from probe.errors import InputError
 from probe.fastwire import parse_fast
-from probe.limits import MAX_JSON_DEPTH
 from probe.model import Ede
 
 __all__ = [
@@ -190,16 +189,6 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, others do not
 
 
-def _depth(value: object, level: int = 1) -> int:
-    if level > MAX_JSON_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
-    return level
-
-
 def _safe_json(value: Any) -> Any:
     if isinstance(value, str):
         return safe_text(value)
@@ -225,8 +214,13 @@ def parse_ede(option: dns.edns.Option) -> Ede:
             parsed = json.loads(text, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             parsed = None
-        if isinstance(parsed, dict) and _depth(parsed) <= MAX_JSON_DEPTH:
-            structured = _safe_json(parsed)
+        if isinstance(parsed, dict):
+            # Kept whole here, however deep: probe.limits.clamp cuts it to what the collector
+            # accepts and says so in `evidence.truncated`.
+            try:
+                structured = _safe_json(parsed)
+            except RecursionError:
+                structured = None
     return Ede(code, text, structured)
 
 
