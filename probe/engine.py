@@ -402,6 +402,8 @@ class Engine:
                 old = self.exchanger(job.endpoint)
                 new = fresh[job.endpoint] = make_exchanger(job.endpoint, self.options)
                 new.witness = old.witness
+                # Few queries follow a silent one in this pass: its witness goes at once.
+                new.witness_after = 0.0
                 loss = getattr(old, "loss", None)
                 if loss is not None:
                     new.loss = loss  # type: ignore[attr-defined]  # UDP: one loss record per endpoint

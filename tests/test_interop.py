@@ -196,6 +196,16 @@ def test_unbound(
 def test_named(
     name: str, qtype: str, transport: str, named_results: dict[tuple[str, str, str], Measurement]
 ) -> None:
+    if (name, transport) == ("drop", "doh"):
+        # BIND 9.18 over DoH, a name its RPZ drops: in the confirmation pass, on a fresh
+        # connection, BIND sometimes leaves the witness sent behind it unanswered until the
+        # deadline, so the silence is not proven every time. Proven, it is a block; unproven,
+        # it must stay null, never anything else.
+        m = named_results[(name, qtype, transport)]
+        assert m.outcome is Outcome.TIMEOUT, m.to_json()
+        assert m.blocked in (True, None), m.to_json()
+        assert m.finding in (Finding.ENFORCED, Finding.INCONCLUSIVE), m.to_json()
+        return
     m = _check(named_results, name, qtype, transport)
     if (name, qtype, transport) == ("tcponly", "A", "udp"):
         assert m.evidence["tc_fallback"] is True

@@ -124,6 +124,10 @@ class Exchanger(Protocol):
 
     endpoint: Endpoint
     witness: bytes | None
+    # When a silent stream query sends its witness, as a share of its remaining time: late
+    # enough that a live resolver has usually answered it (no witness needed), early enough
+    # that the witness's own answer arrives in time. The confirmation pass sends it at once.
+    witness_after: float
 
     async def exchange(self, query: bytes) -> Exchange: ...
 

@@ -224,6 +224,7 @@ class DohExchanger(RetryAlone):
         self.endpoint = endpoint
         self.options = options
         self.witness: bytes | None = None
+        self.witness_after = 0.25
         self._shared: SharedConnection[_H2Conn | None] = SharedConnection(
             self._open, lambda c: c is None or c.dead is None, _abort_h2
         )
@@ -308,7 +309,12 @@ class DohExchanger(RetryAlone):
             await await_reply(
                 st.future,
                 deadline,
-                [(now + (deadline - now) / 4, lambda: self._send_witness(conn, st.stamp, deadline))]
+                [
+                    (
+                        now + (deadline - now) * self.witness_after,
+                        lambda: self._send_witness(conn, st.stamp, deadline),
+                    )
+                ]
                 if witness
                 else (),
             )

@@ -150,6 +150,7 @@ class DoqExchanger(RetryAlone):
         self.endpoint = endpoint
         self.options = options
         self.witness: bytes | None = None
+        self.witness_after = 0.25
         self._shared = SharedConnection(self._open, lambda p: p.dead is None, _abort_quic)
         self._conns = 0
         self._witnesses: set[asyncio.Future[Exchange]] = set()
@@ -172,9 +173,7 @@ class DoqExchanger(RetryAlone):
         family, _, _, _, addr = infos[0]
         local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         quic = QuicConnection(configuration=config)
-        _, proto = await loop.create_datagram_endpoint(
-            lambda: self.protocol(quic, name), local_addr=local
-        )
+        _, proto = await loop.create_datagram_endpoint(lambda: self.protocol(quic, name), local_addr=local)
         state.phase = Phase.QUIC_HANDSHAKE
         try:
             proto.connect(addr)
@@ -234,7 +233,12 @@ class DoqExchanger(RetryAlone):
             msg = await await_reply(
                 q.future,
                 deadline,
-                [(now + (deadline - now) / 4, lambda: self._send_witness(proto, q.stamp, deadline))]
+                [
+                    (
+                        now + (deadline - now) * self.witness_after,
+                        lambda: self._send_witness(proto, q.stamp, deadline),
+                    )
+                ]
                 if witness
                 else (),
             )

@@ -26,7 +26,6 @@ from probe.wire import question_of, random_id, reply_problem, set_id
 __all__ = ["StreamExchanger", "TcpExchanger", "close_transport"]
 
 _RT = Phase.DNS_ROUND_TRIP
-_WITNESS_AT = 0.25  # of a query's remaining time: later than any live resolver's answer on a sane path
 
 
 class _Pending:
@@ -97,6 +96,7 @@ class StreamExchanger(RetryAlone):
         self.endpoint = endpoint
         self.options = options
         self.witness: bytes | None = None
+        self.witness_after = 0.25
         self._shared = SharedConnection(self._open, lambda c: c.dead is None, _abort_conn)
         self._conns = 0
         self._witnesses: set[asyncio.Future[Exchange]] = set()
@@ -173,7 +173,7 @@ class StreamExchanger(RetryAlone):
                 deadline,
                 [
                     (
-                        now + (deadline - now) * _WITNESS_AT,
+                        now + (deadline - now) * self.witness_after,
                         lambda: self._send_witness(conn, item.stamp, deadline),
                     )
                 ]

@@ -141,6 +141,7 @@ class UdpExchanger:
         self.endpoint = endpoint
         self.options = options
         self.witness: bytes | None = None
+        self.witness_after = 0.25  # UDP: after the last retransmission, a quarter of its interval
         self.channel = Channel(str(endpoint))
         self.loss = Loss()  # the engine may share one across the exchangers of an endpoint
         self._sockets: list[_Socket] = []
@@ -234,7 +235,7 @@ class UdpExchanger:
         if witness:
             # A quarter of an interval after the last send, a witness follows a query that
             # nothing sent after it has overtaken yet.
-            at = start + step * (sends - 1) + step / 4
+            at = start + step * (sends - 1) + step * self.witness_after
             steps.append((at, lambda: self._witness(entry.last, deadline)))
         try:
             data = await await_reply(entry.future, deadline, steps)
