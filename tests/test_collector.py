@@ -146,7 +146,8 @@ def test_a_leak_becomes_a_series_then_goes_when_enforced(server: Server) -> None
     assert post(server, token, batch(measurements=[enforced])).status_code == 200
     scrape = server.scrape()
     assert leak not in scrape
-    assert scrape[counts % "enforced"] == 1 and (counts % "leak") not in scrape
+    assert scrape[counts % "enforced"] == 1
+    assert (counts % "leak") not in scrape
     assert (
         scrape[
             'blockprobe_order_enforcement_ratio{country="IT",order="agcom-1",resolver="udp://192.0.2.53",transport="udp"}'
@@ -207,11 +208,13 @@ def test_bad_requests_get_their_status_and_reason_and_store_nothing(
 def test_malformed_json_oversize_and_gzip_bomb(server: Server) -> None:
     token = server.token("it-1")
     r = post(server, token, None, raw=b'{"probe": ')
-    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    assert r.status_code == 422
+    assert "JSON" in r.json()["detail"]
     bomb = gzip.compress(b" " * (80 << 20))  # 80 KiB on the wire, 80 MiB inflated: past the 64 MiB bound
     r = server.client.post("/api/v1/results", content=bomb,
                            headers={"authorization": f"Bearer {token}", "content-encoding": "gzip"})  # fmt: skip
-    assert r.status_code == 413 and "inflated body is over the limit" in r.json()["detail"]
+    assert r.status_code == 413
+    assert "inflated body is over the limit" in r.json()["detail"]
     huge = b"x" * (server.config.max_body + 1)
     r = server.client.post("/api/v1/results", content=huge, headers={"authorization": f"Bearer {token}"})
     assert r.status_code == 413
@@ -235,9 +238,11 @@ def test_future_clocks_are_clamped_and_said(server: Server) -> None:
     future = measurement(time="2099-01-01T00:00:00.000Z")
     r = post(server, token, batch(measurements=[future]))
     assert r.status_code == 200
-    assert r.json()["clamped"] == 1 and "set to the receive time" in r.json()["warning"]
+    assert r.json()["clamped"] == 1
+    assert "set to the receive time" in r.json()["warning"]
     (row,) = server.store.evidence(("it-1", "udp://192.0.2.53", "udp", "A", "pirate.example"))
-    assert row["clock_clamped_from"] == "2099-01-01T00:00:00.000Z" and row["time"].startswith("20")
+    assert row["clock_clamped_from"] == "2099-01-01T00:00:00.000Z"
+    assert row["time"].startswith("20")
 
 
 def test_revoked_token_is_refused(server: Server) -> None:
@@ -250,10 +255,13 @@ def test_status_page_and_evidence(server: Server) -> None:
     token = server.token("it-1")
     post(server, token, batch())
     page = server.client.get("/").text
-    assert "1 leak" in page and "pirate.example" in page and "agcom-1" in page
+    assert "1 leak" in page
+    assert "pirate.example" in page
+    assert "agcom-1" in page
     ev = server.client.get("/evidence", params={"probe": "it-1", "resolver": "udp://192.0.2.53", "transport": "udp",
                                                  "qtype": "A", "domain": "pirate.example", "format": "json"}).json()  # fmt: skip
-    assert ev[0]["wire"] == "AAA=" and ev[0]["finding"] == "leak"
+    assert ev[0]["wire"] == "AAA="
+    assert ev[0]["finding"] == "leak"
 
 
 def test_lists_are_served_with_an_etag(tmp_path: Path) -> None:
@@ -265,7 +273,8 @@ def test_lists_are_served_with_an_etag(tmp_path: Path) -> None:
         token = s.token("it-1")
         assert s.client.get("/api/v1/lists").status_code == 401
         r = s.client.get("/api/v1/lists", headers={"authorization": f"Bearer {token}"})
-        assert r.status_code == 200 and r.json()["files"][0]["content"] == "orders: []\n"
+        assert r.status_code == 200
+        assert r.json()["files"][0]["content"] == "orders: []\n"
         again = s.client.get(
             "/api/v1/lists", headers={"authorization": f"Bearer {token}", "if-none-match": r.headers["etag"]}
         )

@@ -237,7 +237,8 @@ def test_idle_bodies_with_a_token_hold_only_that_probe_and_only_until_the_body_d
     statuses = sorted(r[0] or 0 for r in results)
     # Two slots time out (408); the two that waited for a slot get 408 or, if the slot was
     # not free within the body deadline, 429 with Retry-After.
-    assert statuses.count(408) >= 2 and set(statuses) <= {408, 429}, statuses
+    assert statuses.count(408) >= 2, statuses
+    assert set(statuses) <= {408, 429}, statuses
     assert max(r[1] for r in results) < 2 * TIMEOUT + 1.5
 
 
@@ -331,7 +332,8 @@ def test_values_json_cannot_carry_are_refused_with_422(
         content=body,
         headers={"authorization": f"Bearer {collector.tokens['evil']}", "content-type": "application/json"},
     )
-    assert r.status_code == 422 and reason in r.json()["detail"], r.text
+    assert r.status_code == 422, r.text
+    assert reason in r.json()["detail"], r.text
     assert time.monotonic() - t0 < 2
 
 
@@ -348,7 +350,8 @@ def test_a_measurement_cannot_claim_another_probe_and_batch_ids_are_per_probe(co
     shared_id = str(uuid.uuid4())
     assert collector.push("other", batch("other", [forged], batch_id=shared_id)).status_code == 200
     theirs = collector.push("evil", batch("evil", [measurement(domain="theirs.example")], batch_id=shared_id))
-    assert theirs.status_code == 200 and theirs.json() == {
+    assert theirs.status_code == 200
+    assert theirs.json() == {
         "batch_id": shared_id,
         "stored": 1,
         "duplicate": False,
@@ -370,7 +373,9 @@ def test_a_measurement_cannot_claim_another_probe_and_batch_ids_are_per_probe(co
         "it-milan",
         "IT",
     )
-    assert row["received"] > 1.7e9 and isinstance(row["id"], int) and row["id"] != 1
+    assert row["received"] > 1.7e9
+    assert isinstance(row["id"], int)
+    assert row["id"] != 1
 
 
 def test_one_token_cannot_flood_prometheus(collector: Collector) -> None:
@@ -390,10 +395,13 @@ def test_one_token_cannot_flood_prometheus(collector: Collector) -> None:
 
     during(attack, collector)
     assert statuses == [200, 200, 200, 429, 429]  # max_series_per_probe: 3000
-    assert retry_after is not None and int(retry_after) > 0
+    assert retry_after is not None
+    assert int(retry_after) > 0
     groups = [measurement(resolver=f"udp://192.0.2.{i}") for i in range(60)]  # max_groups_per_probe: 50
     r = collector.push("groups", batch("groups", groups))
-    assert r.status_code == 429 and "groups" in r.json()["detail"] and int(r.headers["retry-after"]) > 0
+    assert r.status_code == 429
+    assert "groups" in r.json()["detail"]
+    assert int(r.headers["retry-after"]) > 0
     deadline = time.monotonic() + 10  # the render cache may hold an older scrape for a few seconds
     while True:
         text = collector.client.get("/metrics").text
@@ -426,7 +434,8 @@ def test_a_probe_over_its_results_per_minute_gets_429_with_retry_after(tmp_path:
             statuses.append((r.status_code, r.headers.get("retry-after")))
         # A full bucket holds a minute's worth (1,500): the second batch needs 500 more, at 25 a second.
         assert statuses[0] == (200, None)
-        assert statuses[1][0] == 429 and 15 <= int(statuses[1][1] or 0) <= 21, statuses
+        assert statuses[1][0] == 429, statuses
+        assert 15 <= int(statuses[1][1] or 0) <= 21, statuses
         assert statuses[2][0] == 429
         assert c.legit_push() < PUSH_BUDGET  # another probe's quota is its own
         text = c.client.get("/metrics").text
@@ -458,7 +467,8 @@ def test_readers_hammering_pages_and_metrics_do_not_slow_ingest(collector: Colle
         for t in threads:
             t.join(10)
     assert max(latencies) < PUSH_BUDGET, latencies
-    assert metrics_times and sorted(metrics_times)[len(metrics_times) // 2] < 0.5
+    assert metrics_times
+    assert sorted(metrics_times)[len(metrics_times) // 2] < 0.5
 
 
 def test_responses_carry_security_headers(collector: Collector) -> None:
@@ -503,11 +513,14 @@ def test_a_public_listener_needs_tls_and_read_credentials_or_says_so() -> None:
     with pytest.raises(CollectorConfigError) as e:
         parse_collector_config("listen: 0.0.0.0:8478\n")
     text = str(e.value)
-    assert "tls has no cert and key" in text and "reads need reads.token_file" in text
+    assert "tls has no cert and key" in text
+    assert "reads need reads.token_file" in text
     config = parse_collector_config("listen: 0.0.0.0:8478\ntls: {plain_http: true}\nreads: {open: true}\n")
-    assert config.reads.open_pages and config.reads.open_metrics
+    assert config.reads.open_pages
+    assert config.reads.open_metrics
     loopback = parse_collector_config("listen: 127.0.0.1:8478\n")
-    assert loopback.reads.open_pages and loopback.tls_cert is None
+    assert loopback.reads.open_pages
+    assert loopback.tls_cert is None
 
 
 def test_report_csv_cells_cannot_start_a_formula() -> None:
@@ -529,9 +542,14 @@ def test_report_csv_cells_cannot_start_a_formula() -> None:
         "wire": None,
     }
     (out,) = list(csv.DictReader(io.StringIO(render_report([row], "csv"), newline="")))
-    assert out["rule"].startswith("'=") and out["resolver"] == "'+cmd" and out["domain"] == "'-x.example"
-    assert out["first_seen"] == "'@now" and out["last_seen"] == "'\tz" and out["probes"] == "'\rp"
-    assert out["answers"] == "1.2.3.4" and out["measurements"] == "1"
+    assert out["rule"].startswith("'=")
+    assert out["resolver"] == "'+cmd"
+    assert out["domain"] == "'-x.example"
+    assert out["first_seen"] == "'@now"
+    assert out["last_seen"] == "'\tz"
+    assert out["probes"] == "'\rp"
+    assert out["answers"] == "1.2.3.4"
+    assert out["measurements"] == "1"
 
 
 def test_sigterm_stops_cleanly_with_the_database_closed(tmp_path: Path) -> None:

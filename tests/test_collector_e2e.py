@@ -50,10 +50,12 @@ def test_real_probe_daemon_reports_to_the_real_collector(
     with live.store.tx() as cur:
         cur.execute("SELECT count(*), count(DISTINCT batch_id) FROM archive")
         rows, batches = cur.fetchone()
-    assert rows == run.daemon.rounds_done * PER_ROUND and batches >= 2
+    assert rows == run.daemon.rounds_done * PER_ROUND
+    assert batches >= 2
     scrape = live.scrape()
     enforced = [k for k in scrape if k.startswith("blockprobe_domains{") and 'finding="enforced"' in k]
-    assert enforced and all('probe="it-test-1"' in k and 'list="agcom-lab-1"' in k for k in enforced)
+    assert enforced
+    assert all('probe="it-test-1"' in k and 'list="agcom-lab-1"' in k for k in enforced)
 
 
 def test_fuzzing_the_api_from_its_openapi_finds_no_server_error(live: Server) -> None:
@@ -87,10 +89,12 @@ def test_status_page_in_chromium_shows_the_leak(live: Server, tmp_path: Path) ->
     dom = subprocess.run(
         [chromium, *flags, "--dump-dom", live.url + "/"], capture_output=True, text=True, timeout=120
     )
-    assert "calcio-pirata.example" in dom.stdout and "1 leak" in dom.stdout
+    assert "calcio-pirata.example" in dom.stdout
+    assert "1 leak" in dom.stdout
     subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,800", live.url + "/"],
                    capture_output=True, timeout=120)  # fmt: skip
-    assert shot.exists() and shot.stat().st_size > 5000
+    assert shot.exists()
+    assert shot.stat().st_size > 5000
 
 
 def test_report_and_token_commands(tmp_path: Path) -> None:
@@ -98,13 +102,12 @@ def test_report_and_token_commands(tmp_path: Path) -> None:
     cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
     runner = CliRunner()
     added = runner.invoke(collector_cli, ["token", "add", "it-1", "--config", str(cfg)])
-    assert added.exit_code == 0 and added.stdout.startswith("bp_")
+    assert added.exit_code == 0
+    assert added.stdout.startswith("bp_")
     listed = runner.invoke(collector_cli, ["token", "list", "--config", str(cfg)])
-    assert (
-        listed.stdout.startswith("it-1\tcreated ")
-        and "active" in listed.stdout
-        and added.stdout.strip() not in listed.stdout
-    )
+    assert listed.stdout.startswith("it-1\tcreated ")
+    assert "active" in listed.stdout
+    assert added.stdout.strip() not in listed.stdout
     store = open_store(f"sqlite:///{tmp_path / 'state' / 'collector.sqlite3'}")
     s = Server(store)
     try:
@@ -134,7 +137,8 @@ def test_report_and_token_commands(tmp_path: Path) -> None:
     revoked = runner.invoke(collector_cli, ["token", "revoke", "it-1", "--config", str(cfg)])
     assert revoked.exit_code == 0
     again = runner.invoke(collector_cli, ["token", "revoke", "it-1", "--config", str(cfg)])
-    assert again.exit_code == 2 and again.stderr == "collector: probe 'it-1' has no active token\n"
+    assert again.exit_code == 2
+    assert again.stderr == "collector: probe 'it-1' has no active token\n"
 
 
 def test_probe_fetches_its_lists_from_the_collector(
@@ -161,7 +165,9 @@ def test_probe_fetches_its_lists_from_the_collector(
             run.stop()
         assert [p.name for p in run.daemon.fetched_lists] == ["lab-orders.yaml"]
         rows = store.evidence(("it-test-1", isp.specs()["udp"], "udp", "A", "pirate.blockprobe-lab.net"))
-        assert rows and rows[0]["finding"] == "enforced" and rows[0]["expected_by"]["order"] == "agcom-lab-1"
+        assert rows
+        assert rows[0]["finding"] == "enforced"
+        assert rows[0]["expected_by"]["order"] == "agcom-lab-1"
     finally:
         live.stop()
         store.close()

@@ -126,7 +126,8 @@ def test_rounds_run_on_schedule_and_every_result_arrives_once(
     assert {r["finding"] for r in results if r["domain"] == f"pirate.{D}"} == {"enforced"}
     assert all(r["probe"] == "it-test-1" and r["country"] == "IT" for r in results)
     spool = Spool(tmp_path / "state" / "spool.sqlite3")
-    assert spool.depth() == 0 and spool.pending_batches() == []
+    assert spool.depth() == 0
+    assert spool.pending_batches() == []
     assert len(results) == run.daemon.rounds_done * PER_ROUND
 
 
@@ -186,7 +187,8 @@ def test_spool_bound_drops_least_important_first(tmp_path: Path) -> None:
     rows = [{"finding": f, "domain": f"{f}-{i}"} for i, f in enumerate(["leak", "ok", "enforced", "overblock",
                                                                        "inconclusive", None, "ok", "leak"])]  # fmt: skip
     dropped = spool.add(rows)
-    assert dropped == 2 and spool.depth() == 6
+    assert dropped == 2
+    assert spool.depth() == 6
     kept = [m["domain"] for m in spool.next_batch(100).measurements]  # type: ignore[union-attr]
     # The two oldest of the least important (ok, enforced, none) went; leaks and overblocks stay.
     assert kept == ["leak-0", "overblock-3", "inconclusive-4", "None-5", "ok-6", "leak-7"]
@@ -194,7 +196,8 @@ def test_spool_bound_drops_least_important_first(tmp_path: Path) -> None:
     # Batched rows are not dropped one by one: a whole batch goes, oldest first, and is counted.
     more = [{"finding": "leak", "domain": f"late-{i}"} for i in range(6)]
     spool.add(more)
-    assert spool.depth() <= 6 and sum(spool.dropped().values()) >= 8
+    assert spool.depth() <= 6
+    assert sum(spool.dropped().values()) >= 8
     spool.close()
 
 
@@ -235,7 +238,8 @@ def test_kill_9_mid_push_then_restart_loses_nothing_and_sends_no_batch_twice(
         timeout=60,
     )
     life = json.loads(status.stdout)["lifetime"]
-    assert life["unclean_starts_total"] == 1 and life["rounds_total"] == 2
+    assert life["unclean_starts_total"] == 1
+    assert life["rounds_total"] == 2
     assert life["written_total"] == life["pushed_total"] == 2 * PER_ROUND
 
 
@@ -252,9 +256,11 @@ def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    assert lines and all(line["probe"] == "it-test-1" for line in lines)
+    assert lines
+    assert all(line["probe"] == "it-test-1" for line in lines)
     acks = [line["message"] for line in lines if " acknowledged: " in line["message"]]
-    assert acks and all(
+    assert acks
+    assert all(
         re.fullmatch(r"batch [0-9a-f-]{36} acknowledged: \d+ results, (new|a duplicate \(.*\))", a)
         for a in acks
     )
@@ -262,11 +268,9 @@ def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
     status = subprocess.run([sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     doc = json.loads(status.stdout)
-    assert (
-        doc["spool_results"] == 0
-        and doc["last_round_s_ago"] is not None
-        and doc["last_push_s_ago"] is not None
-    )
+    assert doc["spool_results"] == 0
+    assert doc["last_round_s_ago"] is not None
+    assert doc["last_push_s_ago"] is not None
 
 
 def test_bad_new_lists_file_is_rejected_and_the_old_one_stays(
@@ -280,7 +284,8 @@ def test_bad_new_lists_file_is_rejected_and_the_old_one_stays(
         lists.write_text("orders:\n  - id: broken\n    jurisdictions: [ITA]\n")
         os.utime(lists, (1, 1))  # a different mtime, whatever the clock's granularity
         wait_for(lambda: run.daemon.metrics.list_rejects._value.get() == 1, 30, "the rejection")
-        assert run.daemon.lists is not None and run.daemon.lists.orders[0].id == "agcom-lab-1"
+        assert run.daemon.lists is not None
+        assert run.daemon.lists.orders[0].id == "agcom-lab-1"
     finally:
         run.stop()
 
@@ -320,7 +325,8 @@ def test_check_config_prints_a_summary_without_the_token(
         timeout=60,
     )
     assert ok.returncode == 0, ok.stderr
-    assert "probe it-test-1 in region it-lab, country IT" in ok.stdout and TOKEN not in ok.stdout
+    assert "probe it-test-1 in region it-lab, country IT" in ok.stdout
+    assert TOKEN not in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         _config_text(tmp_path, isp, control, "http://127.0.0.1:9")

@@ -149,9 +149,12 @@ def _hostile_measurement() -> dict[str, Any]:
 def test_clamp_brings_a_hostile_measurement_within_every_bound_and_says_so() -> None:
     m = _hostile_measurement()
     c = limits.clamp(m)
-    assert len(c["answers"]) == limits.MAX_ANSWERS and len(c["ede"]) == limits.MAX_EDE
-    assert len(c["ede"][0]["text"]) == limits.MAX_EDE_TEXT and len(c["error"]) == limits.MAX_ERROR_CHARS
-    assert len(c["cname"]) == limits.MAX_CNAME and len(c["resolver"]) == limits.MAX_LABEL_CHARS
+    assert len(c["answers"]) == limits.MAX_ANSWERS
+    assert len(c["ede"]) == limits.MAX_EDE
+    assert len(c["ede"][0]["text"]) == limits.MAX_EDE_TEXT
+    assert len(c["error"]) == limits.MAX_ERROR_CHARS
+    assert len(c["cname"]) == limits.MAX_CNAME
+    assert len(c["resolver"]) == limits.MAX_LABEL_CHARS
     assert c["wire"] is None
     assert _depth(c) + 2 <= limits.MAX_JSON_DEPTH  # within the bound even counted from the batch body
     said = " | ".join(c["evidence"]["truncated"])
@@ -247,7 +250,8 @@ def test_refused_measurements_are_quarantined_listed_exported_and_resent(
     assert delivered == set(FINE) - bad  # the rest was sent, not held behind the refused ones
     assert run.daemon.spool.totals()["quarantined_total"] == 2
     status = json.loads(_cli("status", "--json", "--config", str(config)).stdout)
-    assert status["quarantined"] == 2 and status["spool_results"] == 0
+    assert status["quarantined"] == 2
+    assert status["spool_results"] == 0
     assert {q["reason"] for q in status["quarantine"]} == {
         "http 422: measurements[0].domain: refused by this collector"
     }
@@ -259,7 +263,8 @@ def test_refused_measurements_are_quarantined_listed_exported_and_resent(
     assert {e["measurement"]["domain"] for e in exported} == bad
     # Still refused: the resend keeps them, exit 1.
     again = _cli("spool", "resend", "--config", str(config))
-    assert again.returncode == 1 and "0 acknowledged, 2 still refused" in again.stdout
+    assert again.returncode == 1
+    assert "0 acknowledged, 2 still refused" in again.stdout
     collector.refuse = lambda m: None  # the collector was fixed
     ok = _cli("spool", "resend", "--config", str(config))
     assert ok.returncode == 0, ok.stderr
@@ -267,7 +272,8 @@ def test_refused_measurements_are_quarantined_listed_exported_and_resent(
     _unique(collector)
     assert {m["domain"] for m in collector.results()} == set(FINE)
     final = json.loads(_cli("status", "--json", "--config", str(config)).stdout)
-    assert final["quarantined"] == 0 and final["lifetime"]["pushed_total"] == len(FINE)
+    assert final["quarantined"] == 0
+    assert final["lifetime"]["pushed_total"] == len(FINE)
 
 
 def test_results_older_than_the_collector_accepts_are_quarantined_not_blocking(tmp_path: Path) -> None:
@@ -276,12 +282,14 @@ def test_results_older_than_the_collector_accepts_are_quarantined_not_blocking(t
     spool.db.execute("UPDATE results SET created = created - 100 * 86400")
     spool.add([{"domain": "new.example", "finding": None}])
     batch = spool.next_batch(10, max_age=90 * 86400)
-    assert batch is not None and [m["domain"] for m in batch.measurements] == ["new.example"]
+    assert batch is not None
+    assert [m["domain"] for m in batch.measurements] == ["new.example"]
     [q] = spool.quarantined()
-    assert q.measurement["domain"] == "old.example" and q.reason.startswith(
-        "older than the collector accepts"
-    )
-    assert spool.depth() == 1 and spool.quarantine_depth() == 1 and spool.totals()["quarantined_total"] == 1
+    assert q.measurement["domain"] == "old.example"
+    assert q.reason.startswith("older than the collector accepts")
+    assert spool.depth() == 1
+    assert spool.quarantine_depth() == 1
+    assert spool.totals()["quarantined_total"] == 1
     spool.close()
 
 
@@ -325,10 +333,12 @@ def test_backoff_is_one_state_per_collector_and_the_backlog_drains_at_once(
     thread.shutdown()
     # While the collector fails, one request per backoff period, not one per batch.
     failing = [s for _, _, s in collector.requests if s == 500]
-    assert len(failing) == 3 and collector.requests[3][2] == 200
+    assert len(failing) == 3
+    assert collector.requests[3][2] == 200
     assert all(b - a >= 0.1 for a, b in zip(collector.times[:3], collector.times[1:4], strict=True))
     # The first success resets it: all 40 batches go in that same push, back to back.
-    assert sent[-1] == 40 and collector.times[-1] - collector.times[3] < 5
+    assert sent[-1] == 40
+    assert collector.times[-1] - collector.times[3] < 5
     assert len(collector.results()) == 400
 
 
@@ -350,7 +360,8 @@ def test_429_and_503_honour_retry_after(tmp_path: Path, collector: FakeCollector
     thread.shutdown()
     assert [s for _, _, s in collector.requests] == [int(status), 200]
     assert collector.times[1] - collector.times[0] >= 1.0
-    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0 and retry_after("120") == 120.0
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after("120") == 120.0
     assert retry_after("soon") is None
     b = Backoff(1, 2)
     assert 3600 >= b.failed(retry_after=10**9) >= 3600  # a hostile Retry-After is capped at an hour
@@ -364,8 +375,11 @@ def test_collector_level_refusals_are_not_bisected(tmp_path: Path, collector: Fa
     out = asyncio.run(pusher.push())
     asyncio.run(pusher.aclose())
     thread.shutdown()
-    assert out.failure and out.failure.startswith("http 401") and len(collector.requests) == 1
-    assert thread.spool.quarantine_depth() == 0 and thread.spool.depth() == 20
+    assert out.failure
+    assert out.failure.startswith("http 401")
+    assert len(collector.requests) == 1
+    assert thread.spool.quarantine_depth() == 0
+    assert thread.spool.depth() == 20
 
 
 # -- stops, deadlines, duplicates --------------------------------------------------------------
@@ -386,7 +400,8 @@ def test_sigterm_mid_round_stores_everything_measured(
     measured = _measured(run.daemon)
     assert measured < len(FINE + SLOW) + 1  # the slow names were still in flight
     ro = ReadOnlySpool(tmp_path / "state" / "spool.sqlite3")
-    assert ro.depth() == measured and ro.counters()["written_total"] == measured
+    assert ro.depth() == measured
+    assert ro.counters()["written_total"] == measured
     ro.close()
 
 
@@ -457,7 +472,8 @@ def test_a_chunk_is_never_stored_twice_nor_lost_when_the_spool_errs(tmp_path: Pa
     assert sorted(json.loads(b)["n"] for (b,) in spool.db.execute("SELECT body FROM results")) == list(
         range(10)
     )
-    assert spool.totals()["written_total"] == 10 and spool.depth() == 10
+    assert spool.totals()["written_total"] == 10
+    assert spool.depth() == 10
     spool.close()
 
 
@@ -480,7 +496,8 @@ def test_spool_writes_run_on_the_spool_thread_not_the_event_loop(
             run.stop()
     finally:
         Spool.add_encoded = real  # type: ignore[method-assign]
-    assert threads and all(t.startswith("spool") for t in threads)
+    assert threads
+    assert all(t.startswith("spool") for t in threads)
 
 
 # -- lifetime counts, status ------------------------------------------------------------------
@@ -547,7 +564,8 @@ def test_status_opens_the_spool_read_only_and_creates_nothing(
     )
     db.close()
     ro = ReadOnlySpool(old / "spool.sqlite3")
-    assert ro.quarantine_depth() == 0 and ro.depth() == 0
+    assert ro.quarantine_depth() == 0
+    assert ro.depth() == 0
     ro.close()
     tables = {r[0] for r in sqlite3.connect(old / "spool.sqlite3").execute("SELECT name FROM sqlite_master")}
     assert "quarantine" not in tables
@@ -558,11 +576,13 @@ def test_an_unclean_stop_is_counted_at_the_next_start(tmp_path: Path) -> None:
     assert a.mark_start() is False
     a.close()  # no mark_stop: as after kill -9 or a watchdog restart
     b = Spool(tmp_path / "s.sqlite3")
-    assert b.mark_start() is True and b.totals()["unclean_starts_total"] == 1
+    assert b.mark_start() is True
+    assert b.totals()["unclean_starts_total"] == 1
     b.mark_stop()
     b.close()
     c = Spool(tmp_path / "s.sqlite3")
-    assert c.mark_start() is False and c.totals()["unclean_starts_total"] == 1
+    assert c.mark_start() is False
+    assert c.totals()["unclean_starts_total"] == 1
     c.close()
 
 
@@ -607,7 +627,8 @@ def test_watchdog_pings_while_healthy_and_stops_when_a_round_is_stuck(
         messages.clear()
         time.sleep(0.5)  # several ping intervals: an absence can only be observed over time
         assert "WATCHDOG=1" not in drain()
-        assert run.daemon.healthy() is not None and "past its deadline" in str(run.daemon.healthy())
+        assert run.daemon.healthy() is not None
+        assert "past its deadline" in str(run.daemon.healthy())
     finally:
         run.daemon._round_started = None
         run.stop()
@@ -626,7 +647,9 @@ def test_notifier_speaks_abstract_sockets_and_is_silent_outside_systemd() -> Non
     assert sock.recv(100) == b"READY=1"
     sock.close()
     quiet = Notifier({})
-    assert not quiet.enabled and quiet.watchdog_interval is None and quiet.send("READY=1") is False
+    assert not quiet.enabled
+    assert quiet.watchdog_interval is None
+    assert quiet.send("READY=1") is False
     assert (
         Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_interval
         is None
@@ -703,7 +726,8 @@ def test_the_role_writes_a_notify_unit_with_a_watchdog_and_a_config_the_daemon_a
     doc["state_dir"] = str(tmp_path / "state")
     (tmp_path / "token").write_text("t0ken")
     config = parse_config(json.dumps(doc), "probe.yaml", tmp_path)
-    assert config.round_deadline == 3600 and config.collector is not None
+    assert config.round_deadline == 3600
+    assert config.collector is not None
     assert (config.collector.retry_base, config.collector.retry_max) == (1, 30)
 
 
@@ -718,7 +742,9 @@ def test_a_collector_that_refuses_everything_is_waited_for_not_emptied_into_the_
 
     async def go() -> None:
         out = await pusher.push()
-        assert out.quarantined == SUSPECT_AFTER and out.failure and "a bad deploy" in out.failure
+        assert out.quarantined == SUSPECT_AFTER
+        assert out.failure
+        assert "a bad deploy" in out.failure
         assert pusher.backoff.remaining() > 0
         collector.refuse = lambda m: None  # fixed
         while thread.spool.depth():
@@ -815,7 +841,8 @@ def test_each_acknowledged_batch_is_logged_with_whether_it_was_a_duplicate(
         acks[0]
         == f"batch {first.batch_id} acknowledged: 10 results, a duplicate (the collector had it already)"
     )
-    assert acks[1].endswith("acknowledged: 5 results, new") and len(acks) == 2
+    assert acks[1].endswith("acknowledged: 5 results, new")
+    assert len(acks) == 2
     assert len(collector.results()) == 15
 
 

@@ -147,7 +147,8 @@ def test_every_listed_name_reaches_the_collector_within_full_pass_and_no_faster(
         # Politeness: a slice every 0.5 s that measured every name would give ~elapsed / 0.5.
         assert len(seen[lane]) <= passes + 2, (lane, len(seen[lane]), passes)
     assert slices > 2 * passes  # slices ran often; each measured only its share
-    assert behind is not None and 0 <= behind < FULL
+    assert behind is not None
+    assert 0 <= behind < FULL
 
 
 def test_a_new_order_is_measured_within_fast_interval_of_its_effective_instant(
@@ -268,9 +269,8 @@ def test_check_config_prints_the_budget_and_rejects_an_impossible_one(
     )
     assert refused.returncode == 2
     lines = refused.stderr.splitlines()
-    assert lines and all(
-        line.startswith(f"probe: {bad}: schedule.full_pass: 3s cannot be met on ") for line in lines
-    )
+    assert lines
+    assert all(line.startswith(f"probe: {bad}: schedule.full_pass: 3s cannot be met on ") for line in lines)
     assert "5 names × 1 qtypes ÷ 1 qps = 5s per pass" in lines[0]
     # `probe run` refuses it the same way, before measuring anything.
     daemon = Daemon(load_config(bad))
