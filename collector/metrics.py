@@ -26,32 +26,62 @@ __all__ = ["FAMILIES", "Health", "make_registry", "render_findings"]
 
 # name → (type, help, label names). Label values come from the store; label names live here.
 FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "blockprobe_leak": ("gauge", "1 for each current leak: a name ordered blocked here still resolves.",
-                        ("probe", "region", "country", "resolver", "transport", "order", "domain", "qtype")),
-    "blockprobe_overblock": ("gauge", "1 for each current overblock: a name that must resolve here is blocked.",
-                             ("probe", "region", "country", "resolver", "transport", "list", "domain", "qtype", "kind")),
+    "blockprobe_leak": (
+        "gauge",
+        "1 for each current leak: a name ordered blocked here still resolves.",
+        ("probe", "region", "country", "resolver", "transport", "order", "domain", "qtype"),
+    ),
+    "blockprobe_overblock": (
+        "gauge",
+        "1 for each current overblock: a name that must resolve here is blocked.",
+        ("probe", "region", "country", "resolver", "transport", "list", "domain", "qtype", "kind"),
+    ),
     "blockprobe_finding_since_timestamp_seconds": (
-        "gauge", "When each current leak or overblock was first seen in its current state.",
-        ("probe", "region", "country", "resolver", "transport", "rule", "domain", "qtype", "finding")),
-    "blockprobe_domains": ("gauge", "How many current series have each finding.",
-                           ("probe", "region", "country", "resolver", "transport", "list", "finding")),
-    "blockprobe_order_enforcement_ratio": ("gauge", "Per order: enforced / (enforced + leak) over current series.",
-                                           ("order", "country", "resolver", "transport")),
-    "blockprobe_resolver_reachable": ("gauge", "1 when the endpoint answered some of its current queries, 0 when none.",
-                                      ("probe", "region", "country", "resolver", "transport")),
+        "gauge",
+        "When each current leak or overblock was first seen in its current state.",
+        ("probe", "region", "country", "resolver", "transport", "rule", "domain", "qtype", "finding"),
+    ),
+    "blockprobe_domains": (
+        "gauge",
+        "How many current series have each finding.",
+        ("probe", "region", "country", "resolver", "transport", "list", "finding"),
+    ),
+    "blockprobe_order_enforcement_ratio": (
+        "gauge",
+        "Per order: enforced / (enforced + leak) over current series.",
+        ("order", "country", "resolver", "transport"),
+    ),
+    "blockprobe_resolver_reachable": (
+        "gauge",
+        "1 when the endpoint answered some of its current queries, 0 when none.",
+        ("probe", "region", "country", "resolver", "transport"),
+    ),
     "blockprobe_resolver_latency_seconds": (
-        "gauge", "Mean query latency over the endpoint's current series (connection set-up excluded).",
-        ("probe", "region", "country", "resolver", "transport")),
-    "blockprobe_probe_last_report_timestamp_seconds": ("gauge", "When each probe's last batch arrived.",
-                                                       ("probe", "region", "country")),
-    "blockprobe_canary_failing": ("gauge", "1 for each current canary whose fate was not the expected one.",
-                                  ("probe", "region", "country", "resolver", "transport", "domain", "qtype", "outcome")),
+        "gauge",
+        "Mean query latency over the endpoint's current series (connection set-up excluded).",
+        ("probe", "region", "country", "resolver", "transport"),
+    ),
+    "blockprobe_probe_last_report_timestamp_seconds": (
+        "gauge",
+        "When each probe's last batch arrived.",
+        ("probe", "region", "country"),
+    ),
+    "blockprobe_canary_failing": (
+        "gauge",
+        "1 for each current canary whose fate was not the expected one.",
+        ("probe", "region", "country", "resolver", "transport", "domain", "qtype", "outcome"),
+    ),
     "blockprobe_domain_series_capped": (
-        "gauge", "Per-domain series left out of blockprobe_leak/blockprobe_overblock by the cap (limits.max_domain_series).",
-        ("probe", "region", "country", "resolver", "transport", "rule", "finding")),
-    "blockprobe_control_failure_ratio": ("gauge", "Share of the control resolver's answers that failed in the probe's last batch.",
-                                         ("probe", "region", "country")),
-}  # fmt: skip
+        "gauge",
+        "Per-domain series left out of blockprobe_leak/blockprobe_overblock by the cap (limits.max_domain_series).",
+        ("probe", "region", "country", "resolver", "transport", "rule", "finding"),
+    ),
+    "blockprobe_control_failure_ratio": (
+        "gauge",
+        "Share of the control resolver's answers that failed in the probe's last batch.",
+        ("probe", "region", "country"),
+    ),
+}
 
 
 def _escape(value: Any) -> str:
@@ -121,15 +151,67 @@ def render_findings(
     counts = store.counts(since)
     probes = store.probes()
     w = _Writer()
-    w.family("blockprobe_leak", (([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"],
-                                   p["rule"] or "", p["domain"], p["qtype"]], 1)
-                                 for p in problems if p["finding"] == "leak"))  # fmt: skip
-    w.family("blockprobe_overblock", (([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"],
-                                        p["rule"] or "", p["domain"], p["qtype"], p["rule_kind"] or "control"], 1)
-                                      for p in problems if p["finding"] == "overblock"))  # fmt: skip
-    w.family("blockprobe_finding_since_timestamp_seconds",
-             (([p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"], p["rule"] or "",
-                p["domain"], p["qtype"], p["finding"]], p["since"]) for p in problems))  # fmt: skip
+    w.family(
+        "blockprobe_leak",
+        (
+            (
+                [
+                    p["probe_id"],
+                    p["region"],
+                    p["country"],
+                    p["resolver"],
+                    p["transport"],
+                    p["rule"] or "",
+                    p["domain"],
+                    p["qtype"],
+                ],
+                1,
+            )
+            for p in problems
+            if p["finding"] == "leak"
+        ),
+    )
+    w.family(
+        "blockprobe_overblock",
+        (
+            (
+                [
+                    p["probe_id"],
+                    p["region"],
+                    p["country"],
+                    p["resolver"],
+                    p["transport"],
+                    p["rule"] or "",
+                    p["domain"],
+                    p["qtype"],
+                    p["rule_kind"] or "control",
+                ],
+                1,
+            )
+            for p in problems
+            if p["finding"] == "overblock"
+        ),
+    )
+    w.family(
+        "blockprobe_finding_since_timestamp_seconds",
+        (
+            (
+                [
+                    p["probe_id"],
+                    p["region"],
+                    p["country"],
+                    p["resolver"],
+                    p["transport"],
+                    p["rule"] or "",
+                    p["domain"],
+                    p["qtype"],
+                    p["finding"],
+                ],
+                p["since"],
+            )
+            for p in problems
+        ),
+    )
     orders: dict[tuple[str, str, str, str], list[int]] = {}
     endpoints: dict[tuple[str, str, str, str, str], list[float]] = {}
     domains = []
@@ -145,18 +227,46 @@ def render_findings(
         e[2] += int(lat_n or 0)
     w.family("blockprobe_domains", domains)
     w.family("blockprobe_domain_series_capped", ((list(k), n) for k, n in sorted(left_out.items())))
-    w.family("blockprobe_order_enforcement_ratio",
-             ((list(k), c[0] / (c[0] + c[1])) for k, c in sorted(orders.items())))  # fmt: skip
+    w.family(
+        "blockprobe_order_enforcement_ratio",
+        ((list(k), c[0] / (c[0] + c[1])) for k, c in sorted(orders.items())),
+    )
     w.family("blockprobe_resolver_reachable", ((list(k), 1 if e[0] else 0) for k, e in endpoints.items()))
-    w.family("blockprobe_resolver_latency_seconds",
-             ((list(k), e[1] / e[2] / 1000) for k, e in endpoints.items() if e[2]))  # fmt: skip
-    w.family("blockprobe_probe_last_report_timestamp_seconds",
-             (([p["probe_id"], p["region"], p["country"]], p["last_report"]) for p in probes))  # fmt: skip
-    w.family("blockprobe_canary_failing", (([c["probe_id"], c["region"], c["country"], c["resolver"], c["transport"],
-                                             c["domain"], c["qtype"], c["outcome"]], 1) for c in store.canaries(since)))  # fmt: skip
-    w.family("blockprobe_control_failure_ratio",
-             (([p["probe_id"], p["region"], p["country"]], p["control_failure_ratio"]) for p in probes
-              if p["control_failure_ratio"] is not None))  # fmt: skip
+    w.family(
+        "blockprobe_resolver_latency_seconds",
+        ((list(k), e[1] / e[2] / 1000) for k, e in endpoints.items() if e[2]),
+    )
+    w.family(
+        "blockprobe_probe_last_report_timestamp_seconds",
+        (([p["probe_id"], p["region"], p["country"]], p["last_report"]) for p in probes),
+    )
+    w.family(
+        "blockprobe_canary_failing",
+        (
+            (
+                [
+                    c["probe_id"],
+                    c["region"],
+                    c["country"],
+                    c["resolver"],
+                    c["transport"],
+                    c["domain"],
+                    c["qtype"],
+                    c["outcome"],
+                ],
+                1,
+            )
+            for c in store.canaries(since)
+        ),
+    )
+    w.family(
+        "blockprobe_control_failure_ratio",
+        (
+            ([p["probe_id"], p["region"], p["country"]], p["control_failure_ratio"])
+            for p in probes
+            if p["control_failure_ratio"] is not None
+        ),
+    )
     return w.text()
 
 
@@ -165,15 +275,17 @@ class Health:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.batches = Counter("blockprobe_collector_batches", "Batches received, by result.", ["result"],
-                               registry=registry)  # fmt: skip
+        self.batches = Counter(
+            "blockprobe_collector_batches", "Batches received, by result.", ["result"], registry=registry
+        )
         for r in ("stored", "duplicate"):
             self.batches.labels(r)
         self.results = Counter(
             "blockprobe_collector_results", "Measurements stored in the archive.", registry=registry
         )
-        self.rejected = Counter("blockprobe_collector_rejected", "Requests rejected, by reason.", ["reason"],
-                                registry=registry)  # fmt: skip
+        self.rejected = Counter(
+            "blockprobe_collector_rejected", "Requests rejected, by reason.", ["reason"], registry=registry
+        )
         for r in (
             "unauthorized",
             "forbidden",
@@ -194,15 +306,26 @@ class Health:
             ["probe", "quota"],
             registry=registry,
         )
-        self.clamped = Counter("blockprobe_collector_clamped_results",
-                               "Measurements whose future timestamps were clamped to the receive time.",
-                               registry=registry)  # fmt: skip
-        self.ingest = Histogram("blockprobe_collector_ingest_seconds", "Time to validate and store one batch.",
-                                registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))  # fmt: skip
-        self.render = Histogram("blockprobe_collector_metrics_render_seconds", "Time to render the findings series.",
-                                registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))  # fmt: skip
-        self.db_errors = Counter("blockprobe_collector_database_errors", "Database operations that failed.",
-                                 registry=registry)  # fmt: skip
+        self.clamped = Counter(
+            "blockprobe_collector_clamped_results",
+            "Measurements whose future timestamps were clamped to the receive time.",
+            registry=registry,
+        )
+        self.ingest = Histogram(
+            "blockprobe_collector_ingest_seconds",
+            "Time to validate and store one batch.",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.render = Histogram(
+            "blockprobe_collector_metrics_render_seconds",
+            "Time to render the findings series.",
+            registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.db_errors = Counter(
+            "blockprobe_collector_database_errors", "Database operations that failed.", registry=registry
+        )
 
     def findings(self, store: Store, stale_after: float, max_domain_series: int = 100) -> bytes:
         """The findings families from the store (the slow part of a scrape, cached by the app)."""

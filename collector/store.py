@@ -147,16 +147,22 @@ class Store:
     # tokens ----------------------------------------------------------------------------
     def set_token(self, probe_id: str, token_hash: str) -> None:
         with self.tx() as cur:
-            cur.execute(self._sql(
-                "INSERT INTO tokens (probe_id, token_hash, created, revoked) VALUES (?, ?, ?, NULL) "
-                "ON CONFLICT (probe_id) DO UPDATE SET token_hash = excluded.token_hash, created = excluded.created, "
-                "revoked = NULL"), (probe_id, token_hash, time.time()))  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "INSERT INTO tokens (probe_id, token_hash, created, revoked) VALUES (?, ?, ?, NULL) "
+                    "ON CONFLICT (probe_id) DO UPDATE SET token_hash = excluded.token_hash, created = excluded.created, "
+                    "revoked = NULL"
+                ),
+                (probe_id, token_hash, time.time()),
+            )
         self.token_generation += 1
 
     def revoke_token(self, probe_id: str) -> bool:
         with self.tx() as cur:
-            cur.execute(self._sql("UPDATE tokens SET revoked = ? WHERE probe_id = ? AND revoked IS NULL"),
-                        (time.time(), probe_id))  # fmt: skip
+            cur.execute(
+                self._sql("UPDATE tokens SET revoked = ? WHERE probe_id = ? AND revoked IS NULL"),
+                (time.time(), probe_id),
+            )
             done = bool(cur.rowcount)
         self.token_generation += 1
         return done
@@ -200,10 +206,36 @@ class Store:
             newest = max(newest, t)
             rule = rule_of(m)
             key = (pid, m["resolver"], m["transport"], m["qtype"], m["domain"])
-            archive.append((batch_id, pid, region, country, m["resolver"], m["transport"], m["qtype"], m["domain"], t,
-                            m["outcome"], m.get("finding"), rule, json.dumps(m, separators=(",", ":"))))  # fmt: skip
-            row = (*key, region, country, t, m["outcome"], m.get("finding"), rule, m.get("latency_ms"),
-                   json.dumps(m.get("answers", [])), t, rule_kind_of(m))  # fmt: skip
+            archive.append(
+                (
+                    batch_id,
+                    pid,
+                    region,
+                    country,
+                    m["resolver"],
+                    m["transport"],
+                    m["qtype"],
+                    m["domain"],
+                    t,
+                    m["outcome"],
+                    m.get("finding"),
+                    rule,
+                    json.dumps(m, separators=(",", ":")),
+                )
+            )
+            row = (
+                *key,
+                region,
+                country,
+                t,
+                m["outcome"],
+                m.get("finding"),
+                rule,
+                m.get("latency_ms"),
+                json.dumps(m.get("answers", [])),
+                t,
+                rule_kind_of(m),
+            )
             if key not in latest or latest[key][7] <= t:
                 latest[key] = row
         with self.tx() as cur:
@@ -227,28 +259,39 @@ class Store:
                     new = self._new_keys(cur, pid, since, list(latest))
                     if current + new > limit:
                         raise SeriesQuotaExceeded(current + new, limit)
-            cur.executemany(self._sql(
-                "INSERT INTO archive (batch_id, probe_id, region, country, resolver, transport, qtype, domain, time, "
-                "outcome, finding, rule, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"), archive)  # fmt: skip
-            cur.executemany(self._sql(
-                "INSERT INTO latest (probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
-                "finding, rule, latency_ms, answers, since, rule_kind) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (probe_id, resolver, transport, qtype, domain) DO UPDATE SET "
-                "region = excluded.region, country = excluded.country, time = excluded.time, "
-                "outcome = excluded.outcome, finding = excluded.finding, rule = excluded.rule, "
-                "latency_ms = excluded.latency_ms, answers = excluded.answers, rule_kind = excluded.rule_kind, "
-                "since = CASE WHEN COALESCE(latest.finding, '') = COALESCE(excluded.finding, '') "
-                "THEN latest.since ELSE excluded.since END "
-                "WHERE excluded.time >= latest.time"), list(latest.values()))  # fmt: skip
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO archive (batch_id, probe_id, region, country, resolver, transport, qtype, domain, time, "
+                    "outcome, finding, rule, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                ),
+                archive,
+            )
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO latest (probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
+                    "finding, rule, latency_ms, answers, since, rule_kind) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (probe_id, resolver, transport, qtype, domain) DO UPDATE SET "
+                    "region = excluded.region, country = excluded.country, time = excluded.time, "
+                    "outcome = excluded.outcome, finding = excluded.finding, rule = excluded.rule, "
+                    "latency_ms = excluded.latency_ms, answers = excluded.answers, rule_kind = excluded.rule_kind, "
+                    "since = CASE WHEN COALESCE(latest.finding, '') = COALESCE(excluded.finding, '') "
+                    "THEN latest.since ELSE excluded.since END "
+                    "WHERE excluded.time >= latest.time"
+                ),
+                list(latest.values()),
+            )
             if newest:
-                cur.execute(self._sql(
-                    "INSERT INTO probes (probe_id, region, country, last_report, version, control_failure_ratio) "
-                    "VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (probe_id) DO UPDATE SET region = excluded.region, country = excluded.country, "
-                    "last_report = CASE WHEN excluded.last_report > probes.last_report THEN excluded.last_report "
-                    "ELSE probes.last_report END, version = excluded.version, "
-                    "control_failure_ratio = COALESCE(excluded.control_failure_ratio, probes.control_failure_ratio)"),
-                    (pid, region, country, received, probe.get("version"), control_ratio))  # fmt: skip
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO probes (probe_id, region, country, last_report, version, control_failure_ratio) "
+                        "VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (probe_id) DO UPDATE SET region = excluded.region, country = excluded.country, "
+                        "last_report = CASE WHEN excluded.last_report > probes.last_report THEN excluded.last_report "
+                        "ELSE probes.last_report END, version = excluded.version, "
+                        "control_failure_ratio = COALESCE(excluded.control_failure_ratio, probes.control_failure_ratio)"
+                    ),
+                    (pid, region, country, received, probe.get("version"), control_ratio),
+                )
         return StoredBatch(True, len(archive))
 
     def _new_keys(self, cur: Any, pid: str, since: float, keys: list[tuple[str, ...]]) -> int:
@@ -267,37 +310,54 @@ class Store:
     def groups(self, probe_id: str, since: float) -> list[tuple[str, str, str]]:
         """The probe's current (resolver, transport, rule) groups: seeds the ingest's group quota."""
         with self.tx() as cur:
-            cur.execute(self._sql("SELECT DISTINCT resolver, transport, COALESCE(rule, '') FROM latest "
-                                  "WHERE probe_id = ? AND time >= ?"), (probe_id, since))  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "SELECT DISTINCT resolver, transport, COALESCE(rule, '') FROM latest "
+                    "WHERE probe_id = ? AND time >= ?"
+                ),
+                (probe_id, since),
+            )
             return [(str(a), str(b), str(c)) for a, b, c in cur.fetchall()]
 
     # reading ---------------------------------------------------------------------------
     def current(self, since: float) -> list[dict[str, Any]]:
         """Latest rows reported at or after `since` (the staleness window), with their probe's region."""
         with self.tx() as cur:
-            cur.execute(self._sql(
-                "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
-                "latency_ms, answers, since FROM latest WHERE time >= ?"), (since,))  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
+                    "latency_ms, answers, since FROM latest WHERE time >= ?"
+                ),
+                (since,),
+            )
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     def problems(self, since: float) -> list[dict[str, Any]]:
         """Current leaks and overblocks only: what per-domain series and the status page show."""
         with self.tx() as cur:
-            cur.execute(self._sql(
-                "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
-                "answers, since, rule_kind FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
-                "AND COALESCE(rule, '') <> 'canary' "
-                "ORDER BY finding, country, resolver, transport, domain, qtype"), (since,))  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
+                    "answers, since, rule_kind FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
+                    "AND COALESCE(rule, '') <> 'canary' "
+                    "ORDER BY finding, country, resolver, transport, domain, qtype"
+                ),
+                (since,),
+            )
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     def canaries(self, since: float) -> list[dict[str, Any]]:
         """Current canary series whose fate was not the expected one (or could not be told)."""
         with self.tx() as cur:
-            cur.execute(self._sql(
-                "SELECT probe_id, region, country, resolver, transport, qtype, domain, outcome, finding FROM latest "
-                "WHERE time >= ? AND rule = 'canary' AND finding NOT IN ('ok', 'enforced')"), (since,))  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "SELECT probe_id, region, country, resolver, transport, qtype, domain, outcome, finding FROM latest "
+                    "WHERE time >= ? AND rule = 'canary' AND finding NOT IN ('ok', 'enforced')"
+                ),
+                (since,),
+            )
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
@@ -305,17 +365,23 @@ class Store:
         """One pass over the current series: (probe, region, country, resolver, transport, rule, finding,
         series, answered, latency sum ms, latency count)."""
         with self.tx() as cur:
-            cur.execute(self._sql(
-                "SELECT probe_id, region, country, resolver, transport, rule, finding, count(*), "
-                "sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), "
-                "sum(latency_ms), count(latency_ms) FROM latest WHERE time >= ? "
-                "GROUP BY probe_id, region, country, resolver, transport, rule, finding"), (since,))  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "SELECT probe_id, region, country, resolver, transport, rule, finding, count(*), "
+                    "sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), "
+                    "sum(latency_ms), count(latency_ms) FROM latest WHERE time >= ? "
+                    "GROUP BY probe_id, region, country, resolver, transport, rule, finding"
+                ),
+                (since,),
+            )
             return [tuple(r) for r in cur.fetchall()]
 
     def probes(self) -> list[dict[str, Any]]:
         with self.tx() as cur:
-            cur.execute("SELECT probe_id, region, country, last_report, version, control_failure_ratio FROM probes "
-                        "ORDER BY probe_id")  # fmt: skip
+            cur.execute(
+                "SELECT probe_id, region, country, last_report, version, control_failure_ratio FROM probes "
+                "ORDER BY probe_id"
+            )
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
@@ -326,11 +392,15 @@ class Store:
         keys of those names cannot make its evidence claim another probe, batch or time.
         """
         with self.tx() as cur:
-            cur.execute(self._sql(
-                "SELECT a.id, a.batch_id, a.probe_id, a.region, a.country, b.received, a.body FROM archive a "
-                "LEFT JOIN batches b ON b.probe_id = a.probe_id AND b.batch_id = a.batch_id "
-                "WHERE a.probe_id = ? AND a.resolver = ? AND a.transport = ? AND a.qtype = ? AND a.domain = ? "
-                "ORDER BY a.time DESC LIMIT ?"), (*key, limit))  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "SELECT a.id, a.batch_id, a.probe_id, a.region, a.country, b.received, a.body FROM archive a "
+                    "LEFT JOIN batches b ON b.probe_id = a.probe_id AND b.batch_id = a.batch_id "
+                    "WHERE a.probe_id = ? AND a.resolver = ? AND a.transport = ? AND a.qtype = ? AND a.domain = ? "
+                    "ORDER BY a.time DESC LIMIT ?"
+                ),
+                (*key, limit),
+            )
             rows = []
             for r in cur.fetchall():
                 row = json.loads(r[6])
@@ -340,8 +410,10 @@ class Store:
 
     def archive_problems(self, since: float, order: str | None, country: str | None) -> list[tuple[Any, ...]]:
         """Every archived leak and overblock since a time: (probe, region, country, time, finding, rule, body)."""
-        sql = ("SELECT probe_id, region, country, time, finding, rule, body FROM archive "
-               "WHERE finding IN ('leak', 'overblock') AND time >= ?")  # fmt: skip
+        sql = (
+            "SELECT probe_id, region, country, time, finding, rule, body FROM archive "
+            "WHERE finding IN ('leak', 'overblock') AND time >= ?"
+        )
         params: list[Any] = [since]
         if order:
             sql += " AND rule = ?"

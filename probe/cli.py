@@ -276,8 +276,15 @@ def once(
         _fail_all(exc.errors)
     except BlockprobeError as exc:
         _fail(str(exc))
-    plan = Plan(names, types, targets, control_resolvers, _expectations(expect, lists, country),
-                canary_list, not no_identity)  # fmt: skip
+    plan = Plan(
+        names,
+        types,
+        targets,
+        control_resolvers,
+        _expectations(expect, lists, country),
+        canary_list,
+        not no_identity,
+    )
     options = Options(
         timeout=timeout,
         ca_file=ca_file,
@@ -440,16 +447,20 @@ def lists_check(files: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary))
         return
-    click.echo(f"{len(files)} file(s) OK: {summary['orders']} orders, {summary['controls']} control lists, "
-               f"{summary['patterns']} name patterns ({summary['names_to_query']} names to query)")  # fmt: skip
+    click.echo(
+        f"{len(files)} file(s) OK: {summary['orders']} orders, {summary['controls']} control lists, "
+        f"{summary['patterns']} name patterns ({summary['names_to_query']} names to query)"
+    )
     click.echo(f"jurisdictions: {', '.join(summary['jurisdictions']) or '-'}")
     click.echo(f"authorities: {', '.join(summary['authorities']) or '-'}")
     for o in loaded.orders:
         dates = " to ".join(format_instant(t) if t else "…" for t in (o.effective, o.expires))
         if o.deadline is not None:
             dates += f", enforce within {format_duration(o.deadline)}"
-        click.echo(f"  {o.id}: {o.authority}, {'/'.join(sorted(o.jurisdictions))}, "
-                   f"applies to {', '.join(sorted(o.applies_to))}, {dates}, {len(o.domains)} patterns")  # fmt: skip
+        click.echo(
+            f"  {o.id}: {o.authority}, {'/'.join(sorted(o.jurisdictions))}, "
+            f"applies to {', '.join(sorted(o.applies_to))}, {dates}, {len(o.domains)} patterns"
+        )
 
 
 @lists.command("import")
@@ -457,8 +468,9 @@ def lists_check(files: tuple[str, ...], as_json: bool) -> None:
 @click.option("--id", "order_id", required=True, help="The order's id (a metric label).")
 @click.option("--authority", required=True)
 @click.option("--jurisdiction", "jurisdictions", multiple=True, required=True, metavar="CC")
-@click.option("--applies-to", "applies_to", multiple=True, metavar="KIND|OPERATOR",
-              help="Default: isp, public, system.")  # fmt: skip
+@click.option(
+    "--applies-to", "applies_to", multiple=True, metavar="KIND|OPERATOR", help="Default: isp, public, system."
+)
 @click.option(
     "--effective",
     metavar="DATE|TIME|now",

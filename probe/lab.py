@@ -516,8 +516,14 @@ class _H3Server(QuicConnectionProtocol):
 
     def _reply(self, sid: int, status: int, wire: bytes) -> None:
         ctype = b"application/dns-message" if status == 200 else b"text/plain"
-        self.h3.send_headers(sid, [(b":status", str(status).encode()), (b"content-type", ctype),
-                                   (b"content-length", str(len(wire)).encode())])  # fmt: skip
+        self.h3.send_headers(
+            sid,
+            [
+                (b":status", str(status).encode()),
+                (b"content-type", ctype),
+                (b"content-length", str(len(wire)).encode()),
+            ],
+        )
         self.h3.send_data(sid, wire, end_stream=True)
         self.transmit()
 

@@ -94,12 +94,26 @@ def server(request: pytest.FixtureRequest, tmp_path: Path, postgres: TempPostgre
 
 def measurement(domain: str = "pirate.example", finding: str | None = "leak", **over: Any) -> dict[str, Any]:
     m: dict[str, Any] = {
-        "domain": domain, "qtype": "A", "resolver": "udp://192.0.2.53", "transport": "udp", "outcome": "resolved",
-        "blocked": False, "expected": "blocked", "finding": finding, "rcode": "NOERROR", "ede": [],
-        "answers": ["93.184.216.34"], "cname": [], "sinkhole": None, "control": None, "latency_ms": 3.2,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "error": None, "wire": "AAA=",
+        "domain": domain,
+        "qtype": "A",
+        "resolver": "udp://192.0.2.53",
+        "transport": "udp",
+        "outcome": "resolved",
+        "blocked": False,
+        "expected": "blocked",
+        "finding": finding,
+        "rcode": "NOERROR",
+        "ede": [],
+        "answers": ["93.184.216.34"],
+        "cname": [],
+        "sinkhole": None,
+        "control": None,
+        "latency_ms": 3.2,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        "error": None,
+        "wire": "AAA=",
         "expected_by": {"order": "agcom-1"},
-    }  # fmt: skip
+    }
     m.update(over)
     return m
 
@@ -107,8 +121,11 @@ def measurement(domain: str = "pirate.example", finding: str | None = "leak", **
 def batch(
     probe: str = "it-1", measurements: list[dict[str, Any]] | None = None, batch_id: str | None = None
 ) -> dict[str, Any]:
-    return {"probe": {"id": probe, "region": "it-milan", "country": "IT"}, "batch_id": batch_id or str(uuid.uuid4()),
-            "measurements": measurements if measurements is not None else [measurement()]}  # fmt: skip
+    return {
+        "probe": {"id": probe, "region": "it-milan", "country": "IT"},
+        "batch_id": batch_id or str(uuid.uuid4()),
+        "measurements": measurements if measurements is not None else [measurement()],
+    }
 
 
 def post(
@@ -135,8 +152,10 @@ def test_a_leak_becomes_a_series_then_goes_when_enforced(server: Server) -> None
     r = post(server, token, batch(), gz=True)
     assert r.status_code == 200, r.text
     assert r.json()["stored"] == 1
-    leak = ('blockprobe_leak{country="IT",domain="pirate.example",order="agcom-1",probe="it-1",qtype="A",'
-            'region="it-milan",resolver="udp://192.0.2.53",transport="udp"}')  # fmt: skip
+    leak = (
+        'blockprobe_leak{country="IT",domain="pirate.example",order="agcom-1",probe="it-1",qtype="A",'
+        'region="it-milan",resolver="udp://192.0.2.53",transport="udp"}'
+    )
     scrape = server.scrape()
     assert scrape[leak] == 1
     counts = 'blockprobe_domains{country="IT",finding="%s",list="agcom-1",probe="it-1",region="it-milan",resolver="udp://192.0.2.53",transport="udp"}'
@@ -184,15 +203,42 @@ def test_stale_series_vanish_but_the_last_report_stays(tmp_path: Path) -> None:
 BAD = [
     ("no token", None, lambda: batch(), 401, "a bearer token is required"),
     ("wrong token", "bp_wrong", lambda: batch(), 401, "unknown or revoked token"),
-    ("another probe's id", "TOKEN", lambda: batch(probe="fr-1"), 403, "this token belongs to probe 'it-1', not 'fr-1'"),
-    ("wrong type", "TOKEN", lambda: batch(measurements=[measurement(latency_ms="fast")]), 422,
-     "measurements[0].latency_ms: Input should be a valid number, unable to parse string as a number"),
-    ("unknown outcome", "TOKEN", lambda: batch(measurements=[measurement(outcome="vanished")]), 422,
-     "measurements[0].outcome: Input should be 'timeout', 'error', 'ede_blocked', 'sinkhole', 'nxdomain', 'refused', 'servfail', 'nodata' or 'resolved'"),
-    ("missing key", "TOKEN", lambda: {k: v for k, v in batch().items() if k != "batch_id"}, 422, "batch_id: Field required"),
-    ("far too old", "TOKEN", lambda: batch(measurements=[measurement(time="2020-01-01T00:00:00.000Z")]), 422,
-     "measurements[0].time: 2020-01-01T00:00:00.000Z is more than 90 days old (check the probe's clock)"),
-]  # fmt: skip
+    (
+        "another probe's id",
+        "TOKEN",
+        lambda: batch(probe="fr-1"),
+        403,
+        "this token belongs to probe 'it-1', not 'fr-1'",
+    ),
+    (
+        "wrong type",
+        "TOKEN",
+        lambda: batch(measurements=[measurement(latency_ms="fast")]),
+        422,
+        "measurements[0].latency_ms: Input should be a valid number, unable to parse string as a number",
+    ),
+    (
+        "unknown outcome",
+        "TOKEN",
+        lambda: batch(measurements=[measurement(outcome="vanished")]),
+        422,
+        "measurements[0].outcome: Input should be 'timeout', 'error', 'ede_blocked', 'sinkhole', 'nxdomain', 'refused', 'servfail', 'nodata' or 'resolved'",
+    ),
+    (
+        "missing key",
+        "TOKEN",
+        lambda: {k: v for k, v in batch().items() if k != "batch_id"},
+        422,
+        "batch_id: Field required",
+    ),
+    (
+        "far too old",
+        "TOKEN",
+        lambda: batch(measurements=[measurement(time="2020-01-01T00:00:00.000Z")]),
+        422,
+        "measurements[0].time: 2020-01-01T00:00:00.000Z is more than 90 days old (check the probe's clock)",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "token", "body", "status", "detail"), BAD, ids=[b[0] for b in BAD])
@@ -211,8 +257,11 @@ def test_malformed_json_oversize_and_gzip_bomb(server: Server) -> None:
     assert r.status_code == 422
     assert "JSON" in r.json()["detail"]
     bomb = gzip.compress(b" " * (80 << 20))  # 80 KiB on the wire, 80 MiB inflated: past the 64 MiB bound
-    r = server.client.post("/api/v1/results", content=bomb,
-                           headers={"authorization": f"Bearer {token}", "content-encoding": "gzip"})  # fmt: skip
+    r = server.client.post(
+        "/api/v1/results",
+        content=bomb,
+        headers={"authorization": f"Bearer {token}", "content-encoding": "gzip"},
+    )
     assert r.status_code == 413
     assert "inflated body is over the limit" in r.json()["detail"]
     huge = b"x" * (server.config.max_body + 1)
@@ -258,8 +307,17 @@ def test_status_page_and_evidence(server: Server) -> None:
     assert "1 leak" in page
     assert "pirate.example" in page
     assert "agcom-1" in page
-    ev = server.client.get("/evidence", params={"probe": "it-1", "resolver": "udp://192.0.2.53", "transport": "udp",
-                                                 "qtype": "A", "domain": "pirate.example", "format": "json"}).json()  # fmt: skip
+    ev = server.client.get(
+        "/evidence",
+        params={
+            "probe": "it-1",
+            "resolver": "udp://192.0.2.53",
+            "transport": "udp",
+            "qtype": "A",
+            "domain": "pirate.example",
+            "format": "json",
+        },
+    ).json()
     assert ev[0]["wire"] == "AAA="
     assert ev[0]["finding"] == "leak"
 
@@ -306,8 +364,14 @@ def test_retention_trims_the_archive_but_never_the_latest_state(server: Server) 
 
 def test_canaries_and_control_failures_have_their_own_series(server: Server) -> None:
     token = server.token("it-1")
-    canary = measurement(domain="wikipedia.org", finding="overblock", expected="resolves", blocked=True,
-                         outcome="nxdomain", expected_by={"canary": "resolves"})  # fmt: skip
+    canary = measurement(
+        domain="wikipedia.org",
+        finding="overblock",
+        expected="resolves",
+        blocked=True,
+        outcome="nxdomain",
+        expected_by={"canary": "resolves"},
+    )
     ctl_ok = measurement(domain="a.example", control={"outcome": "resolved", "answers": ["192.0.2.1"]})
     ctl_bad = measurement(domain="b.example", control={"outcome": "timeout", "answers": []})
     assert post(server, token, batch(measurements=[canary, ctl_ok, ctl_bad])).status_code == 200

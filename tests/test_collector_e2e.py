@@ -64,10 +64,24 @@ def test_fuzzing_the_api_from_its_openapi_finds_no_server_error(live: Server) ->
     token = live.token("it-1")
     exe = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
     result = subprocess.run(
-        [exe, "run", f"{live.url}/openapi.json", "--checks", "not_a_server_error", "-n", "40", "--seed", "1",
-         "-H", f"Authorization: Bearer {token}", "--generation-deterministic"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            exe,
+            "run",
+            f"{live.url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            "40",
+            "--seed",
+            "1",
+            "-H",
+            f"Authorization: Bearer {token}",
+            "--generation-deterministic",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
@@ -83,16 +97,27 @@ def test_status_page_in_chromium_shows_the_leak(live: Server, tmp_path: Path) ->
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "status-page.png"
     shot.unlink(missing_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chrome'}"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ]
     dom = subprocess.run(
         [chromium, *flags, "--dump-dom", live.url + "/"], capture_output=True, text=True, timeout=120
     )
     assert "calcio-pirata.example" in dom.stdout
     assert "1 leak" in dom.stdout
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,800", live.url + "/"],
-                   capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1280,800", live.url + "/"],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.exists()
     assert shot.stat().st_size > 5000
 
@@ -112,9 +137,23 @@ def test_report_and_token_commands(tmp_path: Path) -> None:
     s = Server(store)
     try:
         token = added.stdout.strip()
-        post(s, token, batch(measurements=[measurement(), measurement(domain="drive.example", finding="overblock",
-                                                                      expected="resolves", blocked=True, outcome="nxdomain",
-                                                                      expected_by={"list": "controls"})]))  # fmt: skip
+        post(
+            s,
+            token,
+            batch(
+                measurements=[
+                    measurement(),
+                    measurement(
+                        domain="drive.example",
+                        finding="overblock",
+                        expected="resolves",
+                        blocked=True,
+                        outcome="nxdomain",
+                        expected_by={"list": "controls"},
+                    ),
+                ]
+            ),
+        )
     finally:
         s.stop()
         store.close()

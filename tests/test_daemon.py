@@ -168,8 +168,15 @@ def test_collector_refusals_are_retried_and_nothing_is_lost(
     collector.max_batch = 4  # for 413: anything above 4 results is too large
     run = _Running(_write_config(tmp_path, isp, control, collector.url))
     try:
-        wait_for(lambda: run.daemon.rounds_done >= 2 and run.daemon.spool.depth() == 0
-                 and len(collector.results()) >= 2 * PER_ROUND, 40, f"recovery from {mode}")  # fmt: skip
+        wait_for(
+            lambda: (
+                run.daemon.rounds_done >= 2
+                and run.daemon.spool.depth() == 0
+                and len(collector.results()) >= 2 * PER_ROUND
+            ),
+            40,
+            f"recovery from {mode}",
+        )
         collector.release.set()
     finally:
         run.stop()
@@ -184,8 +191,10 @@ def test_collector_refusals_are_retried_and_nothing_is_lost(
 
 def test_spool_bound_drops_least_important_first(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.sqlite3", max_rows=6)
-    rows = [{"finding": f, "domain": f"{f}-{i}"} for i, f in enumerate(["leak", "ok", "enforced", "overblock",
-                                                                       "inconclusive", None, "ok", "leak"])]  # fmt: skip
+    rows = [
+        {"finding": f, "domain": f"{f}-{i}"}
+        for i, f in enumerate(["leak", "ok", "enforced", "overblock", "inconclusive", None, "ok", "leak"])
+    ]
     dropped = spool.add(rows)
     assert dropped == 2
     assert spool.depth() == 6
@@ -208,8 +217,11 @@ def test_kill_9_mid_push_then_restart_loses_nothing_and_sends_no_batch_twice(
         tmp_path, isp, control, collector.url, schedule={"interval": 60, "jitter": 0, "push_interval": 0.2}
     )
     collector.mode = "hang"
-    first = subprocess.Popen([sys.executable, "-m", "probe.cli", "run", "--config", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "probe.cli", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(collector.in_flight.is_set, 30, "a push in flight")
         first.send_signal(signal.SIGKILL)
@@ -220,8 +232,11 @@ def test_kill_9_mid_push_then_restart_loses_nothing_and_sends_no_batch_twice(
     hung = collector.requests[-1][0] if collector.requests else None
     collector.mode = "ack"
     collector.release.set()
-    second = subprocess.Popen([sys.executable, "-m", "probe.cli", "run", "--config", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    second = subprocess.Popen(
+        [sys.executable, "-m", "probe.cli", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: len(collector.results()) >= 2 * PER_ROUND, 30, "both processes' rounds delivered")
     finally:
@@ -247,8 +262,12 @@ def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
     tmp_path: Path, isp: LabServer, control: LabServer, collector: FakeCollector
 ) -> None:
     config = _write_config(tmp_path, isp, control, collector.url)
-    proc = subprocess.Popen([sys.executable, "-m", "probe.cli", "run", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "probe.cli", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: len(collector.results()) >= 2 * PER_ROUND, 30, "two rounds")
     finally:
@@ -265,8 +284,12 @@ def test_probe_run_subprocess_two_rounds_then_sigterm_exits_0(
         for a in acks
     )
     assert TOKEN not in stderr
-    status = subprocess.run([sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    status = subprocess.run(
+        [sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     doc = json.loads(status.stdout)
     assert doc["spool_results"] == 0
     assert doc["last_round_s_ago"] is not None
@@ -291,16 +314,30 @@ def test_bad_new_lists_file_is_rejected_and_the_old_one_stays(
 
 
 INVALID = [
-    ({"probe": {"id": "x", "region": "r", "country": "ITA"}}, "probe.country: 'ITA' is not an ISO 3166-1 alpha-2 code"),
-    ({"resolvers": ["tls//x"]}, "resolvers[0].spec: 'tls//x' is not a resolver spec: expected SCHEME://HOST[:PORT] or HOST[:PORT]"),
-    ({"resolvers": [{"spec": "udp://192.0.2.1", "kind": "evil"}]}, "resolvers[0].kind: 'evil' is not one of isp, public, system"),
+    (
+        {"probe": {"id": "x", "region": "r", "country": "ITA"}},
+        "probe.country: 'ITA' is not an ISO 3166-1 alpha-2 code",
+    ),
+    (
+        {"resolvers": ["tls//x"]},
+        "resolvers[0].spec: 'tls//x' is not a resolver spec: expected SCHEME://HOST[:PORT] or HOST[:PORT]",
+    ),
+    (
+        {"resolvers": [{"spec": "udp://192.0.2.1", "kind": "evil"}]},
+        "resolvers[0].kind: 'evil' is not one of isp, public, system",
+    ),
     ({"schedule": {"interval": 10, "jitter": 20}}, "schedule.jitter: 20 must be less than the interval (10)"),
     ({"schedule": {"interval": "often"}}, "schedule.interval: 'often' is not a number"),
-    ({"colour": "blue"}, "colour: unknown key (one of ca_file, canaries, collector, concurrency, confirm_after, controls, lists, log, metrics, probe, qps, qtypes, resolvers, schedule, spool, state_dir, timeout, udp_linger, verify)"),
+    (
+        {"colour": "blue"},
+        "colour: unknown key (one of ca_file, canaries, collector, concurrency, confirm_after, controls, lists, log, metrics, probe, qps, qtypes, resolvers, schedule, spool, state_dir, timeout, udp_linger, verify)",
+    ),
     ({"qtypes": ["MX"]}, "qtypes: ['MX'] must be a non-empty list of A, AAAA, HTTPS"),
-    ({"collector": {"url": "ftp://x", "token_env": "BLOCKPROBE_NO_SUCH_VAR"}},
-     "collector.url: 'ftp://x' is not an http(s) URL"),
-]  # fmt: skip
+    (
+        {"collector": {"url": "ftp://x", "token_env": "BLOCKPROBE_NO_SUCH_VAR"}},
+        "collector.url: 'ftp://x' is not an http(s) URL",
+    ),
+]
 
 
 @pytest.mark.parametrize(("override", "message"), INVALID)
@@ -358,8 +395,15 @@ def test_health_metrics_are_served(
         _write_config(tmp_path, isp, control, collector.url, metrics={"listen": f"127.0.0.1:{port}"})
     )
     try:
-        wait_for(lambda: run.daemon.rounds_done >= 1 and run.daemon.spool.depth() == 0
-                 and len(collector.results()) >= PER_ROUND, 30, "a pushed round")  # fmt: skip
+        wait_for(
+            lambda: (
+                run.daemon.rounds_done >= 1
+                and run.daemon.spool.depth() == 0
+                and len(collector.results()) >= PER_ROUND
+            ),
+            30,
+            "a pushed round",
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
     finally:
