@@ -38,7 +38,7 @@ from tests.real import free_port
 HOST = "127.0.0.1"
 
 
-def _measurement(i: int, probe: int, finding: str) -> dict[str, Any]:
+def _measurement(i: int, finding: str) -> dict[str, Any]:
     return {
         "domain": f"n{i}.pirate-{i % 50}.example",
         "qtype": "A",
@@ -71,7 +71,7 @@ async def _send_all(url: str, tokens: dict[str, str], batches: int, senders: int
     bodies = []
     for b in range(batches):
         probe = f"p{b % len(tokens)}"
-        ms = [_measurement(b * 1000 + i, b % len(tokens), "enforced") for i in range(1000)]
+        ms = [_measurement(b * 1000 + i, "enforced") for i in range(1000)]
         doc = {
             "probe": {"id": probe, "region": "r", "country": "IT"},
             "batch_id": str(uuid.uuid4()),
@@ -105,7 +105,7 @@ async def _send_all(url: str, tokens: dict[str, str], batches: int, senders: int
 def _direct_rate(work: Path, batches: int) -> float:
     """The reference: the same kind of batches stored straight into a fresh SQLite store, no HTTP."""
     store = open_store(f"sqlite:///{work / 'direct.sqlite3'}")
-    docs = [[_measurement(b * 1000 + i, 0, "enforced") for i in range(1000)] for b in range(min(batches, 50))]
+    docs = [[_measurement(b * 1000 + i, "enforced") for i in range(1000)] for b in range(min(batches, 50))]
     t0 = time.perf_counter()
     for ms in docs:
         store.ingest({"id": "p0", "region": "r", "country": "IT"}, str(uuid.uuid4()), ms, time.time())
@@ -139,7 +139,7 @@ def _hammer(url: str, token: str, seconds: float) -> dict[str, float]:
                 doc = {
                     "probe": {"id": "p0", "region": "r", "country": "IT"},
                     "batch_id": str(uuid.uuid4()),
-                    "measurements": [_measurement(i, 0, "enforced") for i in range(1000)],
+                    "measurements": [_measurement(i, "enforced") for i in range(1000)],
                 }
                 body = gzip.compress(json.dumps(doc).encode(), 5)
                 t0 = time.perf_counter()
@@ -212,7 +212,7 @@ def run(database: str, work: Path, batches: int, senders: int) -> dict[str, floa
             ms = []
             for e in range(50):
                 for n in range(20):
-                    m = _measurement(n, p, "leak" if n == 0 else "enforced")
+                    m = _measurement(n, "leak" if n == 0 else "enforced")
                     m["resolver"] = f"udp://198.51.100.{e}"
                     ms.append(m)
             store.ingest({"id": f"p{p}", "region": "r", "country": "IT"}, str(uuid.uuid4()), ms, time.time())

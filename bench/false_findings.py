@@ -61,26 +61,27 @@ class Case:
 
     name: str
     transports: tuple[str, ...]
-    impairment: Callable[[str, float], Impairment] = lambda transport, timeout: Impairment()
+    # The callbacks' (transport, timeout) signature is imposed; each uses what it needs.
+    impairment: Callable[[str, float], Impairment] = lambda _transport, _timeout: Impairment()
     in_order: bool = False  # the lab answers TCP and DoT in query order
     one_drop: bool = False  # the zone drops exactly one name (early, so many queue behind it)
     vanish_halfway: bool = False  # the resolver vanishes after half its queries
 
 
 def _loss(p: float) -> Callable[[str, float], Impairment]:
-    return lambda transport, timeout: Impairment.both_ways(PathImpairment(loss=p))
+    return lambda _transport, _timeout: Impairment.both_ways(PathImpairment(loss=p))
 
 
-def _jitter(transport: str, timeout: float) -> Impairment:
+def _jitter(_transport: str, _timeout: float) -> Impairment:
     path = PathImpairment(delay=0.1, jitter=0.3, duplicate=0.1, reorder=0.1, reorder_gap=0.2)
     return Impairment.both_ways(path)
 
 
-def _stall(transport: str, timeout: float) -> Impairment:
+def _stall(_transport: str, timeout: float) -> Impairment:
     return Impairment(stream=StreamImpairment(stall_one_in=5, stall_for=2.5 * timeout))
 
 
-def _reset(transport: str, timeout: float) -> Impairment:
+def _reset(transport: str, _timeout: float) -> Impairment:
     # Past the TLS handshake (about 2 KB from the lab's server) for dot and doh, so that
     # the cut lands among the answers; a few answers in for plain TCP.
     after = 333 if transport == "tcp" else 3333
@@ -143,7 +144,7 @@ def truth_zone(names: list[str], one_drop: bool) -> tuple[Zone, dict[str, bool]]
     return zone, truth
 
 
-def _expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
+def _expect(domain: str, _resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
     # Independent of the truth (which cycles every 10 names): blocks of 10 alternate.
     index = int(domain.split(".", 1)[0][1:])
     expected = Expectation.BLOCKED if (index // 10) % 2 else Expectation.RESOLVES

@@ -222,7 +222,7 @@ def main() -> None:
             if collector is not None:
                 refusing = plan.refuse[0] <= now < plan.refuse[1]
                 collector.refuse = (
-                    (lambda m: "qtype: refused by a bad deploy") if refusing else (lambda m: None)
+                    (lambda _m: "qtype: refused by a bad deploy") if refusing else (lambda _m: None)
                 )
                 throttled = plan.throttle[0] <= now < plan.throttle[1]
                 collector.mode, collector.retry_after = ("429", "3") if throttled else ("ack", None)
@@ -254,7 +254,7 @@ def main() -> None:
                 saved.requests,
                 saved.times,
             )
-        collector.mode, collector.refuse = "ack", (lambda m: None)
+        collector.mode, collector.refuse = "ack", (lambda _m: None)
         resend = subprocess.run(
             [sys.executable, "-m", "probe.cli", "spool", "resend", "--config", str(probe.config)],
             capture_output=True,

@@ -178,12 +178,12 @@ class Rendered:
 
 def create_app(config: CollectorConfig, store: Store) -> FastAPI:
     """The ASGI application for one store."""
-    registry, health = make_registry(store, config.stale_after)
+    registry, health = make_registry()
     pages = Pages(store, config.stale_after, config.prometheus_url)
     tokens = TokenCache(store)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         async def retention() -> None:
             while True:
                 cutoff = time.time() - config.retention_days * 86400
@@ -204,7 +204,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:
     )
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         health.rejected.labels("invalid").inc()
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid"}
@@ -229,8 +229,9 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:
         INGEST_PATH,
         responses={400: {}, 401: {}, 403: {}, 408: {}, 413: {}, 415: {}, 422: {}, 429: {}},
         response_model=IngestReply,
+        dependencies=[Depends(probe_of_token)],
     )
-    async def ingest(batch: Batch, probe_id: str = Depends(probe_of_token)) -> IngestReply:
+    async def ingest(batch: Batch) -> IngestReply:  # noqa: ARG001 - declares the body's schema for OpenAPI
         """Store a batch of measurements. A batch id this probe sent before is acknowledged and not
         stored again. 429 with Retry-After when the probe is over a quota.
 
@@ -239,8 +240,8 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:
         """
         raise HTTPException(500, "the ingest gate did not serve this request")
 
-    @app.get("/api/v1/lists", responses={304: {}, 401: {}})
-    async def lists(request: Request, probe_id: str = Depends(probe_of_token)) -> Response:
+    @app.get("/api/v1/lists", responses={304: {}, 401: {}}, dependencies=[Depends(probe_of_token)])
+    async def lists(request: Request) -> Response:
         """The lists files in force, for probes to fetch (ETag: the hash of their contents)."""
         files = []
         for path in config.lists:

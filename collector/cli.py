@@ -40,7 +40,9 @@ def _load(config_file: str | None, database: str | None) -> tuple[CollectorConfi
         config = replace(config, database=database)
     try:
         return config, open_store(config.database)
-    except Exception as exc:  # the database is the one thing we cannot start without
+    # The database is the one thing we cannot start without; whatever the driver raises
+    # (bad URL, refused connection, unreadable file) ends as one clear line, not a traceback.
+    except Exception as exc:  # noqa: BLE001 - any driver's error, reported by _fail
         _fail(f"database {config.database.split('@')[-1]}: {exc}")
 
 

@@ -343,6 +343,6 @@ class Health:
         return generate_latest(self.registry)
 
 
-def make_registry(store: Store, stale_after: float) -> tuple[CollectorRegistry, Health]:
+def make_registry() -> tuple[CollectorRegistry, Health]:
     registry = CollectorRegistry()
     return registry, Health(registry)

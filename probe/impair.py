@@ -240,7 +240,7 @@ class _Upstream(asyncio.DatagramProtocol):
     def __init__(self, session: _UdpSession) -> None:
         self.session = session
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def datagram_received(self, data: bytes, _addr: Any) -> None:  # asyncio's signature; one upstream
         self.session.from_server(data)
 
     def error_received(self, exc: Exception) -> None:

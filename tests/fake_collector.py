@@ -51,7 +51,8 @@ class FakeCollector:
         self.failures_left = 10**9  # how many requests get `mode` before it turns to ack
         self.retry_after: str | None = None  # sent with 429 and 503
         self.strict = False  # refuse what the real collector refuses
-        self.refuse: Callable[[dict[str, Any]], str | None] = lambda m: None
+        # refuse(measurement) -> a reason or None; `_m`: the callback's signature is imposed.
+        self.refuse: Callable[[dict[str, Any]], str | None] = lambda _m: None
         self.times: list[float] = []  # monotonic time of each request
         self.batches: dict[str, list[dict[str, Any]]] = {}
         self.requests: list[tuple[str, int, int]] = []  # (batch_id, results, status)

@@ -241,9 +241,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("case", "token", "body", "status", "detail"), BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("token", "body", "status", "detail"), [pytest.param(*c[1:], id=c[0]) for c in BAD])
 def test_bad_requests_get_their_status_and_reason_and_store_nothing(
-    server: Server, case: str, token: str | None, body: Any, status: int, detail: str
+    server: Server, token: str | None, body: Any, status: int, detail: str
 ) -> None:
     real = server.token("it-1")
     r = post(server, real if token == "TOKEN" else token, body())

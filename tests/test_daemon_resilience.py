@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from collector.schema import Batch as BatchIn
 from probe import limits
@@ -171,7 +172,7 @@ def test_clamp_brings_a_hostile_measurement_within_every_bound_and_says_so() -> 
     # The collector's own body model accepts it (its strictest bounds apart from nesting).
     batch = {"probe": {"id": "p", "region": "r", "country": "IT"}, "batch_id": "b" * 8, "measurements": [c]}
     BatchIn.model_validate(batch)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValidationError, match=r"validation errors? for Batch"):
         BatchIn.model_validate({**batch, "measurements": [m]})
     # Clamping twice changes nothing; a measurement within bounds is returned as it is.
     assert limits.clamp(c) is c
@@ -265,7 +266,7 @@ def test_refused_measurements_are_quarantined_listed_exported_and_resent(
     again = _cli("spool", "resend", "--config", str(config))
     assert again.returncode == 1
     assert "0 acknowledged, 2 still refused" in again.stdout
-    collector.refuse = lambda m: None  # the collector was fixed
+    collector.refuse = lambda _m: None  # the collector was fixed
     ok = _cli("spool", "resend", "--config", str(config))
     assert ok.returncode == 0, ok.stderr
     assert "2 acknowledged, 0 still refused" in ok.stdout
@@ -738,7 +739,7 @@ def test_a_collector_that_refuses_everything_is_waited_for_not_emptied_into_the_
 
     pusher, thread = _pusher(tmp_path, collector.url, retry={"base": 0.05, "max": 0.1}, rate=0)
     thread.spool.add([{"domain": f"n{i}.example", "finding": None, "time": "t"} for i in range(60)])
-    collector.refuse = lambda m: "qtype: a bad deploy refuses everything"
+    collector.refuse = lambda _m: "qtype: a bad deploy refuses everything"
 
     async def go() -> None:
         out = await pusher.push()
@@ -746,7 +747,7 @@ def test_a_collector_that_refuses_everything_is_waited_for_not_emptied_into_the_
         assert out.failure
         assert "a bad deploy" in out.failure
         assert pusher.backoff.remaining() > 0
-        collector.refuse = lambda m: None  # fixed
+        collector.refuse = lambda _m: None  # fixed
         while thread.spool.depth():
             await asyncio.sleep(0.05)
             await pusher.push()

@@ -157,7 +157,7 @@ class Pusher:
         self.refused_in_a_row = 0
         self.clock = clock
         self._next_send = 0.0
-        self.on_failure = on_failure or (lambda reason: None)
+        self.on_failure = on_failure or (lambda _reason: None)
         verify: Any = True
         if self.collector.ca_file:
             verify = ssl.create_default_context(cafile=self.collector.ca_file)

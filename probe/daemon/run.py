@@ -397,7 +397,7 @@ class Daemon:
 
         return expect
 
-    def plan(self, now: datetime) -> Plan:
+    def plan(self) -> Plan:
         """A round: every listed name on every endpoint."""
         names = self.lists.query_names() if self.lists else []
         return Plan(
@@ -446,7 +446,7 @@ class Daemon:
         self._round_started = started
         number = await self.writer.call(self.spool.next_round)
         slices = self.config.mode == "slices"
-        plan = self.slice_plan(datetime.now(UTC)) if slices else self.plan(datetime.now(UTC))
+        plan = self.slice_plan(datetime.now(UTC)) if slices else self.plan()
         sched = self.sched if slices else None
         extra = {"probe": self.config.probe_id, "region": self.config.region, "country": self.config.country}
         measured = 0
@@ -570,7 +570,7 @@ class Daemon:
             return
         try:
             etag, files = await self.pusher.fetch_lists(self._lists_etag)
-        except Exception as exc:  # the collector may be down: keep what we have
+        except Exception as exc:  # noqa: BLE001 - the collector may be down or hostile: keep what we have
             log.warning("could not fetch lists from the collector: %s", exc)
             return
         if files is None:
