@@ -112,7 +112,8 @@ class FakeCollector:
             return 500, {"detail": "Internal Server Error"}
         batch_id, results = doc["batch_id"], doc["measurements"]
         with self._lock:
-            status, reply = 200, {}
+            status = 200
+            reply: dict[str, Any] = {}
             if auth != f"Bearer {self.token}":
                 status = 401
             elif self.failures_left > 0 and self.mode != "ack":
@@ -222,7 +223,9 @@ class _HostileHandler(socketserver.BaseRequestHandler):
             resp = dns.message.make_response(query)
             if query.question[0].rdtype == dns.rdatatype.A:
                 resp.answer.append(dns.rrset.from_text_list(name + ".", 300, "IN", "A", list(b.records["A"])))
-            options = [dns.edns.EDEOption(dns.edns.EDECode(c), t or None) for c, t in b.ede]
+            options: list[dns.edns.Option] = [
+                dns.edns.EDEOption(dns.edns.EDECode(c), t or None) for c, t in b.ede
+            ]
             resp.use_edns(0, payload=1232, options=options)
             out = resp.to_wire(max_size=65535)
             conn.sendall(len(out).to_bytes(2, "big") + out)

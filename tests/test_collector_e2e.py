@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,10 @@ ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 
 @pytest.fixture
-def live(tmp_path: Path) -> Server:
+def live(tmp_path: Path) -> Iterator[Server]:
     store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     s = Server(store)
-    yield s  # type: ignore[misc]
+    yield s
     s.stop()
     store.close()
 

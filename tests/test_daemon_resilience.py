@@ -451,11 +451,11 @@ def test_a_chunk_is_never_stored_twice_nor_lost_when_the_spool_errs(tmp_path: Pa
     def locked_after_commit() -> int:
         raise sqlite3.OperationalError("database is locked")
 
-    def locked_before_commit(rows: list[tuple[str | None, str]]) -> int:
+    def locked_before_commit(encoded: list[tuple[str | None, str]]) -> int:
         if fail_before_commit[0]:
             fail_before_commit[0] = False
             raise sqlite3.OperationalError("database is locked")
-        return real_add(rows)
+        return real_add(encoded)
 
     async def go() -> None:
         spool._enforce_bound = locked_after_commit  # type: ignore[method-assign]
@@ -484,9 +484,9 @@ def test_spool_writes_run_on_the_spool_thread_not_the_event_loop(
     threads: set[str] = set()
     real = Spool.add_encoded
 
-    def add(self: Spool, rows: list[tuple[str | None, str]]) -> int:
+    def add(self: Spool, encoded: list[tuple[str | None, str]]) -> int:
         threads.add(threading.current_thread().name)
-        return real(self, rows)
+        return real(self, encoded)
 
     Spool.add_encoded = add  # type: ignore[method-assign]
     try:
@@ -519,9 +519,11 @@ def test_lifetime_counts_and_round_numbers_survive_restarts(
     for _ in range(2):
         run = _Running(config)
         try:
-            wait_for(
-                lambda r=run: r.daemon.rounds_done >= 1 and r.daemon.spool.depth() == 0, 30, "a pushed round"
-            )
+
+            def pushed(r: _Running = run) -> bool:
+                return r.daemon.rounds_done >= 1 and r.daemon.spool.depth() == 0
+
+            wait_for(pushed, 30, "a pushed round")
         finally:
             run.stop()
         samples = {s.name: s.value for m in run.daemon.registry.collect() for s in m.samples}
