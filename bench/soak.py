@@ -134,7 +134,7 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def main() -> None:  # noqa: C901 - the soak's timeline in one place: one branch per scripted event
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--long", action="store_true", help="30 minutes instead of about 3")
     args = ap.parse_args()

@@ -118,7 +118,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_collector_config(text: str, source: str = "<config>", base: Path | None = None) -> CollectorConfig:
+def parse_collector_config(  # noqa: C901 - one flat check per key, so every mistake is listed
+    text: str, source: str = "<config>", base: Path | None = None
+) -> CollectorConfig:
     base = base or Path(".")
     errors: list[str] = []
     try:

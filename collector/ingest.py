@@ -414,6 +414,36 @@ class IngestGate:
             ) from None
         return bytes(body)
 
+    def _check_times(self, rows: list[dict[str, Any]], received: float) -> int:
+        """Refuse a batch with a time that is not one or is too old; clamp times in the future
+        to `received` (returns how many were)."""
+        config = self.config
+        clamped = 0
+        oldest = received - config.max_age_days * 86400
+        for i, m in enumerate(rows):
+            try:
+                t = parse_time(m["time"])
+            except ValueError:
+                raise Refusal(
+                    422, f"measurements[{i}].time: {m['time']!r} is not a time", "invalid"
+                ) from None
+            if t > received + config.max_future_skew:
+                m["clock_clamped_from"] = m["time"]  # keep what the probe said, store when we got it
+                m["time"] = (
+                    datetime.fromtimestamp(received, UTC)
+                    .isoformat(timespec="milliseconds")
+                    .replace("+00:00", "Z")
+                )
+                clamped += 1
+            elif t < oldest:
+                raise Refusal(
+                    422,
+                    f"measurements[{i}].time: {m['time']} is more than {config.max_age_days:g} days "
+                    "old (check the probe's clock)",
+                    "clock",
+                )
+        return clamped
+
     def _process(
         self, probe_id: str, body: bytes, encoding: str, bucket: Bucket
     ) -> tuple[int, Any, dict[str, str]]:
@@ -448,30 +478,7 @@ class IngestGate:
             )
         received = time.time()
         rows = [m.model_dump(mode="json") for m in batch.measurements]
-        clamped = 0
-        oldest = received - config.max_age_days * 86400
-        for i, m in enumerate(rows):
-            try:
-                t = parse_time(m["time"])
-            except ValueError:
-                raise Refusal(
-                    422, f"measurements[{i}].time: {m['time']!r} is not a time", "invalid"
-                ) from None
-            if t > received + config.max_future_skew:
-                m["clock_clamped_from"] = m["time"]  # keep what the probe said, store when we got it
-                m["time"] = (
-                    datetime.fromtimestamp(received, UTC)
-                    .isoformat(timespec="milliseconds")
-                    .replace("+00:00", "Z")
-                )
-                clamped += 1
-            elif t < oldest:
-                raise Refusal(
-                    422,
-                    f"measurements[{i}].time: {m['time']} is more than {config.max_age_days:g} days "
-                    "old (check the probe's clock)",
-                    "clock",
-                )
+        clamped = self._check_times(rows, received)
         wait = bucket.wait_for(len(rows))
         if wait > 0:
             health.throttled.labels(probe_id, "results").inc()

@@ -391,29 +391,33 @@ def _block_words(m: dict[str, Any]) -> str:
     return _OUTCOME_WORDS.get(str(outcome), str(outcome))
 
 
+def _expectation(m: dict[str, Any], why: dict[str, Any], expected: Any) -> str:
+    """What was expected of the name here, and on whose word."""
+    if "order" in why and expected == "blocked":
+        rule = f"Order {why['order']}" + (f" ({why['authority']})" if why.get("authority") else "")
+        expectation = f"{rule} requires {m['domain']} to be blocked on this resolver here"
+        if why.get("pattern") and why["pattern"] != m["domain"]:
+            expectation += f" (pattern {why['pattern']})"
+        return expectation
+    elif expected == "resolves" and "reason" in why:
+        return f"{m['domain']} is named by order {why.get('order')}, which does not bind here: {why['reason']}; so it must resolve"
+    elif expected == "resolves" and "list" in why:
+        return f"Control list {why['list']} names {m['domain']}: it must resolve everywhere"
+    elif expected == "resolves" and "canary" in why:
+        return f"{m['domain']} is a canary that must resolve"
+    elif expected:
+        return f"Expected {expected}" + (f" ({', '.join(f'{k} {v}' for k, v in why.items())})" if why else "")
+    else:
+        return "Nothing is expected of this name here"
+
+
 def judgement(m: dict[str, Any]) -> dict[str, Any]:
     """The judgement of one measurement in words: expected, answered, control, why."""
     why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by") or {}
     expected = m.get("expected")
     finding = m.get("finding")
     blocked = m.get("blocked")
-    if "order" in why and expected == "blocked":
-        rule = f"Order {why['order']}" + (f" ({why['authority']})" if why.get("authority") else "")
-        expectation = f"{rule} requires {m['domain']} to be blocked on this resolver here"
-        if why.get("pattern") and why["pattern"] != m["domain"]:
-            expectation += f" (pattern {why['pattern']})"
-    elif expected == "resolves" and "reason" in why:
-        expectation = f"{m['domain']} is named by order {why.get('order')}, which does not bind here: {why['reason']}; so it must resolve"
-    elif expected == "resolves" and "list" in why:
-        expectation = f"Control list {why['list']} names {m['domain']}: it must resolve everywhere"
-    elif expected == "resolves" and "canary" in why:
-        expectation = f"{m['domain']} is a canary that must resolve"
-    elif expected:
-        expectation = f"Expected {expected}" + (
-            f" ({', '.join(f'{k} {v}' for k, v in why.items())})" if why else ""
-        )
-    else:
-        expectation = "Nothing is expected of this name here"
+    expectation = _expectation(m, why, expected)
     control = m.get("control")
     if isinstance(control, dict):
         c_answers = control.get("answers") or []

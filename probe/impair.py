@@ -402,20 +402,7 @@ class _StreamConnection:
                 proxy.counters.resets += 1
             if self.drip:
                 proxy.counters.dripping += 1
-            c2s = asyncio.ensure_future(self._client_to_server())
-            s2c = asyncio.ensure_future(self._server_to_client(up_reader))
-            try:
-                # The client decides when the connection ends; what the server still
-                # had to say gets a moment, unless the resolver is gone.
-                await c2s
-                if not proxy.gone():
-                    await asyncio.wait_for(asyncio.shield(s2c), 2.0)
-            except TimeoutError:
-                pass
-            finally:
-                c2s.cancel()
-                s2c.cancel()
-                await asyncio.gather(c2s, s2c, return_exceptions=True)
+            await self._relay(up_reader)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -423,6 +410,22 @@ class _StreamConnection:
                 self.up_writer.transport.abort()
             if not self.writer.transport.is_closing():
                 self.writer.transport.abort()
+
+    async def _relay(self, up_reader: asyncio.StreamReader) -> None:
+        c2s = asyncio.ensure_future(self._client_to_server())
+        s2c = asyncio.ensure_future(self._server_to_client(up_reader))
+        try:
+            # The client decides when the connection ends; what the server still
+            # had to say gets a moment, unless the resolver is gone.
+            await c2s
+            if not self.proxy.gone():
+                await asyncio.wait_for(asyncio.shield(s2c), 2.0)
+        except TimeoutError:
+            pass
+        finally:
+            c2s.cancel()
+            s2c.cancel()
+            await asyncio.gather(c2s, s2c, return_exceptions=True)
 
     async def _blackhole(self) -> None:
         """Forward nothing more to the server, and hold the connection open until the client gives up."""

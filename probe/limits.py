@@ -98,7 +98,7 @@ def _small(value: Any, depth: int) -> bool:
 _SCALARS = frozenset({int, float, bool, type(None)})
 
 
-def _fits(m: dict[str, Any]) -> bool:
+def _fits(m: dict[str, Any]) -> bool:  # noqa: C901 - the hot path, kept flat: one check per bound
     """True when `clamp` would change nothing."""
     answers = m.get("answers") or ()
     if len(answers) > MAX_ANSWERS:
@@ -149,6 +149,25 @@ def _strings(values: Any, limit_items: int, limit_chars: int, cut: list[str], ke
     return out
 
 
+def _edes(options: Any, cut: list[str]) -> list[dict[str, Any]]:
+    edes = list(options)
+    if len(edes) > MAX_EDE:
+        cut.append(f"ede: {len(edes)} options, kept {MAX_EDE}")
+        edes = edes[:MAX_EDE]
+    kept: list[dict[str, Any]] = []
+    for i, ede in enumerate(edes):
+        ede = dict(ede)
+        text = str(ede.get("text") or "")
+        if len(text) > MAX_EDE_TEXT:
+            cut.append(f"ede[{i}].text: {len(text)} characters, kept {MAX_EDE_TEXT}")
+            ede["text"] = _cut(text, MAX_EDE_TEXT)
+        if "json" in ede:
+            # measurement (1), the ede list (2), the option (3), its json (4)
+            ede["json"] = _bounded(ede["json"], 4, cut, f"ede[{i}].json")
+        kept.append(ede)
+    return kept
+
+
 def clamp(m: dict[str, Any]) -> dict[str, Any]:
     """The measurement within every bound above, so the collector can never refuse it.
 
@@ -166,22 +185,7 @@ def clamp(m: dict[str, Any]) -> dict[str, Any]:
     if "cname" in m:
         out["cname"] = _strings(m["cname"], MAX_CNAME, MAX_NAME_CHARS, cut, "cname")
     if m.get("ede"):
-        edes = list(m["ede"])
-        if len(edes) > MAX_EDE:
-            cut.append(f"ede: {len(edes)} options, kept {MAX_EDE}")
-            edes = edes[:MAX_EDE]
-        kept = []
-        for i, ede in enumerate(edes):
-            ede = dict(ede)
-            text = str(ede.get("text") or "")
-            if len(text) > MAX_EDE_TEXT:
-                cut.append(f"ede[{i}].text: {len(text)} characters, kept {MAX_EDE_TEXT}")
-                ede["text"] = _cut(text, MAX_EDE_TEXT)
-            if "json" in ede:
-                # measurement (1), the ede list (2), the option (3), its json (4)
-                ede["json"] = _bounded(ede["json"], 4, cut, f"ede[{i}].json")
-            kept.append(ede)
-        out["ede"] = kept
+        out["ede"] = _edes(m["ede"], cut)
     for key, limit in (("error", MAX_ERROR_CHARS), ("resolver", MAX_LABEL_CHARS), ("rcode", 16)):
         value = m.get(key)
         if isinstance(value, str) and len(value) > limit:

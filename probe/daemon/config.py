@@ -245,20 +245,8 @@ class _Checker:
         return p if p.is_absolute() else self.base / p
 
 
-def _resolver(c: _Checker, item: Any, path: str) -> Resolver | None:
-    cat = load_catalogue()
-    if isinstance(item, str):
-        item = {"spec": item}
-    if not isinstance(item, dict):
-        c.err(path, f"{item!r} is not a resolver spec or a mapping with spec")
-        return None
-    for key in item:
-        if key not in _RESOLVER_KEYS:
-            c.err(f"{path}.{key}", f"unknown key (one of {', '.join(sorted(_RESOLVER_KEYS))})")
-    spec = item.get("spec")
-    if not isinstance(spec, str):
-        c.err(f"{path}.spec", f"{spec!r} is not a resolver spec")
-        return None
+def _fragment(c: _Checker, item: dict[str, Any], path: str) -> list[str]:
+    """The spec's #fragment from the mapping's kind, operator and qps (errors said to `c`)."""
     fragment = []
     if "kind" in item:
         if item["kind"] not in KINDS:
@@ -276,6 +264,24 @@ def _resolver(c: _Checker, item: Any, path: str) -> Resolver | None:
         qps = c.number(item["qps"], f"{path}.qps", 0, 0.001)
         if qps:
             fragment.append(f"qps={qps:g}")
+    return fragment
+
+
+def _resolver(c: _Checker, item: Any, path: str) -> Resolver | None:
+    cat = load_catalogue()
+    if isinstance(item, str):
+        item = {"spec": item}
+    if not isinstance(item, dict):
+        c.err(path, f"{item!r} is not a resolver spec or a mapping with spec")
+        return None
+    for key in item:
+        if key not in _RESOLVER_KEYS:
+            c.err(f"{path}.{key}", f"unknown key (one of {', '.join(sorted(_RESOLVER_KEYS))})")
+    spec = item.get("spec")
+    if not isinstance(spec, str):
+        c.err(f"{path}.spec", f"{spec!r} is not a resolver spec")
+        return None
+    fragment = _fragment(c, item, path)
     full = spec + (
         "#" + ",".join(fragment) if fragment and "#" not in spec and spec not in cat.entries else ""
     )
@@ -333,7 +339,9 @@ def _yaml_problem(exc: Exception) -> str:
     return "a value YAML cannot read (an impossible date?)"
 
 
-def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> Config:
+def parse_config(  # noqa: C901 - one flat check per key, so every mistake is listed
+    text: str, source: str = "<config>", base: Path | None = None
+) -> Config:
     """Parse and validate; ConfigError lists every mistake."""
     c = _Checker(base or Path("."))
     try:
