@@ -7,8 +7,10 @@ environment variable (or, discouraged, inline) and is never printed or logged.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,7 @@ _SECTIONS = {
         "retry",
         "rate",
         "max_age_days",
+        "allow_plain_http",
     },
     "canaries": {"resolves", "blocked"},
     "schedule": {
@@ -370,6 +373,15 @@ def parse_config(  # noqa: C901 - one flat check per key, so every mistake is li
         url = c.text(col.get("url"), "collector.url")
         if url and not re.match(r"^https?://[^/\s]+", url):
             c.err("collector.url", f"{url!r} is not an http(s) URL")
+        elif url and url.startswith("http://") and not _loopback_url(url):
+            # The token and every result would cross the network in clear text.
+            plain = col.get("allow_plain_http", False)
+            if plain is not True:
+                c.err(
+                    "collector.url",
+                    f"{url!r} sends the token in clear text off this machine: use https:// "
+                    "(or collector.allow_plain_http: true behind a trusted tunnel)",
+                )
         token, token_source = _token(c, col)
         ca = str(c.path(col["ca_file"], "collector.ca_file")) if col.get("ca_file") else None
         retry = col.get("retry") or {}
@@ -568,3 +580,13 @@ def load_config(path: str | Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{p}: cannot read: {getattr(exc, 'strerror', None) or exc}"]) from None
     return parse_config(text, str(p), p.parent.resolve())
+
+
+def _loopback_url(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
