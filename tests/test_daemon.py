@@ -439,14 +439,15 @@ def test_answer_checks_and_the_confirmation_delay_are_configured_strictly(tmp_pa
 
 def test_a_plain_http_collector_off_this_machine_is_refused(tmp_path: Path) -> None:
     base = {"probe": {"id": "t", "region": "r", "country": "IT"}, "resolvers": ["udp://127.0.0.1"]}
-    remote = {**base, "collector": {"url": "http://192.0.2.8:8478", "token": "t0ken"}}
+    collector: dict[str, Any] = {"url": "http://192.0.2.8:8478", "token": "t0ken"}
+    remote = {**base, "collector": collector}
     with pytest.raises(ConfigError) as err:
         parse_config(json.dumps(remote), "probe.yaml", tmp_path)
     assert err.value.errors == [
         "probe.yaml: collector.url: 'http://192.0.2.8:8478' sends the token in clear text off this "
         "machine: use https:// (or collector.allow_plain_http: true behind a trusted tunnel)"
     ]
-    allowed = {**base, "collector": {**remote["collector"], "allow_plain_http": True}}
+    allowed = {**base, "collector": {**collector, "allow_plain_http": True}}
     assert parse_config(json.dumps(allowed), "probe.yaml", tmp_path).collector is not None
     local = {**base, "collector": {"url": "http://127.0.0.1:8478", "token": "t0ken"}}
     assert parse_config(json.dumps(local), "probe.yaml", tmp_path).collector is not None
