@@ -169,7 +169,10 @@ def test_waiting_for_a_free_stream_is_bounded_and_never_a_block(doh: str, lab_ca
     assert elapsed < 2 * 1.0 + 1.5, elapsed
     assert not [m for m in ms if m.blocked], [(m.domain, m.outcome, m.error) for m in ms]
     drop = next(m for m in ms if m.domain == f"drop.{D}")
-    assert drop.outcome is Outcome.TIMEOUT
+    # This server closes a connection that opens a stream before its SETTINGS arrive, so the
+    # confirmation pass may end in a closed connection instead of a silence: never a block.
+    assert drop.outcome in (Outcome.TIMEOUT, Outcome.ERROR)
+    assert drop.blocked is None
 
 
 def test_reply_rules_of_the_contract() -> None:
