@@ -64,6 +64,7 @@ def test_services_start_under_systemd_and_results_reach_the_collector(tmp_path: 
         "probe_country": "IT",
         "probe_public_resolvers": [],
         "probe_canaries_resolve": [],
+        "probe_schedule_mode": "rounds",  # a round every 5 s: the test waits for the first push
         "probe_interval": 5,
         "probe_jitter": 0,
         "probe_push_interval": 1,

@@ -285,8 +285,19 @@ INVALID = [
         {"mode": "slices", "interval": 60},
         "schedule.interval: 60 is for schedule.mode rounds (this config runs slices)",
     ),
-    ({"slice": 5}, "schedule.slice: 5 is for schedule.mode slices (this config runs rounds)"),
-    ({"full_pass": "6h"}, "schedule.full_pass: '6h' is for schedule.mode slices (this config runs rounds)"),
+    (
+        {"mode": "rounds", "slice": 5},
+        "schedule.slice: 5 is for schedule.mode slices (this config runs rounds)",
+    ),
+    (
+        {"mode": "rounds", "full_pass": "6h"},
+        "schedule.full_pass: '6h' is for schedule.mode slices (this config runs rounds)",
+    ),
+    # A config from before slices (an interval, no mode) keeps rounds, so a slices key is a mistake.
+    (
+        {"interval": 60, "full_pass": "6h"},
+        "schedule.full_pass: '6h' is for schedule.mode slices (this config runs rounds)",
+    ),
     (
         {"mode": "slices", "fast_interval": "soon"},
         "schedule.fast_interval: 'soon' is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)",
@@ -314,8 +325,12 @@ def test_each_schedule_mistake_is_named(
 
 def test_schedule_defaults(tmp_path: Path) -> None:
     base = {"probe": {"id": "t", "region": "r", "country": "IT"}, "resolvers": ["udp://127.0.0.1"]}
-    rounds = parse_config(json.dumps(base), "probe.yaml", tmp_path)
-    assert (rounds.mode, rounds.interval, rounds.round_deadline) == ("rounds", 300, 3600)
-    sliced = parse_config(json.dumps({**base, "schedule": {"mode": "slices"}}), "probe.yaml", tmp_path)
+    sliced = parse_config(json.dumps(base), "probe.yaml", tmp_path)
     assert (sliced.mode, sliced.slice, sliced.jitter, sliced.round_deadline) == ("slices", 15, 0, 600)
     assert (sliced.settings.fast_interval, sliced.settings.full_pass) == (120, 6 * 3600)
+    rounds = parse_config(json.dumps({**base, "schedule": {"mode": "rounds"}}), "probe.yaml", tmp_path)
+    assert (rounds.mode, rounds.interval, rounds.round_deadline) == ("rounds", 300, 3600)
+    # Configs written before slices were the default said how often; they keep their rounds.
+    for legacy in ({"interval": 120}, {"jitter": 5}):
+        old = parse_config(json.dumps({**base, "schedule": legacy}), "probe.yaml", tmp_path)
+        assert old.mode == "rounds", legacy

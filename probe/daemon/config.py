@@ -451,7 +451,10 @@ def parse_config(  # noqa: C901 - one flat check per key, so every mistake is li
                 c.err(f"canaries.{kind}[{i}]", f"{name!r} is not a domain name")
 
     sched = c.section(doc, "schedule")
-    sched_mode = sched.get("mode", "rounds")
+    # Slices are the default: rounds cannot cover a real list politely (issue 12). A config
+    # written before slices existed (interval or jitter, no mode) keeps the rounds it asked for.
+    legacy = sched.get("interval") is not None or sched.get("jitter") is not None
+    sched_mode = sched.get("mode", "rounds" if legacy else "slices")
     if sched_mode not in ("rounds", "slices"):
         c.err("schedule.mode", f"{sched_mode!r} is not one of rounds, slices")
         sched_mode = "rounds"
