@@ -13,10 +13,10 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +61,50 @@ MIGRATIONS: list[str] = [
     ALTER TABLE batches_by_probe RENAME TO batches;
     CREATE INDEX batches_received ON batches (received)
     """,
+    # 5: compliance over time (issue 12). On `latest`, what was expected and the order's instants,
+    # so a pass can group current series per order; `compliance` keeps per order × country ×
+    # resolver × transport what the passes saw (instants only ever move towards what was first
+    # seen, so concurrent passes cannot undo each other); `compliance_history` records the
+    # counts only when they change, for the timeline.
+    """
+    ALTER TABLE latest ADD COLUMN expected TEXT;
+    ALTER TABLE latest ADD COLUMN effective DOUBLE PRECISION;
+    ALTER TABLE latest ADD COLUMN due DOUBLE PRECISION;
+    CREATE TABLE compliance (order_id TEXT NOT NULL, country TEXT NOT NULL, resolver TEXT NOT NULL,
+                             transport TEXT NOT NULL, effective DOUBLE PRECISION, due DOUBLE PRECISION,
+                             first_enforced DOUBLE PRECISION, first_series INTEGER,
+                             enforced_since DOUBLE PRECISION, last_leak DOUBLE PRECISION,
+                             max_series INTEGER NOT NULL, enforced INTEGER NOT NULL, leaking INTEGER NOT NULL,
+                             inconclusive INTEGER NOT NULL, names_leaking INTEGER NOT NULL,
+                             updated DOUBLE PRECISION NOT NULL,
+                             PRIMARY KEY (order_id, country, resolver, transport));
+    CREATE INDEX compliance_updated ON compliance (updated);
+    CREATE TABLE compliance_history (time DOUBLE PRECISION NOT NULL, order_id TEXT NOT NULL, country TEXT NOT NULL,
+                                     resolver TEXT NOT NULL, transport TEXT NOT NULL, enforced INTEGER NOT NULL,
+                                     leaking INTEGER NOT NULL, names_leaking INTEGER NOT NULL);
+    CREATE INDEX compliance_history_order ON compliance_history (order_id, time)
+    """,
 ]
 
 # Keys of an evidence row that the collector sets: a measurement's own keys never override them.
 COLLECTOR_FIELDS = ("id", "batch_id", "probe", "region", "country", "received")
 
 _SERIES = ("probe_id", "resolver", "transport", "qtype", "domain")
+
+# What a compliance pass observes per order × country × resolver × transport (collector/compliance.py).
+_COMPLIANCE_OBSERVED = (
+    "effective",
+    "due",
+    "first_enforced",
+    "first_series",
+    "enforced_since",
+    "last_leak",
+    "max_series",
+    "enforced",
+    "leaking",
+    "inconclusive",
+    "names_leaking",
+)
 
 
 def parse_time(text: str) -> float:
@@ -81,6 +119,31 @@ def rule_kind_of(m: dict[str, Any]) -> str | None:
     if "canary" in why:
         return "canary"
     return "order" if "order" in why else ("control" if "list" in why else None)
+
+
+def _instant(value: Any) -> float | None:
+    """An `expected_by` instant (RFC 3339 with an offset, or a date: 00:00 UTC) as seconds; None when
+    it is anything else, so that a probe's odd value costs a compliance figure, never the batch."""
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        if len(value) != 10:
+            return None  # a time without an offset is ambiguous; only a bare date means 00:00 UTC
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def compliance_of(m: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
+    """(expected, the binding order's effective instant, its due instant) for the `latest` row."""
+    expected = m.get("expected")
+    why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by")
+    if expected != "blocked" or not isinstance(why, dict):
+        return (expected if isinstance(expected, str) else None), None, None
+    return expected, _instant(why.get("effective")), _instant(why.get("due"))
 
 
 def rule_of(m: dict[str, Any]) -> str | None:
@@ -235,6 +298,7 @@ class Store:
                 json.dumps(m.get("answers", [])),
                 t,
                 rule_kind_of(m),
+                *compliance_of(m),
             )
             if key not in latest or latest[key][7] <= t:
                 latest[key] = row
@@ -269,11 +333,13 @@ class Store:
             cur.executemany(
                 self._sql(
                     "INSERT INTO latest (probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
-                    "finding, rule, latency_ms, answers, since, rule_kind) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "finding, rule, latency_ms, answers, since, rule_kind, expected, effective, due) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT (probe_id, resolver, transport, qtype, domain) DO UPDATE SET "
                     "region = excluded.region, country = excluded.country, time = excluded.time, "
                     "outcome = excluded.outcome, finding = excluded.finding, rule = excluded.rule, "
                     "latency_ms = excluded.latency_ms, answers = excluded.answers, rule_kind = excluded.rule_kind, "
+                    "expected = excluded.expected, effective = excluded.effective, due = excluded.due, "
                     "since = CASE WHEN COALESCE(latest.finding, '') = COALESCE(excluded.finding, '') "
                     "THEN latest.since ELSE excluded.since END "
                     "WHERE excluded.time >= latest.time"
@@ -425,6 +491,131 @@ class Store:
             cur.execute(self._sql(sql + " ORDER BY time"), params)
             return [tuple(r) for r in cur.fetchall()]
 
+    # compliance over time (issue 12) ---------------------------------------------------
+    # Held for the whole pass on PostgreSQL, so two collectors' passes take turns (SQLite's
+    # BEGIN IMMEDIATE already serialises them); the upsert below is safe without it too.
+    compliance_lock: str | None = None
+
+    def refresh_compliance(
+        self, since: float, now: float, observe: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> int:
+        """One compliance pass in one transaction: group the current series of binding orders per
+        order × country × resolver × transport, turn each group into an observation (`observe`),
+        fold it into `compliance` and record changed counts in `compliance_history`.
+
+        Instants only move towards what was first seen (the earliest enforcement, the latest
+        leak, the most series), and the current counts only from a newer pass, so a pass that
+        runs late or twice cannot undo another's. Returns the number of groups.
+        """
+        with self.tx() as cur:
+            if self.compliance_lock:
+                cur.execute(self.compliance_lock)
+            cur.execute(
+                self._sql(
+                    "SELECT rule, country, resolver, transport, "
+                    "sum(CASE WHEN finding = 'enforced' THEN 1 ELSE 0 END), "
+                    "sum(CASE WHEN finding = 'leak' THEN 1 ELSE 0 END), "
+                    "sum(CASE WHEN finding = 'inconclusive' THEN 1 ELSE 0 END), "
+                    "count(DISTINCT CASE WHEN finding = 'leak' THEN domain END), "
+                    "max(CASE WHEN finding = 'enforced' THEN since END), "
+                    "max(CASE WHEN finding = 'leak' THEN time END), max(effective), max(due) "
+                    "FROM latest WHERE time >= ? AND rule IS NOT NULL AND rule <> 'canary' "
+                    "AND (finding IN ('enforced', 'leak') OR (finding = 'inconclusive' AND expected = 'blocked')) "
+                    "GROUP BY rule, country, resolver, transport"
+                ),
+                (since,),
+            )
+            names = (
+                *("order_id", "country", "resolver", "transport", "enforced", "leaking", "inconclusive"),
+                *("names_leaking", "enforced_at", "last_leak", "effective", "due"),
+            )
+            groups = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            cur.execute(
+                "SELECT order_id, country, resolver, transport, enforced, leaking, names_leaking FROM compliance"
+            )
+            before = {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in cur.fetchall()}
+            rows, history = [], []
+            for g in groups:
+                for k in ("enforced", "leaking", "inconclusive", "names_leaking"):
+                    g[k] = int(g[k] or 0)
+                o = observe(g)
+                key = (g["order_id"], g["country"], g["resolver"], g["transport"])
+                rows.append((*key, *(o[c] for c in _COMPLIANCE_OBSERVED), now))
+                counts = (g["enforced"], g["leaking"], g["names_leaking"])
+                if before.get(key) != counts:
+                    history.append((now, *key, *counts))
+            cur.executemany(
+                self._sql(
+                    f"INSERT INTO compliance (order_id, country, resolver, transport, {', '.join(_COMPLIANCE_OBSERVED)}, "
+                    "updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (order_id, country, resolver, transport) DO UPDATE SET "
+                    "effective = COALESCE(excluded.effective, compliance.effective), "
+                    "due = COALESCE(excluded.due, compliance.due), "
+                    "first_enforced = CASE WHEN compliance.first_enforced IS NULL "
+                    "OR excluded.first_enforced < compliance.first_enforced "
+                    "THEN COALESCE(excluded.first_enforced, compliance.first_enforced) ELSE compliance.first_enforced END, "
+                    "first_series = CASE WHEN compliance.first_enforced IS NULL "
+                    "OR excluded.first_enforced < compliance.first_enforced "
+                    "THEN COALESCE(excluded.first_series, compliance.first_series) ELSE compliance.first_series END, "
+                    "last_leak = CASE WHEN compliance.last_leak IS NULL OR excluded.last_leak > compliance.last_leak "
+                    "THEN COALESCE(excluded.last_leak, compliance.last_leak) ELSE compliance.last_leak END, "
+                    "max_series = CASE WHEN excluded.max_series > compliance.max_series "
+                    "THEN excluded.max_series ELSE compliance.max_series END, "
+                    + ", ".join(
+                        f"{c} = CASE WHEN excluded.updated >= compliance.updated THEN excluded.{c} ELSE compliance.{c} END"
+                        for c in ("enforced_since", "enforced", "leaking", "inconclusive", "names_leaking")
+                    )
+                    + ", updated = CASE WHEN excluded.updated > compliance.updated THEN excluded.updated "
+                    "ELSE compliance.updated END"
+                ),
+                rows,
+            )
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO compliance_history (time, order_id, country, resolver, transport, enforced, leaking, "
+                    "names_leaking) VALUES (?,?,?,?,?,?,?,?)"
+                ),
+                history,
+            )
+        return len(groups)
+
+    def compliance(self, since: float | None = None, order: str | None = None) -> list[dict[str, Any]]:
+        """Compliance rows: those a pass saw at or after `since` (None: every one), of one order or all."""
+        sql = f"SELECT order_id, country, resolver, transport, {', '.join(_COMPLIANCE_OBSERVED)}, updated FROM compliance"
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            where.append("updated >= ?")
+            params.append(since)
+        if order is not None:
+            where.append("order_id = ?")
+            params.append(order)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self.tx() as cur:
+            cur.execute(self._sql(sql + " ORDER BY order_id, country, resolver, transport"), params)
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def compliance_history(
+        self, orders: Sequence[str], since: float | None = None, limit: int = 100_000
+    ) -> list[dict[str, Any]]:
+        """The recorded changes of these orders' counts, oldest first (the newest `limit` of them)."""
+        if not orders:
+            return []
+        sql = (
+            "SELECT time, order_id, country, resolver, transport, enforced, leaking, names_leaking "
+            f"FROM compliance_history WHERE order_id IN ({', '.join('?' for _ in orders)})"
+        )
+        params: list[Any] = list(orders)
+        if since is not None:
+            sql += " AND time >= ?"
+            params.append(since)
+        with self.tx() as cur:
+            cur.execute(self._sql(sql + " ORDER BY time DESC LIMIT ?"), (*params, limit))
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in reversed(cur.fetchall())]
+
     def trim_archive(self, older_than: float) -> int:
         """Retention: drop archived measurements older than a time (latest state stays)."""
         with self.tx() as cur:
@@ -470,6 +661,7 @@ class PostgresStore(Store):
 
     placeholder = "%s"
     serial = "BIGSERIAL"
+    compliance_lock = "SELECT pg_advisory_xact_lock(4243)"
 
     def __init__(self, url: str) -> None:
         from psycopg_pool import ConnectionPool
