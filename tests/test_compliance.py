@@ -3,6 +3,9 @@ real collector on SQLite and on a real PostgreSQL; the verdict rules as a table;
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import sqlite3
 import threading
 import time
@@ -13,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from collector.cli import cli
 from collector.compliance import deadline_missed, observe, run_pass, time_to_enforce, verdict_words
 from collector.config import CollectorConfigError, parse_collector_config
 from collector.store import MIGRATIONS, Store, open_store
@@ -387,3 +392,61 @@ def test_an_older_database_gains_the_compliance_tables(tmp_path: Path) -> None:
         assert (row["leaking"], row["names_leaking"], row["due"], deadline_missed(row)) == (1, 1, None, None)
     finally:
         store.close()
+
+
+def test_report_timeline_in_every_format(tmp_path: Path) -> None:
+    db = tmp_path / "c.sqlite3"
+    config = tmp_path / "collector.yaml"
+    config.write_text(f"database: sqlite:///{db}\n")
+    store = open_store(f"sqlite:///{db}")
+    probe = {"id": "it-1", "region": "r", "country": "IT"}
+    hostile = '=HYPERLINK("http://x.example")'  # a resolver label a spreadsheet would run
+    try:
+        store.ingest(probe, "b-00000003", [seen("ps-8", "a.calcio.example", "leak", D + 60)], received=D + 61)
+        store.ingest(
+            probe,
+            "b-00000004",
+            [seen("ps-8", "a.calcio.example", "leak", D + 60, resolver=hostile)],
+            received=D + 61,
+        )
+        run_pass(store, 86400, now=D + 61)
+        store.ingest(
+            probe, "b-00000005", [seen("ps-8", "a.calcio.example", "enforced", D + 120)], received=D + 121
+        )
+        run_pass(store, 86400, now=D + 121)
+    finally:
+        store.close()
+    runner = CliRunner()
+    args = ["report", "--config", str(config), "--order", "ps-8", "--timeline", "--since", "7d"]
+    out = runner.invoke(cli, [*args, "--format", "json"])
+    assert out.exit_code == 0, out.output
+    keys = {k["resolver"]: k for k in json.loads(out.output)}
+    plain = keys[R]
+    assert {
+        k: plain[k] for k in ("effective", "due", "first_enforced", "time_to_enforce_seconds", "deadline")
+    } == {
+        "effective": iso(E),
+        "due": iso(D),
+        "first_enforced": iso(D + 120),
+        "time_to_enforce_seconds": 1920,
+        "deadline": "missed",
+    }
+    assert (plain["deadline_missed"], plain["names_leaking"]) == (1, 0)
+    assert [(h["time"], h["enforced"], h["leaking"]) for h in plain["history"]] == [
+        (iso(D + 61), 0, 1),
+        (iso(D + 121), 1, 0),
+    ]
+    assert keys[hostile]["names_leaking"] == 1
+    out = runner.invoke(cli, [*args, "--format", "csv"])
+    assert out.exit_code == 0, out.output
+    rows = list(csv.DictReader(io.StringIO(out.output)))
+    assert len(rows) == 3  # two changes on one resolver, one on the other
+    assert {r["resolver"] for r in rows} == {R, "'" + hostile}
+    assert [r["deadline"] for r in rows if r["resolver"] == R] == ["missed", "missed"]
+    out = runner.invoke(cli, [*args, "--format", "html"])
+    assert out.exit_code == 0, out.output
+    assert "deadline missed on 2" in out.output
+    assert "=HYPERLINK(&quot;http://x.example&quot;)" in out.output  # escaped, shown as text
+    out = runner.invoke(cli, ["report", "--config", str(config), "--timeline"])
+    assert out.exit_code == 2
+    assert "--timeline needs --order ID" in out.output
