@@ -617,11 +617,13 @@ class Store:
             return [dict(zip(cols, r, strict=True)) for r in reversed(cur.fetchall())]
 
     def trim_archive(self, older_than: float) -> int:
-        """Retention: drop archived measurements older than a time (latest state stays)."""
+        """Retention: drop archived measurements and compliance changes older than a time (the latest
+        state and each key's compliance stay)."""
         with self.tx() as cur:
             cur.execute(self._sql("DELETE FROM archive WHERE time < ?"), (older_than,))
             n = cur.rowcount
             cur.execute(self._sql("DELETE FROM batches WHERE received < ?"), (older_than,))
+            cur.execute(self._sql("DELETE FROM compliance_history WHERE time < ?"), (older_than,))
             return int(n)
 
     def close(self) -> None:

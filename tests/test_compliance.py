@@ -343,6 +343,24 @@ def test_two_collectors_passing_at_once_agree(db: str) -> None:
         second.close()
 
 
+def test_retention_trims_the_changes_but_keeps_each_keys_compliance(db: str) -> None:
+    store = open_store(db)
+    try:
+        store.ingest(
+            {"id": "it-1", "region": "r", "country": "IT"},
+            "b-00000006",
+            [seen("ps-9", "a.calcio.example", "leak", D + 60)],
+            received=D + 61,
+        )
+        run_pass(store, 86400, now=D + 61)
+        store.trim_archive(D + 62)
+        assert store.compliance_history(["ps-9"]) == []
+        [row] = store.compliance(order="ps-9")
+        assert deadline_missed(row) == 1
+    finally:
+        store.close()
+
+
 def test_the_app_runs_passes_on_its_own(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     s = Server(store, "stale_after: 86400\ncompliance_interval: 1\n")
