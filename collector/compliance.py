@@ -19,8 +19,8 @@ and anything else is no claim at all (inconclusive beats wrong):
   measured after `due`, while enforcement was never seen at or before `due`. A late first
   enforcement alone proves nothing (the probe may simply have measured late).
 - **Met** (0) when enforcement was first seen at or before `due`, no leak was measured after
-  that, and no series has appeared since that was not counted then (a name first measured
-  after `due` could have leaked at `due`).
+  that, and no name has been judged since that was not counted then (a name first measured
+  after `due` could have leaked at `due`; a new probe or qtype on the same names changes nothing).
 - Otherwise no verdict: not yet due, no measurement, a leak after an enforcement seen in time
   (a regression, or a name not measured before), a first enforcement after `due` with no leak
   measured after `due`, or only inconclusive series. Absence of data is never a miss.
@@ -50,10 +50,10 @@ def observe(group: dict[str, Any]) -> dict[str, Any]:
         "effective": group["effective"],
         "due": group["due"],
         "first_enforced": group["enforced_at"] if fully else None,
-        "first_series": enforced if fully else None,
+        "first_names": group["names"] if fully else None,
         "enforced_since": group["enforced_at"] if fully else None,
         "last_leak": group["last_leak"],
-        "max_series": enforced + leaking,
+        "max_names": group["names"],
         "enforced": enforced,
         "leaking": leaking,
         "inconclusive": group["inconclusive"],
@@ -73,8 +73,8 @@ def deadline_missed(row: dict[str, Any]) -> int | None:
         return None if in_time else 1
     if not in_time or (last_leak is not None and last_leak >= first):
         return None  # a leak after enforcement was seen: it may have leaked at `due`
-    series, counted = row.get("max_series"), row.get("first_series")
-    return 0 if series is not None and counted is not None and series <= counted else None
+    names, counted = row.get("max_names"), row.get("first_names")
+    return 0 if names is not None and counted is not None and names <= counted else None
 
 
 def time_to_enforce(row: dict[str, Any]) -> float | None:

@@ -72,9 +72,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE latest ADD COLUMN due DOUBLE PRECISION;
     CREATE TABLE compliance (order_id TEXT NOT NULL, country TEXT NOT NULL, resolver TEXT NOT NULL,
                              transport TEXT NOT NULL, effective DOUBLE PRECISION, due DOUBLE PRECISION,
-                             first_enforced DOUBLE PRECISION, first_series INTEGER,
+                             first_enforced DOUBLE PRECISION, first_names INTEGER,
                              enforced_since DOUBLE PRECISION, last_leak DOUBLE PRECISION,
-                             max_series INTEGER NOT NULL, enforced INTEGER NOT NULL, leaking INTEGER NOT NULL,
+                             max_names INTEGER NOT NULL, enforced INTEGER NOT NULL, leaking INTEGER NOT NULL,
                              inconclusive INTEGER NOT NULL, names_leaking INTEGER NOT NULL,
                              updated DOUBLE PRECISION NOT NULL,
                              PRIMARY KEY (order_id, country, resolver, transport));
@@ -96,10 +96,10 @@ _COMPLIANCE_OBSERVED = (
     "effective",
     "due",
     "first_enforced",
-    "first_series",
+    "first_names",
     "enforced_since",
     "last_leak",
-    "max_series",
+    "max_names",
     "enforced",
     "leaking",
     "inconclusive",
@@ -517,6 +517,7 @@ class Store:
                     "sum(CASE WHEN finding = 'leak' THEN 1 ELSE 0 END), "
                     "sum(CASE WHEN finding = 'inconclusive' THEN 1 ELSE 0 END), "
                     "count(DISTINCT CASE WHEN finding = 'leak' THEN domain END), "
+                    "count(DISTINCT CASE WHEN finding IN ('enforced', 'leak') THEN domain END), "
                     "max(CASE WHEN finding = 'enforced' THEN since END), "
                     "max(CASE WHEN finding = 'leak' THEN time END), max(effective), max(due) "
                     "FROM latest WHERE time >= ? AND rule IS NOT NULL AND rule <> 'canary' "
@@ -527,7 +528,7 @@ class Store:
             )
             names = (
                 *("order_id", "country", "resolver", "transport", "enforced", "leaking", "inconclusive"),
-                *("names_leaking", "enforced_at", "last_leak", "effective", "due"),
+                *("names_leaking", "names", "enforced_at", "last_leak", "effective", "due"),
             )
             groups = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
             cur.execute(
@@ -536,7 +537,7 @@ class Store:
             before = {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in cur.fetchall()}
             rows, history = [], []
             for g in groups:
-                for k in ("enforced", "leaking", "inconclusive", "names_leaking"):
+                for k in ("enforced", "leaking", "inconclusive", "names_leaking", "names"):
                     g[k] = int(g[k] or 0)
                 o = observe(g)
                 key = (g["order_id"], g["country"], g["resolver"], g["transport"])
@@ -554,13 +555,13 @@ class Store:
                     "first_enforced = CASE WHEN compliance.first_enforced IS NULL "
                     "OR excluded.first_enforced < compliance.first_enforced "
                     "THEN COALESCE(excluded.first_enforced, compliance.first_enforced) ELSE compliance.first_enforced END, "
-                    "first_series = CASE WHEN compliance.first_enforced IS NULL "
+                    "first_names = CASE WHEN compliance.first_enforced IS NULL "
                     "OR excluded.first_enforced < compliance.first_enforced "
-                    "THEN COALESCE(excluded.first_series, compliance.first_series) ELSE compliance.first_series END, "
+                    "THEN COALESCE(excluded.first_names, compliance.first_names) ELSE compliance.first_names END, "
                     "last_leak = CASE WHEN compliance.last_leak IS NULL OR excluded.last_leak > compliance.last_leak "
                     "THEN COALESCE(excluded.last_leak, compliance.last_leak) ELSE compliance.last_leak END, "
-                    "max_series = CASE WHEN excluded.max_series > compliance.max_series "
-                    "THEN excluded.max_series ELSE compliance.max_series END, "
+                    "max_names = CASE WHEN excluded.max_names > compliance.max_names "
+                    "THEN excluded.max_names ELSE compliance.max_names END, "
                     + ", ".join(
                         f"{c} = CASE WHEN excluded.updated >= compliance.updated THEN excluded.{c} ELSE compliance.{c} END"
                         for c in ("enforced_since", "enforced", "leaking", "inconclusive", "names_leaking")

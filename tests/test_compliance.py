@@ -152,6 +152,17 @@ def test_a_deadline_met_and_its_time_to_enforce(server: Server) -> None:
     send(server, token, seen("ps-2", "a.calcio.example", "enforced", D + 600))
     run_pass(server.store, 86400, now=D + 601)
     assert compliance(server, "ps-2")["blockprobe_order_deadline_missed"] == 0
+    # A second probe, and another qtype, on the same name: nothing new was judged, still met.
+    body = batch("it-2", [seen("ps-2", "a.calcio.example", "enforced", D + 700, qtype="AAAA")])
+    assert post(server, server.token("it-2"), body).status_code == 200
+    run_pass(server.store, 86400, now=D + 701)
+    assert compliance(server, "ps-2")["blockprobe_order_deadline_missed"] == 0
+    # A name first measured after the deadline could have leaked at it: no verdict any more.
+    send(server, token, seen("ps-2", "b.calcio.example", "enforced", D + 800))
+    run_pass(server.store, 86400, now=D + 801)
+    got = compliance(server, "ps-2")
+    assert "blockprobe_order_deadline_missed" not in got
+    assert got["blockprobe_order_enforced_timestamp_seconds"] == E + 600  # first seen stays first seen
 
 
 def test_no_verdict_without_proof(server: Server) -> None:
@@ -229,34 +240,34 @@ def test_names_leaking_counts_names_not_series(server: Server) -> None:
             {"due": 0.0, "first_enforced": 9.0}, None, "unknown", id="first enforcement late, no leak seen"
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": -9.0, "first_series": 2, "max_series": 2},
+            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 2},
             0,
             "met",
             id="enforced in time",
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": 0.0, "first_series": 2, "max_series": 2},
+            {"due": 0.0, "first_enforced": 0.0, "first_names": 2, "max_names": 2},
             0,
             "met",
             id="enforced at due",
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": -9.0, "first_series": 2, "max_series": 2, "last_leak": 5.0},
+            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 2, "last_leak": 5.0},
             None,
             "unknown",
             id="enforced in time, a leak after due: a regression or a name not measured before",
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": -9.0, "first_series": 2, "max_series": 2, "last_leak": -5.0},
+            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 2, "last_leak": -5.0},
             None,
             "unknown",
             id="a leak after enforcement, before due: it may have leaked at due",
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": -9.0, "first_series": 2, "max_series": 3},
+            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 3},
             None,
             "unknown",
-            id="a series appeared after enforcement was seen",
+            id="a name was first judged after enforcement was seen",
         ),
     ],
 )
@@ -291,7 +302,7 @@ def test_a_late_pass_cannot_undo_a_newer_one(db: str) -> None:
             return {
                 **observe(g),
                 "first_enforced": None,
-                "first_series": None,
+                "first_names": None,
                 "enforced_since": None,
                 "last_leak": E + 100,
                 "enforced": 0,
