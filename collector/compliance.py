@@ -18,8 +18,8 @@ and anything else is no claim at all (inconclusive beats wrong):
 - **Missed** (1) only with proof that the order was not enforced after its due instant: a leak
   measured after `due`, while enforcement was never seen at or before `due`. A late first
   enforcement alone proves nothing (the probe may simply have measured late).
-- **Met** (0) when enforcement was first seen at or before `due`, no leak was measured after
-  that, and no name has been judged since that was not counted then (a name first measured
+- **Met** (0) once a pass after `due` finds that enforcement was first seen at or before
+  `due`, no leak was measured after that, and no name has been judged since that was not counted then (a name first measured
   after `due` could have leaked at `due`; a new probe or qtype on the same names changes nothing).
 - Otherwise no verdict: not yet due, no measurement, a leak after an enforcement seen in time
   (a regression, or a name not measured before), a first enforcement after `due` with no leak
@@ -73,6 +73,8 @@ def deadline_missed(row: dict[str, Any]) -> int | None:
         return None if in_time else 1
     if not in_time or (last_leak is not None and last_leak >= first):
         return None  # a leak after enforcement was seen: it may have leaked at `due`
+    if row.get("updated") is None or row["updated"] < due:
+        return None  # not yet due: enforced so far, which is not yet "met"
     names, counted = row.get("max_names"), row.get("first_names")
     return 0 if names is not None and counted is not None and names <= counted else None
 

@@ -147,8 +147,8 @@ def test_a_deadline_met_and_its_time_to_enforce(server: Server) -> None:
     got = compliance(server, "ps-2")
     assert got["blockprobe_order_enforced_timestamp_seconds"] == E + 600
     assert got["blockprobe_order_time_to_enforce_seconds"] == 600
-    assert got["blockprobe_order_deadline_missed"] == 0
-    # Measured again after the deadline, still enforced: still met.
+    assert "blockprobe_order_deadline_missed" not in got  # enforced so far; "met" once it is due
+    # Measured again after the deadline, still enforced: met.
     send(server, token, seen("ps-2", "a.calcio.example", "enforced", D + 600))
     run_pass(server.store, 86400, now=D + 601)
     assert compliance(server, "ps-2")["blockprobe_order_deadline_missed"] == 0
@@ -198,7 +198,7 @@ def test_inconclusive_series_neither_hold_back_nor_count(server: Server) -> None
         seen("ps-3", "a.calcio.example", "enforced", E + 300),
         seen("ps-3", "b.calcio.example", "inconclusive", E + 400),
     )
-    run_pass(server.store, 86400, now=E + 401)
+    run_pass(server.store, 86400, now=D + 1)
     got = compliance(server, "ps-3")
     assert got["blockprobe_order_enforced_timestamp_seconds"] == E + 300
     assert got["blockprobe_order_deadline_missed"] == 0
@@ -240,31 +240,51 @@ def test_names_leaking_counts_names_not_series(server: Server) -> None:
             {"due": 0.0, "first_enforced": 9.0}, None, "unknown", id="first enforcement late, no leak seen"
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 2},
+            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 2, "updated": 1.0},
             0,
             "met",
             id="enforced in time",
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": 0.0, "first_names": 2, "max_names": 2},
+            {"due": 0.0, "first_enforced": 0.0, "first_names": 2, "max_names": 2, "updated": 1.0},
             0,
             "met",
             id="enforced at due",
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 2, "last_leak": 5.0},
+            {"due": 100.0, "first_enforced": 10.0, "first_names": 2, "max_names": 2, "updated": 20.0},
+            None,
+            "pending",
+            id="enforced so far, not yet due: pending, not met",
+        ),
+        pytest.param(
+            {
+                "due": 0.0,
+                "first_enforced": -9.0,
+                "first_names": 2,
+                "max_names": 2,
+                "last_leak": 5.0,
+                "updated": 6.0,
+            },
             None,
             "unknown",
             id="enforced in time, a leak after due: a regression or a name not measured before",
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 2, "last_leak": -5.0},
+            {
+                "due": 0.0,
+                "first_enforced": -9.0,
+                "first_names": 2,
+                "max_names": 2,
+                "last_leak": -5.0,
+                "updated": 1.0,
+            },
             None,
             "unknown",
             id="a leak after enforcement, before due: it may have leaked at due",
         ),
         pytest.param(
-            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 3},
+            {"due": 0.0, "first_enforced": -9.0, "first_names": 2, "max_names": 3, "updated": 1.0},
             None,
             "unknown",
             id="a name was first judged after enforcement was seen",
@@ -296,7 +316,7 @@ def test_a_late_pass_cannot_undo_a_newer_one(db: str) -> None:
             [seen("ps-5", "a.calcio.example", "enforced", E + 300)],
             received=E + 301,
         )
-        run_pass(store, 86400, now=E + 400)
+        run_pass(store, 86400, now=D + 1)
 
         def older(g: dict[str, Any]) -> dict[str, Any]:  # what a pass at E + 200 had seen: a leak
             return {
@@ -313,7 +333,7 @@ def test_a_late_pass_cannot_undo_a_newer_one(db: str) -> None:
         store.refresh_compliance(E + 200 - 86400, E + 200, older)
         [row] = store.compliance(order="ps-5")
         assert (row["first_enforced"], row["enforced_since"], row["last_leak"]) == (E + 300, E + 300, E + 100)
-        assert (row["enforced"], row["leaking"], row["names_leaking"], row["updated"]) == (1, 0, 0, E + 400)
+        assert (row["enforced"], row["leaking"], row["names_leaking"], row["updated"]) == (1, 0, 0, D + 1)
         assert deadline_missed(row) == 0
     finally:
         store.close()
