@@ -193,7 +193,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
 
         task = asyncio.create_task(retention())
         compliance = asyncio.create_task(
-            run_compliance(store, config.stale_after, config.compliance_interval)
+            run_compliance(store, config.stale_after, config.compliance_interval, config.max_future_skew)
         )
         yield
         task.cancel()

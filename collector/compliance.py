@@ -16,8 +16,11 @@ and anything else is no claim at all (inconclusive beats wrong):
   `since` among them), not when the pass ran: each of them has been enforced ever since.
   It is an upper bound: a name blocked between two measurements was blocked before we saw it.
 - **Missed** (1) only with proof that the order was not enforced after its due instant: a leak
-  measured after `due`, while enforcement was never seen at or before `due`. A late first
-  enforcement alone proves nothing (the probe may simply have measured late).
+  measured after `due`, while enforcement was never seen at or before `due`. Measured by the
+  probe's clock, so "after" means more than `limits.max_future_skew` after (the clock error the
+  collector accepts uncorrected), and a measurement whose time the collector had to correct
+  proves nothing. A late first enforcement alone proves nothing (the probe may simply have
+  measured late).
 - **Met** (0) once a pass after `due` finds that enforcement was first seen at or before
   `due`, no leak was measured after that, and no name has been judged since that was not counted then (a name first measured
   after `due` could have leaked at `due`; a new probe or qtype on the same names changes nothing).
@@ -53,6 +56,7 @@ def observe(group: dict[str, Any]) -> dict[str, Any]:
         "first_names": group["names"] if fully else None,
         "enforced_since": group["enforced_at"] if fully else None,
         "last_leak": group["last_leak"],
+        "late_leak": group["late_leak"],
         "max_names": group["names"],
         "enforced": enforced,
         "leaking": leaking,
@@ -68,8 +72,7 @@ def deadline_missed(row: dict[str, Any]) -> int | None:
         return None
     first, last_leak = row.get("first_enforced"), row.get("last_leak")
     in_time = first is not None and first <= due
-    leaked_after = last_leak is not None and last_leak > due
-    if leaked_after:
+    if row.get("late_leak") is not None:
         return None if in_time else 1
     if not in_time or (last_leak is not None and last_leak >= first):
         return None  # a leak after enforcement was seen: it may have leaked at `due`
@@ -98,18 +101,22 @@ def verdict_words(row: dict[str, Any], now: float) -> str:
     return "pending" if now < row["due"] else "unknown"
 
 
-def run_pass(store: Store, stale_after: float, now: float | None = None) -> int:
-    """One pass over the current series (`now` fixed by tests); returns the number of keys seen."""
+def run_pass(store: Store, stale_after: float, now: float | None = None, margin: float = 0.0) -> int:
+    """One pass over the current series (`now` fixed by tests); returns the number of keys seen.
+
+    `margin`: how far after `due` a leak must be measured to prove a miss; the app passes
+    `limits.max_future_skew`, the probe clock error the collector accepts without correcting it.
+    """
     now = time.time() if now is None else now
-    return store.refresh_compliance(now - stale_after, now, observe)
+    return store.refresh_compliance(now - stale_after, now, observe, margin)
 
 
-async def run_forever(store: Store, stale_after: float, interval: float) -> None:
+async def run_forever(store: Store, stale_after: float, interval: float, margin: float = 0.0) -> None:
     """Run a pass every `interval` seconds, off the event loop, until cancelled; a failing pass
     is logged and retried at the next tick (the store may be briefly unavailable)."""
     while True:
         try:
-            await run_in_threadpool(run_pass, store, stale_after)
+            await run_in_threadpool(run_pass, store, stale_after, None, margin)
         except Exception:
             log.exception("compliance pass failed; retrying in %g s", interval)
         await asyncio.sleep(interval)

@@ -74,6 +74,7 @@ MIGRATIONS: list[str] = [
                              transport TEXT NOT NULL, effective DOUBLE PRECISION, due DOUBLE PRECISION,
                              first_enforced DOUBLE PRECISION, first_names INTEGER,
                              enforced_since DOUBLE PRECISION, last_leak DOUBLE PRECISION,
+                             late_leak DOUBLE PRECISION,
                              max_names INTEGER NOT NULL, enforced INTEGER NOT NULL, leaking INTEGER NOT NULL,
                              inconclusive INTEGER NOT NULL, names_leaking INTEGER NOT NULL,
                              updated DOUBLE PRECISION NOT NULL,
@@ -99,6 +100,7 @@ _COMPLIANCE_OBSERVED = (
     "first_names",
     "enforced_since",
     "last_leak",
+    "late_leak",
     "max_names",
     "enforced",
     "leaking",
@@ -141,6 +143,10 @@ def compliance_of(m: dict[str, Any]) -> tuple[str | None, float | None, float | 
     """(expected, the binding order's effective instant, its due instant) for the `latest` row."""
     expected = m.get("expected")
     why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by")
+    if "clock_clamped_from" in m:
+        # The probe's clock ran ahead and its time was replaced by ours: this measurement's
+        # instant proves nothing about a deadline (collector/compliance.py).
+        return (expected if isinstance(expected, str) else None), None, None
     if expected != "blocked" or not isinstance(why, dict):
         return (expected if isinstance(expected, str) else None), None, None
     return expected, _instant(why.get("effective")), _instant(why.get("due"))
@@ -497,11 +503,17 @@ class Store:
     compliance_lock: str | None = None
 
     def refresh_compliance(
-        self, since: float, now: float, observe: Callable[[dict[str, Any]], dict[str, Any]]
+        self,
+        since: float,
+        now: float,
+        observe: Callable[[dict[str, Any]], dict[str, Any]],
+        margin: float = 0.0,
     ) -> int:
         """One compliance pass in one transaction: group the current series of binding orders per
         order × country × resolver × transport, turn each group into an observation (`observe`),
-        fold it into `compliance` and record changed counts in `compliance_history`.
+        fold it into `compliance` and record changed counts in `compliance_history`. A leak is
+        late (proof of a missed deadline) only when measured more than `margin` seconds after its
+        due instant, by a clock the collector did not have to correct.
 
         Instants only move towards what was first seen (the earliest enforcement, the latest
         leak, the most series), and the current counts only from a newer pass, so a pass that
@@ -519,16 +531,18 @@ class Store:
                     "count(DISTINCT CASE WHEN finding = 'leak' THEN domain END), "
                     "count(DISTINCT CASE WHEN finding IN ('enforced', 'leak') THEN domain END), "
                     "max(CASE WHEN finding = 'enforced' THEN since END), "
-                    "max(CASE WHEN finding = 'leak' THEN time END), max(effective), max(due) "
+                    "max(CASE WHEN finding = 'leak' THEN time END), "
+                    "max(CASE WHEN finding = 'leak' AND due IS NOT NULL AND time > due + ? THEN time END), "
+                    "max(effective), max(due) "
                     "FROM latest WHERE time >= ? AND rule IS NOT NULL AND rule <> 'canary' "
                     "AND (finding IN ('enforced', 'leak') OR (finding = 'inconclusive' AND expected = 'blocked')) "
                     "GROUP BY rule, country, resolver, transport"
                 ),
-                (since,),
+                (margin, since),
             )
             names = (
                 *("order_id", "country", "resolver", "transport", "enforced", "leaking", "inconclusive"),
-                *("names_leaking", "names", "enforced_at", "last_leak", "effective", "due"),
+                *("names_leaking", "names", "enforced_at", "last_leak", "late_leak", "effective", "due"),
             )
             groups = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
             cur.execute(
@@ -548,7 +562,7 @@ class Store:
             cur.executemany(
                 self._sql(
                     f"INSERT INTO compliance (order_id, country, resolver, transport, {', '.join(_COMPLIANCE_OBSERVED)}, "
-                    "updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    f"updated) VALUES ({', '.join('?' * (len(_COMPLIANCE_OBSERVED) + 5))}) "
                     "ON CONFLICT (order_id, country, resolver, transport) DO UPDATE SET "
                     "effective = COALESCE(excluded.effective, compliance.effective), "
                     "due = COALESCE(excluded.due, compliance.due), "
@@ -560,6 +574,8 @@ class Store:
                     "THEN COALESCE(excluded.first_names, compliance.first_names) ELSE compliance.first_names END, "
                     "last_leak = CASE WHEN compliance.last_leak IS NULL OR excluded.last_leak > compliance.last_leak "
                     "THEN COALESCE(excluded.last_leak, compliance.last_leak) ELSE compliance.last_leak END, "
+                    "late_leak = CASE WHEN compliance.late_leak IS NULL OR excluded.late_leak > compliance.late_leak "
+                    "THEN COALESCE(excluded.late_leak, compliance.late_leak) ELSE compliance.late_leak END, "
                     "max_names = CASE WHEN excluded.max_names > compliance.max_names "
                     "THEN excluded.max_names ELSE compliance.max_names END, "
                     + ", ".join(

@@ -190,6 +190,26 @@ def test_no_verdict_without_proof(server: Server) -> None:
     assert agcom["blockprobe_order_names_leaking"] == 1
 
 
+def test_a_leak_proves_a_miss_only_beyond_the_clock_margin(server: Server) -> None:
+    """A probe clock up to limits.max_future_skew fast is accepted as is; one further ahead is
+    replaced by the receive time, and that measurement's instant proves nothing."""
+    token = server.token("it-1")
+    send(server, token, seen("ps-10", "a.calcio.example", "leak", D + 60))
+    run_pass(server.store, 86400, now=D + 61, margin=300)
+    assert "blockprobe_order_deadline_missed" not in compliance(server, "ps-10")
+    send(server, token, seen("ps-10", "a.calcio.example", "leak", D + 301))
+    run_pass(server.store, 86400, now=D + 302, margin=300)
+    assert compliance(server, "ps-10")["blockprobe_order_deadline_missed"] == 1
+    ahead = seen("ps-11", "a.calcio.example", "leak", time.time() + 3600)
+    r = post(server, token, batch(measurements=[ahead]))
+    assert r.json()["clamped"] == 1
+    run_pass(server.store, 86400, margin=300)
+    got = compliance(server, "ps-11")
+    assert got["blockprobe_order_names_leaking"] == 1
+    assert "blockprobe_order_deadline_missed" not in got
+    assert "blockprobe_order_due_timestamp_seconds" not in got
+
+
 def test_inconclusive_series_neither_hold_back_nor_count(server: Server) -> None:
     token = server.token("it-1")
     send(
@@ -228,10 +248,12 @@ def test_names_leaking_counts_names_not_series(server: Server) -> None:
         pytest.param({"due": 100.0}, None, "pending", id="nothing seen, not yet due"),
         pytest.param({"due": 0.0}, None, "unknown", id="nothing seen, past due: never missed from absence"),
         pytest.param({"due": 0.0, "last_leak": -5.0}, None, "unknown", id="a leak before due only"),
-        pytest.param({"due": 0.0, "last_leak": 5.0}, 1, "missed", id="a leak after due"),
-        pytest.param({"due": 0.0, "last_leak": 0.0}, None, "unknown", id="a leak at due is not after it"),
+        pytest.param({"due": 0.0, "last_leak": 5.0, "late_leak": 5.0}, 1, "missed", id="a late leak"),
         pytest.param(
-            {"due": 0.0, "last_leak": 5.0, "first_enforced": 9.0},
+            {"due": 0.0, "last_leak": 5.0}, None, "unknown", id="a leak after due, within the clock margin"
+        ),
+        pytest.param(
+            {"due": 0.0, "last_leak": 5.0, "late_leak": 5.0, "first_enforced": 9.0},
             1,
             "missed",
             id="leak after due, enforced later",
@@ -264,6 +286,7 @@ def test_names_leaking_counts_names_not_series(server: Server) -> None:
                 "first_names": 2,
                 "max_names": 2,
                 "last_leak": 5.0,
+                "late_leak": 5.0,
                 "updated": 6.0,
             },
             None,
@@ -396,7 +419,8 @@ def test_the_app_runs_passes_on_its_own(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     s = Server(store, "stale_after: 86400\ncompliance_interval: 1\n")
     try:
-        send(s, s.token("it-1"), seen("ps-7", "a.calcio.example", "leak", D + 60))
+        # More than limits.max_future_skew (300 s) after due: late even by a fast probe clock.
+        send(s, s.token("it-1"), seen("ps-7", "a.calcio.example", "leak", D + 600))
         deadline = time.monotonic() + 20
         while compliance(s, "ps-7").get("blockprobe_order_deadline_missed") != 1:
             assert time.monotonic() < deadline, "no compliance pass ran"
