@@ -83,7 +83,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE compliance_history (time DOUBLE PRECISION NOT NULL, order_id TEXT NOT NULL, country TEXT NOT NULL,
                                      resolver TEXT NOT NULL, transport TEXT NOT NULL, enforced INTEGER NOT NULL,
                                      leaking INTEGER NOT NULL, names_leaking INTEGER NOT NULL);
-    CREATE INDEX compliance_history_order ON compliance_history (order_id, time)
+    CREATE INDEX compliance_history_order ON compliance_history (order_id, time);
+    CREATE INDEX compliance_history_time ON compliance_history (time)
     """,
 ]
 
