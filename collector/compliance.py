@@ -5,6 +5,8 @@ and how many names still leak.
 A periodic pass (every `compliance_interval` seconds, from the app's lifespan) groups the
 current series of binding orders (`latest`, within the staleness window) per key and folds
 what it sees into the store's `compliance` table; changed counts go to `compliance_history`.
+Leaks are also recorded as they are stored (Store._record_leaks), so one fixed before the
+next pass, or sent late from a probe's spool, still counts.
 
 An ISP may be fined on "deadline missed", so every claim here is one the measurements prove,
 and anything else is no claim at all (inconclusive beats wrong):
@@ -22,8 +24,9 @@ and anything else is no claim at all (inconclusive beats wrong):
   proves nothing. A late first enforcement alone proves nothing (the probe may simply have
   measured late).
 - **Met** (0) once a pass after `due` finds that enforcement was first seen at or before
-  `due`, no leak was measured after that, and no name has been judged since that was not counted then (a name first measured
-  after `due` could have leaked at `due`; a new probe or qtype on the same names changes nothing).
+  `due`, no leak was measured after that, and no name has been judged since that was not
+  counted then (a name first measured after `due` could have leaked at `due`; a new probe or
+  qtype on the same names changes nothing).
 - Otherwise no verdict: not yet due, no measurement, a leak after an enforcement seen in time
   (a regression, or a name not measured before), a first enforcement after `due` with no leak
   measured after `due`, or only inconclusive series. Absence of data is never a miss.

@@ -166,7 +166,11 @@ def build_timeline(
     """Per country × resolver × transport of one order: its instants, time to enforce, the deadline
     verdict (met, missed, pending, unknown, no deadline; collector/compliance.py says when each is
     claimed), names leaking at the last pass that saw it, and the changes of its counts since `since`."""
-    keys = [r for r in store.compliance(order=order) if country is None or r["country"] == country]
+    keys = [
+        r
+        for r in store.compliance(order=order)
+        if (country is None or r["country"] == country) and r["updated"]  # 0: no pass has seen it yet
+    ]
     history: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for h in store.compliance_history([order], since):
         history.setdefault((h["country"], h["resolver"], h["transport"]), []).append(

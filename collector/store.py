@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLLECTOR_FIELDS", "SeriesQuotaExceeded", "Store", "StoredBatch", "open_store"]
+__all__ = ["COLLECTOR_FIELDS", "SeriesQuotaExceeded", "Store", "StoredBatch", "compliance_of", "open_store"]
 
 MIGRATIONS: list[str] = [
     """
@@ -74,7 +74,7 @@ MIGRATIONS: list[str] = [
                              transport TEXT NOT NULL, effective DOUBLE PRECISION, due DOUBLE PRECISION,
                              first_enforced DOUBLE PRECISION, first_names INTEGER,
                              enforced_since DOUBLE PRECISION, last_leak DOUBLE PRECISION,
-                             late_leak DOUBLE PRECISION,
+                             late_leak DOUBLE PRECISION, lateness DOUBLE PRECISION,
                              max_names INTEGER NOT NULL, enforced INTEGER NOT NULL, leaking INTEGER NOT NULL,
                              inconclusive INTEGER NOT NULL, names_leaking INTEGER NOT NULL,
                              updated DOUBLE PRECISION NOT NULL,
@@ -353,6 +353,7 @@ class Store:
                 ),
                 list(latest.values()),
             )
+            self._record_leaks(cur, country, measurements)
             if newest:
                 cur.execute(
                     self._sql(
@@ -366,6 +367,40 @@ class Store:
                     (pid, region, country, received, probe.get("version"), control_ratio),
                 )
         return StoredBatch(True, len(archive))
+
+    def _record_leaks(self, cur: Any, country: str, measurements: Sequence[dict[str, Any]]) -> None:
+        """Every leak of a binding order, as it is stored, into its compliance key: the latest leak
+        and how long after its due instant it was measured. A leak fixed before the next compliance
+        pass, or sent late from a probe's spool, still counts towards the deadline verdict."""
+        leaks: dict[tuple[str, str, str, str], tuple[float, float | None]] = {}
+        for m in measurements:
+            if m.get("finding") != "leak":
+                continue
+            rule = rule_of(m)
+            if rule is None or rule == "canary":
+                continue
+            t = parse_time(m["time"])
+            due = compliance_of(m)[2]
+            late = None if due is None else t - due
+            key = (rule, country, m["resolver"], m["transport"])
+            old_t, old_late = leaks.get(key, (t, late))
+            worst = late if old_late is None else (old_late if late is None else max(late, old_late))
+            leaks[key] = (max(t, old_t), worst)
+        if not leaks:
+            return
+        cur.executemany(
+            self._sql(
+                "INSERT INTO compliance (order_id, country, resolver, transport, last_leak, lateness, max_names, "
+                "enforced, leaking, inconclusive, names_leaking, updated) VALUES (?,?,?,?,?,?,0,0,0,0,0,0) "
+                "ON CONFLICT (order_id, country, resolver, transport) DO UPDATE SET "
+                "last_leak = CASE WHEN compliance.last_leak IS NULL OR excluded.last_leak > compliance.last_leak "
+                "THEN excluded.last_leak ELSE compliance.last_leak END, "
+                "lateness = CASE WHEN compliance.lateness IS NULL OR excluded.lateness > compliance.lateness "
+                "THEN COALESCE(excluded.lateness, compliance.lateness) ELSE compliance.lateness END"
+            ),
+            # In key order, as the compliance pass writes: concurrent writers never wait on each other in a cycle.
+            [(*k, t, late) for k, (t, late) in sorted(leaks.items())],
+        )
 
     def _new_keys(self, cur: Any, pid: str, since: float, keys: list[tuple[str, ...]]) -> int:
         """How many of a batch's series keys are not yet current for this probe (exact, slower path)."""
@@ -532,34 +567,40 @@ class Store:
                     "count(DISTINCT CASE WHEN finding = 'leak' THEN domain END), "
                     "count(DISTINCT CASE WHEN finding IN ('enforced', 'leak') THEN domain END), "
                     "max(CASE WHEN finding = 'enforced' THEN since END), "
-                    "max(CASE WHEN finding = 'leak' THEN time END), "
-                    "max(CASE WHEN finding = 'leak' AND due IS NOT NULL AND time > due + ? THEN time END), "
-                    "max(effective), max(due) "
+                    "max(CASE WHEN finding = 'leak' THEN time END), max(effective), max(due) "
                     "FROM latest WHERE time >= ? AND rule IS NOT NULL AND rule <> 'canary' "
                     "AND (finding IN ('enforced', 'leak') OR (finding = 'inconclusive' AND expected = 'blocked')) "
                     "GROUP BY rule, country, resolver, transport"
                 ),
-                (margin, since),
+                (since,),
             )
             names = (
                 *("order_id", "country", "resolver", "transport", "enforced", "leaking", "inconclusive"),
-                *("names_leaking", "names", "enforced_at", "last_leak", "late_leak", "effective", "due"),
+                *("names_leaking", "names", "enforced_at", "last_leak", "effective", "due"),
             )
             groups = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
             cur.execute(
-                "SELECT order_id, country, resolver, transport, enforced, leaking, names_leaking FROM compliance"
+                "SELECT order_id, country, resolver, transport, enforced, leaking, names_leaking, lateness, due "
+                "FROM compliance"
             )
-            before = {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in cur.fetchall()}
+            before = {tuple(r[:4]): (tuple(int(v) for v in r[4:7]), r[7], r[8]) for r in cur.fetchall()}
             rows, history = [], []
             for g in groups:
                 for k in ("enforced", "leaking", "inconclusive", "names_leaking", "names"):
                     g[k] = int(g[k] or 0)
-                o = observe(g)
                 key = (g["order_id"], g["country"], g["resolver"], g["transport"])
+                counts, lateness, due = before.get(key, (None, None, None))
+                due = g["due"] if g["due"] is not None else due
+                # Proof of a miss: a leak (any, as ingested) measured more than `margin` after its due.
+                g["late_leak"] = None
+                if lateness is not None and due is not None and lateness > margin:
+                    g["late_leak"] = float(due) + float(lateness)
+                o = observe(g)
                 rows.append((*key, *(o[c] for c in _COMPLIANCE_OBSERVED), now))
-                counts = (g["enforced"], g["leaking"], g["names_leaking"])
-                if before.get(key) != counts:
-                    history.append((now, *key, *counts))
+                counts_now = (g["enforced"], g["leaking"], g["names_leaking"])
+                if counts != counts_now:
+                    history.append((now, *key, *counts_now))
+            rows.sort(key=lambda r: r[:4])  # key order, as the ingest writes (no lock cycles)
             cur.executemany(
                 self._sql(
                     f"INSERT INTO compliance (order_id, country, resolver, transport, {', '.join(_COMPLIANCE_OBSERVED)}, "

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from collector.cli import cli
 from collector.compliance import deadline_missed, observe, run_pass, time_to_enforce, verdict_words
 from collector.config import CollectorConfigError, parse_collector_config
-from collector.store import MIGRATIONS, Store, open_store
+from collector.store import MIGRATIONS, Store, compliance_of, open_store
 
 from .pg import TempPostgres
 from .test_collector import Server, batch, measurement, post, postgres  # noqa: F401 - fixtures
@@ -210,6 +210,26 @@ def test_a_leak_proves_a_miss_only_beyond_the_clock_margin(server: Server) -> No
     assert "blockprobe_order_due_timestamp_seconds" not in got
 
 
+def test_leaks_no_pass_saw_still_count(server: Server) -> None:
+    """A leak fixed before the next pass (or sent late from a spool) is recorded as it is stored:
+    it proves a miss after the deadline, and withdraws a "met" before it."""
+    token = server.token("it-1")
+    send(server, token, seen("ps-12", "a.calcio.example", "leak", D + 60))
+    send(server, token, seen("ps-12", "a.calcio.example", "enforced", D + 120))
+    run_pass(server.store, 86400, now=D + 121)
+    got = compliance(server, "ps-12")
+    assert got["blockprobe_order_deadline_missed"] == 1
+    assert got["blockprobe_order_names_leaking"] == 0
+    send(server, token, seen("ps-13", "b.calcio.example", "enforced", E + 300))
+    run_pass(server.store, 86400, now=E + 301)
+    send(server, token, seen("ps-13", "b.calcio.example", "leak", E + 900))
+    send(server, token, seen("ps-13", "b.calcio.example", "enforced", E + 960))
+    run_pass(server.store, 86400, now=D + 1)
+    got = compliance(server, "ps-13")
+    assert got["blockprobe_order_enforced_timestamp_seconds"] == E + 300
+    assert "blockprobe_order_deadline_missed" not in got  # it leaked after enforcement: maybe at due too
+
+
 def test_inconclusive_series_neither_hold_back_nor_count(server: Server) -> None:
     token = server.token("it-1")
     send(
@@ -317,6 +337,29 @@ def test_names_leaking_counts_names_not_series(server: Server) -> None:
 def test_the_verdict_needs_proof(row: dict[str, Any], missed: int | None, words: str) -> None:
     assert deadline_missed(row) == missed
     assert verdict_words(row, now=50.0) == words
+
+
+@pytest.mark.parametrize(
+    ("why", "stored"),
+    [
+        (
+            {"order": "o", "effective": "2026-12-01T14:05:00+01:00", "due": "2026-12-01"},
+            (1796130300.0, 1796083200.0),
+        ),
+        (
+            {"order": "o", "effective": "2026-12-01T13:05:00", "due": 1796083200},
+            (None, None),
+        ),  # no offset; a number
+        ({"order": "o", "effective": "yesterday", "due": "2026-12-01T13:05:00Z" * 3}, (None, None)),
+        ("not a mapping", (None, None)),
+    ],
+)
+def test_odd_instants_cost_a_figure_never_the_batch(
+    why: Any, stored: tuple[float | None, float | None]
+) -> None:
+    m = measurement(expected_by=why)
+    assert compliance_of(m) == ("blocked", *stored)
+    assert compliance_of({**m, "clock_clamped_from": m["time"]}) == ("blocked", None, None)
 
 
 def test_time_to_enforce_is_never_negative() -> None:
