@@ -458,6 +458,66 @@ def test_retention_trims_the_changes_but_keeps_each_keys_compliance(db: str) -> 
         store.close()
 
 
+def test_ingest_and_passes_at_once_never_wait_on_each_other_in_a_cycle(db: str) -> None:
+    """Two probes' batches (each leak written into its compliance key) and two collectors' passes,
+    all at once on one database: every write lands, and the counts add up."""
+    first, second = open_store(db), open_store(db)
+    transports = ["udp", "tcp", "dot", "doh"]
+    errors: list[BaseException] = []
+
+    def ingest(store: Store, probe: str) -> None:
+        try:
+            for b in range(10):
+                order = (
+                    transports[b % 4 :] + transports[: b % 4]
+                )  # each batch takes the keys in another order
+                ms = [
+                    seen(
+                        "ps-14",
+                        f"n{b}.calcio.example",
+                        "leak",
+                        E + 60 + b,
+                        transport=t,
+                        resolver=f"{t}-resolver",
+                    )
+                    for t in (order if probe == "it-1" else order[::-1])
+                ]
+                store.ingest(
+                    {"id": probe, "region": "r", "country": "IT"}, f"b-{probe}-{b:04}", ms, E + 70 + b
+                )
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    def passes(store: Store) -> None:
+        try:
+            for i in range(10):
+                run_pass(store, 86400, now=E + 100 + i)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    try:
+        threads = [
+            threading.Thread(target=ingest, args=(first, "it-1")),
+            threading.Thread(target=ingest, args=(second, "it-2")),
+            threading.Thread(target=passes, args=(first,)),
+            threading.Thread(target=passes, args=(second,)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        run_pass(first, 86400, now=E + 200)
+        rows = first.compliance(order="ps-14")
+        assert [(r["transport"], r["leaking"], r["names_leaking"]) for r in rows] == [
+            (t, 20, 10) for t in sorted(transports)
+        ]
+        assert {r["last_leak"] for r in rows} == {E + 69}
+    finally:
+        first.close()
+        second.close()
+
+
 def test_the_app_runs_passes_on_its_own(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     s = Server(store, "stale_after: 86400\ncompliance_interval: 1\n")
