@@ -107,8 +107,9 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "blockprobe_order_deadline_missed": (
         "gauge",
-        "1 when a leak was measured after the due instant with no enforcement seen by then; "
-        "0 when enforcement was seen by then; absent when it cannot be said.",
+        "1 when a leak was measured after the due instant (beyond the accepted probe clock error) "
+        "with no enforcement seen by then; 0 when enforcement was seen by then and held; "
+        "absent when it cannot be said.",
         COMPLIANCE_LABELS,
     ),
     "blockprobe_order_names_leaking": (
