@@ -552,7 +552,7 @@ class Store:
         due instant, by a clock the collector did not have to correct.
 
         Instants only move towards what was first seen (the earliest enforcement, the latest
-        leak, the most series), and the current counts only from a newer pass, so a pass that
+        leak, the most names), and the current counts only from a newer pass, so a pass that
         runs late or twice cannot undo another's. Returns the number of groups.
         """
         with self.tx() as cur:
