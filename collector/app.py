@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from collector.compliance import run_forever as run_compliance
 from collector.config import CollectorConfig, ReadAccess
 from collector.ingest import INGEST_PATH, IngestGate, TokenCache, bearer, json_response, send_response
 from collector.metrics import make_registry
@@ -191,8 +192,12 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
                 await asyncio.sleep(3600)
 
         task = asyncio.create_task(retention())
+        compliance = asyncio.create_task(
+            run_compliance(store, config.stale_after, config.compliance_interval, config.max_future_skew)
+        )
         yield
         task.cancel()
+        compliance.cancel()
 
     app = FastAPI(
         title="blockprobe collector",

@@ -182,15 +182,35 @@ def token_revoke(probe_id: str, config_file: str, database: str | None) -> None:
     "--since", default="30d", show_default=True, help="A start: 2026-11-01, or an age like 7d, 12h."
 )
 @click.option("--format", "fmt", type=click.Choice(["csv", "json", "html"]), default="csv", show_default=True)
+@click.option(
+    "--timeline",
+    is_flag=True,
+    help="With --order: the order's compliance per country × resolver × transport, and its changes.",
+)
 def report(
-    config_file: str, database: str | None, order: str | None, country: str | None, since: str, fmt: str
+    config_file: str,
+    database: str | None,
+    order: str | None,
+    country: str | None,
+    since: str,
+    fmt: str,
+    timeline: bool,
 ) -> None:
-    """Every leak and overblock with first and last seen, probes, answers and the raw response."""
-    from collector.report import build_report, render_report
+    """Every leak and overblock with first and last seen, probes, answers and the raw response;
+    or (--timeline) an order's compliance over time."""
+    from collector.report import build_report, build_timeline, render_report, render_timeline
 
+    if timeline and not order:
+        _fail("--timeline needs --order ID")
     start = _since(since)
     _, store = _load(config_file, database)
-    rows = build_report(store, start, order, country.upper() if country else None)
+    cc = country.upper() if country else None
+    if timeline and order:
+        keys = build_timeline(store, order, start, time.time(), cc)
+        store.close()
+        sys.stdout.write(render_timeline(keys, fmt))
+        return
+    rows = build_report(store, start, order, cc)
     store.close()
     sys.stdout.write(render_report(rows, fmt))
 

@@ -78,6 +78,9 @@ class CollectorConfig:
     body_timeout: float = 30.0
     max_connections: int = 1000
     reads: ReadAccess = ReadAccess()
+    # Seconds between compliance passes (collector/compliance.py): how late a first enforcement
+    # or a leak after a deadline can be noticed, at the cost of one grouping query over `latest`.
+    compliance_interval: float = 30.0
 
 
 _KEYS = {
@@ -92,6 +95,7 @@ _KEYS = {
     "prometheus",
     "server",
     "reads",
+    "compliance_interval",
 }
 _LIMITS = {
     "max_body",
@@ -287,6 +291,7 @@ def parse_collector_config(  # noqa: C901 - one flat check per key, so every mis
         body_timeout=number(server.get("body_timeout"), "server.body_timeout", 30, 0.1),
         max_connections=int(number(server.get("max_connections"), "server.max_connections", 1000, 4)),
         reads=access,
+        compliance_interval=number(doc.get("compliance_interval"), "compliance_interval", 30, 1),
     )
     if errors:
         raise CollectorConfigError([f"{source}: {e}" for e in errors])

@@ -15,14 +15,17 @@ database. The collector's own health uses prometheus_client as usual.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from collector.compliance import deadline_missed, time_to_enforce
 from collector.store import Store
 
 __all__ = ["FAMILIES", "Health", "make_registry", "render_findings"]
+
+COMPLIANCE_LABELS = ("order", "country", "resolver", "transport")
 
 # name → (type, help, label names). Label values come from the store; label names live here.
 FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -80,6 +83,39 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gauge",
         "Share of the control resolver's answers that failed in the probe's last batch.",
         ("probe", "region", "country"),
+    ),
+    # Compliance over time (collector/compliance.py), per order × country × resolver × transport.
+    "blockprobe_order_effective_timestamp_seconds": (
+        "gauge",
+        "When the order took effect (from the lists the probes judged by).",
+        COMPLIANCE_LABELS,
+    ),
+    "blockprobe_order_due_timestamp_seconds": (
+        "gauge",
+        "When enforcement of the order was due (effective + deadline).",
+        COMPLIANCE_LABELS,
+    ),
+    "blockprobe_order_enforced_timestamp_seconds": (
+        "gauge",
+        "When enforcement was first seen: no leaking series, at least one enforced.",
+        COMPLIANCE_LABELS,
+    ),
+    "blockprobe_order_time_to_enforce_seconds": (
+        "gauge",
+        "From the order's effective instant to enforcement first seen (an upper bound).",
+        COMPLIANCE_LABELS,
+    ),
+    "blockprobe_order_deadline_missed": (
+        "gauge",
+        "1 when a leak was measured after the due instant (beyond the accepted probe clock error) "
+        "with no enforcement seen by then; 0 when enforcement was seen by then and held; "
+        "absent when it cannot be said.",
+        COMPLIANCE_LABELS,
+    ),
+    "blockprobe_order_names_leaking": (
+        "gauge",
+        "Distinct names of the order that currently leak.",
+        COMPLIANCE_LABELS,
     ),
 }
 
@@ -267,7 +303,32 @@ def render_findings(
             if p["control_failure_ratio"] is not None
         ),
     )
+    _write_compliance(w, store, since)
     return w.text()
+
+
+def _write_compliance(w: _Writer, store: Store, since: float) -> None:
+    """The compliance families, from what the compliance passes saw within the staleness window:
+    a key no pass has seen lately (its series went stale, its order expired) disappears."""
+    rows = store.compliance(since)
+
+    def family(name: str, value: Callable[[dict[str, Any]], float | None]) -> None:
+        values = ((r, value(r)) for r in rows)
+        w.family(
+            name,
+            (
+                ([r["order_id"], r["country"], r["resolver"], r["transport"]], v)
+                for r, v in values
+                if v is not None
+            ),
+        )
+
+    family("blockprobe_order_effective_timestamp_seconds", lambda r: r["effective"])
+    family("blockprobe_order_due_timestamp_seconds", lambda r: r["due"])
+    family("blockprobe_order_enforced_timestamp_seconds", lambda r: r["first_enforced"])
+    family("blockprobe_order_time_to_enforce_seconds", time_to_enforce)
+    family("blockprobe_order_deadline_missed", deadline_missed)
+    family("blockprobe_order_names_leaking", lambda r: r["names_leaking"])
 
 
 class Health:

@@ -23,6 +23,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx2
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from collector.compliance import time_to_enforce, verdict_words
 from collector.store import Store
 
 __all__ = ["Pages", "display_name", "runs_of"]
@@ -184,6 +185,7 @@ class Pages:
             alerts_error=alerts_error,
             prometheus_url=self.prometheus_url,
             bar=_bar(totals),
+            compliance=self._compliance(since, now, names),
         )
 
     def _resolver_names(self, since: float) -> dict[str, tuple[str, str]]:
@@ -264,6 +266,25 @@ class Pages:
         out.sort(key=lambda r: (r.finding != "leak", r.country, r.resolver, r.domain, r.qtype))
         return out
 
+    def _compliance(self, since: float, now: float, names: dict[str, tuple[str, str]]) -> dict[str, Any]:
+        """Per order with current compliance data, worst first: a resolver × transport matrix coloured
+        by enforcement share (numbers written too) and an SVG timeline of that share."""
+        by_order: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in self.store.compliance(since):
+            by_order[r["order_id"]].append(r)
+        orders = [_order_view(order, rows, now, names) for order, rows in by_order.items()]
+        orders.sort(key=lambda o: (-o["missed"], o["share"] if o["share"] is not None else 2, o["order"]))
+        shown = orders[:ORDERS_SHOWN]
+        history = self.store.compliance_history([o["order"] for o in shown], now - TIMELINE_SPAN)
+        for o in shown:
+            o["chart"] = _timeline_chart([h for h in history if h["order_id"] == o["order"]], o, now)
+        return {
+            "orders": shown,
+            "total": len(orders),
+            "missed": sum(o["missed"] for o in orders),
+            "missed_orders": sum(1 for o in orders if o["missed"]),
+        }
+
     def _said(self, p: Problem) -> str:
         rows = self.store.evidence(p.key, limit=1)
         return said(rows[0]) if rows else said({"outcome": p.outcome, "answers": p.answers})
@@ -300,6 +321,111 @@ class Pages:
             name=display_name(key[1], latest.get("operator") if latest else None),
         )
         return rows, html
+
+
+ORDERS_SHOWN = 10  # orders with a matrix on the status page, worst first; the report has every one
+TIMELINE_SPAN = 7 * 86400  # how far back an order's chart reaches
+CHART_W, CHART_H = 300, 60
+
+
+def _share(enforced: int, leaking: int) -> float | None:
+    return enforced / (enforced + leaking) if enforced + leaking else None
+
+
+def _share_class(share: float | None) -> str:
+    if share is None:
+        return "inconclusive"
+    return "fine" if share == 1 else ("leak" if share == 0 else "partial")
+
+
+def _order_view(
+    order: str, rows: list[dict[str, Any]], now: float, names: dict[str, tuple[str, str]]
+) -> dict[str, Any]:
+    """One order's matrix: rows country × resolver (by name), columns transports, cells with the share."""
+    seen = {r["transport"] for r in rows}
+    transports = [t for t in TRANSPORTS if t in seen] + sorted(seen - set(TRANSPORTS))
+    cells: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        name, kind = names.get(r["resolver"], (display_name(r["resolver"], None), ""))
+        share = _share(r["enforced"], r["leaking"])
+        cells[(r["country"], name, kind)][r["transport"]] = {
+            "share": share,
+            "percent": None if share is None else int(share * 100),  # 99.6 % is not 100 %: never rounded up
+            "cls": _share_class(share),
+            "enforced": r["enforced"],
+            "series": r["enforced"] + r["leaking"],
+            "inconclusive": r["inconclusive"],
+            "names_leaking": r["names_leaking"],
+            "verdict": verdict_words(r, now),
+            "time_to_enforce": time_to_enforce(r),
+        }
+    enforced = sum(r["enforced"] for r in rows)
+    leaking = sum(r["leaking"] for r in rows)
+    verdicts = [verdict_words(r, now) for r in rows]
+    effective = [r["effective"] for r in rows if r["effective"] is not None]
+    due = [r["due"] for r in rows if r["due"] is not None]
+    return {
+        "order": order,
+        "transports": transports,
+        "rows": [
+            {"country": c, "name": n, "kind": k, "cells": [by_t.get(t) for t in transports]}
+            for (c, n, k), by_t in sorted(cells.items())
+        ],
+        "share": _share(enforced, leaking),
+        "enforced": enforced,
+        "series": enforced + leaking,
+        "names_leaking": max((r["names_leaking"] for r in rows), default=0),
+        "missed": verdicts.count("missed"),
+        "met": verdicts.count("met"),
+        "key_count": len(rows),
+        "effective": min(effective) if effective else None,
+        "due": max(due) if due else None,
+    }
+
+
+def _timeline_chart(
+    history: list[dict[str, Any]], order: dict[str, Any], now: float
+) -> dict[str, Any] | None:
+    """The order's enforcement share over time as a step line (SVG coordinates), from the recorded
+    changes of every key: at each change, enforced / (enforced + leaking) over all keys."""
+    if not history:
+        return None
+    first = float(history[0]["time"])
+    start = max(min(first, order["effective"] or first), now - TIMELINE_SPAN)
+    span = max(now - start, 1.0)
+
+    def x(t: float) -> float:
+        return round(CHART_W * (max(t, start) - start) / span, 1)
+
+    def y(share: float) -> float:
+        return round(CHART_H - CHART_H * share, 1)
+
+    state: dict[tuple[str, str, str], tuple[int, int]] = {}
+    points: list[tuple[float, float]] = []
+    last: float | None = None
+    for i, h in enumerate(history):
+        state[(h["country"], h["resolver"], h["transport"])] = (h["enforced"], h["leaking"])
+        if i + 1 < len(history) and history[i + 1]["time"] == h["time"]:
+            continue  # one pass's changes are one step
+        share = _share(sum(e for e, _ in state.values()), sum(lk for _, lk in state.values()))
+        if share is None or share == last:
+            continue
+        if last is not None:
+            points.append((x(h["time"]), y(last)))
+        points.append((x(h["time"]), y(share)))
+        last = share
+    if last is None:
+        return None
+    points.append((float(CHART_W), y(last)))
+    due = order["due"]
+    return {
+        "points": " ".join(f"{px:g},{py:g}" for px, py in points),
+        "due_x": x(due) if due is not None and start <= due <= now else None,
+        "start": start,
+        "last": int(last * 100),
+        "w": CHART_W,
+        "h": CHART_H,
+    }
 
 
 def _row_order(row: tuple[str, str, str], by_t: dict[str, Cell]) -> tuple[Any, ...]:

@@ -8,9 +8,10 @@ import io
 import json
 from typing import Any
 
+from collector.compliance import deadline_missed, time_to_enforce, verdict_words
 from collector.store import Store
 
-__all__ = ["build_report", "render_report"]
+__all__ = ["build_report", "build_timeline", "render_report", "render_timeline"]
 
 FIELDS = [
     "finding",
@@ -132,3 +133,129 @@ def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
         + "".join(body)
         + "</table></html>\n"
     )
+
+
+# The compliance timeline of one order (`collector report --order ID --timeline`) ----------------
+
+TIMELINE_FIELDS = [
+    "order",
+    "country",
+    "resolver",
+    "transport",
+    "effective",
+    "due",
+    "first_enforced",
+    "time_to_enforce_seconds",
+    "deadline",
+    "names_leaking",
+    "last_pass",
+    "time",
+    "enforced",
+    "leaking",
+    "names_leaking_then",
+]
+
+
+def _iso_or_none(t: float | None) -> str | None:
+    return None if t is None else _iso(t)
+
+
+def build_timeline(
+    store: Store, order: str, since: float, now: float, country: str | None = None
+) -> list[dict[str, Any]]:
+    """Per country × resolver × transport of one order: its instants, time to enforce, the deadline
+    verdict (met, missed, pending, unknown, no deadline; collector/compliance.py says when each is
+    claimed), names leaking at the last pass that saw it, and the changes of its counts since `since`."""
+    keys = [
+        r
+        for r in store.compliance(order=order)
+        if (country is None or r["country"] == country) and r["updated"]  # 0: no pass has seen it yet
+    ]
+    history: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for h in store.compliance_history([order], since):
+        history.setdefault((h["country"], h["resolver"], h["transport"]), []).append(
+            {
+                "time": _iso(h["time"]),
+                "enforced": h["enforced"],
+                "leaking": h["leaking"],
+                "names_leaking": h["names_leaking"],
+            }
+        )
+    out = []
+    for r in keys:
+        out.append(
+            {
+                "order": r["order_id"],
+                "country": r["country"],
+                "resolver": r["resolver"],
+                "transport": r["transport"],
+                "effective": _iso_or_none(r["effective"]),
+                "due": _iso_or_none(r["due"]),
+                "first_enforced": _iso_or_none(r["first_enforced"]),
+                "time_to_enforce_seconds": time_to_enforce(r),
+                "deadline": verdict_words(r, now),
+                "deadline_missed": deadline_missed(r),
+                "names_leaking": r["names_leaking"],
+                "enforced": r["enforced"],
+                "leaking": r["leaking"],
+                "inconclusive": r["inconclusive"],
+                "last_pass": _iso(r["updated"]),
+                "history": history.get((r["country"], r["resolver"], r["transport"]), []),
+            }
+        )
+    return out
+
+
+def render_timeline(keys: list[dict[str, Any]], fmt: str) -> str:
+    """JSON: the keys, each with its history; CSV: one row per change (a key without changes since
+    the start, one row), key columns repeated; HTML: a summary table, then each key's changes."""
+    if fmt == "json":
+        return json.dumps(keys, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.DictWriter(out, TIMELINE_FIELDS, lineterminator="\r\n")
+        w.writeheader()
+        for k in keys:
+            base = {f: k.get(f) for f in TIMELINE_FIELDS[:11]}
+            for h in k["history"] or [{}]:
+                row = {
+                    **base,
+                    "time": h.get("time"),
+                    "enforced": h.get("enforced"),
+                    "leaking": h.get("leaking"),
+                }
+                row["names_leaking_then"] = h.get("names_leaking")
+                w.writerow({f: cell(v) for f, v in row.items()})
+        return out.getvalue()
+    head = TIMELINE_FIELDS[1:11]
+    summary = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_shown(k.get(f)))}</td>" for f in head) + "</tr>" for k in keys
+    )
+    changes = []
+    for k in keys:
+        title = html.escape(f"{k['country']} · {k['resolver']} · {k['transport']}")
+        rows = "".join(
+            f"<tr><td>{html.escape(h['time'])}</td><td>{h['enforced']}</td><td>{h['leaking']}</td>"
+            f"<td>{h['names_leaking']}</td></tr>"
+            for h in k["history"]
+        )
+        changes.append(
+            f"<h2>{title}</h2><table><tr><th>time</th><th>enforced series</th><th>leaking series</th>"
+            f"<th>names leaking</th></tr>{rows}</table>"
+        )
+    order = html.escape(keys[0]["order"]) if keys else ""
+    missed = sum(1 for k in keys if k["deadline"] == "missed")
+    return (
+        "<!doctype html><html lang=en><meta charset=utf-8><title>blockprobe compliance timeline</title>"
+        "<style>td,th{border:1px solid #ccc;padding:3px 6px;font:12px sans-serif;word-break:break-all}</style>"
+        f"<h1>Compliance timeline {order}</h1><p>{len(keys)} country × resolver × transport; "
+        f"deadline missed on {missed}</p><table><tr>"
+        + "".join(f"<th>{html.escape(f)}</th>" for f in head)
+        + f"</tr>{summary}</table>"
+        + "".join(changes)
+        + "</html>\n"
+    )
+
+
+def _shown(value: Any) -> str:
+    return "" if value is None else str(value)

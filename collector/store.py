@@ -13,14 +13,14 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLLECTOR_FIELDS", "SeriesQuotaExceeded", "Store", "StoredBatch", "open_store"]
+__all__ = ["COLLECTOR_FIELDS", "SeriesQuotaExceeded", "Store", "StoredBatch", "compliance_of", "open_store"]
 
 MIGRATIONS: list[str] = [
     """
@@ -61,12 +61,53 @@ MIGRATIONS: list[str] = [
     ALTER TABLE batches_by_probe RENAME TO batches;
     CREATE INDEX batches_received ON batches (received)
     """,
+    # 5: compliance over time (issue 12). On `latest`, what was expected and the order's instants,
+    # so a pass can group current series per order; `compliance` keeps per order × country ×
+    # resolver × transport what the passes saw (instants only ever move towards what was first
+    # seen, so concurrent passes cannot undo each other); `compliance_history` records the
+    # counts only when they change, for the timeline.
+    """
+    ALTER TABLE latest ADD COLUMN expected TEXT;
+    ALTER TABLE latest ADD COLUMN effective DOUBLE PRECISION;
+    ALTER TABLE latest ADD COLUMN due DOUBLE PRECISION;
+    CREATE TABLE compliance (order_id TEXT NOT NULL, country TEXT NOT NULL, resolver TEXT NOT NULL,
+                             transport TEXT NOT NULL, effective DOUBLE PRECISION, due DOUBLE PRECISION,
+                             first_enforced DOUBLE PRECISION, first_names INTEGER,
+                             enforced_since DOUBLE PRECISION, last_leak DOUBLE PRECISION,
+                             late_leak DOUBLE PRECISION, lateness DOUBLE PRECISION,
+                             max_names INTEGER NOT NULL, enforced INTEGER NOT NULL, leaking INTEGER NOT NULL,
+                             inconclusive INTEGER NOT NULL, names_leaking INTEGER NOT NULL,
+                             updated DOUBLE PRECISION NOT NULL,
+                             PRIMARY KEY (order_id, country, resolver, transport));
+    CREATE INDEX compliance_updated ON compliance (updated);
+    CREATE TABLE compliance_history (time DOUBLE PRECISION NOT NULL, order_id TEXT NOT NULL, country TEXT NOT NULL,
+                                     resolver TEXT NOT NULL, transport TEXT NOT NULL, enforced INTEGER NOT NULL,
+                                     leaking INTEGER NOT NULL, names_leaking INTEGER NOT NULL);
+    CREATE INDEX compliance_history_order ON compliance_history (order_id, time);
+    CREATE INDEX compliance_history_time ON compliance_history (time)
+    """,
 ]
 
 # Keys of an evidence row that the collector sets: a measurement's own keys never override them.
 COLLECTOR_FIELDS = ("id", "batch_id", "probe", "region", "country", "received")
 
 _SERIES = ("probe_id", "resolver", "transport", "qtype", "domain")
+
+# What a compliance pass observes per order × country × resolver × transport (collector/compliance.py).
+_COMPLIANCE_OBSERVED = (
+    "effective",
+    "due",
+    "first_enforced",
+    "first_names",
+    "enforced_since",
+    "last_leak",
+    "late_leak",
+    "max_names",
+    "enforced",
+    "leaking",
+    "inconclusive",
+    "names_leaking",
+)
 
 
 def parse_time(text: str) -> float:
@@ -81,6 +122,35 @@ def rule_kind_of(m: dict[str, Any]) -> str | None:
     if "canary" in why:
         return "canary"
     return "order" if "order" in why else ("control" if "list" in why else None)
+
+
+def _instant(value: Any) -> float | None:
+    """An `expected_by` instant (RFC 3339 with an offset, or a date: 00:00 UTC) as seconds; None when
+    it is anything else, so that a probe's odd value costs a compliance figure, never the batch."""
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        if len(value) != 10:
+            return None  # a time without an offset is ambiguous; only a bare date means 00:00 UTC
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def compliance_of(m: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
+    """(expected, the binding order's effective instant, its due instant) for the `latest` row."""
+    expected = m.get("expected")
+    why = m.get("expected_by") or (m.get("evidence") or {}).get("expected_by")
+    if "clock_clamped_from" in m:
+        # The probe's clock ran ahead and its time was replaced by ours: this measurement's
+        # instant proves nothing about a deadline (collector/compliance.py).
+        return (expected if isinstance(expected, str) else None), None, None
+    if expected != "blocked" or not isinstance(why, dict):
+        return (expected if isinstance(expected, str) else None), None, None
+    return expected, _instant(why.get("effective")), _instant(why.get("due"))
 
 
 def rule_of(m: dict[str, Any]) -> str | None:
@@ -235,6 +305,7 @@ class Store:
                 json.dumps(m.get("answers", [])),
                 t,
                 rule_kind_of(m),
+                *compliance_of(m),
             )
             if key not in latest or latest[key][7] <= t:
                 latest[key] = row
@@ -269,17 +340,20 @@ class Store:
             cur.executemany(
                 self._sql(
                     "INSERT INTO latest (probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
-                    "finding, rule, latency_ms, answers, since, rule_kind) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "finding, rule, latency_ms, answers, since, rule_kind, expected, effective, due) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT (probe_id, resolver, transport, qtype, domain) DO UPDATE SET "
                     "region = excluded.region, country = excluded.country, time = excluded.time, "
                     "outcome = excluded.outcome, finding = excluded.finding, rule = excluded.rule, "
                     "latency_ms = excluded.latency_ms, answers = excluded.answers, rule_kind = excluded.rule_kind, "
+                    "expected = excluded.expected, effective = excluded.effective, due = excluded.due, "
                     "since = CASE WHEN COALESCE(latest.finding, '') = COALESCE(excluded.finding, '') "
                     "THEN latest.since ELSE excluded.since END "
                     "WHERE excluded.time >= latest.time"
                 ),
                 list(latest.values()),
             )
+            self._record_leaks(cur, country, measurements)
             if newest:
                 cur.execute(
                     self._sql(
@@ -293,6 +367,40 @@ class Store:
                     (pid, region, country, received, probe.get("version"), control_ratio),
                 )
         return StoredBatch(True, len(archive))
+
+    def _record_leaks(self, cur: Any, country: str, measurements: Sequence[dict[str, Any]]) -> None:
+        """Every leak of a binding order, as it is stored, into its compliance key: the latest leak
+        and how long after its due instant it was measured. A leak fixed before the next compliance
+        pass, or sent late from a probe's spool, still counts towards the deadline verdict."""
+        leaks: dict[tuple[str, str, str, str], tuple[float, float | None]] = {}
+        for m in measurements:
+            if m.get("finding") != "leak":
+                continue
+            rule = rule_of(m)
+            if rule is None or rule == "canary":
+                continue
+            t = parse_time(m["time"])
+            due = compliance_of(m)[2]
+            late = None if due is None else t - due
+            key = (rule, country, m["resolver"], m["transport"])
+            old_t, old_late = leaks.get(key, (t, late))
+            worst = late if old_late is None else (old_late if late is None else max(late, old_late))
+            leaks[key] = (max(t, old_t), worst)
+        if not leaks:
+            return
+        cur.executemany(
+            self._sql(
+                "INSERT INTO compliance (order_id, country, resolver, transport, last_leak, lateness, max_names, "
+                "enforced, leaking, inconclusive, names_leaking, updated) VALUES (?,?,?,?,?,?,0,0,0,0,0,0) "
+                "ON CONFLICT (order_id, country, resolver, transport) DO UPDATE SET "
+                "last_leak = CASE WHEN compliance.last_leak IS NULL OR excluded.last_leak > compliance.last_leak "
+                "THEN excluded.last_leak ELSE compliance.last_leak END, "
+                "lateness = CASE WHEN compliance.lateness IS NULL OR excluded.lateness > compliance.lateness "
+                "THEN COALESCE(excluded.lateness, compliance.lateness) ELSE compliance.lateness END"
+            ),
+            # In key order, as the compliance pass writes: concurrent writers never wait on each other in a cycle.
+            [(*k, t, late) for k, (t, late) in sorted(leaks.items())],
+        )
 
     def _new_keys(self, cur: Any, pid: str, since: float, keys: list[tuple[str, ...]]) -> int:
         """How many of a batch's series keys are not yet current for this probe (exact, slower path)."""
@@ -425,12 +533,156 @@ class Store:
             cur.execute(self._sql(sql + " ORDER BY time"), params)
             return [tuple(r) for r in cur.fetchall()]
 
+    # compliance over time (issue 12) ---------------------------------------------------
+    # Held for the whole pass on PostgreSQL, so two collectors' passes take turns (SQLite's
+    # BEGIN IMMEDIATE already serialises them); the upsert below is safe without it too.
+    compliance_lock: str | None = None
+
+    def refresh_compliance(
+        self,
+        since: float,
+        now: float,
+        observe: Callable[[dict[str, Any]], dict[str, Any]],
+        margin: float = 0.0,
+    ) -> int:
+        """One compliance pass in one transaction: group the current series of binding orders per
+        order × country × resolver × transport, turn each group into an observation (`observe`),
+        fold it into `compliance` and record changed counts in `compliance_history`. A leak is
+        late (proof of a missed deadline) only when measured more than `margin` seconds after its
+        due instant, by a clock the collector did not have to correct.
+
+        Instants only move towards what was first seen (the earliest enforcement, the latest
+        leak, the most names), and the current counts only from a newer pass, so a pass that
+        runs late or twice cannot undo another's. Returns the number of groups.
+        """
+        with self.tx() as cur:
+            if self.compliance_lock:
+                cur.execute(self.compliance_lock)
+            cur.execute(
+                self._sql(
+                    "SELECT rule, country, resolver, transport, "
+                    "sum(CASE WHEN finding = 'enforced' THEN 1 ELSE 0 END), "
+                    "sum(CASE WHEN finding = 'leak' THEN 1 ELSE 0 END), "
+                    "sum(CASE WHEN finding = 'inconclusive' THEN 1 ELSE 0 END), "
+                    "count(DISTINCT CASE WHEN finding = 'leak' THEN domain END), "
+                    "count(DISTINCT CASE WHEN finding IN ('enforced', 'leak') THEN domain END), "
+                    "max(CASE WHEN finding = 'enforced' THEN since END), "
+                    "max(CASE WHEN finding = 'leak' THEN time END), max(effective), max(due) "
+                    "FROM latest WHERE time >= ? AND rule IS NOT NULL AND rule <> 'canary' "
+                    "AND (finding IN ('enforced', 'leak') OR (finding = 'inconclusive' AND expected = 'blocked')) "
+                    "GROUP BY rule, country, resolver, transport"
+                ),
+                (since,),
+            )
+            names = (
+                *("order_id", "country", "resolver", "transport", "enforced", "leaking", "inconclusive"),
+                *("names_leaking", "names", "enforced_at", "last_leak", "effective", "due"),
+            )
+            groups = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            cur.execute(
+                "SELECT order_id, country, resolver, transport, enforced, leaking, names_leaking, lateness, due "
+                "FROM compliance"
+            )
+            before = {tuple(r[:4]): (tuple(int(v) for v in r[4:7]), r[7], r[8]) for r in cur.fetchall()}
+            rows, history = [], []
+            for g in groups:
+                for k in ("enforced", "leaking", "inconclusive", "names_leaking", "names"):
+                    g[k] = int(g[k] or 0)
+                key = (g["order_id"], g["country"], g["resolver"], g["transport"])
+                counts, lateness, due = before.get(key, (None, None, None))
+                due = g["due"] if g["due"] is not None else due
+                # Proof of a miss: a leak (any, as ingested) measured more than `margin` after its due.
+                g["late_leak"] = None
+                if lateness is not None and due is not None and lateness > margin:
+                    g["late_leak"] = float(due) + float(lateness)
+                o = observe(g)
+                rows.append((*key, *(o[c] for c in _COMPLIANCE_OBSERVED), now))
+                counts_now = (g["enforced"], g["leaking"], g["names_leaking"])
+                if counts != counts_now:
+                    history.append((now, *key, *counts_now))
+            rows.sort(key=lambda r: r[:4])  # key order, as the ingest writes (no lock cycles)
+            cur.executemany(
+                self._sql(
+                    f"INSERT INTO compliance (order_id, country, resolver, transport, {', '.join(_COMPLIANCE_OBSERVED)}, "
+                    f"updated) VALUES ({', '.join('?' * (len(_COMPLIANCE_OBSERVED) + 5))}) "
+                    "ON CONFLICT (order_id, country, resolver, transport) DO UPDATE SET "
+                    "effective = COALESCE(excluded.effective, compliance.effective), "
+                    "due = COALESCE(excluded.due, compliance.due), "
+                    "first_enforced = CASE WHEN compliance.first_enforced IS NULL "
+                    "OR excluded.first_enforced < compliance.first_enforced "
+                    "THEN COALESCE(excluded.first_enforced, compliance.first_enforced) ELSE compliance.first_enforced END, "
+                    "first_names = CASE WHEN compliance.first_enforced IS NULL "
+                    "OR excluded.first_enforced < compliance.first_enforced "
+                    "THEN COALESCE(excluded.first_names, compliance.first_names) ELSE compliance.first_names END, "
+                    "last_leak = CASE WHEN compliance.last_leak IS NULL OR excluded.last_leak > compliance.last_leak "
+                    "THEN COALESCE(excluded.last_leak, compliance.last_leak) ELSE compliance.last_leak END, "
+                    "late_leak = CASE WHEN compliance.late_leak IS NULL OR excluded.late_leak > compliance.late_leak "
+                    "THEN COALESCE(excluded.late_leak, compliance.late_leak) ELSE compliance.late_leak END, "
+                    "max_names = CASE WHEN excluded.max_names > compliance.max_names "
+                    "THEN excluded.max_names ELSE compliance.max_names END, "
+                    + ", ".join(
+                        f"{c} = CASE WHEN excluded.updated >= compliance.updated THEN excluded.{c} ELSE compliance.{c} END"
+                        for c in ("enforced_since", "enforced", "leaking", "inconclusive", "names_leaking")
+                    )
+                    + ", updated = CASE WHEN excluded.updated > compliance.updated THEN excluded.updated "
+                    "ELSE compliance.updated END"
+                ),
+                rows,
+            )
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO compliance_history (time, order_id, country, resolver, transport, enforced, leaking, "
+                    "names_leaking) VALUES (?,?,?,?,?,?,?,?)"
+                ),
+                history,
+            )
+        return len(groups)
+
+    def compliance(self, since: float | None = None, order: str | None = None) -> list[dict[str, Any]]:
+        """Compliance rows: those a pass saw at or after `since` (None: every one), of one order or all."""
+        sql = f"SELECT order_id, country, resolver, transport, {', '.join(_COMPLIANCE_OBSERVED)}, updated FROM compliance"
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            where.append("updated >= ?")
+            params.append(since)
+        if order is not None:
+            where.append("order_id = ?")
+            params.append(order)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self.tx() as cur:
+            cur.execute(self._sql(sql + " ORDER BY order_id, country, resolver, transport"), params)
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def compliance_history(
+        self, orders: Sequence[str], since: float | None = None, limit: int = 100_000
+    ) -> list[dict[str, Any]]:
+        """The recorded changes of these orders' counts, oldest first (the newest `limit` of them)."""
+        if not orders:
+            return []
+        sql = (
+            "SELECT time, order_id, country, resolver, transport, enforced, leaking, names_leaking "
+            f"FROM compliance_history WHERE order_id IN ({', '.join('?' for _ in orders)})"
+        )
+        params: list[Any] = list(orders)
+        if since is not None:
+            sql += " AND time >= ?"
+            params.append(since)
+        with self.tx() as cur:
+            cur.execute(self._sql(sql + " ORDER BY time DESC LIMIT ?"), (*params, limit))
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in reversed(cur.fetchall())]
+
     def trim_archive(self, older_than: float) -> int:
-        """Retention: drop archived measurements older than a time (latest state stays)."""
+        """Retention: drop archived measurements and compliance changes older than a time (the latest
+        state and each key's compliance stay)."""
         with self.tx() as cur:
             cur.execute(self._sql("DELETE FROM archive WHERE time < ?"), (older_than,))
             n = cur.rowcount
             cur.execute(self._sql("DELETE FROM batches WHERE received < ?"), (older_than,))
+            cur.execute(self._sql("DELETE FROM compliance_history WHERE time < ?"), (older_than,))
             return int(n)
 
     def close(self) -> None:
@@ -470,6 +722,7 @@ class PostgresStore(Store):
 
     placeholder = "%s"
     serial = "BIGSERIAL"
+    compliance_lock = "SELECT pg_advisory_xact_lock(4243)"
 
     def __init__(self, url: str) -> None:
         from psycopg_pool import ConnectionPool

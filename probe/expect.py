@@ -7,8 +7,9 @@ with the reason kept as `expected_by`. Expected `blocked` if some order binds he
 list names the name — a block here would be over-reach; otherwise nothing is expected.
 When several rules match, the most specific is the one reported (an exact name beats a
 wildcard, a deeper wildcard beats a shallower one); every binding order is listed.
-An order's `deadline` never changes what is expected: the reason carries `due`, the
-instant enforcement was due, for compliance reporting.
+An order's `deadline` never changes what is expected: the reason carries `effective`, the
+instant the order took effect, and `due`, the instant enforcement was due, for compliance
+reporting (time to enforce, deadline met or missed).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class OrderIndex:
                 "pattern": str(best.pattern),
                 "orders": sorted({r.order.id for r in binding if r.order is not None}),
             }
+            if best.order.effective is not None:
+                why["effective"] = format_instant(best.order.effective)
             due = best.order.due
             if due is not None:
                 why["due"] = format_instant(due)

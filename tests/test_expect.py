@@ -196,7 +196,7 @@ TIMED = [
         "live-calcio.example",
         dt.datetime(2026, 12, 1, 13, 5, tzinfo=dt.UTC),
         B,
-        {"order": "ps-2026-118", "due": "2026-12-01T13:35:00Z"},
+        {"order": "ps-2026-118", "effective": "2026-12-01T13:05:00Z", "due": "2026-12-01T13:35:00Z"},
     ),
     (
         "the same instant in Rome's offset",
@@ -224,7 +224,7 @@ TIMED = [
         "replay-calcio.example",
         dt.datetime(2026, 12, 1, 13, 10, 0, 250_000, tzinfo=dt.UTC),
         B,
-        {"due": "2026-12-02T13:10:00.250000Z"},
+        {"effective": "2026-12-01T13:10:00.250000Z", "due": "2026-12-02T13:10:00.250000Z"},
     ),
     (
         "just before a timestamped expiry",
@@ -252,7 +252,7 @@ TIMED = [
         "www.old-calcio.example",
         dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
         B,
-        {"order": "agcom-2026-0099", "due": "2026-12-03"},
+        {"order": "agcom-2026-0099", "effective": "2026-12-01", "due": "2026-12-03"},
     ),
 ]
 
@@ -276,6 +276,14 @@ def test_no_due_without_a_deadline(engine: OrderIndex) -> None:
     _, reason = engine.expect("IT", "isp", None, "pirate.example", MID_2026)
     assert reason is not None
     assert "due" not in reason
+    assert reason["effective"] == "2026-01-15"  # the compliance report counts time to enforce from it
+
+
+def test_no_effective_without_one(engine: OrderIndex) -> None:
+    _, reason = engine.expect("IT", "isp", None, "stream.calcio.example", MID_2026)
+    assert reason is not None
+    assert reason["order"] == "piracy-shield-77"
+    assert "effective" not in reason
 
 
 def test_a_naive_time_is_refused(timed: OrderIndex) -> None:

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+from collector.compliance import run_pass
 from collector.config import CollectorConfigError, parse_collector_config
 from collector.pages import display_name, runs_of
 from collector.store import open_store
@@ -299,6 +300,7 @@ def test_first_screen_at_1400x900_shows_the_matrix_and_a_leak(tmp_path: Path, br
     s = Server(store)
     try:
         _fill(s)
+        run_pass(store, s.config.stale_after)
         browser.load(s.url + "/")
         ARTIFACTS.mkdir(exist_ok=True)
         browser.screenshot(ARTIFACTS / "status-page-1400x900.png")
@@ -308,6 +310,10 @@ def test_first_screen_at_1400x900_shows_the_matrix_and_a_leak(tmp_path: Path, br
         assert browser.visible("tr.leak-row")
         assert (
             browser.evaluate("document.querySelector('tr.leak-row td.name').textContent") == "calcio.example"
+        )
+        assert (
+            browser.evaluate("document.querySelectorAll('#compliance table.order-matrix td.cell').length")
+            == 12
         )
         browser.load(s.url + "/evidence?" + urlencode(_series(_spec("127.53.0.3", "udp"))))
         browser.screenshot(ARTIFACTS / "evidence-page-1400x900.png")
@@ -347,3 +353,35 @@ def test_the_prometheus_url_is_checked() -> None:
         == "http://127.0.0.1:9090"
     )
     assert parse_collector_config("").prometheus_url is None
+
+
+def test_orders_have_a_matrix_by_enforcement_share_and_a_timeline(server: Server) -> None:  # noqa: F811
+    _fill(server)
+    now = time.time()
+    when = {t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + t)) for t in (-3600, -1800, -60)}
+    late = measurement(
+        "live.example",
+        "leak",
+        resolver=_spec("127.53.0.3", "udp"),
+        operator="leakydns",
+        kind="public",
+        time=when[-60],
+        expected_by={**ORDER, "order": "ps-2026-9", "effective": when[-3600], "due": when[-1800]},
+    )
+    assert post(server, server.token("it-1"), batch(measurements=[late])).status_code == 200
+    run_pass(server.store, server.config.stale_after)
+    html = server.client.get("/").text
+    assert 'href="#compliance">deadline missed on 1</a>' in html  # said on the first line
+    section = html[html.index('id="compliance"') :]
+    assert section.index('id="order-ps-2026-9"') < section.index('id="order-agcom-2026-1"')  # the miss first
+    agcom = section[section.index('id="order-agcom-2026-1"') :]
+    cells = [(c, _text(v)) for c, v in re.findall(r'<td class="cell (\w+)"[^>]*>(.*?)</td>', agcom, re.S)]
+    # Two Italian probes: leakydns leaks on every transport, isp-b enforces on every one.
+    assert cells.count(("leak", "0 % 0/2 · 1 leaking")) == 6
+    assert cells.count(("fine", "100 % 2/2")) == 6
+    assert len(cells) == 12
+    assert 'points="0,30 300,30"' in agcom  # half of all series enforced, since the first pass
+    assert "50 % enforced" in _text(agcom)
+    ps = _text(section[: section.index('id="order-agcom-2026-1"')])
+    assert "0 % 0/1 · 1 leaking · missed" in ps
+    assert "deadline missed on 1 of 1" in ps, ps
