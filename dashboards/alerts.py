@@ -164,6 +164,22 @@ ALERTS = [
         _OVER_GRAFANA,
     ),
     Alert(
+        "BlockprobeOrderDeadlineMissed",
+        # The collector claims "missed" only with proof (a leak measured after `due`, and no
+        # enforcement seen by then); the alert lasts while names still leak, so an order
+        # enforced late stops paging and its miss stays in the metric and the report.
+        f"max by ({_ORDER}) (blockprobe_order_names_leaking) > 0 and on ({_ORDER}) "
+        f"max by ({_ORDER}) (blockprobe_order_deadline_missed) == 1",
+        "2m",
+        "warning",
+        f"order {{{{ $labels.order }}}} was not enforced by its deadline on {_WHERE}: "
+        "{{ $value }} name(s) still leak",
+        "Order {{ $labels.order }} had to be enforced on this resolver in {{ $labels.country }} by its "
+        "deadline; a leak was measured after it and {{ $value }} of its names still resolve. The timeline: "
+        "collector report --order {{ $labels.order }} --timeline.",
+        "blockprobeorderdeadlinemissed",
+    ),
+    Alert(
         "BlockprobeProbeSilent",
         "time() - max by (probe, region, country) (blockprobe_probe_last_report_timestamp_seconds) > 900",
         "5m",

@@ -23,6 +23,9 @@ FILTER = 'country=~"$country",region=~"$region",resolver=~"$resolver",transport=
 # The copies of one series that replicated collectors or several scrape jobs export.
 ONE = "max without (instance, job)"
 BY_ORDER = ',list=~"$order"'  # a leak's list is its order
+# The compliance series are the collector's, over every probe: no probe or region label.
+COMPLIANCE = 'country=~"$country",resolver=~"$resolver",transport=~"$transport",order=~"$order"'
+_KEY = "order, country, resolver, transport"
 
 
 def _per_probe(finding: str, extra: str = "") -> str:
@@ -295,6 +298,26 @@ LEAKS = _dashboard(
                 instant=True,
                 description="What the BlockprobeLeak alerts see: Value #A is how many probes see the order leak, "
                 "Value #B how many names × qtypes leak for the probe that sees most.",
+            )
+        ),
+        _merged(
+            _panel(
+                6,
+                "table",
+                "Deadlines: time to enforce, missed or met, names still leaking",
+                [
+                    (f"max by ({_KEY}) (blockprobe_order_time_to_enforce_seconds{{{COMPLIANCE}}})", ""),
+                    (f"max by ({_KEY}) (blockprobe_order_deadline_missed{{{COMPLIANCE}}})", ""),
+                    (f"max by ({_KEY}) (blockprobe_order_names_leaking{{{COMPLIANCE}}})", ""),
+                ],
+                "none",
+                (0, 40, 24, 10),
+                instant=True,
+                description="The collector's compliance pass, per order × country × resolver × transport (over "
+                "every probe): Value #A seconds from `effective` to enforcement first seen, Value #B 1 when "
+                "the deadline was missed (proven by a leak measured after it), 0 when met, empty while it "
+                "cannot be said; Value #C names of the order leaking now. The timeline: "
+                "`collector report --order ID --timeline`.",
             )
         ),
     ],
