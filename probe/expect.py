@@ -106,7 +106,3 @@ class OrderIndex:
         why = {"list": order.id, "order": order.id, "pattern": str(best.pattern), "reason": reason}
         return Expectation.RESOLVES, why
 
-
-Expectations = (
-    OrderIndex  # the old name, until the daemon's scheduler lands (issue 15: one word, one meaning)
-)

@@ -51,7 +51,7 @@ from probe.daemon.notify import Notifier
 from probe.daemon.push import Pusher
 from probe.daemon.spool import Spool, SpoolThread, encode
 from probe.engine import Engine, ExpectFn, Plan
-from probe.expect import Expectations
+from probe.expect import OrderIndex
 from probe.limits import clamp
 from probe.lists import Lists, ListsError, load_lists, parse_lists
 from probe.model import Expectation, Outcome, Transport
@@ -298,7 +298,7 @@ class Daemon:
             else None
         )
         self.lists: Lists | None = None
-        self.expectations: Expectations | None = None  # one index per lists load, not per round
+        self.orders: OrderIndex | None = None  # one index per lists load, not per round
         self._list_mtimes: dict[Path, float] = {}
         self.stop_event = asyncio.Event()
         self.fetched_lists: tuple[Path, ...] = ()
@@ -363,7 +363,7 @@ class Daemon:
                 # ignoring a new order; the lag shows in blockprobe_probe_schedule_behind_seconds.
                 log.error("the lists cannot be measured within full_pass: %s", problem)
         self.lists = lists
-        self.expectations = Expectations(lists)
+        self.orders = OrderIndex(lists)
         log.info("lists loaded: %d orders, %d control lists", len(lists.orders), len(lists.controls))
         if self.config.mode == "slices":
             now = datetime.now(UTC)
@@ -376,24 +376,24 @@ class Daemon:
                     now=now,
                     qps=self.config.qps,
                     settings=self.config.settings,
-                    expectations=self.expectations,
+                    expectations=self.orders,
                 )
             else:
-                self.sched.update_lists(lists, now, self.expectations)
+                self.sched.update_lists(lists, now, self.orders)
             self.metrics.schedule(self.sched.status(now))
             self._wake_slice()
 
     # work ------------------------------------------------------------------------------
     def _expect_fn(self) -> ExpectFn:
-        engine = self.expectations
+        orders = self.orders
         country = self.config.country
 
         def expect(domain: str, resolver: Resolver) -> tuple[Expectation | None, dict[str, Any] | None]:
-            if engine is None:
+            if orders is None:
                 return None, None
             # Asked as each query leaves: an order that starts binding mid-round must not turn
             # prompt enforcement into an overblock (`now` is only the round's start).
-            return engine.expect(country, resolver.kind, resolver.operator, domain, datetime.now(UTC))
+            return orders.expect(country, resolver.kind, resolver.operator, domain, datetime.now(UTC))
 
         return expect
 
