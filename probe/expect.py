@@ -105,4 +105,3 @@ class OrderIndex:
             reason = "the order is not in force at this time"
         why = {"list": order.id, "order": order.id, "pattern": str(best.pattern), "reason": reason}
         return Expectation.RESOLVES, why
-

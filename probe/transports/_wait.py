@@ -10,10 +10,10 @@ overtaken exactly when that number passed its own before its deadline.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["Channel", "await_reply"]
+__all__ = ["Channel", "Flights", "await_reply", "witness_step"]
 
 T = TypeVar("T")
 
@@ -79,3 +79,31 @@ async def await_reply(
         return await fut
     finally:
         handle.cancel()
+
+
+def witness_step(
+    deadline: float, share: float, send: Callable[[], None]
+) -> tuple[tuple[float, Callable[[], None]]]:
+    """The `await_reply` step that sends a witness behind a silent stream query once `share` of
+    its remaining time has passed (section 3 (c): a live resolver proves itself by answering it)."""
+    now = asyncio.get_running_loop().time()
+    return ((now + (deadline - now) * share, send),)
+
+
+class Flights:
+    """Tasks a transport starts on its own (witness queries): held until done, as the loop keeps
+    only weak references to tasks, and cancelled when the exchanger closes."""
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

@@ -26,7 +26,7 @@ from probe.limits import MAX_DOH_BODY
 from probe.specs import Endpoint
 from probe.transports._conn import Opening, RetryAlone, SharedConnection
 from probe.transports._errors import Broken, error, failure_from, timeout
-from probe.transports._wait import Channel, await_reply
+from probe.transports._wait import Channel, Flights, await_reply, witness_step
 from probe.transports.base import Exchange, Failure, Options, Phase
 from probe.transports.tcp import close_transport
 from probe.transports.tls import client_context
@@ -234,7 +234,7 @@ class DohExchanger(RetryAlone):
         self._authority = (host + port).encode()
         self._path = endpoint.path.encode()
         self._conns = 0
-        self._witnesses: set[asyncio.Future[Exchange]] = set()
+        self._witnesses = Flights()
 
     async def _open(self, deadline: float, state: Opening) -> _H2Conn | None:
         loop = asyncio.get_running_loop()
@@ -304,17 +304,13 @@ class DohExchanger(RetryAlone):
             return Exchange(None, conn.dead.failure, evidence=evidence, sends=0)
         sid, st = self._submit(conn, query)
         sent = time.perf_counter()
-        now = loop.time()
         try:
             await await_reply(
                 st.future,
                 deadline,
-                [
-                    (
-                        now + (deadline - now) * self.witness_after,
-                        lambda: self._send_witness(conn, st.stamp, deadline),
-                    )
-                ]
+                witness_step(
+                    deadline, self.witness_after, lambda: self._send_witness(conn, st.stamp, deadline)
+                )
                 if witness
                 else (),
             )
@@ -381,9 +377,7 @@ class DohExchanger(RetryAlone):
         if not conn.can_open():
             return  # every stream is taken: queries sent after this one are already waiting
         conn.channel.witnessed = conn.channel.sent + 1
-        task = asyncio.ensure_future(self._exchange_h2(conn, self.witness, deadline, {}, witness=False))
-        self._witnesses.add(task)
-        task.add_done_callback(self._witnesses.discard)
+        self._witnesses.start(self._exchange_h2(conn, self.witness, deadline, {}, witness=False))
 
     def _start_http1(self) -> None:
         import httpx2
@@ -442,8 +436,7 @@ class DohExchanger(RetryAlone):
         return doh_exchange(resp.status_code, ctype, bytes(body), query, latency, evidence)
 
     async def aclose(self) -> None:
-        for task in list(self._witnesses):
-            task.cancel()
+        self._witnesses.cancel()
         conn = self._shared.take()
         if conn is not None and conn.transport is not None:
             await close_transport(conn.transport, conn.lost)

@@ -23,7 +23,7 @@ from probe.limits import MAX_DOH_BODY
 from probe.specs import Endpoint
 from probe.transports._conn import Opening, RetryAlone, SharedConnection
 from probe.transports._errors import Broken, error, timeout
-from probe.transports._wait import Channel, await_reply
+from probe.transports._wait import Channel, Flights, await_reply, witness_step
 from probe.transports.base import Exchange, Failure, Options, Phase
 from probe.wire import question_of, reply_problem
 
@@ -153,7 +153,7 @@ class DoqExchanger(RetryAlone):
         self.witness_after = 0.25
         self._shared = SharedConnection(self._open, lambda p: p.dead is None, _abort_quic)
         self._conns = 0
-        self._witnesses: set[asyncio.Future[Exchange]] = set()
+        self._witnesses = Flights()
 
     async def _open(self, deadline: float, state: Opening) -> _DoqProtocol:
         loop = asyncio.get_running_loop()
@@ -226,19 +226,14 @@ class DoqExchanger(RetryAlone):
             return Exchange(None, proto.dead.failure, evidence=evidence, sends=0)
         sid = self._submit(proto, query)
         q = proto.streams[sid]
-        loop = asyncio.get_running_loop()
         sent = time.perf_counter()
-        now = loop.time()
         try:
             msg = await await_reply(
                 q.future,
                 deadline,
-                [
-                    (
-                        now + (deadline - now) * self.witness_after,
-                        lambda: self._send_witness(proto, q.stamp, deadline),
-                    )
-                ]
+                witness_step(
+                    deadline, self.witness_after, lambda: self._send_witness(proto, q.stamp, deadline)
+                )
                 if witness
                 else (),
             )
@@ -265,13 +260,10 @@ class DoqExchanger(RetryAlone):
         if self.witness is None or proto.dead is not None or not proto.channel.needs_witness(stamp):
             return
         proto.channel.witnessed = proto.channel.sent + 1
-        task = asyncio.ensure_future(self._collect(proto, self.witness, deadline, {}, witness=False))
-        self._witnesses.add(task)
-        task.add_done_callback(self._witnesses.discard)
+        self._witnesses.start(self._collect(proto, self.witness, deadline, {}, witness=False))
 
     async def aclose(self) -> None:
-        for task in list(self._witnesses):
-            task.cancel()
+        self._witnesses.cancel()
         proto = self._shared.take()
         if proto is not None:
             proto.close()  # CONNECTION_CLOSE to the server, then the socket goes

@@ -19,7 +19,7 @@ from typing import Any
 from probe.specs import Endpoint
 from probe.transports._conn import Opening, RetryAlone, SharedConnection
 from probe.transports._errors import Broken, error, failure_from, timeout
-from probe.transports._wait import Channel, await_reply
+from probe.transports._wait import Channel, Flights, await_reply, witness_step
 from probe.transports.base import Exchange, Options, Phase
 from probe.wire import question_of, random_id, reply_problem, set_id
 
@@ -99,7 +99,7 @@ class StreamExchanger(RetryAlone):
         self.witness_after = 0.25
         self._shared = SharedConnection(self._open, lambda c: c.dead is None, _abort_conn)
         self._conns = 0
-        self._witnesses: set[asyncio.Future[Exchange]] = set()
+        self._witnesses = Flights()
 
     def _ssl(self) -> ssl.SSLContext | None:
         return None
@@ -166,17 +166,13 @@ class StreamExchanger(RetryAlone):
     ) -> Exchange:
         loop = asyncio.get_running_loop()
         sent = time.perf_counter()
-        now = loop.time()
         try:
             data = await await_reply(
                 item.future,
                 deadline,
-                [
-                    (
-                        now + (deadline - now) * self.witness_after,
-                        lambda: self._send_witness(conn, item.stamp, deadline),
-                    )
-                ]
+                witness_step(
+                    deadline, self.witness_after, lambda: self._send_witness(conn, item.stamp, deadline)
+                )
                 if witness
                 else (),
             )
@@ -203,13 +199,10 @@ class StreamExchanger(RetryAlone):
             return
         item = self._submit(conn, self.witness)
         conn.channel.witnessed = item.stamp
-        task = asyncio.ensure_future(self._collect(conn, item, deadline, {}, witness=False))
-        self._witnesses.add(task)
-        task.add_done_callback(self._witnesses.discard)
+        self._witnesses.start(self._collect(conn, item, deadline, {}, witness=False))
 
     async def aclose(self) -> None:
-        for task in list(self._witnesses):
-            task.cancel()
+        self._witnesses.cancel()
         conn = self._shared.take()
         if conn is not None and conn.transport is not None:
             await close_transport(conn.transport, conn.lost)
