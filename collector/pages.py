@@ -23,9 +23,10 @@ from urllib.parse import urlencode, urlsplit
 import httpx2
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from collector.reach import ip_blocks
 from collector.store import Store
 
-__all__ = ["Pages", "display_name", "runs_of"]
+__all__ = ["Pages", "display_name", "reach_said", "runs_of"]
 
 TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
 FINDINGS = ("leak", "overblock", "inconclusive", "enforced", "ok")
@@ -126,15 +127,24 @@ class Problem:
     probes: list[str]
     key: tuple[str, str, str, str, str]  # one series, for the evidence link and the details
     said: str = ""
+    reach: dict[str, list[str]] = field(default_factory=dict)  # what a user would meet → probes that saw it
+    reach_said: str = ""
 
 
 class Pages:
     """Renders both pages from a store snapshot; one instance per app."""
 
-    def __init__(self, store: Store, stale_after: float, prometheus_url: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        stale_after: float,
+        prometheus_url: str | None = None,
+        ip_block_window: float = 3600.0,
+    ) -> None:
         self.store = store
         self.stale_after = stale_after
         self.prometheus_url = prometheus_url
+        self.ip_block_window = ip_block_window
         self.env = Environment(loader=PackageLoader("collector", "templates"), autoescape=select_autoescape())
         self.env.globals.update(fmt_time=fmt_time, fmt_age=fmt_age, evidence_url=evidence_url)
 
@@ -155,6 +165,7 @@ class Pages:
             shown = rows if show == finding else rows[:PAGE]
             for p in shown:
                 p.said = self._said(p)
+                p.reach_said = reach_said(p.finding, p.reach)
             sections.append(
                 {
                     "finding": finding,
@@ -184,6 +195,8 @@ class Pages:
             alerts_error=alerts_error,
             prometheus_url=self.prometheus_url,
             bar=_bar(totals),
+            ip_blocks=ip_blocks(self.store, now, self.ip_block_window),
+            ip_block_window=self.ip_block_window,
         )
 
     def _resolver_names(self, since: float) -> dict[str, tuple[str, str]]:
@@ -257,6 +270,9 @@ class Pages:
                 row.transports.append(p["transport"])
             if p["probe_id"] not in row.probes:
                 row.probes.append(p["probe_id"])
+            seen_by = row.reach.setdefault(p.get("reach") or "unchecked", [])
+            if p["probe_id"] not in seen_by:
+                seen_by.append(p["probe_id"])
         out = list(merged.values())
         for row in out:
             row.transports.sort(key=lambda t: TRANSPORTS.index(t) if t in TRANSPORTS else 99)
@@ -362,6 +378,38 @@ _REACH_WORDS = {
     "unreachable": "nothing: no connection or handshake in time",
     "unchecked": "",
 }
+
+
+# What a user would meet, in a word or two for the status page's problem rows.
+_REACH_SHORT = {
+    "reachable": "the site itself (a valid certificate)",
+    "http_451": "HTTP 451 (Unavailable For Legal Reasons)",
+    "blockpage": "a block page",
+    "tls_error": "no valid certificate",
+    "unreachable": "no connection",
+    "unchecked": "not checked",
+}
+# A leak whose every checked user meets one of these delivers nothing of the site.
+_LEAKS_NOTHING = frozenset({"http_451", "unreachable", "blockpage"})
+
+
+def reach_said(finding: str, by_reach: dict[str, list[str]]) -> str:
+    """What users of a problem row's answer would meet, per probe when the probes disagree:
+    a DNS leak that leads nowhere says that it leaks nothing."""
+    if not by_reach or set(by_reach) == {"unchecked"}:
+        return _REACH_SHORT["unchecked"]
+    order = list(_REACH_SHORT)
+    ranked = sorted(by_reach.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+    several = len(ranked) > 1
+    text = "; ".join(
+        _REACH_SHORT.get(r, r) + (f" from {', '.join(sorted(probes))}" if several else "")
+        for r, probes in ranked
+    )
+    if finding == "leak" and set(by_reach) <= _LEAKS_NOTHING:
+        return f"leaks nothing: {text}"
+    if finding == "leak" and set(by_reach) == {"reachable"}:
+        return f"a proven leak: {text}"
+    return text
 
 
 def _same_as_control(m: dict[str, Any]) -> bool:

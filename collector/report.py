@@ -8,6 +8,7 @@ import io
 import json
 from typing import Any
 
+from collector.reach import reach_of
 from collector.store import Store
 
 __all__ = ["build_report", "render_report"]
@@ -25,6 +26,7 @@ FIELDS = [
     "measurements",
     "probes",
     "answers",
+    "reach",
     "rcode",
     "ede",
     "wire",
@@ -41,7 +43,8 @@ def build_report(
     store: Store, since: float, order: str | None = None, country: str | None = None
 ) -> list[dict[str, Any]]:
     """One row per (finding, order/list, country, resolver, transport, qtype, name): first and last
-    seen, the probes that saw it, and the latest answers with the raw response."""
+    seen, the probes that saw it, and the latest answers with what a user met there (reach) and
+    the raw response."""
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for probe, region, ctry, t, finding, rule, body in store.archive_problems(since, order, country):
         m = json.loads(body)
@@ -69,6 +72,8 @@ def build_report(
             g.update(
                 answers=m.get("answers", []), rcode=m.get("rcode"), ede=m.get("ede", []), wire=m.get("wire")
             )
+            # What a user met at those answers (issue 16); words outside the probe's vocabulary are not repeated.
+            g["reach"] = reach_of(m) or "unchecked"
     rows = []
     for g in sorted(
         groups.values(), key=lambda g: (g["finding"], g["rule"], g["country"], g["resolver"], g["domain"])

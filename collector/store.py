@@ -20,6 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from collector.reach import PROBLEM_REACH, address_checks_of, reach_of
+
 __all__ = ["COLLECTOR_FIELDS", "SeriesQuotaExceeded", "Store", "StoredBatch", "open_store"]
 
 MIGRATIONS: list[str] = [
@@ -60,6 +62,19 @@ MIGRATIONS: list[str] = [
     DROP TABLE batches;
     ALTER TABLE batches_by_probe RENAME TO batches;
     CREATE INDEX batches_received ON batches (received)
+    """,
+    # Answer checks (issue 16): what a user would meet at each series' answer, and each probe's
+    # checks of the addresses of ordered names, for the IP-level block inference (collector/reach.py).
+    # Self-contained, so that it can take any number after the migrations before it.
+    """
+    ALTER TABLE latest ADD COLUMN reach TEXT;
+    CREATE INDEX latest_reach ON latest (reach, time);
+    CREATE TABLE address_checks (probe_id TEXT NOT NULL, country TEXT NOT NULL, side TEXT NOT NULL,
+                                 rule TEXT NOT NULL, name TEXT NOT NULL, address TEXT NOT NULL,
+                                 time DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, result TEXT NOT NULL,
+                                 PRIMARY KEY (probe_id, rule, name, address, time));
+    CREATE INDEX address_checks_time ON address_checks (time);
+    CREATE INDEX address_checks_address ON address_checks (rule, name, address, time)
     """,
 ]
 
@@ -196,6 +211,7 @@ class Store:
         """
         pid, region, country = probe["id"], probe["region"], probe["country"]
         archive = []
+        checks: list[tuple[Any, ...]] = []
         latest: dict[tuple[str, ...], tuple[Any, ...]] = {}
         newest = 0.0
         controls = [m["control"].get("outcome") for m in measurements if isinstance(m.get("control"), dict)]
@@ -235,9 +251,11 @@ class Store:
                 json.dumps(m.get("answers", [])),
                 t,
                 rule_kind_of(m),
+                reach_of(m),
             )
             if key not in latest or latest[key][7] <= t:
                 latest[key] = row
+            checks.extend((pid, country, *c) for c in address_checks_of(m, country, t))
         with self.tx() as cur:
             cur.execute(
                 self._sql(
@@ -269,17 +287,19 @@ class Store:
             cur.executemany(
                 self._sql(
                     "INSERT INTO latest (probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
-                    "finding, rule, latency_ms, answers, since, rule_kind) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "finding, rule, latency_ms, answers, since, rule_kind, reach) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT (probe_id, resolver, transport, qtype, domain) DO UPDATE SET "
                     "region = excluded.region, country = excluded.country, time = excluded.time, "
                     "outcome = excluded.outcome, finding = excluded.finding, rule = excluded.rule, "
                     "latency_ms = excluded.latency_ms, answers = excluded.answers, rule_kind = excluded.rule_kind, "
+                    "reach = excluded.reach, "
                     "since = CASE WHEN COALESCE(latest.finding, '') = COALESCE(excluded.finding, '') "
                     "THEN latest.since ELSE excluded.since END "
                     "WHERE excluded.time >= latest.time"
                 ),
                 list(latest.values()),
             )
+            self._store_checks(cur, checks)
             if newest:
                 cur.execute(
                     self._sql(
@@ -293,6 +313,18 @@ class Store:
                     (pid, region, country, received, probe.get("version"), control_ratio),
                 )
         return StoredBatch(True, len(archive))
+
+    def _store_checks(self, cur: Any, checks: list[tuple[Any, ...]]) -> None:
+        """Answer checks of ordered names, once each: a cached check comes back with every
+        measurement of its name, at the time it was made."""
+        if checks:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO address_checks (probe_id, country, rule, side, name, address, time, status, result) "
+                    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (probe_id, rule, name, address, time) DO NOTHING"
+                ),
+                checks,
+            )
 
     def _new_keys(self, cur: Any, pid: str, since: float, keys: list[tuple[str, ...]]) -> int:
         """How many of a batch's series keys are not yet current for this probe (exact, slower path)."""
@@ -339,7 +371,7 @@ class Store:
             cur.execute(
                 self._sql(
                     "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
-                    "answers, since, rule_kind FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
+                    "answers, since, rule_kind, reach FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
                     "AND COALESCE(rule, '') <> 'canary' "
                     "ORDER BY finding, country, resolver, transport, domain, qtype"
                 ),
@@ -347,6 +379,55 @@ class Store:
             )
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    # reach (issue 16) ------------------------------------------------------------------
+    def reach_problems(self, since: float) -> list[dict[str, Any]]:
+        """Current series of names with an expectation whose answer a user could not use as the
+        site (reach http_451, blockpage, tls_error, unreachable): blockprobe_reach."""
+        marks = ", ".join("?" for _ in PROBLEM_REACH)
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT probe_id, region, country, resolver, transport, qtype, domain, finding, rule, reach "
+                    f"FROM latest WHERE reach IN ({marks}) AND time >= ? AND finding IS NOT NULL "
+                    "AND COALESCE(rule, '') <> 'canary'"
+                ),
+                (*PROBLEM_REACH, since),
+            )
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def reach_counts(self, since: float) -> list[tuple[Any, ...]]:
+        """(probe, region, country, resolver, transport, rule, finding, reach, series) over the current
+        series of names with an expectation; a series from before reach was kept counts as unchecked."""
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT probe_id, region, country, resolver, transport, rule, finding, "
+                    "COALESCE(reach, 'unchecked') AS r, count(*) FROM latest "
+                    "WHERE time >= ? AND finding IS NOT NULL AND COALESCE(rule, '') <> 'canary' "
+                    "GROUP BY probe_id, region, country, resolver, transport, rule, finding, r"
+                ),
+                (since,),
+            )
+            return [tuple(r) for r in cur.fetchall()]
+
+    def address_check_rows(self, since: float) -> list[tuple[Any, ...]]:
+        """Every check since `since` of an (order, name, address) that some probe in an ordering
+        country failed to connect to since then: (probe, country, side, order, name, address, time,
+        status, result). Only what could make an inference is read, so the cost follows what fails."""
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT c.probe_id, c.country, c.side, c.rule, c.name, c.address, c.time, c.status, c.result "
+                    "FROM address_checks c WHERE c.time >= ? AND EXISTS (SELECT 1 FROM address_checks f "
+                    "WHERE f.rule = c.rule AND f.name = c.name AND f.address = c.address AND f.time >= ? "
+                    "AND f.side = 'inside' AND f.result = 'connect_fail') "
+                    "ORDER BY c.rule, c.name, c.address, c.time"
+                ),
+                (since, since),
+            )
+            return [tuple(r) for r in cur.fetchall()]
 
     def canaries(self, since: float) -> list[dict[str, Any]]:
         """Current canary series whose fate was not the expected one (or could not be told)."""
@@ -431,6 +512,7 @@ class Store:
             cur.execute(self._sql("DELETE FROM archive WHERE time < ?"), (older_than,))
             n = cur.rowcount
             cur.execute(self._sql("DELETE FROM batches WHERE received < ?"), (older_than,))
+            cur.execute(self._sql("DELETE FROM address_checks WHERE time < ?"), (older_than,))
             return int(n)
 
     def close(self) -> None:
