@@ -74,7 +74,8 @@ MIGRATIONS: list[str] = [
                                  time DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, result TEXT NOT NULL,
                                  PRIMARY KEY (probe_id, rule, name, address, time));
     CREATE INDEX address_checks_time ON address_checks (time);
-    CREATE INDEX address_checks_address ON address_checks (rule, name, address, time)
+    CREATE INDEX address_checks_address ON address_checks (rule, name, address, time);
+    CREATE INDEX address_checks_failures ON address_checks (result, side, time)
     """,
 ]
 
@@ -420,10 +421,10 @@ class Store:
             cur.execute(
                 self._sql(
                     "SELECT c.probe_id, c.country, c.side, c.rule, c.name, c.address, c.time, c.status, c.result "
-                    "FROM address_checks c WHERE c.time >= ? AND EXISTS (SELECT 1 FROM address_checks f "
-                    "WHERE f.rule = c.rule AND f.name = c.name AND f.address = c.address AND f.time >= ? "
-                    "AND f.side = 'inside' AND f.result = 'connect_fail') "
-                    "ORDER BY c.rule, c.name, c.address, c.time"
+                    "FROM (SELECT DISTINCT rule, name, address FROM address_checks "
+                    "WHERE result = 'connect_fail' AND side = 'inside' AND time >= ?) f "
+                    "JOIN address_checks c ON c.rule = f.rule AND c.name = f.name AND c.address = f.address "
+                    "AND c.time >= ?"
                 ),
                 (since, since),
             )

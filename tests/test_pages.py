@@ -347,3 +347,47 @@ def test_the_prometheus_url_is_checked() -> None:
         == "http://127.0.0.1:9090"
     )
     assert parse_collector_config("").prometheus_url is None
+
+
+# --- what a user meets at a leak (issue 16) ---------------------------------------------------
+
+
+def _leak_rows(s: Server) -> dict[str, str]:
+    html = s.client.get("/").text
+    rows = [_text(r) for r in re.findall(r'<tr class="problem-row leak-row">(.*?)</tr>', html, re.S)]
+    return {r.split()[2]: r for r in rows}
+
+
+def test_a_leak_that_leads_nowhere_says_it_leaks_nothing(server: Server) -> None:  # noqa: F811
+    tokens = {p: server.token(p) for p in ("it-1", "it-2")}
+
+    def send(probe: str, ms: list[dict[str, Any]]) -> None:
+        body = batch(probe, ms)
+        assert post(server, tokens[probe], body).status_code == 200
+
+    send(
+        "it-1",
+        [
+            measurement("cdn.example", reach="http_451"),
+            measurement("dark.example", reach="unreachable"),
+            measurement("site.example", reach="reachable"),
+            measurement("split.example", reach="http_451"),
+            measurement("plain.example"),  # from a probe that does not check answers
+            measurement("cert.example", reach="tls_error"),
+        ],
+    )
+    send(
+        "it-2",
+        [measurement("split.example", reach="reachable"), measurement("cdn.example", reach="unreachable")],
+    )
+    rows = _leak_rows(server)
+    column = {name: row.split(" 93.184.216.34 ", 1)[1].split(" udp ", 1)[0] for name, row in rows.items()}
+    assert column == {
+        "cdn.example": "leaks nothing: HTTP 451 (Unavailable For Legal Reasons) from it-1; no connection from it-2",
+        "dark.example": "leaks nothing: no connection",
+        "site.example": "a proven leak: the site itself (a valid certificate)",
+        "split.example": "the site itself (a valid certificate) from it-2; HTTP 451 (Unavailable For Legal Reasons) from it-1",
+        "plain.example": "not checked",
+        "cert.example": "no valid certificate",
+    }
+    assert "what a user meets there" in server.client.get("/").text
