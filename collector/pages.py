@@ -310,6 +310,7 @@ class Pages:
             series=series,
             latest=latest,
             judgement=judgement(latest) if latest else None,
+            checks=checks_of(latest) if latest else [],
             runs=runs_of(rows),
             rows=rows,
             json_url=evidence_url(*key) + "&format=json",
@@ -410,6 +411,45 @@ def reach_said(finding: str, by_reach: dict[str, list[str]]) -> str:
     if finding == "leak" and set(by_reach) == {"reachable"}:
         return f"a proven leak: {text}"
     return text
+
+
+def checks_of(m: dict[str, Any]) -> list[dict[str, str]]:
+    """The answer checks a measurement logged (its answer's addresses, then the control's), as
+    text for the evidence page; whatever is not a check is left out."""
+    ev = m.get("evidence")
+    out: list[dict[str, str]] = []
+    if not isinstance(ev, dict):
+        return out
+    for whose, key in (("answer", "answer_checks"), ("control", "control_checks")):
+        checks = ev.get(key)
+        for c in checks[:64] if isinstance(checks, list) else []:
+            if not isinstance(c, dict):
+                continue
+            cert = c.get("cert") if isinstance(c.get("cert"), dict) else {}
+            assert isinstance(cert, dict)
+            names = cert.get("names") if isinstance(cert.get("names"), list) else []
+            assert isinstance(names, list)
+            seen = []
+            if cert:
+                seen.append(
+                    f"certificate for {', '.join(str(n) for n in names[:5]) or '?'} from {cert.get('issuer')}"
+                )
+            if c.get("verify_error"):
+                seen.append(f"not valid: {c['verify_error']}")
+            if c.get("http_code") is not None:
+                seen.append(f"HTTP {c['http_code']}" + (f" → {c['location']}" if c.get("location") else ""))
+            if c.get("error"):
+                seen.append(str(c["error"]))
+            out.append(
+                {
+                    "whose": whose,
+                    "address": str(c.get("address", "")),
+                    "status": str(c.get("status", "")),
+                    "seen": "; ".join(seen),
+                    "time": str(c.get("time", "")) + (" (cached)" if c.get("cached") is True else ""),
+                }
+            )
+    return out
 
 
 def _same_as_control(m: dict[str, Any]) -> bool:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECK_STATUSES",
+    "MAX_CHECKS",
     "PROBLEM_REACH",
     "REACH",
     "IpBlock",
@@ -69,6 +70,11 @@ TLS_FAIL = "tls_fail"  # connected, then no handshake: not IP-level, but not rea
 
 INSIDE = "inside"  # the probe's country is one the order names
 OUTSIDE = "outside"  # the order was made elsewhere: a block here would be over-reach
+
+# At most this many checks are read from one measurement (its answer's and the control's): an
+# answer rarely holds more than a handful of addresses, and a body may hold a million small
+# objects in one measurement's evidence, which must not become a million rows.
+MAX_CHECKS = 32
 
 # probe/expect.py's words for an order that does not bind at the probe.
 _ELSEWHERE = re.compile(r"^ordered in ((?:[A-Z]{2}, )*[A-Z]{2}), not in ([A-Z]{2})$")
@@ -136,7 +142,7 @@ def address_checks_of(m: dict[str, Any], country: str, t: float) -> list[tuple[A
         checks = ev.get(key)
         if not isinstance(checks, list):
             continue
-        for c in checks:
+        for c in checks[:MAX_CHECKS]:
             if not isinstance(c, dict) or c.get("name") != name or c.get("status") not in CHECK_STATUSES:
                 continue
             result = _result(c)
@@ -148,7 +154,7 @@ def address_checks_of(m: dict[str, Any], country: str, t: float) -> list[tuple[A
             if result is None or when is None:
                 continue
             out.append((*side, name, address, min(when, t), c["status"], result))
-    return out
+    return out[:MAX_CHECKS]
 
 
 def _time(value: Any) -> float | None:

@@ -318,6 +318,7 @@ class Store:
     def _store_checks(self, cur: Any, checks: list[tuple[Any, ...]]) -> None:
         """Answer checks of ordered names, once each: a cached check comes back with every
         measurement of its name, at the time it was made."""
+        checks = list(dict.fromkeys(checks))  # a cached check comes back with every qtype and resolver
         if checks:
             cur.executemany(
                 self._sql(

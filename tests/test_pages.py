@@ -391,3 +391,40 @@ def test_a_leak_that_leads_nowhere_says_it_leaks_nothing(server: Server) -> None
         "cert.example": "no valid certificate",
     }
     assert "what a user meets there" in server.client.get("/").text
+
+
+def test_the_evidence_page_lists_each_address_check(server: Server) -> None:  # noqa: F811
+    token = server.token("it-1")
+    checks = [
+        {
+            "name": "calcio.example",
+            "address": "93.184.216.34",
+            "status": "http_451",
+            "phase": None,
+            "cert_valid": True,
+            "cert": {"names": ["calcio.example", "*.calcio.example"], "issuer": "CN=Lab CA"},
+            "http_code": 451,
+            "time": "2026-12-01T10:00:00.000Z",
+            "cached": True,
+        },
+        {
+            "name": "calcio.example",
+            "address": "2001:db8::7",
+            "status": "refused",
+            "error": "connect: connection refused",
+        },
+        "not a check",
+        {"name": "calcio.example", "address": "192.0.2.1", "status": "invalid_cert", "cert": ["odd"]},
+    ]
+    leak = measurement("calcio.example", reach="http_451", evidence={"answer_checks": checks})
+    assert post(server, token, batch(measurements=[leak])).status_code == 200
+    html = server.client.get("/evidence", params=_series("udp://192.0.2.53")).text
+    rows = [_text(r) for r in re.findall(r"<tr><td>(.*?)</tr>", html[html.index('id="checks"') :], re.S)][:3]
+    assert rows == [
+        "answer 93.184.216.34 http_451 certificate for calcio.example, *.calcio.example from CN=Lab CA; HTTP 451 "
+        "2026-12-01T10:00:00.000Z (cached)",
+        "answer 2001:db8::7 refused connect: connection refused",
+        "answer 192.0.2.1 invalid_cert",
+    ]
+    assert "A user would meet" in html
+    assert "HTTP 451 Unavailable For Legal Reasons" in html

@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 
 from collector.config import CollectorConfigError, parse_collector_config
-from collector.reach import CHECK_STATUSES, PROBLEM_REACH, REACH, address_checks_of, infer_ip_blocks
+from collector.reach import (
+    CHECK_STATUSES,
+    MAX_CHECKS,
+    PROBLEM_REACH,
+    REACH,
+    address_checks_of,
+    infer_ip_blocks,
+)
 from collector.report import build_report, render_report
 from collector.store import MIGRATIONS, open_store
 from probe.answers import AddressCheck, CheckMode, CheckStatus, Phase, Reach
@@ -555,3 +562,10 @@ def test_reports_carry_reach_and_stay_formula_safe(server: Server) -> None:  # n
     html = render_report(rows, "html")
     assert "<th>reach</th>" in html
     assert "<td>http_451</td>" in html
+
+
+def test_one_measurement_cannot_make_more_than_a_few_dozen_rows(server: Server) -> None:  # noqa: F811
+    now = time.time()
+    flood = [check("flood.example", f"203.0.113.{i % 250}", REFUSED, now - i) for i in range(5000)]
+    send(server, "it-1", [made("it-1", "flood.example", flood)])
+    assert len(_all_checks(server)) == MAX_CHECKS
