@@ -147,14 +147,34 @@ def address_checks_of(m: dict[str, Any], country: str, t: float) -> list[tuple[A
                 continue
             result = _result(c)
             when = _time(c.get("time"))
-            try:
-                address = str(ipaddress.ip_address(str(c.get("address"))))
-            except ValueError:
-                continue
-            if result is None or when is None:
+            address = _shared_address(c.get("address"))
+            if result is None or when is None or address is None:
                 continue
             out.append((*side, name, address, min(when, t), c["status"], result))
     return out[:MAX_CHECKS]
+
+
+# Addresses that name a different host in each network: reachability compared across probes means nothing.
+_LOCAL = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "fc00::/7")
+)
+
+
+def _shared_address(value: Any) -> str | None:
+    """The address in canonical text (an IPv4-mapped one as IPv4, as the probe checks it), or None
+    when it is not one every probe would reach the same host at."""
+    try:
+        ip = ipaddress.ip_address(str(value))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+        return None
+    if any(ip.version == n.version and ip in n for n in _LOCAL):
+        return None
+    return str(ip)
 
 
 def _time(value: Any) -> float | None:

@@ -316,9 +316,9 @@ class Store:
         return StoredBatch(True, len(archive))
 
     def _store_checks(self, cur: Any, checks: list[tuple[Any, ...]]) -> None:
-        """Answer checks of ordered names, once each: a cached check comes back with every
-        measurement of its name, at the time it was made."""
-        checks = list(dict.fromkeys(checks))  # a cached check comes back with every qtype and resolver
+        """Answer checks of ordered names, once each: a probe's cached check comes back with every
+        measurement of its name (each qtype, each resolver), at the time it was made."""
+        checks = list(dict.fromkeys(checks))
         if checks:
             cur.executemany(
                 self._sql(

@@ -366,6 +366,9 @@ def test_what_a_probe_cannot_prove_is_dropped_and_the_batch_still_stored(server:
     hostile: list[Any] = [
         check("other.example", address, REFUSED, now),  # another name's check
         {**check(name, "not-an-address", REFUSED, now)},
+        check(name, "10.1.2.3", REFUSED, now),  # a private address: another host in every network
+        check(name, "::ffff:127.0.0.1", REFUSED, now),
+        check(name, "fe80::1", REFUSED, now),
         {**check(name, address, REFUSED, now), "status": "nuked"},
         {**check(name, address, REFUSED, now), "time": "yesterday"},
         {**check(name, address, REFUSED, now), "time": "2026-01-01T00:00:00"},  # no offset: ambiguous
@@ -402,10 +405,14 @@ def test_the_control_checks_count_as_the_probes_checks_of_that_address() -> None
         "fr-1",
         "ctl.example",
         [check("ctl.example", "198.51.100.1", CheckStatus.INVALID_CERT, now, Phase.TLS, cert_valid=False)],
-        control_checks=[check("ctl.example", "2001:DB8::0:1", V, now)],
+        control_checks=[
+            check("ctl.example", "2001:DB8::0:1", V, now),
+            check("ctl.example", "::ffff:198.51.100.9", V, now),
+        ],
     )
     assert address_checks_of(m, "FR", now) == [
-        (ORDER, "outside", "ctl.example", "2001:db8::1", pytest.approx(now, abs=0.001), "valid", "ok")
+        (ORDER, "outside", "ctl.example", "2001:db8::1", pytest.approx(now, abs=0.001), "valid", "ok"),
+        (ORDER, "outside", "ctl.example", "198.51.100.9", pytest.approx(now, abs=0.001), "valid", "ok"),
     ]
     # The probe's words about where the order binds must agree with its own country.
     assert address_checks_of(m, "IT", now) == []
