@@ -424,6 +424,13 @@ def test_inference_on_rows_ties_and_moves() -> None:
     def row(p: str, c: str, side: str, t: float, status: str, result: str) -> tuple[Any, ...]:
         return (p, c, side, ORDER, "x.example", "192.0.2.9", t, status, result)
 
+    # Both sides must have checked the same name at the same address.
+    other_name = ("fr-1", "FR", "outside", ORDER, "y.example", "192.0.2.9", now, "valid", "ok")
+    other_address = ("fr-1", "FR", "outside", ORDER, "x.example", "192.0.2.10", now, "valid", "ok")
+    other_order = ("fr-1", "FR", "outside", "another", "x.example", "192.0.2.9", now, "valid", "ok")
+    failed = row("it-1", "IT", "inside", now, "refused", "connect_fail")
+    for elsewhere in (other_name, other_address, other_order):
+        assert infer_ip_blocks([failed, elsewhere]) == []
     # A probe that sent contradicting checks at one instant counts the way that claims less.
     assert (
         infer_ip_blocks(
@@ -576,3 +583,39 @@ def test_one_measurement_cannot_make_more_than_a_few_dozen_rows(server: Server) 
     flood = [check("flood.example", f"203.0.113.{i % 250}", REFUSED, now - i) for i in range(5000)]
     send(server, "it-1", [made("it-1", "flood.example", flood)])
     assert len(_all_checks(server)) == MAX_CHECKS
+
+
+def test_the_sides_follow_what_the_probes_expectations_say() -> None:
+    """The words of probe/expect.py, from the real thing: a drift there must fail here."""
+    import datetime as dt
+
+    from probe.expect import OrderIndex
+    from probe.lists import parse_lists
+
+    index = OrderIndex(
+        parse_lists(
+            "orders:\n  - {id: ps-1, authority: Piracy Shield, jurisdictions: [IT, SM], applies_to: [isp],\n"
+            "     domains: [live.example]}\n"
+        )
+    )
+    when = dt.datetime(2026, 12, 1, tzinfo=UTC)
+    now = when.timestamp()
+    sides = {}
+    for label, country, kind in [
+        ("IT isp", "IT", "isp"),
+        ("IT public", "IT", "public"),
+        ("FR isp", "FR", "isp"),
+    ]:
+        expected, why = index.expect(country, kind, None, "live.example", when)
+        assert expected is not None
+        m = made(
+            "it-1", "live.example", [check("live.example", "93.184.216.34", REFUSED, now)], expected_by=why
+        )
+        m["expected"] = str(expected)
+        ((order, side, *_),) = address_checks_of(m, country, now)
+        sides[label] = (order, side)
+    assert sides == {
+        "IT isp": ("ps-1", "inside"),
+        "IT public": ("ps-1", "inside"),
+        "FR isp": ("ps-1", "outside"),
+    }
