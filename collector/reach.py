@@ -20,6 +20,7 @@ vocabulary here; anything else is dropped, never guessed at.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -164,8 +165,15 @@ _LOCAL = tuple(
 def _shared_address(value: Any) -> str | None:
     """The address in canonical text (an IPv4-mapped one as IPv4, as the probe checks it), or None
     when it is not one every probe would reach the same host at."""
+    return _canonical(value) if isinstance(value, str) and len(value) <= 64 else None
+
+
+# A probe reports the same few addresses with every qtype and resolver of a name: parsing each
+# once halves what the checks cost the ingest.
+@functools.lru_cache(maxsize=65536)
+def _canonical(value: str) -> str | None:
     try:
-        ip = ipaddress.ip_address(str(value))
+        ip = ipaddress.ip_address(value)
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -178,8 +186,11 @@ def _shared_address(value: Any) -> str | None:
 
 
 def _time(value: Any) -> float | None:
-    if not isinstance(value, str) or len(value) > 40:
-        return None
+    return _instant(value) if isinstance(value, str) and len(value) <= 40 else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _instant(value: str) -> float | None:
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:

@@ -72,9 +72,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE address_checks (probe_id TEXT NOT NULL, country TEXT NOT NULL, side TEXT NOT NULL,
                                  rule TEXT NOT NULL, name TEXT NOT NULL, address TEXT NOT NULL,
                                  time DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, result TEXT NOT NULL,
-                                 PRIMARY KEY (probe_id, rule, name, address, time));
+                                 PRIMARY KEY (rule, name, address, probe_id, time));
     CREATE INDEX address_checks_time ON address_checks (time);
-    CREATE INDEX address_checks_address ON address_checks (rule, name, address, time);
     CREATE INDEX address_checks_failures ON address_checks (result, side, time)
     """,
 ]
@@ -323,7 +322,7 @@ class Store:
             cur.executemany(
                 self._sql(
                     "INSERT INTO address_checks (probe_id, country, rule, side, name, address, time, status, result) "
-                    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (probe_id, rule, name, address, time) DO NOTHING"
+                    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (rule, name, address, probe_id, time) DO NOTHING"
                 ),
                 checks,
             )
