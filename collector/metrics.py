@@ -85,8 +85,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # Answer checks (issue 16): what a user would meet at the answer, beside the DNS finding.
     "blockprobe_reach": (
         "gauge",
-        "1 for each current series of a name with an expectation whose answer does not lead to the site "
-        "(reach http_451, blockpage, tls_error or unreachable).",
+        "1 for each current series of a name with an expectation, not enforced, whose answer does not lead "
+        "to the site (reach http_451, blockpage, tls_error or unreachable).",
         (
             "probe",
             "region",

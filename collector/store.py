@@ -384,14 +384,16 @@ class Store:
     # reach (issue 16) ------------------------------------------------------------------
     def reach_problems(self, since: float) -> list[dict[str, Any]]:
         """Current series of names with an expectation whose answer a user could not use as the
-        site (reach http_451, blockpage, tls_error, unreachable): blockprobe_reach."""
+        site (reach http_451, blockpage, tls_error, unreachable): blockprobe_reach. Enforced series
+        are left out: a blocked name whose answer leads to a block page is the order working, and
+        an ISP with a block page no fingerprint knows would otherwise fill the cap on every group."""
         marks = ", ".join("?" for _ in PROBLEM_REACH)
         with self.tx() as cur:
             cur.execute(
                 self._sql(
                     "SELECT probe_id, region, country, resolver, transport, qtype, domain, finding, rule, reach "
                     f"FROM latest WHERE reach IN ({marks}) AND time >= ? AND finding IS NOT NULL "
-                    "AND COALESCE(rule, '') <> 'canary'"
+                    "AND finding <> 'enforced' AND COALESCE(rule, '') <> 'canary'"
                 ),
                 (*PROBLEM_REACH, since),
             )

@@ -165,7 +165,7 @@ def test_reach_series_and_counts_by_exact_value(server: Server) -> None:  # noqa
             made("it-1", "cdn.example", reach="http_451"),
             made("it-1", "proven.example", reach="reachable"),
             made("it-1", "dark.example", reach="unreachable"),
-            made("it-1", "page.example", reach="blockpage", finding=Finding.ENFORCED),
+            made("it-1", "page.example", reach="blockpage", finding=Finding.ENFORCED),  # counted, no series
             made("it-1", "old.example"),  # a probe without answer checks: unchecked
             made("it-1", "odd.example", reach="=cmd|' /C calc'!A0"),  # not a word of the probe's: unchecked
             made(
@@ -184,7 +184,6 @@ def test_reach_series_and_counts_by_exact_value(server: Server) -> None:  # noqa
     series = {
         labels(**it, order=ORDER, domain="cdn.example", qtype="A", finding="leak", reach="http_451"): 1,
         labels(**it, order=ORDER, domain="dark.example", qtype="A", finding="leak", reach="unreachable"): 1,
-        labels(**it, order=ORDER, domain="page.example", qtype="A", finding="enforced", reach="blockpage"): 1,
         labels(**fr, order=ORDER, domain="cdn.example", qtype="A", finding="ok", reach="http_451"): 1,
         labels(**fr, order=ORDER, domain="cert.example", qtype="A", finding="ok", reach="tls_error"): 1,
     }
