@@ -390,7 +390,7 @@ _REACH_SHORT = {
     "unreachable": "no connection",
     "unchecked": "not checked",
 }
-# A leak whose every checked user meets one of these delivers nothing of the site.
+# A leak at which every probe that checked met one of these delivers nothing of the site.
 _LEAKS_NOTHING = frozenset({"http_451", "unreachable", "blockpage"})
 
 
