@@ -180,7 +180,7 @@ class Rendered:
 def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 - the routes are closures here
     """The ASGI application for one store."""
     registry, health = make_registry()
-    pages = Pages(store, config.stale_after, config.prometheus_url)
+    pages = Pages(store, config.stale_after, config.prometheus_url, ip_block_window=config.ip_block_window)
     tokens = TokenCache(store)
 
     @contextlib.asynccontextmanager
@@ -265,7 +265,10 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
 
     findings = Rendered(
         config.render_cache_seconds,
-        lambda: _Packed(health.findings(store, config.stale_after, config.max_domain_series) + health.own()),
+        lambda: _Packed(
+            health.findings(store, config.stale_after, config.max_domain_series, config.ip_block_window)
+            + health.own()
+        ),
     )
 
     @app.get("/metrics", response_class=PlainTextResponse)

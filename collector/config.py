@@ -81,6 +81,9 @@ class CollectorConfig:
     # Seconds between compliance passes (collector/compliance.py): how late a first enforcement
     # or a leak after a deadline can be noticed, at the cost of one grouping query over `latest`.
     compliance_interval: float = 30.0
+    # Answer checks from probes inside and outside an ordering country must fall within this many
+    # seconds (the last ones) for an IP-level block to be inferred (collector/reach.py).
+    ip_block_window: float = 3600.0
 
 
 _KEYS = {
@@ -96,6 +99,7 @@ _KEYS = {
     "server",
     "reads",
     "compliance_interval",
+    "ip_block_window",
 }
 _LIMITS = {
     "max_body",
@@ -292,10 +296,21 @@ def parse_collector_config(  # noqa: C901 - one flat check per key, so every mis
         max_connections=int(number(server.get("max_connections"), "server.max_connections", 1000, 4)),
         reads=access,
         compliance_interval=number(doc.get("compliance_interval"), "compliance_interval", 30, 1),
+        ip_block_window=_window(doc.get("ip_block_window"), errors),
     )
     if errors:
         raise CollectorConfigError([f"{source}: {e}" for e in errors])
     return config
+
+
+def _window(value: Any, errors: list[str]) -> float:
+    """`ip_block_window`: seconds; longer than a week would call checks far apart "the same period"."""
+    if value is None:
+        return 3600.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 60 <= value <= 604_800:
+        errors.append(f"ip_block_window: {value!r} must be a number of seconds from 60 to 604800 (a week)")
+        return 3600.0
+    return float(value)
 
 
 def load_collector_config(file: str | Path) -> CollectorConfig:

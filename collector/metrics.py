@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from collector.compliance import deadline_missed, time_to_enforce
+from collector.reach import ip_blocks
 from collector.store import Store
 
 __all__ = ["FAMILIES", "Health", "make_registry", "render_findings"]
@@ -117,6 +118,45 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Distinct names of the order that currently leak.",
         COMPLIANCE_LABELS,
     ),
+    # Answer checks (issue 16): what a user would meet at the answer, beside the DNS finding.
+    "blockprobe_reach": (
+        "gauge",
+        "1 for each current series of a name with an expectation, not enforced, whose answer does not lead "
+        "to the site (reach http_451, blockpage, tls_error or unreachable).",
+        (
+            "probe",
+            "region",
+            "country",
+            "resolver",
+            "transport",
+            "order",
+            "domain",
+            "qtype",
+            "finding",
+            "reach",
+        ),
+    ),
+    "blockprobe_reach_domains": (
+        "gauge",
+        "How many current series of names with an expectation have each finding and reach.",
+        ("probe", "region", "country", "resolver", "transport", "list", "finding", "reach"),
+    ),
+    "blockprobe_reach_series_capped": (
+        "gauge",
+        "Per-domain series left out of blockprobe_reach by the cap (limits.max_domain_series).",
+        ("probe", "region", "country", "resolver", "transport", "rule", "finding"),
+    ),
+    "blockprobe_ip_block": (
+        "gauge",
+        "1 for each address inferred blocked at the IP level in a country: unreachable from probes "
+        "there, reachable with a valid certificate from probes elsewhere, within ip_block_window.",
+        ("country", "address", "order"),
+    ),
+    "blockprobe_ip_block_addresses": (
+        "gauge",
+        "How many addresses of each order are inferred blocked at the IP level in each country (uncapped).",
+        ("country", "order"),
+    ),
 }
 
 
@@ -176,13 +216,18 @@ def cap_problems(
 
 
 def render_findings(
-    store: Store, stale_after: float, now: float | None = None, max_domain_series: int = 100
+    store: Store,
+    stale_after: float,
+    now: float | None = None,
+    max_domain_series: int = 100,
+    ip_block_window: float = 3600.0,
 ) -> str:
     """The findings families as Prometheus text, from the latest state within the staleness window.
 
     Per-domain families are capped per group; the true counts stay in blockprobe_domains.
     """
-    since = (time.time() if now is None else now) - stale_after
+    now = time.time() if now is None else now
+    since = now - stale_after
     problems, left_out = cap_problems(store.problems(since), max_domain_series)
     counts = store.counts(since)
     probes = store.probes()
@@ -304,6 +349,8 @@ def render_findings(
         ),
     )
     _write_compliance(w, store, since)
+    _render_reach(w, store, since, max_domain_series)
+    _render_ip_blocks(w, store, now, ip_block_window, max_domain_series)
     return w.text()
 
 
@@ -329,6 +376,57 @@ def _write_compliance(w: _Writer, store: Store, since: float) -> None:
     family("blockprobe_order_time_to_enforce_seconds", time_to_enforce)
     family("blockprobe_order_deadline_missed", deadline_missed)
     family("blockprobe_order_names_leaking", lambda r: r["names_leaking"])
+
+
+def _render_reach(w: _Writer, store: Store, since: float, per_group: int) -> None:
+    """blockprobe_reach (capped per probe × resolver × transport × order × finding, like the leak
+    series) and the true counts in blockprobe_reach_domains."""
+    kept, left_out = cap_problems(store.reach_problems(since), per_group)
+    w.family(
+        "blockprobe_reach",
+        (
+            (
+                [
+                    r["probe_id"],
+                    r["region"],
+                    r["country"],
+                    r["resolver"],
+                    r["transport"],
+                    r["rule"] or "",
+                    r["domain"],
+                    r["qtype"],
+                    r["finding"],
+                    r["reach"],
+                ],
+                1,
+            )
+            for r in kept
+        ),
+    )
+    w.family(
+        "blockprobe_reach_domains",
+        (
+            ([probe, region, country, resolver, transport, rule or "", finding, reach], n)
+            for probe, region, country, resolver, transport, rule, finding, reach, n in store.reach_counts(
+                since
+            )
+        ),
+    )
+    w.family("blockprobe_reach_series_capped", ((list(k), n) for k, n in sorted(left_out.items())))
+
+
+def _render_ip_blocks(w: _Writer, store: Store, now: float, window: float, per_group: int) -> None:
+    """blockprobe_ip_block, at most `per_group` addresses per country × order (the first by address),
+    and the true count per country × order."""
+    counts: dict[tuple[str, str], int] = {}
+    shown = []
+    for b in ip_blocks(store, now, window):
+        n = counts.get((b.country, b.order), 0)
+        counts[(b.country, b.order)] = n + 1
+        if n < per_group:
+            shown.append(([b.country, b.address, b.order], 1))
+    w.family("blockprobe_ip_block", shown)
+    w.family("blockprobe_ip_block_addresses", ((list(k), n) for k, n in sorted(counts.items())))
 
 
 class Health:
@@ -388,11 +486,15 @@ class Health:
             "blockprobe_collector_database_errors", "Database operations that failed.", registry=registry
         )
 
-    def findings(self, store: Store, stale_after: float, max_domain_series: int = 100) -> bytes:
+    def findings(
+        self, store: Store, stale_after: float, max_domain_series: int = 100, ip_block_window: float = 3600.0
+    ) -> bytes:
         """The findings families from the store (the slow part of a scrape, cached by the app)."""
         started = time.perf_counter()
         try:
-            findings = render_findings(store, stale_after, max_domain_series=max_domain_series)
+            findings = render_findings(
+                store, stale_after, max_domain_series=max_domain_series, ip_block_window=ip_block_window
+            )
         except Exception:
             self.db_errors.inc()
             raise

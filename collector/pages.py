@@ -24,9 +24,10 @@ import httpx2
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from collector.compliance import time_to_enforce, verdict_words
+from collector.reach import ip_blocks
 from collector.store import Store
 
-__all__ = ["Pages", "display_name", "runs_of"]
+__all__ = ["Pages", "display_name", "reach_said", "runs_of"]
 
 TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
 FINDINGS = ("leak", "overblock", "inconclusive", "enforced", "ok")
@@ -127,15 +128,24 @@ class Problem:
     probes: list[str]
     key: tuple[str, str, str, str, str]  # one series, for the evidence link and the details
     said: str = ""
+    reach: dict[str, list[str]] = field(default_factory=dict)  # what a user would meet → probes that saw it
+    reach_said: str = ""
 
 
 class Pages:
     """Renders both pages from a store snapshot; one instance per app."""
 
-    def __init__(self, store: Store, stale_after: float, prometheus_url: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        stale_after: float,
+        prometheus_url: str | None = None,
+        ip_block_window: float = 3600.0,
+    ) -> None:
         self.store = store
         self.stale_after = stale_after
         self.prometheus_url = prometheus_url
+        self.ip_block_window = ip_block_window
         self.env = Environment(loader=PackageLoader("collector", "templates"), autoescape=select_autoescape())
         self.env.globals.update(fmt_time=fmt_time, fmt_age=fmt_age, evidence_url=evidence_url)
 
@@ -156,6 +166,7 @@ class Pages:
             shown = rows if show == finding else rows[:PAGE]
             for p in shown:
                 p.said = self._said(p)
+                p.reach_said = reach_said(p.finding, p.reach)
             sections.append(
                 {
                     "finding": finding,
@@ -186,6 +197,8 @@ class Pages:
             prometheus_url=self.prometheus_url,
             bar=_bar(totals),
             compliance=self._compliance(since, now, names),
+            ip_blocks=ip_blocks(self.store, now, self.ip_block_window),
+            ip_block_window=self.ip_block_window,
         )
 
     def _resolver_names(self, since: float) -> dict[str, tuple[str, str]]:
@@ -259,6 +272,9 @@ class Pages:
                 row.transports.append(p["transport"])
             if p["probe_id"] not in row.probes:
                 row.probes.append(p["probe_id"])
+            seen_by = row.reach.setdefault(p.get("reach") or "unchecked", [])
+            if p["probe_id"] not in seen_by:
+                seen_by.append(p["probe_id"])
         out = list(merged.values())
         for row in out:
             row.transports.sort(key=lambda t: TRANSPORTS.index(t) if t in TRANSPORTS else 99)
@@ -315,6 +331,7 @@ class Pages:
             series=series,
             latest=latest,
             judgement=judgement(latest) if latest else None,
+            checks=checks_of(latest) if latest else [],
             runs=runs_of(rows),
             rows=rows,
             json_url=evidence_url(*key) + "&format=json",
@@ -488,6 +505,77 @@ _REACH_WORDS = {
     "unreachable": "nothing: no connection or handshake in time",
     "unchecked": "",
 }
+
+
+# What a user would meet, in a word or two for the status page's problem rows.
+_REACH_SHORT = {
+    "reachable": "the site itself (a valid certificate)",
+    "http_451": "HTTP 451 (Unavailable For Legal Reasons)",
+    "blockpage": "a block page",
+    "tls_error": "no valid certificate",
+    "unreachable": "no connection",
+    "unchecked": "not checked",
+}
+# A leak at which every probe that checked met one of these delivers nothing of the site.
+_LEAKS_NOTHING = frozenset({"http_451", "unreachable", "blockpage"})
+
+
+def reach_said(finding: str, by_reach: dict[str, list[str]]) -> str:
+    """What users of a problem row's answer would meet, per probe when the probes disagree:
+    a DNS leak that leads nowhere says that it leaks nothing."""
+    if not by_reach or set(by_reach) == {"unchecked"}:
+        return _REACH_SHORT["unchecked"]
+    order = list(_REACH_SHORT)
+    ranked = sorted(by_reach.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+    several = len(ranked) > 1
+    text = "; ".join(
+        _REACH_SHORT.get(r, r) + (f" from {', '.join(sorted(probes))}" if several else "")
+        for r, probes in ranked
+    )
+    if finding == "leak" and set(by_reach) <= _LEAKS_NOTHING:
+        return f"leaks nothing: {text}"
+    if finding == "leak" and set(by_reach) == {"reachable"}:
+        return f"a proven leak: {text}"
+    return text
+
+
+def checks_of(m: dict[str, Any]) -> list[dict[str, str]]:
+    """The answer checks a measurement logged (its answer's addresses, then the control's), as
+    text for the evidence page; whatever is not a check is left out."""
+    ev = m.get("evidence")
+    out: list[dict[str, str]] = []
+    if not isinstance(ev, dict):
+        return out
+    for whose, key in (("answer", "answer_checks"), ("control", "control_checks")):
+        checks = ev.get(key)
+        for c in checks[:64] if isinstance(checks, list) else []:
+            if not isinstance(c, dict):
+                continue
+            cert = c.get("cert") if isinstance(c.get("cert"), dict) else {}
+            assert isinstance(cert, dict)
+            names = cert.get("names") if isinstance(cert.get("names"), list) else []
+            assert isinstance(names, list)
+            seen = []
+            if cert:
+                seen.append(
+                    f"certificate for {', '.join(str(n) for n in names[:5]) or '?'} from {cert.get('issuer')}"
+                )
+            if c.get("verify_error"):
+                seen.append(f"not valid: {c['verify_error']}")
+            if c.get("http_code") is not None:
+                seen.append(f"HTTP {c['http_code']}" + (f" → {c['location']}" if c.get("location") else ""))
+            if c.get("error"):
+                seen.append(str(c["error"]))
+            out.append(
+                {
+                    "whose": whose,
+                    "address": str(c.get("address", "")),
+                    "status": str(c.get("status", "")),
+                    "seen": "; ".join(seen),
+                    "time": str(c.get("time", "")) + (" (cached)" if c.get("cached") is True else ""),
+                }
+            )
+    return out
 
 
 def _same_as_control(m: dict[str, Any]) -> bool:

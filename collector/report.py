@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from collector.compliance import deadline_missed, time_to_enforce, verdict_words
+from collector.reach import reach_of
 from collector.store import Store
 
 __all__ = ["build_report", "build_timeline", "render_report", "render_timeline"]
@@ -26,6 +27,7 @@ FIELDS = [
     "measurements",
     "probes",
     "answers",
+    "reach",
     "rcode",
     "ede",
     "wire",
@@ -42,7 +44,8 @@ def build_report(
     store: Store, since: float, order: str | None = None, country: str | None = None
 ) -> list[dict[str, Any]]:
     """One row per (finding, order/list, country, resolver, transport, qtype, name): first and last
-    seen, the probes that saw it, and the latest answers with the raw response."""
+    seen, the probes that saw it, and the latest answers with what a user met there (reach) and
+    the raw response."""
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for probe, region, ctry, t, finding, rule, body in store.archive_problems(since, order, country):
         m = json.loads(body)
@@ -70,6 +73,8 @@ def build_report(
             g.update(
                 answers=m.get("answers", []), rcode=m.get("rcode"), ede=m.get("ede", []), wire=m.get("wire")
             )
+            # What a user met at those answers (issue 16); words outside the probe's vocabulary are not repeated.
+            g["reach"] = reach_of(m) or "unchecked"
     rows = []
     for g in sorted(
         groups.values(), key=lambda g: (g["finding"], g["rule"], g["country"], g["resolver"], g["domain"])

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from collector.reach import PROBLEM_REACH, address_checks_of, reach_of
+
 __all__ = ["COLLECTOR_FIELDS", "SeriesQuotaExceeded", "Store", "StoredBatch", "compliance_of", "open_store"]
 
 MIGRATIONS: list[str] = [
@@ -85,6 +87,19 @@ MIGRATIONS: list[str] = [
                                      leaking INTEGER NOT NULL, names_leaking INTEGER NOT NULL);
     CREATE INDEX compliance_history_order ON compliance_history (order_id, time);
     CREATE INDEX compliance_history_time ON compliance_history (time)
+    """,
+    # 6: answer checks (issue 16): what a user would meet at each series' answer, and each probe's
+    # checks of the addresses of ordered names, for the IP-level block inference (collector/reach.py).
+    # Self-contained, so that it can take any number after the migrations before it.
+    """
+    ALTER TABLE latest ADD COLUMN reach TEXT;
+    CREATE INDEX latest_reach ON latest (reach, time);
+    CREATE TABLE address_checks (probe_id TEXT NOT NULL, country TEXT NOT NULL, side TEXT NOT NULL,
+                                 rule TEXT NOT NULL, name TEXT NOT NULL, address TEXT NOT NULL,
+                                 time DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, result TEXT NOT NULL,
+                                 PRIMARY KEY (rule, name, address, probe_id, time));
+    CREATE INDEX address_checks_time ON address_checks (time);
+    CREATE INDEX address_checks_failures ON address_checks (result, side, time)
     """,
 ]
 
@@ -266,6 +281,7 @@ class Store:
         """
         pid, region, country = probe["id"], probe["region"], probe["country"]
         archive = []
+        checks: list[tuple[Any, ...]] = []
         latest: dict[tuple[str, ...], tuple[Any, ...]] = {}
         newest = 0.0
         controls = [m["control"].get("outcome") for m in measurements if isinstance(m.get("control"), dict)]
@@ -306,9 +322,11 @@ class Store:
                 t,
                 rule_kind_of(m),
                 *compliance_of(m),
+                reach_of(m),
             )
             if key not in latest or latest[key][7] <= t:
                 latest[key] = row
+            checks.extend((pid, country, *c) for c in address_checks_of(m, country, t))
         with self.tx() as cur:
             cur.execute(
                 self._sql(
@@ -340,13 +358,14 @@ class Store:
             cur.executemany(
                 self._sql(
                     "INSERT INTO latest (probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
-                    "finding, rule, latency_ms, answers, since, rule_kind, expected, effective, due) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "finding, rule, latency_ms, answers, since, rule_kind, expected, effective, due, reach) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT (probe_id, resolver, transport, qtype, domain) DO UPDATE SET "
                     "region = excluded.region, country = excluded.country, time = excluded.time, "
                     "outcome = excluded.outcome, finding = excluded.finding, rule = excluded.rule, "
                     "latency_ms = excluded.latency_ms, answers = excluded.answers, rule_kind = excluded.rule_kind, "
                     "expected = excluded.expected, effective = excluded.effective, due = excluded.due, "
+                    "reach = excluded.reach, "
                     "since = CASE WHEN COALESCE(latest.finding, '') = COALESCE(excluded.finding, '') "
                     "THEN latest.since ELSE excluded.since END "
                     "WHERE excluded.time >= latest.time"
@@ -354,6 +373,7 @@ class Store:
                 list(latest.values()),
             )
             self._record_leaks(cur, country, measurements)
+            self._store_checks(cur, checks)
             if newest:
                 cur.execute(
                     self._sql(
@@ -402,6 +422,19 @@ class Store:
             [(*k, t, late) for k, (t, late) in sorted(leaks.items())],
         )
 
+    def _store_checks(self, cur: Any, checks: list[tuple[Any, ...]]) -> None:
+        """Answer checks of ordered names, once each: a probe's cached check comes back with every
+        measurement of its name (each qtype, each resolver), at the time it was made."""
+        checks = list(dict.fromkeys(checks))
+        if checks:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO address_checks (probe_id, country, rule, side, name, address, time, status, result) "
+                    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (rule, name, address, probe_id, time) DO NOTHING"
+                ),
+                checks,
+            )
+
     def _new_keys(self, cur: Any, pid: str, since: float, keys: list[tuple[str, ...]]) -> int:
         """How many of a batch's series keys are not yet current for this probe (exact, slower path)."""
         existing: set[tuple[str, ...]] = set()
@@ -447,7 +480,7 @@ class Store:
             cur.execute(
                 self._sql(
                     "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
-                    "answers, since, rule_kind FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
+                    "answers, since, rule_kind, reach FROM latest WHERE time >= ? AND finding IN ('leak', 'overblock') "
                     "AND COALESCE(rule, '') <> 'canary' "
                     "ORDER BY finding, country, resolver, transport, domain, qtype"
                 ),
@@ -455,6 +488,57 @@ class Store:
             )
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    # reach (issue 16) ------------------------------------------------------------------
+    def reach_problems(self, since: float) -> list[dict[str, Any]]:
+        """Current series of names with an expectation whose answer a user could not use as the
+        site (reach http_451, blockpage, tls_error, unreachable): blockprobe_reach. Enforced series
+        are left out: a blocked name whose answer leads to a block page is the order working, and
+        an ISP with a block page no fingerprint knows would otherwise fill the cap on every group."""
+        marks = ", ".join("?" for _ in PROBLEM_REACH)
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT probe_id, region, country, resolver, transport, qtype, domain, finding, rule, reach "
+                    f"FROM latest WHERE reach IN ({marks}) AND time >= ? AND finding IS NOT NULL "
+                    "AND finding <> 'enforced' AND COALESCE(rule, '') <> 'canary'"
+                ),
+                (*PROBLEM_REACH, since),
+            )
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def reach_counts(self, since: float) -> list[tuple[Any, ...]]:
+        """(probe, region, country, resolver, transport, rule, finding, reach, series) over the current
+        series of names with an expectation; a series from before reach was kept counts as unchecked."""
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT probe_id, region, country, resolver, transport, rule, finding, "
+                    "COALESCE(reach, 'unchecked') AS r, count(*) FROM latest "
+                    "WHERE time >= ? AND finding IS NOT NULL AND COALESCE(rule, '') <> 'canary' "
+                    "GROUP BY probe_id, region, country, resolver, transport, rule, finding, r"
+                ),
+                (since,),
+            )
+            return [tuple(r) for r in cur.fetchall()]
+
+    def address_check_rows(self, since: float) -> list[tuple[Any, ...]]:
+        """Every check since `since` of an (order, name, address) that some probe in an ordering
+        country failed to connect to since then: (probe, country, side, order, name, address, time,
+        status, result). Only what could make an inference is read, so the cost follows what fails."""
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT c.probe_id, c.country, c.side, c.rule, c.name, c.address, c.time, c.status, c.result "
+                    "FROM (SELECT DISTINCT rule, name, address FROM address_checks "
+                    "WHERE result = 'connect_fail' AND side = 'inside' AND time >= ?) f "
+                    "JOIN address_checks c ON c.rule = f.rule AND c.name = f.name AND c.address = f.address "
+                    "AND c.time >= ?"
+                ),
+                (since, since),
+            )
+            return [tuple(r) for r in cur.fetchall()]
 
     def canaries(self, since: float) -> list[dict[str, Any]]:
         """Current canary series whose fate was not the expected one (or could not be told)."""
@@ -683,6 +767,7 @@ class Store:
             n = cur.rowcount
             cur.execute(self._sql("DELETE FROM batches WHERE received < ?"), (older_than,))
             cur.execute(self._sql("DELETE FROM compliance_history WHERE time < ?"), (older_than,))
+            cur.execute(self._sql("DELETE FROM address_checks WHERE time < ?"), (older_than,))
             return int(n)
 
     def close(self) -> None:

@@ -385,3 +385,84 @@ def test_orders_have_a_matrix_by_enforcement_share_and_a_timeline(server: Server
     ps = _text(section[: section.index('id="order-agcom-2026-1"')])
     assert "0 % 0/1 · 1 leaking · missed" in ps
     assert "deadline missed on 1 of 1" in ps, ps
+
+
+# --- what a user meets at a leak (issue 16) ---------------------------------------------------
+
+
+def _leak_rows(s: Server) -> dict[str, str]:
+    html = s.client.get("/").text
+    rows = [_text(r) for r in re.findall(r'<tr class="problem-row leak-row">(.*?)</tr>', html, re.S)]
+    return {r.split()[2]: r for r in rows}
+
+
+def test_a_leak_that_leads_nowhere_says_it_leaks_nothing(server: Server) -> None:  # noqa: F811
+    tokens = {p: server.token(p) for p in ("it-1", "it-2")}
+
+    def send(probe: str, ms: list[dict[str, Any]]) -> None:
+        body = batch(probe, ms)
+        assert post(server, tokens[probe], body).status_code == 200
+
+    send(
+        "it-1",
+        [
+            measurement("cdn.example", reach="http_451"),
+            measurement("dark.example", reach="unreachable"),
+            measurement("site.example", reach="reachable"),
+            measurement("split.example", reach="http_451"),
+            measurement("plain.example"),  # from a probe that does not check answers
+            measurement("cert.example", reach="tls_error"),
+        ],
+    )
+    send(
+        "it-2",
+        [measurement("split.example", reach="reachable"), measurement("cdn.example", reach="unreachable")],
+    )
+    rows = _leak_rows(server)
+    column = {name: row.split(" 93.184.216.34 ", 1)[1].split(" udp ", 1)[0] for name, row in rows.items()}
+    assert column == {
+        "cdn.example": "leaks nothing: HTTP 451 (Unavailable For Legal Reasons) from it-1; no connection from it-2",
+        "dark.example": "leaks nothing: no connection",
+        "site.example": "a proven leak: the site itself (a valid certificate)",
+        "split.example": "the site itself (a valid certificate) from it-2; HTTP 451 (Unavailable For Legal Reasons) from it-1",
+        "plain.example": "not checked",
+        "cert.example": "no valid certificate",
+    }
+    assert "what a user meets there" in server.client.get("/").text
+
+
+def test_the_evidence_page_lists_each_address_check(server: Server) -> None:  # noqa: F811
+    token = server.token("it-1")
+    checks = [
+        {
+            "name": "calcio.example",
+            "address": "93.184.216.34",
+            "status": "http_451",
+            "phase": None,
+            "cert_valid": True,
+            "cert": {"names": ["calcio.example", "*.calcio.example"], "issuer": "CN=Lab CA"},
+            "http_code": 451,
+            "time": "2026-12-01T10:00:00.000Z",
+            "cached": True,
+        },
+        {
+            "name": "calcio.example",
+            "address": "2001:db8::7",
+            "status": "refused",
+            "error": "connect: connection refused",
+        },
+        "not a check",
+        {"name": "calcio.example", "address": "192.0.2.1", "status": "invalid_cert", "cert": ["odd"]},
+    ]
+    leak = measurement("calcio.example", reach="http_451", evidence={"answer_checks": checks})
+    assert post(server, token, batch(measurements=[leak])).status_code == 200
+    html = server.client.get("/evidence", params=_series("udp://192.0.2.53")).text
+    rows = [_text(r) for r in re.findall(r"<tr><td>(.*?)</tr>", html[html.index('id="checks"') :], re.S)][:3]
+    assert rows == [
+        "answer 93.184.216.34 http_451 certificate for calcio.example, *.calcio.example from CN=Lab CA; HTTP 451 "
+        "2026-12-01T10:00:00.000Z (cached)",
+        "answer 2001:db8::7 refused connect: connection refused",
+        "answer 192.0.2.1 invalid_cert",
+    ]
+    assert "A user would meet" in html
+    assert "HTTP 451 Unavailable For Legal Reasons" in html
