@@ -85,6 +85,7 @@ class OrderIndex:
                 "authority": best.order.authority,
                 "pattern": str(best.pattern),
                 "orders": sorted({r.order.id for r in binding if r.order is not None}),
+                "jurisdictions": sorted(best.order.jurisdictions),
             }
             if best.order.effective is not None:
                 why["effective"] = format_instant(best.order.effective)
@@ -103,5 +104,13 @@ class OrderIndex:
             reason = f"the order does not address {operator or kind} resolvers"
         else:
             reason = "the order is not in force at this time"
-        why = {"list": order.id, "order": order.id, "pattern": str(best.pattern), "reason": reason}
+        why = {
+            "list": order.id,
+            "order": order.id,
+            "pattern": str(best.pattern),
+            "reason": reason,
+            # Structured, so the collector can tell probes inside the ordering country from probes
+            # outside (IP-level block inference) without reading the reason's words.
+            "jurisdictions": sorted(order.jurisdictions),
+        }
         return Expectation.RESOLVES, why
