@@ -320,6 +320,36 @@ LEAKS = _dashboard(
                 "`collector report --order ID --timeline`.",
             )
         ),
+        _panel(
+            7,
+            "table",
+            "What a user meets at the leaks (answer checks)",
+            [
+                (
+                    "sum by (list, country, resolver, transport, reach) (max by (probe, country, resolver, "
+                    f'transport, list, reach) (blockprobe_reach_domains{{{FILTER},finding="leak"{BY_ORDER}}}))',
+                    "",
+                )
+            ],
+            "none",
+            (0, 50, 12, 10),
+            instant=True,
+            description="Leaking name × qtype series by what their answer leads to: `reachable` is a proven "
+            "leak (a certificate valid for the name), `http_451` or `unreachable` leak nothing a user could "
+            "use, `unchecked` where a probe does not check answers.",
+        ),
+        _panel(
+            8,
+            "table",
+            "IP-level blocks (inferred by the collector)",
+            [(f'{ONE} (blockprobe_ip_block{{country=~"$country",order=~"$order"}})', "")],
+            "none",
+            (12, 50, 12, 10),
+            instant=True,
+            description="Addresses unreachable from probes in the ordering country while probes elsewhere "
+            "completed a TLS handshake valid for the name, within the collector's ip_block_window; the "
+            "status page names the probes on each side.",
+        ),
     ],
 )
 
