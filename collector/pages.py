@@ -175,6 +175,8 @@ class Pages:
                     "rows": shown,
                     "total": len(rows),
                     "series": sum(len(p.probes) * len(p.transports) for p in rows),
+                    # A column of "not checked" on every row (probes with `verify: off`) says nothing.
+                    "checked": any(set(p.reach) - {"unchecked"} for p in rows),
                 }
             )
         alerts, alerts_error = self._alerts()

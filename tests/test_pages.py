@@ -198,6 +198,9 @@ def test_status_page_leads_with_the_matrix_then_leaks_then_overblocks(server: Se
     evidence = re.search(r'href="(/evidence\?[^"]+)">why\?', html)
     assert evidence is not None
     assert server.client.get(unescape(evidence.group(1))).status_code == 200
+    # No probe here checks answers: no column of "not checked", one line that says so instead.
+    assert "what a user meets there" not in html
+    assert "no probe checked these answers at their addresses" in text
 
 
 def test_long_sections_are_paged(tmp_path: Path) -> None:
