@@ -43,7 +43,15 @@ from starlette.concurrency import run_in_threadpool
 
 from collector.store import Store
 
-__all__ = ["deadline_missed", "observe", "run_forever", "run_pass", "time_to_enforce", "verdict_words"]
+__all__ = [
+    "deadline_missed",
+    "enforcement_watched",
+    "observe",
+    "run_forever",
+    "run_pass",
+    "time_to_enforce",
+    "verdict_words",
+]
 
 log = logging.getLogger("collector.compliance")
 
@@ -92,6 +100,15 @@ def time_to_enforce(row: dict[str, Any]) -> float | None:
     if effective is None or first is None:
         return None
     return max(0.0, float(first) - float(effective))
+
+
+def enforcement_watched(row: dict[str, Any]) -> bool:
+    """Whether a leak was measured before enforcement was first seen: then the time to enforce is
+    known to within a measurement interval. Otherwise the names were already blocked when first
+    measured, and it is only an upper bound (a probe that started measuring months after the
+    order took effect would report months)."""
+    first, last_leak = row.get("first_enforced"), row.get("last_leak")
+    return first is not None and last_leak is not None and last_leak < first
 
 
 def verdict_words(row: dict[str, Any], now: float) -> str:

@@ -23,7 +23,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx2
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from collector.compliance import time_to_enforce, verdict_words
+from collector.compliance import enforcement_watched, time_to_enforce, verdict_words
 from collector.reach import ip_blocks
 from collector.store import Store
 
@@ -377,6 +377,7 @@ def _order_view(
             "names_leaking": r["names_leaking"],
             "verdict": verdict_words(r, now),
             "time_to_enforce": time_to_enforce(r),
+            "time_to_enforce_bound": not enforcement_watched(r),
         }
     enforced = sum(r["enforced"] for r in rows)
     leaking = sum(r["leaking"] for r in rows)
@@ -410,7 +411,11 @@ def _timeline_chart(
     if not history:
         return None
     first = float(history[0]["time"])
-    start = max(min(first, order["effective"] or first), now - TIMELINE_SPAN)
+    effective = order["effective"]
+    # From the order's effective instant when that leaves room for what was measured: an order
+    # that took effect months before its first measurement would squeeze the line to a sliver.
+    near = effective is not None and first - effective <= now - first
+    start = max(min(first, effective) if near else first, now - TIMELINE_SPAN)
     span = max(now - start, 1.0)
 
     def x(t: float) -> float:

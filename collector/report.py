@@ -8,7 +8,7 @@ import io
 import json
 from typing import Any
 
-from collector.compliance import deadline_missed, time_to_enforce, verdict_words
+from collector.compliance import deadline_missed, enforcement_watched, time_to_enforce, verdict_words
 from collector.reach import reach_of
 from collector.store import Store
 
@@ -142,6 +142,8 @@ def render_report(rows: list[dict[str, Any]], fmt: str) -> str:
 
 # The compliance timeline of one order (`collector report --order ID --timeline`) ----------------
 
+# The key's columns, then one change of its counts per CSV row.
+TIMELINE_KEY_FIELDS = 12
 TIMELINE_FIELDS = [
     "order",
     "country",
@@ -151,6 +153,7 @@ TIMELINE_FIELDS = [
     "due",
     "first_enforced",
     "time_to_enforce_seconds",
+    "time_to_enforce_is_bound",
     "deadline",
     "names_leaking",
     "last_pass",
@@ -198,6 +201,8 @@ def build_timeline(
                 "due": _iso_or_none(r["due"]),
                 "first_enforced": _iso_or_none(r["first_enforced"]),
                 "time_to_enforce_seconds": time_to_enforce(r),
+                # True: already blocked when first measured, so the figure is only an upper bound.
+                "time_to_enforce_is_bound": time_to_enforce(r) is not None and not enforcement_watched(r),
                 "deadline": verdict_words(r, now),
                 "deadline_missed": deadline_missed(r),
                 "names_leaking": r["names_leaking"],
@@ -221,7 +226,7 @@ def render_timeline(keys: list[dict[str, Any]], fmt: str) -> str:
         w = csv.DictWriter(out, TIMELINE_FIELDS, lineterminator="\r\n")
         w.writeheader()
         for k in keys:
-            base = {f: k.get(f) for f in TIMELINE_FIELDS[:11]}
+            base = {f: k.get(f) for f in TIMELINE_FIELDS[:TIMELINE_KEY_FIELDS]}
             for h in k["history"] or [{}]:
                 row = {
                     **base,
@@ -232,7 +237,7 @@ def render_timeline(keys: list[dict[str, Any]], fmt: str) -> str:
                 row["names_leaking_then"] = h.get("names_leaking")
                 w.writerow({f: cell(v) for f, v in row.items()})
         return out.getvalue()
-    head = TIMELINE_FIELDS[1:11]
+    head = TIMELINE_FIELDS[1:TIMELINE_KEY_FIELDS]
     summary = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_shown(k.get(f)))}</td>" for f in head) + "</tr>" for k in keys
     )

@@ -19,7 +19,14 @@ import pytest
 from click.testing import CliRunner
 
 from collector.cli import cli
-from collector.compliance import deadline_missed, observe, run_pass, time_to_enforce, verdict_words
+from collector.compliance import (
+    deadline_missed,
+    enforcement_watched,
+    observe,
+    run_pass,
+    time_to_enforce,
+    verdict_words,
+)
 from collector.config import CollectorConfigError, parse_collector_config
 from collector.store import MIGRATIONS, Store, compliance_of, open_store
 
@@ -608,6 +615,7 @@ def test_report_timeline_in_every_format(tmp_path: Path) -> None:
         "deadline": "missed",
     }
     assert (plain["deadline_missed"], plain["names_leaking"]) == (1, 0)
+    assert plain["time_to_enforce_is_bound"] is False  # seen leaking, then enforced: watched
     assert [(h["time"], h["enforced"], h["leaking"]) for h in plain["history"]] == [
         (iso(D + 61), 0, 1),
         (iso(D + 121), 1, 0),
@@ -626,3 +634,17 @@ def test_report_timeline_in_every_format(tmp_path: Path) -> None:
     out = runner.invoke(cli, ["report", "--config", str(config), "--timeline"])
     assert out.exit_code == 2
     assert "--timeline needs --order ID" in out.output
+
+
+def test_time_to_enforce_of_names_already_blocked_when_first_measured_is_a_bound(server: Server) -> None:
+    """A probe that starts measuring long after the order took effect finds the names blocked: the
+    figure (first measurement minus effective) is an upper bound, and the page says so."""
+    send(server, server.token("it-1"), seen("ps-9", "a.calcio.example", "enforced", D + 3000))
+    run_pass(server.store, 86400, now=D + 3001)
+    row = next(r for r in server.store.compliance(order="ps-9"))
+    assert time_to_enforce(row) == 4800
+    assert not enforcement_watched(row)
+    html = server.client.get("/").text
+    cell = html[html.index('id="order-ps-9"') :]
+    assert "≤ 1 h 20 min" in cell
+    assert "· in 1 h 20 min" not in cell
