@@ -147,7 +147,10 @@ class Rendered:
 
     While readers keep coming, a value up to 3 × `ttl` old is served at once and refreshed
     behind them, so a busy reader never waits for a render; after a quiet spell (a scrape
-    every 15 s) the reader waits for a fresh one rather than get the last scrape's numbers.
+    every 15 s) the reader waits for a fresh one rather than get the last scrape's numbers,
+    unless renders have grown slow: a value up to 3 × the last render's duration old is then
+    served as well, since waiting would cost the reader more than the value's age (a scrape
+    that waits for a 20 s render times out, and Prometheus would see no findings at all).
     `ttl` 0: a fresh render every time.
     """
 
@@ -156,6 +159,7 @@ class Rendered:
         self.make = make
         self.value: Any = None
         self.at = -math.inf
+        self.took = 0.0  # how long the last render took
         self.pending: asyncio.Future[Any] | None = None
 
     async def get(self) -> Any:
@@ -165,11 +169,17 @@ class Rendered:
         if self.value is not None and age < self.ttl:
             return self.value
         if self.pending is None:
-            self.pending = asyncio.ensure_future(run_in_threadpool(self.make))
+            self.pending = asyncio.ensure_future(run_in_threadpool(self._timed))
             self.pending.add_done_callback(self._done)
-        if self.value is not None and age < 3 * self.ttl:
+        if self.value is not None and age < 3 * max(self.ttl, self.took):
             return self.value
         return await asyncio.shield(self.pending)
+
+    def _timed(self) -> Any:
+        start = time.monotonic()
+        value = self.make()
+        self.took = time.monotonic() - start
+        return value
 
     def _done(self, fut: asyncio.Future[Any]) -> None:
         self.pending = None

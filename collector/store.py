@@ -101,6 +101,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX address_checks_time ON address_checks (time);
     CREATE INDEX address_checks_failures ON address_checks (result, side, time)
     """,
+    # 7: the per-domain series are capped in the database (Store.capped_problems): each group's
+    # first names in order straight from this index, so a 45,000-name mass leak costs a render
+    # the cap's rows per group, not every leaking row (bench/collector_scale.py).
+    "CREATE INDEX latest_problems ON latest (finding, probe_id, resolver, transport, rule, domain, qtype)",
 ]
 
 # Keys of an evidence row that the collector sets: a measurement's own keys never override them.
@@ -488,6 +492,41 @@ class Store:
             )
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def capped_problems(
+        self, since: float, groups: Sequence[Sequence[Any]], per_group: int
+    ) -> list[dict[str, Any]]:
+        """The first `per_group` current rows by (domain, qtype) of each group, a group being
+        (probe, region, country, resolver, transport, rule, finding) as `counts` gives it: the
+        per-domain series of CONTRACTS.md section 5, read through the latest_problems index so
+        that a group's cost is its cap, however many names it holds."""
+        out: list[dict[str, Any]] = []
+        with self.tx() as cur:
+            for probe, region, country, resolver, transport, rule, finding in groups:
+                # `rule = NULL` matches nothing; IS NULL keeps the index's order as well.
+                by_rule = "rule IS NULL" if rule is None else "rule = ?"
+                cur.execute(
+                    self._sql(
+                        "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
+                        "finding, rule, answers, since, rule_kind, reach FROM latest "
+                        f"WHERE finding = ? AND probe_id = ? AND resolver = ? AND transport = ? AND {by_rule} "
+                        "AND region = ? AND country = ? AND time >= ? ORDER BY domain, qtype LIMIT ?"
+                    ),
+                    (
+                        finding,
+                        probe,
+                        resolver,
+                        transport,
+                        *(() if rule is None else (rule,)),
+                        region,
+                        country,
+                        since,
+                        per_group,
+                    ),
+                )
+                cols = [d[0] for d in cur.description]
+                out.extend(dict(zip(cols, r, strict=True)) for r in cur.fetchall())
+        return out
 
     # reach (issue 16) ------------------------------------------------------------------
     def reach_problems(self, since: float) -> list[dict[str, Any]]:

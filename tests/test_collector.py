@@ -6,6 +6,7 @@ asserted by value from scrapes.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import threading
@@ -18,9 +19,10 @@ from typing import Any
 import httpx2
 import pytest
 
-from collector.app import create_app
+from collector.app import Rendered, create_app
 from collector.auth import hash_token, new_token
 from collector.config import parse_collector_config
+from collector.metrics import _capped, cap_problems
 from collector.server import CollectorServer, server_config
 from collector.store import Store, open_store
 
@@ -414,3 +416,89 @@ def test_an_older_database_moves_to_batch_ids_per_probe_keeping_its_batches(tmp_
         assert store.ingest(other, "batch-0001", [measurement()], time.time()).new  # another probe's own id
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_database_caps_per_domain_series_as_the_contract_says(
+    backend: str,
+    tmp_path: Path,
+    postgres: TempPostgres | None,
+) -> None:
+    """The capped read (`Store.capped_problems` through the latest_problems index) keeps exactly
+    what capping every problem row in Python keeps, and leaves out as many per group."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    else:
+        if postgres is None:
+            pytest.skip("PostgreSQL is not installed (make test installs it)")
+        url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
+    store = open_store(url)
+    try:
+        ms = [
+            measurement(f"n{i:02d}.pirate.example", qtype=q, transport=t)
+            for i in range(7)
+            for q in ("A", "AAAA")
+            for t in ("udp", "doh")
+        ]
+        ms += [
+            measurement(
+                f"c{i}.example",
+                "overblock",
+                expected="resolves",
+                expected_by={"list": "ctl"},
+                outcome="nxdomain",
+                blocked=True,
+            )
+            for i in range(4)
+        ]
+        ms += [
+            measurement(
+                f"u{i}.example",
+                "overblock",
+                expected="resolves",
+                expected_by=None,
+                outcome="nxdomain",
+                blocked=True,
+            )
+            for i in range(3)
+        ]  # no rule at all
+        ms += [measurement("canary.example", expected_by={"canary": "resolves"})]
+        store.ingest({"id": "it-1", "region": "r", "country": "IT"}, "b-1", ms, received=time.time())
+        store.ingest({"id": "it-2", "region": "r2", "country": "IT"}, "b-2", ms[:5], received=time.time())
+        since = time.time() - 3600
+        expected = cap_problems(store.problems(since), 3)
+        got = _capped(store, since, store.counts(since), 3)
+
+        def key(p: dict[str, Any]) -> tuple[str, ...]:
+            return (p["probe_id"], p["finding"], p["transport"], str(p["rule"]), p["domain"], p["qtype"])
+
+        assert sorted(got[0], key=key) == sorted(expected[0], key=key)
+        assert got[1] == expected[1]
+        assert len(got[0]) == 12 + 5  # it-1: four groups of 3 (the canary is none); it-2: 3 + 2
+        assert got[1][("it-1", "r", "IT", "udp://192.0.2.53", "udp", "agcom-1", "leak")] == 14 - 3
+    finally:
+        store.close()
+
+
+def test_a_slow_render_is_served_stale_rather_than_waited_for() -> None:
+    """Once renders take long (a mass leak on SQLite), a reader after a quiet spell gets the last
+    value at once and the refresh runs behind it: a scrape must not wait out a render."""
+    calls = []
+
+    def make() -> int:
+        calls.append(time.monotonic())
+        time.sleep(0.4)
+        return len(calls)
+
+    async def scenario() -> tuple[int, int, bool, int]:
+        cache = Rendered(0.05, make)
+        first = await cache.get()  # nothing yet: waits for the render
+        await asyncio.sleep(0.3)  # older than 3 × ttl, younger than 3 × the render's 0.4 s
+        second = await cache.get()
+        refreshing = cache.pending is not None
+        assert cache.pending is not None
+        third = await asyncio.shield(cache.pending)
+        return first, second, refreshing, third
+
+    first, second, refreshing, third = asyncio.run(scenario())
+    assert (first, second, refreshing, third) == (1, 1, True, 2)
