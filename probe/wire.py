@@ -224,7 +224,9 @@ def parse_ede(option: dns.edns.Option) -> Ede:
     return Ede(code, text, structured)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once built: one is built per response, and a frozen
+# dataclass's __init__ pays object.__setattr__ per field.
+@dataclass(slots=True)
 class Parsed:
     """What a response says, reduced to what classification needs."""
 
