@@ -246,23 +246,6 @@ class Engine:
             ex.witness = query  # a question this endpoint answers: the witness for later silences
         return result
 
-    async def _query_job(self, job: _Job, exchanger: Exchanger | None) -> Exchange:
-        """`query` for a job: the same steps, with the endpoint's limiter and exchanger kept on its site."""
-        site = job.site
-        if not site.paced:
-            site.limiter, site.paced = self._limiter(site.endpoint), True
-        if site.limiter is not None:
-            await site.limiter.acquire()
-        query = build_query(job.domain, job.qtype, site.encrypted)
-        if exchanger is None:
-            exchanger = site.exchanger
-            if exchanger is None:
-                exchanger = site.exchanger = self.exchanger(site.endpoint)
-        result = await exchanger.exchange(query)
-        if result.response is not None:
-            exchanger.witness = query  # a question this endpoint answers: the witness for later silences
-        return result
-
     async def _pool(self, jobs: Iterator[Any], work: Callable[[Any], Awaitable[None]]) -> None:
         async def worker() -> None:
             for job in jobs:  # a shared iterator: each job is taken by exactly one worker
@@ -365,8 +348,21 @@ class Engine:
             await asyncio.gather(*list(finishing))
 
     async def _ask(self, job: _Job, number: int, exchanger: Exchanger | None) -> Exchange:
+        # `query`'s steps, with the endpoint's limiter and exchanger kept on its site.
+        site = job.site
         try:
-            ex = await self._query_job(job, exchanger)
+            if not site.paced:
+                site.limiter, site.paced = self._limiter(site.endpoint), True
+            if site.limiter is not None:
+                await site.limiter.acquire()
+            query = build_query(job.domain, job.qtype, site.encrypted)
+            if exchanger is None:
+                exchanger = site.exchanger
+                if exchanger is None:
+                    exchanger = site.exchanger = self.exchanger(site.endpoint)
+            ex = await exchanger.exchange(query)
+            if ex.response is not None:
+                exchanger.witness = query  # a question this endpoint answers: the witness for later silences
         except Exception as exc:
             log.exception("query failed inside the probe")
             self.stats.internal_errors += 1
