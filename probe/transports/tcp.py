@@ -14,6 +14,7 @@ import asyncio
 import ssl
 import struct
 import time
+from functools import partial
 from typing import Any
 
 from probe.specs import Endpoint
@@ -132,7 +133,7 @@ class StreamExchanger(RetryAlone):
     async def _once(self, query: bytes, deadline: float, evidence: dict[str, Any], shared: bool) -> Exchange:
         try:
             if shared:
-                conn = await self._shared.get(deadline, evidence)
+                conn = self._shared.live() or await self._shared.get(deadline, evidence)
             else:
                 conn = await self._shared.private(deadline, evidence)
         except Broken as exc:
@@ -171,7 +172,7 @@ class StreamExchanger(RetryAlone):
                 item.future,
                 deadline,
                 witness_step(
-                    deadline, self.witness_after, lambda: self._send_witness(conn, item.stamp, deadline)
+                    deadline, self.witness_after, partial(self._send_witness, conn, item.stamp, deadline)
                 )
                 if witness
                 else (),
