@@ -627,7 +627,8 @@ class Engine:
                 Observation(job.domain, job.qtype, job.endpoint.transport, None, failed.failure),
                 self.fingerprints,
             )
-        evidence = {k: v for k, v in ex.evidence.items() if k != "late"}
+        evidence = dict(ex.evidence)
+        evidence.pop("late", None)  # judged into `late_answers`
         evidence.update(j.evidence)
         verdict = j.verdict
         self.stats.done += 1
