@@ -20,7 +20,7 @@ from typing import Any
 from probe.specs import Endpoint
 from probe.transports._conn import Opening, RetryAlone, SharedConnection
 from probe.transports._errors import Broken, error, failure_from, timeout
-from probe.transports._wait import Channel, Flights, await_reply, witness_step
+from probe.transports._wait import Channel, Flights, Timer, witness_step
 from probe.transports.base import Exchange, Options, Phase
 from probe.wire import question_of, random_id, reply_problem, set_id
 
@@ -167,16 +167,17 @@ class StreamExchanger(RetryAlone):
     ) -> Exchange:
         loop = asyncio.get_running_loop()
         sent = time.perf_counter()
-        try:
-            data = await await_reply(
-                item.future,
-                deadline,
-                witness_step(
-                    deadline, self.witness_after, partial(self._send_witness, conn, item.stamp, deadline)
-                )
-                if witness
-                else (),
+        timer = Timer(  # await_reply, one coroutine layer less
+            item.future,
+            deadline,
+            witness_step(
+                deadline, self.witness_after, partial(self._send_witness, conn, item.stamp, deadline)
             )
+            if witness
+            else (),
+        )
+        try:
+            data = await item.future
         except Broken as exc:
             conn.pending.pop(item.qid, None)
             return Exchange(None, exc.failure, evidence=evidence, channel=conn.channel.name)
@@ -192,6 +193,8 @@ class StreamExchanger(RetryAlone):
                 overtaken=conn.channel.overtook(item.stamp),
                 late=item.future,
             )
+        finally:
+            timer.cancel()
         conn.pending.pop(item.qid, None)
         return Exchange(data, None, (time.perf_counter() - sent) * 1000, evidence, channel=conn.channel.name)
 

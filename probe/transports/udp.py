@@ -23,7 +23,7 @@ from typing import Any
 
 from probe.specs import Endpoint
 from probe.transports._errors import failure_from, timeout
-from probe.transports._wait import Channel, await_reply
+from probe.transports._wait import Channel, Timer
 from probe.transports.base import Exchange, Loss, Options, Phase
 from probe.transports.tcp import TcpExchanger
 from probe.wire import question_of, random_id, reply_problem, set_id
@@ -271,8 +271,9 @@ class UdpExchanger:
             # A quarter of an interval after the last send, a witness follows a query that
             # nothing sent after it has overtaken yet.
             steps.append((start + step * (sends - 1) + step * self.witness_after, entry.witness))
+        timer = Timer(entry.future, deadline, steps)  # await_reply, one coroutine layer less
         try:
-            data = await await_reply(entry.future, deadline, steps)
+            data = await entry.future
         except TimeoutError:
             # Keep listening under this ID: a response after the deadline is evidence too.
             entry.expired = True
@@ -290,6 +291,8 @@ class UdpExchanger:
             del sock.pending[qid]
             failure = failure_from(exc, Phase.DNS_ROUND_TRIP)
             return Exchange(None, failure, evidence=_ignored(entry), sends=entry.sends, channel=channel.name)
+        finally:
+            timer.cancel()
         self.loss.add(entry.sends)
         latency = (time.perf_counter() - entry.sent) * 1000
         evidence = _ignored(entry)
