@@ -16,7 +16,7 @@ import dns.exception
 from probe.fingerprints import Fingerprints, IPAddress
 from probe.model import POLICY_EDE, Ede, Outcome
 from probe.transports.base import Failure, FailureKind
-from probe.wire import parse_response
+from probe.wire import Parsed, parse_response
 
 __all__ = ["ControlResult", "Verdict", "is_special_use", "sinkhole_of", "verdict_of"]
 
@@ -78,7 +78,9 @@ def _sinkhole_reason(address: str, public_name: bool, fingerprints: Fingerprints
     return None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once built: one is built per measurement, and a frozen
+# dataclass's __init__ pays object.__setattr__ per field.
+@dataclass(slots=True)
 class Verdict:
     """What one response says, before any expectation: outcome and its evidence."""
 
@@ -121,6 +123,16 @@ class ControlResult:
         return self.verdict.outcome in (Outcome.TIMEOUT, Outcome.ERROR, Outcome.SERVFAIL, Outcome.REFUSED)
 
 
+def _verdict(
+    p: Parsed,
+    evidence: dict[str, Any],
+    outcome: Outcome,
+    sinkhole: dict[str, str] | None = None,
+    error: str | None = None,
+) -> Verdict:
+    return Verdict(outcome, p.rcode, p.ede, p.answers, p.cname, sinkhole, error, p.nsid, evidence)
+
+
 def verdict_of(  # noqa: C901 - the verdict rules of CONTRACTS.md section 3, in their order
     response: bytes | None,
     failure: Failure | None,
@@ -147,35 +159,33 @@ def verdict_of(  # noqa: C901 - the verdict rules of CONTRACTS.md section 3, in 
             evidence={"phase": "dns_round_trip"},
         )
     evidence: dict[str, Any] = {}
-
-    def v(outcome: Outcome, sinkhole: dict[str, str] | None = None, error: str | None = None) -> Verdict:
-        return Verdict(outcome, p.rcode, p.ede, p.answers, p.cname, sinkhole, error, p.nsid, evidence)
-
     if any(e.code in POLICY_EDE for e in p.ede):
-        return v(Outcome.EDE_BLOCKED)
+        return _verdict(p, evidence, Outcome.EDE_BLOCKED)
     negative = p.rcode in _RCODE_OUTCOMES or (p.rcode == "NOERROR" and not p.answers)
     if ede18_name_specific and negative and any(e.code == PROHIBITED for e in p.ede):
         evidence["ede18_name_specific"] = True
-        return v(Outcome.EDE_BLOCKED)
+        return _verdict(p, evidence, Outcome.EDE_BLOCKED)
     public = not is_special_use(qname)
     if p.addresses:
         holes = [sinkhole_of(a, public, fingerprints) for a in p.addresses]
         if all(holes):
-            return v(Outcome.SINKHOLE, sinkhole=holes[0])
+            return _verdict(p, evidence, Outcome.SINKHOLE, sinkhole=holes[0])
     for target in p.cname:
         fp = fingerprints.name(target)
         if fp is not None:
-            return v(Outcome.SINKHOLE, sinkhole={"match": target, "source": fp.describe()})
+            return _verdict(
+                p, evidence, Outcome.SINKHOLE, sinkhole={"match": target, "source": fp.describe()}
+            )
     if p.rcode in _RCODE_OUTCOMES:
         if p.rcode == "NXDOMAIN" and not p.authority_soa:
             # A real NXDOMAIN proves itself with the zone's SOA; Quad9's blocks carry none.
             evidence["nxdomain_without_soa"] = True
             if not p.ra:
                 evidence["ra_cleared"] = True
-        return v(_RCODE_OUTCOMES[p.rcode])
+        return _verdict(p, evidence, _RCODE_OUTCOMES[p.rcode])
     if p.rcode != "NOERROR":
         evidence["phase"] = "dns_round_trip"
-        return v(Outcome.ERROR, error=f"unexpected rcode {p.rcode}")
+        return _verdict(p, evidence, Outcome.ERROR, error=f"unexpected rcode {p.rcode}")
     if not p.answers:
-        return v(Outcome.NODATA)
-    return v(Outcome.RESOLVED)
+        return _verdict(p, evidence, Outcome.NODATA)
+    return _verdict(p, evidence, Outcome.RESOLVED)

@@ -111,12 +111,29 @@ class RateLimiter:
             await asyncio.sleep(slot - now)
 
 
+class _Site:
+    """One endpoint's state in a run, looked up once per job instead of hashing the endpoint
+    for every dict a measurement touches."""
+
+    __slots__ = ("encrypted", "endpoint", "exchanger", "limiter", "name", "paced", "plain_answers")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.name = str(endpoint)
+        self.encrypted = endpoint.transport in _ENCRYPTED
+        self.plain_answers = 0  # responses without EDE 18: the rule for a name-specific 18
+        self.exchanger: Exchanger | None = None  # the engine's, once the first query asked for it
+        self.limiter: RateLimiter | None = None
+        self.paced = False  # `limiter` has been looked up
+
+
 @dataclass(slots=True)
 class _Job:
     domain: str
     qtype: str
     resolver: Resolver
     endpoint: Endpoint
+    site: _Site
     canary: Expectation | None = None
     sent_at: str = ""
     first_sent: float = 0.0  # loop time of the first send, for the confirmation's delay
@@ -136,10 +153,15 @@ class _Run:
     identities: asyncio.Future[dict[Endpoint, Identity]] | None = None
     canary_failures: dict[Endpoint, str] = field(default_factory=dict)
     loss: dict[Endpoint, Loss] = field(default_factory=dict)
-    # Per endpoint, responses without and with EDE 18: the rule for a name-specific 18.
-    plain_answers: dict[Endpoint, int] = field(default_factory=dict)
+    sites: dict[Endpoint, _Site] = field(default_factory=dict)
     held: list[_Job] = field(default_factory=list)
     to_check: list[_Job] = field(default_factory=list)
+
+    def site(self, endpoint: Endpoint) -> _Site:
+        site = self.sites.get(endpoint)
+        if site is None:
+            site = self.sites[endpoint] = _Site(endpoint)
+        return site
 
 
 @dataclass(slots=True)
@@ -203,15 +225,18 @@ class Engine:
             ex = self._exchangers[endpoint] = make_exchanger(endpoint, self.options)
         return ex
 
+    def _limiter(self, endpoint: Endpoint) -> RateLimiter | None:
+        if endpoint in self._limiters:
+            return self._limiters[endpoint]
+        qps = endpoint.qps or self.default_qps
+        limiter = self._limiters[endpoint] = RateLimiter(qps) if qps else None
+        return limiter
+
     async def query(
         self, endpoint: Endpoint, domain: str, qtype: str, exchanger: Exchanger | None = None
     ) -> Exchange:
         """One query through the endpoint's exchanger (or the one given), after its rate limit."""
-        if endpoint in self._limiters:
-            limiter = self._limiters[endpoint]
-        else:
-            qps = endpoint.qps or self.default_qps
-            limiter = self._limiters[endpoint] = RateLimiter(qps) if qps else None
+        limiter = self._limiter(endpoint)
         if limiter is not None:
             await limiter.acquire()
         query = build_query(domain, qtype, endpoint.transport in _ENCRYPTED)
@@ -231,13 +256,14 @@ class Engine:
     async def run(self, plan: Plan) -> AsyncIterator[Measurement]:
         """Measure the plan; measurements come out as they are judged, silences last."""
         queue: asyncio.Queue[Measurement | None] = asyncio.Queue(self.queue_size)
-        producer = asyncio.ensure_future(self._produce(plan, queue.put))
+        producer = asyncio.ensure_future(self._produce(plan, _Outlet(queue)))
         closers: list[asyncio.Future[None]] = []
         # The end-of-run mark is queued once the producer is done, however it ended; it waits
         # for room like any measurement, so a full queue cannot lose it or block the producer.
         producer.add_done_callback(lambda _f: closers.append(asyncio.ensure_future(queue.put(None))))
         try:
-            while (item := await queue.get()) is not None:
+            # What is queued already is taken without a coroutine per measurement.
+            while (item := queue.get_nowait() if queue.qsize() else await queue.get()) is not None:
                 yield item
             await producer  # its exception, if it had one
         finally:
@@ -251,7 +277,7 @@ class Engine:
     async def collect(self, plan: Plan) -> list[Measurement]:
         return [m async for m in self.run(plan)]
 
-    async def _produce(self, plan: Plan, emit: Callable[[Measurement], Awaitable[None]]) -> None:
+    async def _produce(self, plan: Plan, emit: _Outlet) -> None:
         self.stats.planned += plan.size
         run = _Run(plan)
         try:
@@ -259,15 +285,11 @@ class Engine:
                 run.identities = asyncio.ensure_future(self.identities(plan))
             if plan.canaries:
                 canaries: list[Measurement] = []
-
-                async def keep(m: Measurement) -> None:
-                    canaries.append(m)
-                    await emit(m)
-
-                await self._first_pass(self._canary_jobs(plan), run, keep, hold=False)
+                keep = _Outlet(emit.queue, canaries)
+                await self._first_pass(self._canary_jobs(plan, run), run, keep, hold=False)
                 by_name = {str(ep): ep for r in plan.resolvers for ep in r.endpoints}
                 run.canary_failures = {by_name[e]: why for e, why in _canary_failures(canaries).items()}
-            await self._first_pass(self._jobs(plan), run, emit, hold=True)
+            await self._first_pass(self._jobs(plan, run), run, emit, hold=True)
             await self._confirm(run)
             for job in run.held:
                 if self._wants_check(job):
@@ -285,18 +307,19 @@ class Engine:
         self,
         jobs: Iterator[_Job],
         run: _Run,
-        emit: Callable[[Measurement], Awaitable[None]],
+        emit: _Outlet,
         hold: bool,
     ) -> None:
         """Phase 3 (or 2): every job once; what needs the whole run is held, the rest emitted."""
         finishing: set[asyncio.Future[None]] = set()
+        loop = asyncio.get_running_loop()
 
         async def finish(job: _Job) -> None:
             await emit(await self._measure(job, run))
 
         async def work(job: _Job) -> None:
             job.sent_at = _now()
-            job.first_sent = asyncio.get_running_loop().time()
+            job.first_sent = loop.time()
             # What is expected is fixed when the query leaves (CONTRACTS.md section 4: "at time T"),
             # not when a held measurement is judged at the end of the run.
             if job.canary is not None:
@@ -304,7 +327,7 @@ class Engine:
             else:
                 job.expected, job.expected_by = run.plan.expect(job.domain, job.resolver)
             ex = await self._ask(job, 1, None)
-            if hold and (ex.response is None or self._needs_run(job, ex, run)):
+            if hold and (ex.response is None or self._needs_run(job, ex)):
                 run.held.append(job)
             elif hold and self._wants_check(job):
                 run.to_check.append(job)
@@ -313,15 +336,33 @@ class Engine:
                 finishing.add(task)
                 task.add_done_callback(finishing.discard)
             else:
-                await finish(job)
+                # Judged at once when nothing it depends on is still on its way (the common case).
+                m = self._measure_now(job, run)
+                if m is None:
+                    m = await self._measure(job, run)
+                if not emit.now(m):
+                    await emit(m)
 
         await self._pool(jobs, work)
         while finishing:
             await asyncio.gather(*list(finishing))
 
     async def _ask(self, job: _Job, number: int, exchanger: Exchanger | None) -> Exchange:
+        # `query`'s steps, with the endpoint's limiter and exchanger kept on its site.
+        site = job.site
         try:
-            ex = await self.query(job.endpoint, job.domain, job.qtype, exchanger)
+            if not site.paced:
+                site.limiter, site.paced = self._limiter(site.endpoint), True
+            if site.limiter is not None:
+                await site.limiter.acquire()
+            query = build_query(job.domain, job.qtype, site.encrypted)
+            if exchanger is None:
+                exchanger = site.exchanger
+                if exchanger is None:
+                    exchanger = site.exchanger = self.exchanger(site.endpoint)
+            ex = await exchanger.exchange(query)
+            if ex.response is not None:
+                exchanger.witness = query  # a question this endpoint answers: the witness for later silences
         except Exception as exc:
             log.exception("query failed inside the probe")
             self.stats.internal_errors += 1
@@ -343,7 +384,7 @@ class Engine:
         verdict = verdict_of(ex.response, None, job.domain, job.qtype, self.fingerprints)
         return verdict.outcome is Outcome.RESOLVED
 
-    async def _check_answers(self, run: _Run, emit: Callable[[Measurement], Awaitable[None]]) -> None:
+    async def _check_answers(self, run: _Run, emit: _Outlet) -> None:
         """Phase 6: check each held answer's addresses (the checker paces and caches), judge, emit."""
         checker = self.checker
         if checker is None or not run.to_check:
@@ -369,7 +410,7 @@ class Engine:
 
         await self._pool(iter(run.to_check), work)
 
-    def _needs_run(self, job: _Job, ex: Exchange, run: _Run) -> bool:
+    def _needs_run(self, job: _Job, ex: Exchange) -> bool:
         """Whether the response's judgement depends on the rest of the run (an EDE 18)."""
         assert ex.response is not None
         # An EDE 18 option holds the bytes 00 0f ... 00 12; without them nothing to parse twice.
@@ -380,7 +421,7 @@ class Engine:
                 return False  # malformed: judged as such, nothing to wait for
             if any(e.code == PROHIBITED for e in ede):
                 return True
-        run.plain_answers[job.endpoint] = run.plain_answers.get(job.endpoint, 0) + 1
+        job.site.plain_answers += 1
         return False
 
     async def _confirm(self, run: _Run) -> None:
@@ -421,7 +462,7 @@ class Engine:
                     await asyncio.sleep(wait)
             ex = await self._ask(job, 2, fresh[job.endpoint])
             if ex.response is not None:
-                self._needs_run(job, ex, run)
+                self._needs_run(job, ex)
 
         try:
             await self._pool(iter(reversed(silent)), work)
@@ -478,25 +519,26 @@ class Engine:
         return out
 
     @staticmethod
-    def _canary_jobs(plan: Plan) -> Iterator[_Job]:
+    def _canary_jobs(plan: Plan, run: _Run) -> Iterator[_Job]:
         for canary in plan.canaries:
             for resolver in plan.resolvers:
                 for endpoint in resolver.endpoints:
-                    yield _Job(canary.name, "A", resolver, endpoint, canary.expect)
+                    yield _Job(canary.name, "A", resolver, endpoint, run.site(endpoint), canary.expect)
 
     @staticmethod
-    def _jobs(plan: Plan) -> Iterator[_Job]:
+    def _jobs(plan: Plan, run: _Run) -> Iterator[_Job]:
         if plan.targets is not None:
             for domain, resolver, endpoint in plan.targets:
+                site = run.site(endpoint)
                 for qtype in plan.qtypes:
-                    yield _Job(domain, qtype, resolver, endpoint)
+                    yield _Job(domain, qtype, resolver, endpoint, site)
             return
         # Endpoints vary fastest, so consecutive jobs spread across rate limiters.
+        pairs = [(r, ep, run.site(ep)) for r in plan.resolvers for ep in r.endpoints]
         for domain in plan.domains:
             for qtype in plan.qtypes:
-                for resolver in plan.resolvers:
-                    for endpoint in resolver.endpoints:
-                        yield _Job(domain, qtype, resolver, endpoint)
+                for resolver, endpoint, site in pairs:
+                    yield _Job(domain, qtype, resolver, endpoint, site)
 
     async def _measure(
         self,
@@ -509,21 +551,49 @@ class Engine:
         assert ex is not None
         if ex.settled is not None:
             await ex.settled  # racing answers are still being collected (UDP linger)
-        if ex.response is None:
-            for number, late in job.lates:
-                if late.done() and not late.cancelled():
-                    # Answered after its deadline (a recursor's SERVFAIL once its upstream gave
-                    # up): the resolver did answer, so this was no silence. Judge the answer.
-                    ex = job.exchange = Exchange(
-                        late.result(), None, None, {**ex.evidence, "late_response": {"pass": number}}
-                    )
-                    break
+        _take_late(job)
         control = None
         if job.canary is None and run.plan.controls:
             control = await self._control(run, job.domain, job.qtype)
         identity = None
         if run.identities is not None:
-            identity = (await run.identities).get(job.endpoint)
+            identities = await run.identities
+            identity = identities.get(job.endpoint) if identities else None
+        return self._judged(job, run, control, identity, checked)
+
+    def _measure_now(self, job: _Job, run: _Run) -> Measurement | None:
+        """`_measure` without waiting: None when something it needs is still on its way."""
+        ex = job.exchange
+        assert ex is not None
+        if ex.settled is not None:
+            if not ex.settled.done():
+                return None
+            ex.settled.result()
+        _take_late(job)
+        control = None
+        if job.canary is None and run.plan.controls:
+            fut = self._control(run, job.domain, job.qtype)
+            if not fut.done():
+                return None
+            control = fut.result()
+        identity = None
+        if run.identities is not None:
+            if not run.identities.done():
+                return None
+            identities = run.identities.result()
+            identity = identities.get(job.endpoint) if identities else None
+        return self._judged(job, run, control, identity, None)
+
+    def _judged(
+        self,
+        job: _Job,
+        run: _Run,
+        control: ControlResult | None,
+        identity: Identity | None,
+        checked: tuple[tuple[AddressCheck, ...], tuple[AddressCheck, ...], bool] | None,
+    ) -> Measurement:
+        ex = job.exchange
+        assert ex is not None
         expected, why = job.expected, job.expected_by
         obs = Observation(
             domain=job.domain,
@@ -532,15 +602,15 @@ class Engine:
             response=ex.response,
             failure=ex.failure,
             attempts=tuple(job.attempts),
-            loss=getattr(self._exchangers.get(job.endpoint), "loss", None),
-            ede18_name_specific=run.plain_answers.get(job.endpoint, 0) > 0,
+            loss=getattr(job.site.exchanger or self._exchangers.get(job.endpoint), "loss", None),
+            ede18_name_specific=job.site.plain_answers > 0,
             control=control,
             expected=expected,
             expected_by=why,
             canary=job.canary is not None,
             identity=identity,
             operator=job.resolver.operator,
-            canary_failure=run.canary_failures.get(job.endpoint),
+            canary_failure=run.canary_failures.get(job.endpoint) if run.canary_failures else None,
             late=tuple(ex.evidence.get("late", ())),
             checks=None if checked is None else checked[0],
             control_checks=() if checked is None else checked[1],
@@ -557,7 +627,8 @@ class Engine:
                 Observation(job.domain, job.qtype, job.endpoint.transport, None, failed.failure),
                 self.fingerprints,
             )
-        evidence = {k: v for k, v in ex.evidence.items() if k != "late"}
+        evidence = dict(ex.evidence)
+        evidence.pop("late", None)  # judged into `late_answers`
         evidence.update(j.evidence)
         verdict = j.verdict
         self.stats.done += 1
@@ -581,13 +652,39 @@ class Engine:
             time=job.sent_at,
             error=verdict.error,
             wire=ex.response,
-            endpoint=str(job.endpoint),
+            endpoint=job.site.name,
             kind=job.resolver.kind,
             operator=job.resolver.operator,
             evidence=evidence,
             intercepted=j.intercepted,
             reach=str(j.reach),
         )
+
+
+class _Outlet:
+    """Where measurements leave: the run's bounded queue, taken at once while it has room."""
+
+    __slots__ = ("kept", "queue")
+
+    def __init__(
+        self, queue: asyncio.Queue[Measurement | None], kept: list[Measurement] | None = None
+    ) -> None:
+        self.queue = queue
+        self.kept = kept  # the canaries' measurements, which the run reads again
+
+    def now(self, m: Measurement) -> bool:
+        """Queue `m` without waiting, if there is room; False (and nothing done) otherwise."""
+        if self.queue.full():
+            return False
+        if self.kept is not None:
+            self.kept.append(m)
+        self.queue.put_nowait(m)
+        return True
+
+    async def __call__(self, m: Measurement) -> None:
+        if self.kept is not None:
+            self.kept.append(m)
+        await self.queue.put(m)
 
 
 def _canary_failures(measurements: Sequence[Measurement]) -> dict[str, str]:
@@ -605,6 +702,20 @@ def _canary_failures(measurements: Sequence[Measurement]) -> dict[str, str]:
                 failures[endpoint] = f"canary {m.domain} should resolve but got {m.outcome}"
                 break
     return failures
+
+
+def _take_late(job: _Job) -> None:
+    """A silence answered after its deadline (a recursor's SERVFAIL once its upstream gave up):
+    the resolver did answer, so this was no silence; the answer is judged instead."""
+    ex = job.exchange
+    assert ex is not None
+    if ex.response is None:
+        for number, late in job.lates:
+            if late.done() and not late.cancelled():
+                job.exchange = Exchange(
+                    late.result(), None, None, {**ex.evidence, "late_response": {"pass": number}}
+                )
+                break
 
 
 def _final(failure: Failure | None) -> bool:

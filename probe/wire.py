@@ -154,7 +154,18 @@ def reply_problem(msg: bytes, qid: int, question: bytes) -> str | None:
     CONTRACTS.md section 3: QR=1, opcode QUERY, the query's ID and its question (the
     name compared case-insensitively, type and class exactly).
     """
-    if len(msg) < 12 + len(question):
+    end = 12 + len(question)
+    # The common case first, in one pass: our own question echoed byte for byte, the ID, QR=1
+    # with opcode QUERY (0xF8 masks both), one question. Anything else finds its reason below.
+    if (
+        len(msg) >= end
+        and msg[12:end] == question
+        and (msg[0] << 8) | msg[1] == qid
+        and msg[2] & 0xF8 == 0x80
+        and msg[4:6] == b"\x00\x01"
+    ):
+        return None
+    if len(msg) < end:
         return "short message"
     if (msg[0] << 8) | msg[1] != qid:
         return "wrong message ID"
@@ -165,7 +176,6 @@ def reply_problem(msg: bytes, qid: int, question: bytes) -> str | None:
         return f"opcode {opcode}, not QUERY"
     if msg[4:6] != b"\x00\x01":
         return "not exactly one question"
-    end = 12 + len(question)
     if msg[end - 4 : end] != question[-4:] or msg[12 : end - 4].lower() != question[:-4].lower():
         return "question does not match"
     return None
@@ -224,7 +234,9 @@ def parse_ede(option: dns.edns.Option) -> Ede:
     return Ede(code, text, structured)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once built: one is built per response, and a frozen
+# dataclass's __init__ pays object.__setattr__ per field.
+@dataclass(slots=True)
 class Parsed:
     """What a response says, reduced to what classification needs."""
 

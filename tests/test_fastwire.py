@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probe.fastwire import parse_fast
-from probe.wire import Parsed, build_query, build_query_dnspython, parse_response_slow
+from probe.wire import (
+    Parsed,
+    build_query,
+    build_query_dnspython,
+    parse_response_slow,
+    question_of,
+    reply_problem,
+)
 
 NAMES = ["a.example.org", "b.example.org", "cdn.example.net", "x.y.example.org"]
 
@@ -88,3 +95,47 @@ def test_fast_parser_takes_the_common_case() -> None:
 def test_hand_built_query_is_byte_for_byte_dnspython(labels: list[str], qtype: str, pad: bool) -> None:
     name = ".".join(labels)
     assert build_query(name, qtype, pad) == build_query_dnspython(name, qtype, pad)
+
+
+def _reply_problem_reference(msg: bytes, qid: int, question: bytes) -> str | None:
+    """reply_problem as it was before its fast path: every check in the contract's order."""
+    if len(msg) < 12 + len(question):
+        return "short message"
+    if (msg[0] << 8) | msg[1] != qid:
+        return "wrong message ID"
+    if not msg[2] & 0x80:
+        return "not a response (QR=0)"
+    opcode = (msg[2] >> 3) & 0x0F
+    if opcode != 0:
+        return f"opcode {opcode}, not QUERY"
+    if msg[4:6] != b"\x00\x01":
+        return "not exactly one question"
+    end = 12 + len(question)
+    if msg[end - 4 : end] != question[-4:] or msg[12 : end - 4].lower() != question[:-4].lower():
+        return "question does not match"
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(NAMES),
+    st.sampled_from(["A", "AAAA", "HTTPS"]),
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 255)), max_size=3),
+    st.integers(0, 60),
+    st.booleans(),
+)
+def test_reply_checks_fast_path_says_what_the_full_checks_say(
+    qname: str, qtype: str, edits: list[tuple[int, int]], cut: int, upper: bool
+) -> None:
+    query = build_query(qname, qtype)
+    question = question_of(query)
+    wire = bytearray(dns.message.make_response(dns.message.from_wire(query)).to_wire())
+    wire[0:2] = b"\x12\x34"
+    if upper:
+        wire[13:15] = bytes(wire[13:15]).upper()  # 0x20 mixed case: still the same question
+    for pos, value in edits:
+        if pos < len(wire):
+            wire[pos] = value
+    msg = bytes(wire[: len(wire) - cut] if cut else wire)
+    for qid in (0x1234, 0x4321):
+        assert reply_problem(msg, qid, question) == _reply_problem_reference(msg, qid, question)

@@ -56,6 +56,11 @@ class SharedConnection(Generic[C]):
         self.handshakes += 1
         return conn
 
+    def live(self) -> C | None:
+        """The live connection, when there is one: no coroutine for what nearly every query finds."""
+        conn = self.current
+        return conn if conn is not None and self._alive(conn) else None
+
     async def get(self, deadline: float, evidence: dict[str, Any]) -> C:
         """The live connection; the caller that waited for a handshake gets `connect_ms`."""
         conn = self.current

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import time
+from functools import partial
 from typing import Any
 
 import h2.config
@@ -273,7 +274,7 @@ class DohExchanger(RetryAlone):
             return await self._exchange_http1(query, deadline, evidence)
         try:
             if shared:
-                conn = await self._shared.get(deadline, evidence)
+                conn = self._shared.live() or await self._shared.get(deadline, evidence)
             else:
                 conn = await self._shared.private(deadline, evidence)
         except Broken as exc:
@@ -292,14 +293,18 @@ class DohExchanger(RetryAlone):
         self, conn: _H2Conn, query: bytes, deadline: float, evidence: dict[str, Any], witness: bool
     ) -> Exchange:
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout_at(deadline):
-                while not conn.can_open() and conn.dead is None and not conn.reclaim():
-                    waiter: asyncio.Future[None] = loop.create_future()
-                    conn.waiters.append(waiter)
-                    await waiter
-        except TimeoutError:
-            return Exchange(None, timeout(Phase.STREAM_WAIT), evidence=evidence, sends=0)
+        # The deadline's timer is armed only for a query that has to wait for a stream.
+        if not conn.can_open() and conn.dead is None and not conn.reclaim():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    while True:
+                        waiter: asyncio.Future[None] = loop.create_future()
+                        conn.waiters.append(waiter)
+                        await waiter
+                        if conn.can_open() or conn.dead is not None or conn.reclaim():
+                            break
+            except TimeoutError:
+                return Exchange(None, timeout(Phase.STREAM_WAIT), evidence=evidence, sends=0)
         if conn.dead is not None:
             return Exchange(None, conn.dead.failure, evidence=evidence, sends=0)
         sid, st = self._submit(conn, query)
@@ -309,7 +314,7 @@ class DohExchanger(RetryAlone):
                 st.future,
                 deadline,
                 witness_step(
-                    deadline, self.witness_after, lambda: self._send_witness(conn, st.stamp, deadline)
+                    deadline, self.witness_after, partial(self._send_witness, conn, st.stamp, deadline)
                 )
                 if witness
                 else (),

@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import time
+from functools import partial
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -195,7 +196,7 @@ class DoqExchanger(RetryAlone):
     async def _once(self, query: bytes, deadline: float, evidence: dict[str, Any], shared: bool) -> Exchange:
         try:
             if shared:
-                proto = await self._shared.get(deadline, evidence)
+                proto = self._shared.live() or await self._shared.get(deadline, evidence)
             else:
                 proto = await self._shared.private(deadline, evidence)
         except Broken as exc:
@@ -232,7 +233,7 @@ class DoqExchanger(RetryAlone):
                 q.future,
                 deadline,
                 witness_step(
-                    deadline, self.witness_after, lambda: self._send_witness(proto, q.stamp, deadline)
+                    deadline, self.witness_after, partial(self._send_witness, proto, q.stamp, deadline)
                 )
                 if witness
                 else (),

@@ -14,12 +14,13 @@ import asyncio
 import ssl
 import struct
 import time
+from functools import partial
 from typing import Any
 
 from probe.specs import Endpoint
 from probe.transports._conn import Opening, RetryAlone, SharedConnection
 from probe.transports._errors import Broken, error, failure_from, timeout
-from probe.transports._wait import Channel, Flights, await_reply, witness_step
+from probe.transports._wait import Channel, Flights, Timer, witness_step
 from probe.transports.base import Exchange, Options, Phase
 from probe.wire import question_of, random_id, reply_problem, set_id
 
@@ -132,7 +133,7 @@ class StreamExchanger(RetryAlone):
     async def _once(self, query: bytes, deadline: float, evidence: dict[str, Any], shared: bool) -> Exchange:
         try:
             if shared:
-                conn = await self._shared.get(deadline, evidence)
+                conn = self._shared.live() or await self._shared.get(deadline, evidence)
             else:
                 conn = await self._shared.private(deadline, evidence)
         except Broken as exc:
@@ -166,16 +167,17 @@ class StreamExchanger(RetryAlone):
     ) -> Exchange:
         loop = asyncio.get_running_loop()
         sent = time.perf_counter()
-        try:
-            data = await await_reply(
-                item.future,
-                deadline,
-                witness_step(
-                    deadline, self.witness_after, lambda: self._send_witness(conn, item.stamp, deadline)
-                )
-                if witness
-                else (),
+        timer = Timer(  # await_reply, one coroutine layer less
+            item.future,
+            deadline,
+            witness_step(
+                deadline, self.witness_after, partial(self._send_witness, conn, item.stamp, deadline)
             )
+            if witness
+            else (),
+        )
+        try:
+            data = await item.future
         except Broken as exc:
             conn.pending.pop(item.qid, None)
             return Exchange(None, exc.failure, evidence=evidence, channel=conn.channel.name)
@@ -191,6 +193,8 @@ class StreamExchanger(RetryAlone):
                 overtaken=conn.channel.overtook(item.stamp),
                 late=item.future,
             )
+        finally:
+            timer.cancel()
         conn.pending.pop(item.qid, None)
         return Exchange(data, None, (time.perf_counter() - sent) * 1000, evidence, channel=conn.channel.name)
 

@@ -18,12 +18,12 @@ import base64
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from probe.specs import Endpoint
 from probe.transports._errors import failure_from, timeout
-from probe.transports._wait import Channel, await_reply
+from probe.transports._wait import Channel, Timer
 from probe.transports.base import Exchange, Loss, Options, Phase
 from probe.transports.tcp import TcpExchanger
 from probe.wire import question_of, random_id, reply_problem, set_id
@@ -35,24 +35,45 @@ _KEEP_IGNORED = 4  # datagrams that were not the response, kept per query as evi
 
 
 class _Pending:
+    """One query in flight on a socket. Its sends are methods, not closures made per query."""
+
     __slots__ = (
         "answered",
+        "channel",
+        "deadline",
         "expired",
         "first",
         "future",
         "ignored",
         "last",
         "late",
+        "owner",
         "qid",
         "question",
         "sends",
         "sent",
+        "sock",
+        "wire",
     )
 
-    def __init__(self, future: asyncio.Future[bytes], qid: int, question: bytes) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future[bytes],
+        qid: int,
+        question: bytes,
+        sock: _Socket,
+        wire: bytes,
+        owner: UdpExchanger,
+        deadline: float,
+    ) -> None:
         self.future = future
         self.qid = qid
         self.question = question
+        self.sock = sock
+        self.wire = wire
+        self.owner = owner
+        self.channel = owner.channel
+        self.deadline = deadline
         self.sends = 0
         self.first = 0  # channel numbers of the first and the last send
         self.last = 0
@@ -61,6 +82,22 @@ class _Pending:
         self.expired = False  # timed out; `future` now waits for a late response
         self.late: list[bytes] = []
         self.ignored: list[tuple[str, bytes]] = []
+
+    def send(self) -> None:
+        if self.future.done():
+            return
+        self.last = self.channel.stamp()
+        if not self.sends:
+            self.first = self.last
+        self.sends += 1
+        self.sent = time.perf_counter()
+        try:
+            self.sock.send(self.wire)
+        except OSError as exc:
+            self.future.set_exception(exc)
+
+    def witness(self) -> None:
+        self.owner._witness(self.last, self.deadline)
 
 
 class _Socket:
@@ -196,12 +233,22 @@ class UdpExchanger:
             self._retired.remove(sock)
         sock.close()
 
-    async def exchange(self, query: bytes) -> Exchange:
+    def exchange(self, query: bytes) -> Coroutine[Any, Any, Exchange]:
+        # Not itself a coroutine: one coroutine layer less per query. Awaited at once by callers,
+        # so the deadline taken here is the one taken when the exchange starts.
         loop = asyncio.get_running_loop()
-        return await self._exchange(query, loop.time() + self.options.timeout, self.options.udp_sends, True)
+        return self._exchange(query, loop.time() + self.options.timeout, self.options.udp_sends, True, loop)
 
-    async def _exchange(self, query: bytes, deadline: float, sends: int, witness: bool) -> Exchange:
-        loop = asyncio.get_running_loop()
+    async def _exchange(
+        self,
+        query: bytes,
+        deadline: float,
+        sends: int,
+        witness: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Exchange:
+        if loop is None:
+            loop = asyncio.get_running_loop()
         try:
             sock = self._ready_socket() or await self._socket()
         except Exception as exc:  # noqa: BLE001 - an exchanger never raises: every failure is classified
@@ -210,35 +257,23 @@ class UdpExchanger:
         qid = random_id()
         while qid in sock.pending:
             qid = random_id()
-        entry = _Pending(loop.create_future(), qid, question_of(query))
+        entry = _Pending(
+            loop.create_future(), qid, question_of(query), sock, set_id(query, qid), self, deadline
+        )
         sock.pending[qid] = entry
-        wire = set_id(query, qid)
         channel = self.channel
-
-        def send() -> None:
-            if entry.future.done():
-                return
-            entry.last = channel.stamp()
-            if not entry.sends:
-                entry.first = entry.last
-            entry.sends += 1
-            entry.sent = time.perf_counter()
-            try:
-                sock.send(wire)
-            except OSError as exc:
-                entry.future.set_exception(exc)
-
         start = loop.time()
         step = (deadline - start) / max(1, sends)
-        send()
+        entry.send()
+        send = entry.send
         steps: list[tuple[float, Callable[[], None]]] = [(start + step * i, send) for i in range(1, sends)]
         if witness:
             # A quarter of an interval after the last send, a witness follows a query that
             # nothing sent after it has overtaken yet.
-            at = start + step * (sends - 1) + step * self.witness_after
-            steps.append((at, lambda: self._witness(entry.last, deadline)))
+            steps.append((start + step * (sends - 1) + step * self.witness_after, entry.witness))
+        timer = Timer(entry.future, deadline, steps)  # await_reply, one coroutine layer less
         try:
-            data = await await_reply(entry.future, deadline, steps)
+            data = await entry.future
         except TimeoutError:
             # Keep listening under this ID: a response after the deadline is evidence too.
             entry.expired = True
@@ -256,6 +291,8 @@ class UdpExchanger:
             del sock.pending[qid]
             failure = failure_from(exc, Phase.DNS_ROUND_TRIP)
             return Exchange(None, failure, evidence=_ignored(entry), sends=entry.sends, channel=channel.name)
+        finally:
+            timer.cancel()
         self.loss.add(entry.sends)
         latency = (time.perf_counter() - entry.sent) * 1000
         evidence = _ignored(entry)
