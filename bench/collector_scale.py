@@ -42,7 +42,6 @@ import datetime as dt
 import gzip
 import io
 import json
-import threading
 import pstats
 import re
 import shutil
@@ -51,6 +50,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -304,7 +304,7 @@ async def send_all(url: str, tokens: dict[str, str], files: dict[str, Path]) -> 
     }
 
 
-def time_get(url: str, path: str, ttl: float, tries: int = 3) -> dict[str, Any]:
+def time_get(url: str, path: str, ttl: float, tries: int) -> dict[str, Any]:
     """GET `path` `tries` times, each after the render cache expired (a fresh render every time)."""
     times, size_gz, size = [], 0, 0
     for _ in range(tries):
@@ -395,6 +395,42 @@ def prometheus(url_port: int, work: Path, for_override: str, interval: int, wait
         proc.wait(30)
 
 
+def sql_timings(database: str, stale_after: float) -> dict[str, float]:
+    """The queries behind a scrape and the status page, rows streamed (constant memory): what
+    the database alone costs, whatever the collector then does with the rows in Python."""
+    store = open_store(database)
+    since = time.time() - stale_after
+    out: dict[str, float] = {}
+    try:
+        with store.tx() as cur:
+            queries = {
+                # store.problems(): the per-name rows behind blockprobe_leak and the status page's list
+                "problems": "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, "
+                "finding, rule, answers, since, rule_kind FROM latest WHERE time >= ? AND finding IN "
+                "('leak', 'overblock') AND COALESCE(rule, '') <> 'canary' "
+                "ORDER BY finding, country, resolver, transport, domain, qtype",
+                # store.counts(): the grouped counts behind blockprobe_domains and the matrix
+                "counts": "SELECT probe_id, region, country, resolver, transport, rule, finding, count(*), "
+                "sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), "
+                "sum(latency_ms), count(latency_ms) FROM latest WHERE time >= ? "
+                "GROUP BY probe_id, region, country, resolver, transport, rule, finding",
+                # Pages._resolver_names(): the newest archived body per resolver
+                "resolver_names": "SELECT body FROM archive WHERE id IN "
+                "(SELECT max(id) FROM archive WHERE time >= ? GROUP BY resolver)",
+            }
+            for name, sql in queries.items():
+                t0 = time.perf_counter()
+                cur.execute(sql.replace("?", store.placeholder), (since,))
+                rows = 0
+                while chunk := cur.fetchmany(10_000):
+                    rows += len(chunk)
+                out[f"{name}_s"] = time.perf_counter() - t0
+                out[f"{name}_rows"] = rows
+    finally:
+        store.close()
+    return out
+
+
 def profile_render(database: str, stale_after: float) -> dict[str, Any]:
     """Where a findings render spends its time, in this process against the same database."""
     store = open_store(database)
@@ -431,10 +467,35 @@ def profile_render(database: str, stale_after: float) -> dict[str, Any]:
         store.close()
 
 
-def run(database: str, work: Path, files: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+class Watchdog:
+    """Five sessions share this machine: a collector that would take all its memory is killed
+    (and that is reported) before the kernel picks a victim among the others."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], limit_gib: float) -> None:
+        self.proc = proc
+        self.limit_mib = limit_gib * 1024
+        self.killed_at: float | None = None
+        self.stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                rss = _rss_mib(self.proc.pid, "VmRSS")
+            except (OSError, AttributeError):
+                return
+            if rss > self.limit_mib:
+                self.killed_at = rss
+                self.proc.kill()
+                return
+
+
+def start_collector(
+    database: str, work: Path, probes: list[str], ttl: float
+) -> tuple[subprocess.Popen[bytes], int, dict[str, str]]:
+    """`collector serve` as a real process, with a token per probe; returns once it answers."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port(HOST)
-    ttl = 2.0
     # stale_after: the ingest of the full load takes tens of minutes and nothing it stored may go
     # stale before the scrape; a day also covers the slices scheduler's full_pass (6 h).
     (work / "collector.yaml").write_text(
@@ -443,7 +504,7 @@ def run(database: str, work: Path, files: dict[str, Path], args: argparse.Namesp
     )
     store = open_store(database)
     tokens = {}
-    for pid in files:
+    for pid in probes:
         tokens[pid] = new_token()
         store.set_token(pid, hash_token(tokens[pid]))
     store.close()
@@ -452,62 +513,59 @@ def run(database: str, work: Path, files: dict[str, Path], args: argparse.Namesp
         stdout=subprocess.DEVNULL,
         stderr=(work / "collector.log").open("wb"),
     )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx2.get(f"http://{HOST}:{port}/healthz", timeout=2).raise_for_status()
+            return proc, port, tokens
+        except httpx2.HTTPError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                log = (work / "collector.log").read_text()[-2000:]
+                raise SystemExit(f"collector did not start: {log}") from None
+            time.sleep(0.3)
+
+
+def _say(what: str, value: Any) -> None:
+    print(f"  {what}: {value}", file=sys.stderr, flush=True)
+
+
+def run(database: str, work: Path, files: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    ttl = 2.0
+    proc, port, tokens = start_collector(database, work, list(files), ttl)
     url = f"http://{HOST}:{port}"
     out: dict[str, Any] = {}
-    stop = threading.Event()
-    killed: list[float] = []
-
-    def watchdog() -> None:
-        # Five sessions share this machine: a collector that would take all its memory is killed
-        # (and that is reported) before the kernel picks a victim among the others.
-        while not stop.wait(0.5):
-            try:
-                rss = _rss_mib(proc.pid, "VmRSS")
-            except (OSError, AttributeError):
-                return
-            if rss > args.max_rss_gib * 1024:
-                killed.append(rss)
-                proc.kill()
-                return
-
-    threading.Thread(target=watchdog, daemon=True).start()
+    dog = Watchdog(proc, args.max_rss_gib)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx2.get(f"{url}/healthz", timeout=2).raise_for_status()
-                break
-            except httpx2.HTTPError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("collector did not start: " + (work / "collector.log").read_text()[-2000:])
-                time.sleep(0.3)
         out["ingest"] = asyncio.run(send_all(url, tokens, files))
         out["rss_after_ingest_mib"] = _rss_mib(proc.pid)
         out["db_bytes"] = db_size(database, work)
-        print(f"  ingest: {out['ingest']}", file=sys.stderr, flush=True)
-        out["metrics"] = time_get(url, "/metrics", ttl)
-        print(f"  /metrics: {out['metrics']}", file=sys.stderr, flush=True)
-        out["status"] = time_get(url, "/", ttl)
-        print(f"  /: {out['status']}", file=sys.stderr, flush=True)
-        out["rss_peak_mib"] = _rss_mib(proc.pid)
+        _say("ingest", out["ingest"])
+        out["metrics"] = time_get(url, "/metrics", ttl, args.tries)
+        _say("/metrics", out["metrics"])
+        out["status"] = time_get(url, "/", ttl, args.tries)
+        _say("/", out["status"])
         if args.prometheus and shutil.which("prometheus"):
             interval = args.scrape_interval
             wait = 2 * interval + _seconds(args.prometheus_for) + 20
             out["prometheus"] = prometheus(port, work, args.prometheus_for, interval, wait)
-            print(f"  prometheus: {out['prometheus']}", file=sys.stderr, flush=True)
-        out["rss_peak_mib"] = _rss_mib(proc.pid)
+            _say("prometheus", out["prometheus"])
     except (httpx2.HTTPError, SystemExit) as exc:
-        if not killed:
+        if dog.killed_at is None:
             raise
-        out["killed"] = f"RSS reached {killed[0] / 1024:.1f} GiB: killed ({type(exc).__name__} in the bench)"
-        print(f"  {out['killed']}", file=sys.stderr, flush=True)
+        out["killed"] = (
+            f"RSS reached {dog.killed_at / 1024:.1f} GiB: killed ({type(exc).__name__} in the bench)"
+        )
+        _say("watchdog", out["killed"])
     finally:
-        stop.set()
+        dog.stop.set()
         if proc.poll() is None:
             out["rss_peak_mib"] = _rss_mib(proc.pid)
         proc.terminate()
         proc.wait(60)
-    if args.profile:
+    out["sql"] = sql_timings(database, 86400)
+    _say("queries", out["sql"])
+    if args.profile and out["sql"]["problems_rows"] <= 2_000_000:  # the whole list in this process's memory
         out["profile"] = profile_render(database, 86400)
     return out
 
@@ -515,6 +573,60 @@ def run(database: str, work: Path, files: dict[str, Path], args: argparse.Namesp
 def _seconds(duration: str) -> float:
     unit = {"s": 1, "m": 60, "h": 3600}[duration[-1]]
     return float(duration[:-1]) * unit
+
+
+def report(
+    rows: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, direct: float, total: int
+) -> None:
+    load = Path("/proc/loadavg").read_text().split()[0]
+    print(
+        f"\n{args.probes} probes × {args.names:,} names × {len(QTYPES)} qtypes × {len(TRANSPORTS)} transports "
+        f"= {total:,} measurements, all leaks of one order on one resolver; batches of {BATCH}; "
+        f"reference: {direct:,.0f} results/s straight into an empty SQLite store in this process; "
+        f"load average {load} at the end\n"
+    )
+    print(
+        "| store | results/s over HTTP | ÷ reference | first / last tenth (results/s) | 429s | peak RSS (MiB) | DB size (GiB) "
+        f"| /metrics size (MB; gzip KB) | /metrics time cold / median of {args.tries} (s) | / time cold / median of {args.tries} (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        if "killed" in r:
+            print(f"| {name} | {r['killed']} |")
+        if "status" not in r:
+            continue
+        i, m, s = r["ingest"], r["metrics"], r["status"]
+        print(
+            f"| {name} | {i['rate']:,.0f} | {i['rate'] / direct:.2f} | {i['rate_first_tenth']:,.0f} / "
+            f"{i['rate_last_tenth']:,.0f} | {sum(i['throttled'].values())} | {r['rss_peak_mib']:,.0f} | "
+            f"{r['db_bytes'] / 2**30:.2f} | {m['bytes'] / 1e6:.2f}; {m['gzip_bytes'] / 1e3:.0f} | "
+            f"{m['first_s']:.2f} / {m['median_s']:.2f} | {s['first_s']:.2f} / {s['median_s']:.2f} |"
+        )
+    for name, r in rows:
+        p = r.get("prometheus")
+        if p:
+            print(
+                f"\n{name}: Prometheus (for: {args.prometheus_for}, scrape every {args.scrape_interval} s): up {p['up']}, "
+                f"scrape {p['scrape_s']} s, {p['samples']} samples, {p['leak_series']:.0f} blockprobe_leak series"
+            )
+            print("| alert | state | count |\n|---|---|---|")
+            for (alert, state), n in sorted(p["alerts"].items()):
+                print(f"| {alert} | {state} | {n} |")
+            for labels in p["leak_alert_labels"]:
+                print("  ", dict(labels))
+        q = r["sql"]
+        print(
+            f"\n{name}: the queries alone, rows streamed: problems {q['problems_s']:.2f} s ({q['problems_rows']:,.0f} rows), "
+            f"counts {q['counts_s']:.2f} s ({q['counts_rows']:,.0f} rows), "
+            f"resolver names {q['resolver_names_s']:.2f} s ({q['resolver_names_rows']:,.0f} rows)"
+        )
+        if "profile" in r:
+            pr = r["profile"]
+            print(
+                f"\n{name}: render profile: store.problems() {pr['problems_s']:.2f} s for {pr['problems_rows']:,} rows; "
+                f"cap_problems {pr['cap_s']:.2f} s; store.counts() {pr['counts_s']:.2f} s; "
+                f"render_findings {pr['render_s']:.2f} s\n{pr['profile']}"
+            )
 
 
 def main() -> None:
@@ -528,6 +640,7 @@ def main() -> None:
     ap.add_argument(
         "--max-rss-gib", type=float, default=6.0, help="Kill the collector (and say so) above this RSS."
     )
+    ap.add_argument("--tries", type=int, default=3, help="Fresh renders timed per page.")
     ap.add_argument("--profile", action="store_true", help="Profile a findings render in this process.")
     ap.add_argument("--work", type=Path, help="Working directory (default: a new temporary one).")
     ap.add_argument("--json", action="store_true", help="Also print the results as one JSON object.")
@@ -556,7 +669,9 @@ def main() -> None:
     rows = []
     stores = args.stores.split(",")
     if "sqlite" in stores:
-        rows.append(("sqlite", run(f"sqlite:///{work / 'sqlite' / 'c.sqlite3'}", work / "sqlite", files, args)))
+        rows.append(
+            ("sqlite", run(f"sqlite:///{work / 'sqlite' / 'c.sqlite3'}", work / "sqlite", files, args))
+        )
     from tests.pg import TempPostgres, find_pg_bin
 
     if "postgresql" in stores and find_pg_bin() is not None:
@@ -567,49 +682,7 @@ def main() -> None:
             pg.stop()
     for f in files.values():
         f.unlink()
-    load = Path("/proc/loadavg").read_text().split()[0]
-    print(
-        f"\n{args.probes} probes × {args.names:,} names × {len(QTYPES)} qtypes × {len(TRANSPORTS)} transports "
-        f"= {total:,} measurements, all leaks of one order on one resolver; batches of {BATCH}; "
-        f"reference: {direct:,.0f} results/s straight into an empty SQLite store in this process; "
-        f"load average {load} at the end\n"
-    )
-    print(
-        "| store | results/s over HTTP | ÷ reference | first / last tenth (results/s) | 429s | peak RSS (MiB) | DB size (GiB) "
-        "| /metrics size (MB; gzip KB) | /metrics time cold / median of 3 (s) | / time cold / median of 3 (s) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        if "killed" in r:
-            print(f"| {name} | {r['killed']} |")
-        if "status" not in r:
-            continue
-        i, m, s = r["ingest"], r["metrics"], r["status"]
-        print(
-            f"| {name} | {i['rate']:,.0f} | {i['rate'] / direct:.2f} | {i['rate_first_tenth']:,.0f} / "
-            f"{i['rate_last_tenth']:,.0f} | {sum(i['throttled'].values())} | {r['rss_peak_mib']:,.0f} | "
-            f"{r['db_bytes'] / 2**30:.2f} | {m['bytes'] / 1e6:.2f}; {m['gzip_bytes'] / 1e3:.0f} | "
-            f"{m['first_s']:.2f} / {m['median_s']:.2f} | {s['first_s']:.2f} / {s['median_s']:.2f} |"
-        )
-    for name, r in rows:
-        p = r.get("prometheus")
-        if p:
-            print(
-                f"\n{name}: Prometheus (for: {args.prometheus_for}, scrape every {args.scrape_interval} s): up {p['up']}, "
-                f"scrape {p['scrape_s']} s, {p['samples']} samples, {p['leak_series']:.0f} blockprobe_leak series"
-            )
-            print("| alert | state | count |\n|---|---|---|")
-            for (alert, state), n in sorted(p["alerts"].items()):
-                print(f"| {alert} | {state} | {n} |")
-            for labels in p["leak_alert_labels"]:
-                print("  ", dict(labels))
-        if "profile" in r:
-            pr = r["profile"]
-            print(
-                f"\n{name}: render profile: store.problems() {pr['problems_s']:.2f} s for {pr['problems_rows']:,} rows; "
-                f"cap_problems {pr['cap_s']:.2f} s; store.counts() {pr['counts_s']:.2f} s; "
-                f"render_findings {pr['render_s']:.2f} s\n{pr['profile']}"
-            )
+    report(rows, args, direct, total)
     if args.json:
         print(json.dumps({"rows": rows, "direct": direct, "total": total}, default=str))
     if not args.work:
