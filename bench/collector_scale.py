@@ -272,11 +272,14 @@ async def send_all(url: str, tokens: dict[str, str], files: dict[str, Path]) -> 
                 done.append((time.perf_counter() - t0, int(r.json()["stored"])))
                 break
 
+    per_minute: list[float] = []
+
     async def progress() -> None:
         last = 0
         while True:
             await asyncio.sleep(60)
             total = sum(n for _t, n in done)
+            per_minute.append((total - last) / 60)
             print(
                 f"  {time.perf_counter() - t0:5.0f} s: {total:,} stored, {(total - last) / 60:,.0f}/s in the last minute",
                 file=sys.stderr,
@@ -301,6 +304,7 @@ async def send_all(url: str, tokens: dict[str, str], files: dict[str, Path]) -> 
         "rate_first_tenth": rate_between(0, elapsed / 10),
         "rate_last_tenth": rate_between(elapsed * 0.9, elapsed + 1e-9),
         "throttled": dict(throttled),
+        "per_minute": [round(r) for r in per_minute],
     }
 
 
@@ -315,7 +319,19 @@ def time_get(url: str, path: str, ttl: float, tries: int) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         size_gz = int(r.headers.get("content-length") or 0)
         size = len(r.content)
-    return {"first_s": times[0], "median_s": statistics.median(times), "bytes": size, "gzip_bytes": size_gz}
+    families = Counter[str]()
+    if path == "/metrics":
+        for line in r.text.splitlines(keepends=True):
+            families[
+                re.split(r"[{ ]", line.removeprefix("# HELP ").removeprefix("# TYPE "), maxsplit=1)[0]
+            ] += len(line.encode())
+    return {
+        "first_s": times[0],
+        "median_s": statistics.median(times),
+        "bytes": size,
+        "gzip_bytes": size_gz,
+        "families": dict(families.most_common(6)),
+    }
 
 
 def db_size(database: str, work: Path) -> int:
@@ -359,17 +375,18 @@ def prometheus(url_port: int, work: Path, for_override: str, interval: int, wait
     )
     prom = f"http://{HOST}:{port}"
     try:
-        deadline = time.monotonic() + 60
+        # The first scrape comes at some offset within the interval and takes as long as a render.
+        deadline = time.monotonic() + 5 * interval + 60
         while True:
             try:
-                if _query(prom, "up"):
+                if _query(prom, 'up{job="collector"}'):
                     break
             except (httpx2.HTTPError, ValueError, KeyError):
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit("prometheus did not start: " + (work / "prom.log").read_text()[-2000:])
+                raise SystemExit("prometheus never scraped: " + (work / "prom.log").read_text()[-2000:])
             time.sleep(1)
-        # Until the alerts have had time to fire: the first scrape, then `for`, then two evaluations.
+        # Then until the alerts have had time to fire: `for`, two more scrapes, a few evaluations.
         time.sleep(wait_s)
         alerts = Counter[tuple[str, str]]()
         for a in _query(prom, "ALERTS"):
@@ -418,6 +435,12 @@ def sql_timings(database: str, stale_after: float) -> dict[str, float]:
                 "resolver_names": "SELECT body FROM archive WHERE id IN "
                 "(SELECT max(id) FROM archive WHERE time >= ? GROUP BY resolver)",
             }
+            # Store.ingest(): the series quota, counted before every batch of the probe
+            quota = "SELECT count(*) FROM latest WHERE probe_id = ? AND time >= ?"
+            t0 = time.perf_counter()
+            cur.execute(quota.replace("?", store.placeholder), (probe_id(0), since))
+            out["quota_rows"] = int(cur.fetchone()[0])
+            out["quota_s"] = time.perf_counter() - t0
             for name, sql in queries.items():
                 t0 = time.perf_counter()
                 cur.execute(sql.replace("?", store.placeholder), (since,))
@@ -547,9 +570,15 @@ def run(database: str, work: Path, files: dict[str, Path], args: argparse.Namesp
         _say("/", out["status"])
         if args.prometheus and shutil.which("prometheus"):
             interval = args.scrape_interval
-            wait = 2 * interval + _seconds(args.prometheus_for) + 20
-            out["prometheus"] = prometheus(port, work, args.prometheus_for, interval, wait)
-            _say("prometheus", out["prometheus"])
+            wait = 2 * interval + _seconds(args.prometheus_for) + 15
+            try:
+                out["prometheus"] = prometheus(port, work, args.prometheus_for, interval, wait)
+                _say("prometheus", out["prometheus"])
+            except SystemExit as exc:  # reported, and the rest of the run goes on
+                if dog.killed_at is not None:
+                    raise
+                out["prometheus_error"] = str(exc)[:300]
+                _say("prometheus failed", out["prometheus_error"])
     except (httpx2.HTTPError, SystemExit) as exc:
         if dog.killed_at is None:
             raise
@@ -618,7 +647,8 @@ def report(
         print(
             f"\n{name}: the queries alone, rows streamed: problems {q['problems_s']:.2f} s ({q['problems_rows']:,.0f} rows), "
             f"counts {q['counts_s']:.2f} s ({q['counts_rows']:,.0f} rows), "
-            f"resolver names {q['resolver_names_s']:.2f} s ({q['resolver_names_rows']:,.0f} rows)"
+            f"resolver names {q['resolver_names_s']:.2f} s ({q['resolver_names_rows']:,.0f} rows); "
+            f"the series quota's count before each batch {q['quota_s'] * 1000:.0f} ms ({q['quota_rows']:,.0f} series)"
         )
         if "profile" in r:
             pr = r["profile"]
