@@ -392,7 +392,7 @@ def prometheus(url_port: int, work: Path, for_override: str, interval: int, wait
         leak_series = _query(prom, "count(blockprobe_leak)")
         firing = _query(prom, 'ALERTS{alertstate="firing",alertname=~"BlockprobeLeak.*"}')
         return {
-            "alerts": dict(alerts),
+            "alerts": {f"{name} {state}": n for (name, state), n in sorted(alerts.items())},
             "up": [float(r["value"][1]) for r in up],
             "scrape_s": [float(r["value"][1]) for r in scrape],
             "samples": [float(r["value"][1]) for r in samples],
@@ -637,7 +637,8 @@ def report(
                 f"scrape {p['scrape_s']} s, {p['samples']} samples, {p['leak_series']:.0f} blockprobe_leak series"
             )
             print("| alert | state | count |\n|---|---|---|")
-            for (alert, state), n in sorted(p["alerts"].items()):
+            for key, n in p["alerts"].items():
+                alert, state = key.split()
                 print(f"| {alert} | {state} | {n} |")
             for labels in p["leak_alert_labels"]:
                 print("  ", dict(labels))
