@@ -588,8 +588,16 @@ def run(database: str, work: Path, files: dict[str, Path], args: argparse.Namesp
         dog.stop.set()
         if proc.poll() is None:
             out["rss_peak_mib"] = _rss_mib(proc.pid)
+            _say("peak RSS (MiB)", out["rss_peak_mib"])
+            _say("database bytes", out.get("db_bytes"))
         proc.terminate()
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:  # a render still running in a worker thread holds the exit
+            out["exit"] = "still running 60 s after SIGTERM: killed"
+            _say("exit", out["exit"])
+            proc.kill()
+            proc.wait(30)
     out["sql"] = sql_timings(database, 86400)
     _say("queries", out["sql"])
     if args.profile and out["sql"]["problems_rows"] <= 2_000_000:  # the whole list in this process's memory
