@@ -2,6 +2,7 @@
 
     python -m bench.collector_scale                                  # 20 probes × 45,000 names (8.1 M)
     python -m bench.collector_scale --names 2000 --probes 4          # a quick check (72,000)
+    python -m bench.collector_scale --names 100 --probes 2 --prometheus-for 5s --scrape-interval 5 --tries 1  # a minute
     python -m bench.collector_scale --stores sqlite,postgresql --prometheus-for 1m
 
 Issue 12, benchmark (b). Each probe reports every name of one order (`--names`, all
@@ -632,7 +633,7 @@ def report(
             continue
         i, m, s = r["ingest"], r["metrics"], r["status"]
         print(
-            f"| {name} | {i['rate']:,.0f} | {i['rate'] / direct:.2f} | {', '.join(f'{r:,}' for r in i['per_minute'])} "
+            f"| {name} | {i['rate']:,.0f} | {i['rate'] / direct:.2f} | {', '.join(f'{r:,}' for r in i['per_minute']) or 'under a minute'} "
             f"| {sum(i['throttled'].values())} | {r['rss_peak_mib']:,.0f} | "
             f"{r['db_bytes'] / 2**30:.2f} | {m['bytes'] / 1e6:.2f}; {m['gzip_bytes'] / 1e3:.0f} | "
             f"{m['first_s']:.2f} / {m['median_s']:.2f} | {s['first_s']:.2f} / {s['median_s']:.2f} |"
