@@ -245,7 +245,7 @@ def render_findings(
     """
     now = time.time() if now is None else now
     since = now - stale_after
-    counts = store.counts(since)
+    counts, reach_counts = store.counts_and_reach(since)
     problems, left_out = _capped(store, since, counts, max_domain_series)
     probes = store.probes()
     w = _Writer()
@@ -366,7 +366,7 @@ def render_findings(
         ),
     )
     _write_compliance(w, store, since)
-    _render_reach(w, store, since, max_domain_series)
+    _render_reach(w, store, since, max_domain_series, reach_counts)
     _render_ip_blocks(w, store, now, ip_block_window, max_domain_series)
     return w.text()
 
@@ -395,7 +395,9 @@ def _write_compliance(w: _Writer, store: Store, since: float) -> None:
     family("blockprobe_order_names_leaking", lambda r: r["names_leaking"])
 
 
-def _render_reach(w: _Writer, store: Store, since: float, per_group: int) -> None:
+def _render_reach(
+    w: _Writer, store: Store, since: float, per_group: int, counts: Sequence[Sequence[Any]]
+) -> None:
     """blockprobe_reach (capped per probe × resolver × transport × order × finding, like the leak
     series) and the true counts in blockprobe_reach_domains."""
     kept, left_out = cap_problems(store.reach_problems(since), per_group)
@@ -424,9 +426,7 @@ def _render_reach(w: _Writer, store: Store, since: float, per_group: int) -> Non
         "blockprobe_reach_domains",
         (
             ([probe, region, country, resolver, transport, rule or "", finding, reach], n)
-            for probe, region, country, resolver, transport, rule, finding, reach, n in store.reach_counts(
-                since
-            )
+            for probe, region, country, resolver, transport, rule, finding, reach, n in counts
         ),
     )
     w.family("blockprobe_reach_series_capped", ((list(k), n) for k, n in sorted(left_out.items())))
