@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import threading
 import time
 import uuid
@@ -184,13 +185,14 @@ def test_a_leak_becomes_a_series_then_goes_when_enforced(server: Server) -> None
 
 def test_stale_series_vanish_but_the_last_report_stays(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
-    s = Server(store, "stale_after: 1\n")
+    # Three seconds: long enough that a loaded machine still scrapes the fresh leak first.
+    s = Server(store, "stale_after: 3\n")
     try:
         token = s.token("it-1")
         assert post(s, token, batch()).status_code == 200
         assert any(k.startswith("blockprobe_leak{") for k in s.scrape())
-        deadline = time.monotonic() + 10
-        while any(k.startswith("blockprobe_leak{") for k in s.scrape()):  # stale after one second
+        deadline = time.monotonic() + 15
+        while any(k.startswith("blockprobe_leak{") for k in s.scrape()):  # stale after three seconds
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert (
@@ -502,3 +504,25 @@ def test_a_slow_render_is_served_stale_rather_than_waited_for() -> None:
 
     first, second, refreshing, third = asyncio.run(scenario())
     assert (first, second, refreshing, third) == (1, 1, True, 2)
+
+
+def test_finding_since_is_kept_for_the_longest_standing_names_of_each_group(server: Server) -> None:
+    token = server.token("it-1")
+    start = time.time() - 600
+    # 15 names leaking, each since its own first measurement: n14 the oldest, n00 the newest.
+    ms = [
+        measurement(
+            f"n{i:02d}.pirate.example",
+            time=time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(start + 30 * (14 - i))),
+        )
+        for i in range(15)
+    ]
+    assert post(server, token, batch(measurements=ms)).status_code == 200
+    scrape = server.scrape()
+    leaks = [k for k in scrape if k.startswith("blockprobe_leak{")]
+    since = {k: v for k, v in scrape.items() if k.startswith("blockprobe_finding_since_timestamp_seconds{")}
+    assert len(leaks) == 15  # under the cap: every name has its series
+    assert len(since) == 10
+    named = sorted(re.findall(r'domain="n(\d\d)', " ".join(since)))
+    assert named == [f"{i:02d}" for i in range(5, 15)]  # the ten oldest
+    assert min(since.values()) == int(start)
