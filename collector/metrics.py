@@ -216,6 +216,20 @@ def cap_problems(
     return kept, left_out
 
 
+def _series(p: dict[str, Any]) -> list[Any]:
+    """The label values every per-domain family starts with, in FAMILIES' order."""
+    return [
+        p["probe_id"],
+        p["region"],
+        p["country"],
+        p["resolver"],
+        p["transport"],
+        p["rule"] or "",
+        p["domain"],
+        p["qtype"],
+    ]
+
+
 # Per group, how many of the capped per-name series also get their `since`: the oldest ones say
 # how long the group has been wrong; a line per name for all of them doubled /metrics at a mass
 # leak (20 probes × 3 transports × 100 names: 2.6 MB, over issue 12's 2 MB).
@@ -274,16 +288,7 @@ def render_findings(
         "blockprobe_leak",
         (
             (
-                [
-                    p["probe_id"],
-                    p["region"],
-                    p["country"],
-                    p["resolver"],
-                    p["transport"],
-                    p["rule"] or "",
-                    p["domain"],
-                    p["qtype"],
-                ],
+                _series(p),
                 1,
             )
             for p in problems
@@ -294,17 +299,7 @@ def render_findings(
         "blockprobe_overblock",
         (
             (
-                [
-                    p["probe_id"],
-                    p["region"],
-                    p["country"],
-                    p["resolver"],
-                    p["transport"],
-                    p["rule"] or "",
-                    p["domain"],
-                    p["qtype"],
-                    p["rule_kind"] or "control",
-                ],
+                [*_series(p), p["rule_kind"] or "control"],
                 1,
             )
             for p in problems
@@ -315,17 +310,7 @@ def render_findings(
         "blockprobe_finding_since_timestamp_seconds",
         (
             (
-                [
-                    p["probe_id"],
-                    p["region"],
-                    p["country"],
-                    p["resolver"],
-                    p["transport"],
-                    p["rule"] or "",
-                    p["domain"],
-                    p["qtype"],
-                    p["finding"],
-                ],
+                [*_series(p), p["finding"]],
                 p["since"],
             )
             for p in _oldest(problems, SINCE_PER_GROUP)
@@ -426,18 +411,7 @@ def _render_reach(
         "blockprobe_reach",
         (
             (
-                [
-                    r["probe_id"],
-                    r["region"],
-                    r["country"],
-                    r["resolver"],
-                    r["transport"],
-                    r["rule"] or "",
-                    r["domain"],
-                    r["qtype"],
-                    r["finding"],
-                    r["reach"],
-                ],
+                [*_series(r), r["finding"], r["reach"]],
                 1,
             )
             for r in kept
