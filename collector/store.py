@@ -10,6 +10,7 @@ archive only; `latest` is never lost to it.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -105,7 +106,38 @@ MIGRATIONS: list[str] = [
     # first names in order straight from this index, so a 45,000-name mass leak costs a render
     # the cap's rows per group, not every leaking row (bench/collector_scale.py).
     "CREATE INDEX latest_problems ON latest (finding, probe_id, resolver, transport, rule, domain, qtype)",
+    # 8: reads that cost what they show, not what is stored (issue 12, a 45,000-name mass leak).
+    # `latest_counts`: the current series per group and minute of their time, kept by the ingest
+    # (each upsert moves a series from its old group and minute to its new one), so
+    # blockprobe_domains, the matrix and the series quota sum a few thousand rows instead of
+    # grouping every series (Store.counts_and_reach). Empty strings stand for NULL in the key.
+    # `resolvers`: each resolver's operator and kind, for display, instead of an archive scan.
+    # `latest_names`: the status page and /api/v1/findings page through current problems in name
+    # order. `latest_reach` is rebuilt in group order, so the reach series are capped like the leaks.
+    """
+    CREATE TABLE latest_counts (bucket BIGINT NOT NULL, probe_id TEXT NOT NULL, region TEXT NOT NULL,
+                                country TEXT NOT NULL, resolver TEXT NOT NULL, transport TEXT NOT NULL,
+                                rule TEXT NOT NULL, finding TEXT NOT NULL, reach TEXT NOT NULL,
+                                series BIGINT NOT NULL, answered BIGINT NOT NULL, latency_us BIGINT NOT NULL,
+                                latencies BIGINT NOT NULL,
+                                PRIMARY KEY (bucket, probe_id, region, country, resolver, transport, rule, finding, reach));
+    INSERT INTO latest_counts (bucket, probe_id, region, country, resolver, transport, rule, finding, reach, series,
+                               answered, latency_us, latencies)
+        SELECT {bucket}, probe_id, region, country, resolver, transport, COALESCE(rule, ''), COALESCE(finding, ''),
+               COALESCE(reach, ''), count(*), sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END),
+               COALESCE(sum({micros}), 0), count(latency_ms)
+        FROM latest GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9;
+    CREATE INDEX latest_counts_probe ON latest_counts (probe_id, bucket);
+    CREATE TABLE resolvers (resolver TEXT PRIMARY KEY, operator TEXT, kind TEXT, time DOUBLE PRECISION NOT NULL);
+    CREATE INDEX latest_names ON latest (finding, country, resolver, domain, qtype, transport, probe_id);
+    DROP INDEX latest_reach;
+    CREATE INDEX latest_reach ON latest (reach, probe_id, resolver, transport, rule, finding, domain, qtype)
+    """,
 ]
+
+# `latest_counts` buckets: a series counts in the minute of its time. Reads sum whole minutes
+# after the staleness boundary and count the boundary minute's own rows exactly.
+BUCKET = 60
 
 # Keys of an evidence row that the collector sets: a measurement's own keys never override them.
 COLLECTOR_FIELDS = ("id", "batch_id", "probe", "region", "country", "received")
@@ -200,11 +232,57 @@ class SeriesQuotaExceeded(Exception):
         self.limit = limit
 
 
+def _operator_kind(m: dict[str, Any]) -> tuple[str | None, str | None]:
+    operator, kind = m.get("operator"), m.get("kind")
+    return (
+        operator[:128] if isinstance(operator, str) and operator else None,
+        kind[:32] if isinstance(kind, str) and kind else None,
+    )
+
+
+def _micros(latency_ms: Any) -> int:
+    """A latency in whole microseconds, rounded as the dialects' `micros_sql` rounds it, so that
+    what the ingest adds to a count it can later take away exactly."""
+    return math.floor(float(latency_ms) * 1000 + 0.5)
+
+
+# A `latest` row's part in latest_counts: (bucket, probe, region, country, resolver, transport, rule,
+# finding, reach) → (series, answered, latency µs, latencies).
+_CountKey = tuple[Any, ...]
+
+
+def _count_of(
+    pid: str, resolver: str, transport: str, row: Sequence[Any]
+) -> tuple[_CountKey, tuple[int, ...]]:
+    """`row` = (time, region, country, rule, finding, reach, outcome, latency_ms)."""
+    t, region, country, rule, finding, reach, outcome, latency = row
+    key = (
+        int(t // BUCKET),
+        pid,
+        region,
+        country,
+        resolver,
+        transport,
+        rule or "",
+        finding or "",
+        reach or "",
+    )
+    answered = 0 if outcome in ("timeout", "error") else 1
+    return key, (1, answered, 0 if latency is None else _micros(latency), 0 if latency is None else 1)
+
+
 class Store:
     """Shared by both databases; subclasses provide connections and the dialect."""
 
     placeholder = "?"
     serial = "INTEGER"
+    # A time's latest_counts bucket and a latency's microseconds, in SQL (migration 8), as
+    # `_count_of` computes them in Python.
+    bucket_sql = f"CAST(time / {BUCKET} AS INTEGER)"
+    micros_sql = "CAST(latency_ms * 1000 + 0.5 AS INTEGER)"
+    # Appended to the read of a batch's old rows: PostgreSQL holds them until the upsert, so a
+    # concurrent writer cannot change what the count deltas were computed from.
+    lock_rows = ""
     # Bumped on every token change made through this object, so this process's token cache
     # sees a revocation at once (another process's change is seen at the cache's next refresh).
     token_generation = 0
@@ -224,14 +302,31 @@ class Store:
             row = cur.fetchone()
             version = row[0] if row else 0
             for i, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, migration.format(serial=self.serial_pk).split(";")):
+                sql = migration.format(serial=self.serial_pk, bucket=self.bucket_sql, micros=self.micros_sql)
+                for statement in filter(str.strip, sql.split(";")):
                     cur.execute(statement)
+                if i == 8:
+                    self._fill_resolvers(cur)
                 cur.execute(self._sql("DELETE FROM schema_version"))
                 cur.execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (i,))
 
     @property
     def serial_pk(self) -> str:
         return self.serial
+
+    def _fill_resolvers(self, cur: Any) -> None:
+        """Migration 8: each resolver's operator and kind from its newest archived measurement,
+        once; the ingest keeps the table from then on."""
+        cur.execute(
+            "SELECT body, time FROM archive WHERE id IN (SELECT max(id) FROM archive GROUP BY resolver)"
+        )
+        rows = []
+        for body, t in cur.fetchall():
+            m = json.loads(body)
+            rows.append((m["resolver"], *_operator_kind(m), t))
+        cur.executemany(
+            self._sql("INSERT INTO resolvers (resolver, operator, kind, time) VALUES (?, ?, ?, ?)"), rows
+        )
 
     # tokens ----------------------------------------------------------------------------
     def set_token(self, probe_id: str, token_hash: str) -> None:
@@ -341,17 +436,14 @@ class Store:
             )
             if cur.rowcount == 0:
                 return StoredBatch(False, 0)
+            old = self._old_rows(cur, list(latest))
             if max_series is not None:
                 # Counted before the upsert, so the batch's keys already there are not counted twice.
                 limit, since = max_series
-                cur.execute(
-                    self._sql("SELECT count(*) FROM latest WHERE probe_id = ? AND time >= ?"), (pid, since)
-                )
-                current = int(cur.fetchone()[0])
-                if current + len(latest) > limit:
-                    new = self._new_keys(cur, pid, since, list(latest))
-                    if current + new > limit:
-                        raise SeriesQuotaExceeded(current + new, limit)
+                current = self._series_count(cur, pid, since)
+                new = sum(1 for k in latest if k not in old or old[k][0] < since)
+                if current + new > limit:
+                    raise SeriesQuotaExceeded(current + new, limit)
             cur.executemany(
                 self._sql(
                     "INSERT INTO archive (batch_id, probe_id, region, country, resolver, transport, qtype, domain, time, "
@@ -376,6 +468,8 @@ class Store:
                 ),
                 list(latest.values()),
             )
+            self._move_counts(cur, pid, latest, old)
+            self._note_resolvers(cur, measurements)
             self._record_leaks(cur, country, measurements)
             self._store_checks(cur, checks)
             if newest:
@@ -439,30 +533,142 @@ class Store:
                 checks,
             )
 
-    def _new_keys(self, cur: Any, pid: str, since: float, keys: list[tuple[str, ...]]) -> int:
-        """How many of a batch's series keys are not yet current for this probe (exact, slower path)."""
-        existing: set[tuple[str, ...]] = set()
+    def _old_rows(self, cur: Any, keys: list[tuple[str, ...]]) -> dict[tuple[str, ...], tuple[Any, ...]]:
+        """The stored rows of a batch's series keys: key → (time, region, country, rule, finding,
+        reach, outcome, latency_ms), one indexed read per chunk of keys."""
+        out: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        for i in range(0, len(keys), 1000):
+            chunk = keys[i : i + 1000]
+            values = ", ".join("(?, ?, ?, ?, ?)" for _ in chunk)
+            cur.execute(
+                self._sql(
+                    "SELECT l.probe_id, l.resolver, l.transport, l.qtype, l.domain, l.time, l.region, l.country, "
+                    f"l.rule, l.finding, l.reach, l.outcome, l.latency_ms FROM (VALUES {values}) AS v "
+                    "JOIN latest l ON l.probe_id = v.column1 AND l.resolver = v.column2 AND l.transport = v.column3 "
+                    "AND l.qtype = v.column4 AND l.domain = v.column5" + self.lock_rows
+                ),
+                [part for key in chunk for part in key],
+            )
+            for row in cur.fetchall():
+                out[tuple(row[:5])] = tuple(row[5:])
+        return out
+
+    def _move_counts(
+        self,
+        cur: Any,
+        pid: str,
+        latest: dict[tuple[str, ...], tuple[Any, ...]],
+        old: dict[tuple[str, ...], tuple[Any, ...]],
+    ) -> None:
+        """Keep latest_counts in step with the upsert just made: each series the upsert replaced
+        leaves its old group and minute, and counts in its new one."""
+        deltas: dict[_CountKey, list[int]] = {}
+
+        def add(key: _CountKey, value: tuple[int, ...], sign: int) -> None:
+            held = deltas.setdefault(key, [0, 0, 0, 0])
+            for i, v in enumerate(value):
+                held[i] += sign * v
+
+        for key, row in latest.items():
+            before = old.get(key)
+            if before is not None:
+                if before[0] > row[7]:
+                    continue  # the upsert kept the newer row
+                add(*_count_of(pid, key[1], key[2], before), -1)
+            add(
+                *_count_of(
+                    pid, key[1], key[2], (row[7], row[5], row[6], row[10], row[9], row[18], row[8], row[11])
+                ),
+                1,
+            )
+        # In key order, so that two writers never wait on each other in a cycle (PostgreSQL).
+        changes = sorted((k, v) for k, v in deltas.items() if any(v))
+        if not changes:
+            return
+        cur.executemany(
+            self._sql(
+                "INSERT INTO latest_counts (bucket, probe_id, region, country, resolver, transport, rule, finding, "
+                "reach, series, answered, latency_us, latencies) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (bucket, probe_id, region, country, resolver, transport, rule, finding, reach) "
+                "DO UPDATE SET series = latest_counts.series + excluded.series, "
+                "answered = latest_counts.answered + excluded.answered, "
+                "latency_us = latest_counts.latency_us + excluded.latency_us, "
+                "latencies = latest_counts.latencies + excluded.latencies"
+            ),
+            [(*k, *v) for k, v in changes],
+        )
+        emptied = [k for k, v in changes if v[0] < 0]
+        if emptied:
+            cur.executemany(
+                self._sql(
+                    "DELETE FROM latest_counts WHERE bucket = ? AND probe_id = ? AND region = ? AND country = ? "
+                    "AND resolver = ? AND transport = ? AND rule = ? AND finding = ? AND reach = ? AND series <= 0"
+                ),
+                emptied,
+            )
+
+    def _note_resolvers(self, cur: Any, measurements: Sequence[dict[str, Any]]) -> None:
+        """Each resolver's operator and kind as its newest measurement in the batch says."""
+        newest: dict[str, tuple[Any, ...]] = {}
+        for m in measurements:
+            t = parse_time(m["time"])
+            held = newest.get(m["resolver"])
+            if held is None or held[3] <= t:
+                newest[m["resolver"]] = (m["resolver"], *_operator_kind(m), t)
+        cur.executemany(
+            self._sql(
+                "INSERT INTO resolvers (resolver, operator, kind, time) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (resolver) DO UPDATE SET operator = excluded.operator, kind = excluded.kind, "
+                "time = excluded.time WHERE excluded.time >= resolvers.time"
+            ),
+            [newest[r] for r in sorted(newest)],
+        )
+
+    def resolvers(self) -> dict[str, tuple[str | None, str | None]]:
+        """resolver → (operator, kind), as their newest measurements said."""
+        with self.tx() as cur:
+            cur.execute("SELECT resolver, operator, kind FROM resolvers")
+            return {str(r): (o, k) for r, o, k in cur.fetchall()}
+
+    def _boundary(self, cur: Any, since: float, probe: str | None = None) -> list[tuple[Any, ...]]:
+        """The current rows of the minute `since` falls in, grouped as latest_counts groups them:
+        the one bucket that whole-bucket sums cannot split at `since`."""
+        end = (math.floor(since / BUCKET) + 1) * BUCKET
+        # `probe_id || ''` (no index on it): read the rows of that minute by time, not every row of the probe.
+        by_probe = "" if probe is None else " AND probe_id || '' = ?"
         cur.execute(
             self._sql(
-                "SELECT probe_id, resolver, transport, qtype, domain FROM latest WHERE probe_id = ? AND time >= ?"
+                "SELECT probe_id, region, country, resolver, transport, COALESCE(rule, ''), COALESCE(finding, ''), "
+                "COALESCE(reach, ''), count(*), sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), "
+                f"COALESCE(sum({self.micros_sql}), 0), count(latency_ms) FROM latest "
+                f"WHERE time >= ? AND time < ?{by_probe} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8"
             ),
-            (pid, since),
+            (since, end) if probe is None else (since, end, probe),
         )
-        for row in cur.fetchall():
-            existing.add(tuple(row))
-        return sum(k not in existing for k in keys)
+        return [tuple(r) for r in cur.fetchall()]
+
+    def _series_count(self, cur: Any, pid: str, since: float) -> int:
+        """The probe's current series (reported at or after `since`)."""
+        cur.execute(
+            self._sql("SELECT COALESCE(sum(series), 0) FROM latest_counts WHERE probe_id = ? AND bucket > ?"),
+            (pid, math.floor(since / BUCKET)),
+        )
+        whole = int(cur.fetchone()[0])
+        return whole + sum(int(r[8]) for r in self._boundary(cur, since, pid))
 
     def groups(self, probe_id: str, since: float) -> list[tuple[str, str, str]]:
         """The probe's current (resolver, transport, rule) groups: seeds the ingest's group quota."""
         with self.tx() as cur:
             cur.execute(
                 self._sql(
-                    "SELECT DISTINCT resolver, transport, COALESCE(rule, '') FROM latest "
-                    "WHERE probe_id = ? AND time >= ?"
+                    "SELECT DISTINCT resolver, transport, rule FROM latest_counts "
+                    "WHERE probe_id = ? AND bucket > ? AND series > 0"
                 ),
-                (probe_id, since),
+                (probe_id, math.floor(since / BUCKET)),
             )
-            return [(str(a), str(b), str(c)) for a, b, c in cur.fetchall()]
+            found = {(str(a), str(b), str(c)) for a, b, c in cur.fetchall()}
+            found.update((str(r[3]), str(r[4]), str(r[5])) for r in self._boundary(cur, since, probe_id))
+            return sorted(found)
 
     # reading ---------------------------------------------------------------------------
     def current(self, since: float) -> list[dict[str, Any]]:
@@ -590,35 +796,49 @@ class Store:
         return self.counts_and_reach(since)[0]
 
     def counts_and_reach(self, since: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """`counts`, and `reach_counts` from the same single pass over the current series (each
-        is a scan of every current row: at a mass leak, two scans were a third of a render)."""
+        """`counts`, and `reach_counts`, from latest_counts: whole minutes after `since` summed, the
+        minute `since` falls in counted row by row, so the figures are exact and cost the number
+        of groups × minutes, not the number of series."""
         with self.tx() as cur:
             cur.execute(
                 self._sql(
-                    "SELECT probe_id, region, country, resolver, transport, rule, finding, "
-                    "COALESCE(reach, 'unchecked') AS r, count(*), "
-                    "sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), "
-                    "sum(latency_ms), count(latency_ms) FROM latest WHERE time >= ? "
-                    "GROUP BY probe_id, region, country, resolver, transport, rule, finding, r"
+                    "SELECT probe_id, region, country, resolver, transport, rule, finding, reach, sum(series), "
+                    "sum(answered), sum(latency_us), sum(latencies) FROM latest_counts WHERE bucket > ? "
+                    "GROUP BY probe_id, region, country, resolver, transport, rule, finding, reach"
                 ),
-                (since,),
+                (math.floor(since / BUCKET),),
             )
-            rows = cur.fetchall()
+            rows = [tuple(r) for r in cur.fetchall()]
+            rows.extend(self._boundary(cur, since))
+        merged: dict[tuple[Any, ...], list[int]] = {}
+        for *key, r, n, answered, micros, lat_n in rows:
+            held = merged.setdefault((*key, r or "unchecked"), [0, 0, 0, 0])
+            held[0] += int(n)
+            held[1] += int(answered)
+            held[2] += int(micros)
+            held[3] += int(lat_n)
         counts: dict[tuple[Any, ...], list[Any]] = {}
         reach = []
-        for *key, r, n, answered, lat_sum, lat_n in rows:
-            group = tuple(key)
-            held = counts.get(group)
-            if held is None:
-                counts[group] = [n, answered, lat_sum, lat_n]
-            else:
-                held[0] += n
-                held[1] += answered
-                held[2] = lat_sum if held[2] is None else (held[2] if lat_sum is None else held[2] + lat_sum)
-                held[3] += lat_n
-            if key[6] is not None and (key[5] or "") != "canary":
-                reach.append((*key, r, n))
-        return [(*k, *v) for k, v in counts.items()], reach
+        for (probe, region, country, resolver, transport, rule, finding, r), (
+            n,
+            answered,
+            micros,
+            lat_n,
+        ) in sorted(merged.items()):
+            if n <= 0:
+                continue
+            group = (probe, region, country, resolver, transport, rule or None, finding or None)
+            held = counts.setdefault(group, [0, 0, 0, 0])
+            held[0] += n
+            held[1] += answered
+            held[2] += micros
+            held[3] += lat_n
+            if finding and rule != "canary":
+                reach.append((*group, r, n))
+        return [
+            (*k, n, answered, micros / 1000 if lat_n else None, lat_n)
+            for k, (n, answered, micros, lat_n) in counts.items()
+        ], reach
 
     def probes(self) -> list[dict[str, Any]]:
         with self.tx() as cur:
@@ -859,6 +1079,9 @@ class PostgresStore(Store):
 
     placeholder = "%s"
     serial = "BIGSERIAL"
+    bucket_sql = f"CAST(floor(time / {BUCKET}) AS BIGINT)"
+    micros_sql = "CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT)"
+    lock_rows = " FOR UPDATE OF l"
     compliance_lock = "SELECT pg_advisory_xact_lock(4243)"
 
     def __init__(self, url: str) -> None:

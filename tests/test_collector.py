@@ -526,3 +526,129 @@ def test_finding_since_is_kept_for_the_longest_standing_names_of_each_group(serv
     named = sorted(re.findall(r'domain="n(\d\d)', " ".join(since)))
     assert named == [f"{i:02d}" for i in range(5, 15)]  # the ten oldest
     assert min(since.values()) == int(start)
+
+
+def _full_counts(store: Store, since: float) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
+    """What `counts_and_reach` must say, counted the slow way: every current row grouped."""
+    with store.tx() as cur:
+        cur.execute(
+            store._sql(
+                "SELECT probe_id, region, country, resolver, transport, rule, finding, "
+                "COALESCE(reach, 'unchecked'), count(*), "
+                "sum(CASE WHEN outcome IN ('timeout', 'error') THEN 0 ELSE 1 END), "
+                "sum(latency_ms), count(latency_ms) FROM latest WHERE time >= ? "
+                "GROUP BY probe_id, region, country, resolver, transport, rule, finding, COALESCE(reach, 'unchecked')"
+            ),
+            (since,),
+        )
+        rows = cur.fetchall()
+    counts: dict[tuple[Any, ...], list[Any]] = {}
+    reach = set()
+    for *key, r, n, answered, lat_sum, lat_n in rows:
+        held = counts.setdefault(tuple(key), [0, 0, 0.0, 0])
+        held[0] += n
+        held[1] += answered
+        held[2] += lat_sum or 0.0
+        held[3] += lat_n
+        if key[6] is not None and key[5] != "canary":
+            reach.add((*key, r, n))
+    return {(*k, n, a, round(s, 3) if ln else None, ln) for k, (n, a, s, ln) in counts.items()}, reach
+
+
+def _kept_counts(store: Store, since: float) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
+    counts, reach = store.counts_and_reach(since)
+    return {(*c[:9], None if c[9] is None else round(c[9], 3), c[10]) for c in counts}, set(reach)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kept_counts_equal_a_full_count_at_every_staleness_boundary(
+    backend: str, tmp_path: Path, postgres: TempPostgres | None
+) -> None:
+    """latest_counts, kept by the ingest, says what grouping every current row says: series moving
+    between findings, reach, minutes and regions, late measurements the upsert ignores, and a
+    database that had rows before the table existed (migration 8 fills it)."""
+    import random
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    else:
+        if postgres is None:
+            pytest.skip("PostgreSQL is not installed (make test installs it)")
+        url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
+    rnd = random.Random(12)
+    base = 1_790_000_000.0  # a minute boundary (divisible by 60) plus the offsets below
+    findings = [
+        ("leak", "blocked"),
+        ("enforced", "blocked"),
+        ("ok", "resolves"),
+        ("inconclusive", "blocked"),
+        (None, None),
+    ]
+
+    def one(i: int) -> dict[str, Any]:
+        finding, expected = rnd.choice(findings)
+        t = base + rnd.uniform(0, 600)
+        outcome = rnd.choice(["resolved", "nxdomain", "timeout", "error"])
+        return measurement(
+            f"n{rnd.randrange(12)}.example",
+            finding,
+            expected=expected,
+            qtype=rnd.choice(["A", "AAAA"]),
+            transport=rnd.choice(["udp", "dot"]),
+            outcome=outcome,
+            latency_ms=None
+            if outcome == "timeout"
+            else round(rnd.uniform(0.1, 90), rnd.choice([0, 1, 3, 6])),
+            reach=rnd.choice([None, "reachable", "http_451"]),
+            expected_by=rnd.choice([{"order": "o-1"}, {"list": "ctl"}, {"canary": "resolves"}, None]),
+            time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z",
+        )
+
+    def check(store: Store) -> None:
+        for since in [
+            base - 1,
+            base,
+            base + 59.999,
+            base + 60,
+            base + 61.5,
+            base + 299,
+            base + 300.25,
+            base + 601,
+        ]:
+            assert _kept_counts(store, since) == _full_counts(store, since), since
+            probe_series = sum(c[7] for c in store.counts(since) if c[0] == "it-1")
+            with store.tx() as cur:
+                assert store._series_count(cur, "it-1", since) == probe_series
+
+    store = open_store(url)
+    try:
+        for b in range(30):
+            probe = rnd.choice([("it-1", "r1", "IT"), ("it-1", "r2", "IT"), ("fr-1", "f", "FR")])
+            store.ingest(
+                {"id": probe[0], "region": probe[1], "country": probe[2]},
+                f"batch-{b:04d}",
+                [one(i) for i in range(rnd.randrange(1, 25))],
+                received=base,
+            )
+            if b % 10 == 9:
+                check(store)
+        # As a database from before migration 8: the table goes, the migration builds it again.
+        with store.tx() as cur:
+            cur.execute("DROP TABLE latest_counts")
+            cur.execute("DROP TABLE resolvers")
+            cur.execute("DROP INDEX latest_names")
+            cur.execute("UPDATE schema_version SET version = 7")
+        store.close()
+        store = open_store(url)
+        check(store)
+        for b in range(30, 45):
+            store.ingest(
+                {"id": "it-1", "region": "r1", "country": "IT"},
+                f"batch-{b:04d}",
+                [one(i) for i in range(20)],
+                base,
+            )
+        check(store)
+        assert store.resolvers() == {"udp://192.0.2.53": (None, None)}
+    finally:
+        store.close()
