@@ -585,7 +585,7 @@ def test_kept_counts_equal_a_full_count_at_every_staleness_boundary(
         (None, None),
     ]
 
-    def one(i: int) -> dict[str, Any]:
+    def one() -> dict[str, Any]:
         finding, expected = rnd.choice(findings)
         t = base + rnd.uniform(0, 600)
         outcome = rnd.choice(["resolved", "nxdomain", "timeout", "error"])
@@ -627,7 +627,7 @@ def test_kept_counts_equal_a_full_count_at_every_staleness_boundary(
             store.ingest(
                 {"id": probe[0], "region": probe[1], "country": probe[2]},
                 f"batch-{b:04d}",
-                [one(i) for i in range(rnd.randrange(1, 25))],
+                [one() for _ in range(rnd.randrange(1, 25))],
                 received=base,
             )
             if b % 10 == 9:
@@ -645,7 +645,7 @@ def test_kept_counts_equal_a_full_count_at_every_staleness_boundary(
             store.ingest(
                 {"id": "it-1", "region": "r1", "country": "IT"},
                 f"batch-{b:04d}",
-                [one(i) for i in range(20)],
+                [one() for _ in range(20)],
                 base,
             )
         check(store)
