@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from collector.compliance import deadline_missed, time_to_enforce
-from collector.reach import ip_blocks
+from collector.reach import PROBLEM_REACH, ip_blocks
 from collector.store import Store
 
 __all__ = ["FAMILIES", "Health", "make_registry", "render_findings"]
@@ -282,6 +282,10 @@ def render_findings(
     since = now - stale_after
     counts, reach_counts = store.counts_and_reach(since)
     problems, left_out = _capped(store, since, counts, max_domain_series)
+    # Canaries whose fate was not the expected one, read per group as the leaks are.
+    canaries = [
+        c[:7] for c in counts if c[5] == "canary" and c[6] not in (None, "ok", "enforced") and c[7] > 0
+    ]
     probes = store.probes()
     w = _Writer()
     w.family(
@@ -360,7 +364,7 @@ def render_findings(
                 ],
                 1,
             )
-            for c in store.canaries(since)
+            for c in store.capped_problems(since, canaries, max_domain_series)
         ),
     )
     w.family(
@@ -406,7 +410,19 @@ def _render_reach(
 ) -> None:
     """blockprobe_reach (capped per probe × resolver × transport × order × finding, like the leak
     series) and the true counts in blockprobe_reach_domains."""
-    kept, left_out = cap_problems(store.reach_problems(since), per_group)
+    problems = [
+        c
+        for c in counts
+        if c[7] in PROBLEM_REACH and c[6] not in (None, "enforced") and c[5] != "canary" and c[8] > 0
+    ]
+    # Each reach value's first names, then the group's first names across them: what capping
+    # every row of the group would keep (a CDN answering 451 for a whole order is a mass event too).
+    kept, _ = cap_problems(store.capped_reach(since, [c[:8] for c in problems], per_group), per_group)
+    totals: dict[tuple[Any, ...], int] = {}
+    for probe, region, country, resolver, transport, rule, finding, _reach, n in problems:
+        key = (probe, region, country, resolver, transport, rule or "", finding)
+        totals[key] = totals.get(key, 0) + int(n)
+    left_out = {k: n - per_group for k, n in sorted(totals.items()) if n > per_group}
     w.family(
         "blockprobe_reach",
         (

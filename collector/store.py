@@ -755,6 +755,38 @@ class Store:
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
+    def capped_reach(
+        self, since: float, groups: Sequence[Sequence[Any]], per_group: int
+    ) -> list[dict[str, Any]]:
+        """The first `per_group` current rows by (domain, qtype) of each (probe, region, country,
+        resolver, transport, rule, finding, reach) group, through the latest_reach index."""
+        out: list[dict[str, Any]] = []
+        with self.tx() as cur:
+            for probe, region, country, resolver, transport, rule, finding, reach in groups:
+                by_rule = "rule IS NULL" if rule is None else "rule = ?"
+                cur.execute(
+                    self._sql(
+                        "SELECT probe_id, region, country, resolver, transport, qtype, domain, finding, rule, reach "
+                        f"FROM latest WHERE reach = ? AND probe_id = ? AND resolver = ? AND transport = ? AND {by_rule} "
+                        "AND finding = ? AND region = ? AND country = ? AND +time >= ? ORDER BY domain, qtype LIMIT ?"
+                    ),
+                    (
+                        reach,
+                        probe,
+                        resolver,
+                        transport,
+                        *(() if rule is None else (rule,)),
+                        finding,
+                        region,
+                        country,
+                        since,
+                        per_group,
+                    ),
+                )
+                cols = [d[0] for d in cur.description]
+                out.extend(dict(zip(cols, r, strict=True)) for r in cur.fetchall())
+        return out
+
     def reach_counts(self, since: float) -> list[tuple[Any, ...]]:
         """(probe, region, country, resolver, transport, rule, finding, reach, series) over the current
         series of names with an expectation; a series from before reach was kept counts as unchecked."""
@@ -776,19 +808,6 @@ class Store:
                 (since, since),
             )
             return [tuple(r) for r in cur.fetchall()]
-
-    def canaries(self, since: float) -> list[dict[str, Any]]:
-        """Current canary series whose fate was not the expected one (or could not be told)."""
-        with self.tx() as cur:
-            cur.execute(
-                self._sql(
-                    "SELECT probe_id, region, country, resolver, transport, qtype, domain, outcome, finding FROM latest "
-                    "WHERE time >= ? AND rule = 'canary' AND finding NOT IN ('ok', 'enforced')"
-                ),
-                (since,),
-            )
-            cols = [d[0] for d in cur.description]
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     def counts(self, since: float) -> list[tuple[Any, ...]]:
         """One pass over the current series: (probe, region, country, resolver, transport, rule, finding,

@@ -222,7 +222,11 @@ def test_reach_series_are_capped_like_the_leak_series(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     s = Server(store, "limits: {max_domain_series: 2}\n")
     try:
-        send(s, "it-1", [made("it-1", f"n{i}.example", reach="http_451") for i in range(5)])
+        # Capped per group across reach values: the group's first names, whatever each one's reach.
+        reaches = ["http_451", "unreachable", "http_451", "tls_error", "http_451"]
+        send(
+            s, "it-1", [made("it-1", f"n{i}.example", reach=r) for i, r in reversed(list(enumerate(reaches)))]
+        )
         scrape = s.scrape()
         reach = family(scrape, "blockprobe_reach")
         assert sorted(re.findall(r'domain="([^"]+)"', "".join(reach))) == ["n0.example", "n1.example"]
@@ -232,8 +236,14 @@ def test_reach_series_are_capped_like_the_leak_series(tmp_path: Path) -> None:
         }
         assert (
             scrape["blockprobe_reach_domains" + labels(**it, list=ORDER, finding="leak", reach="http_451")]
-            == 5
+            == 3
         )
+        assert set(reach) == {
+            "blockprobe_reach"
+            + labels(**it, order=ORDER, domain="n0.example", qtype="A", finding="leak", reach="http_451"),
+            "blockprobe_reach"
+            + labels(**it, order=ORDER, domain="n1.example", qtype="A", finding="leak", reach="unreachable"),
+        }
     finally:
         s.stop()
         store.close()
