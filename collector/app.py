@@ -31,9 +31,10 @@ from starlette.concurrency import run_in_threadpool
 
 from collector.compliance import run_forever as run_compliance
 from collector.config import CollectorConfig, ReadAccess
+from collector.export import findings_page
 from collector.ingest import INGEST_PATH, IngestGate, TokenCache, bearer, json_response, send_response
 from collector.metrics import make_registry
-from collector.pages import Pages
+from collector.pages import Pages, decode_cursor
 from collector.schema import Batch
 from collector.store import Store
 
@@ -300,14 +301,65 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
     status_views = {
         show: Rendered(config.render_cache_seconds, view(show)) for show in (None, "leak", "overblock")
     }
+    # Pages past the first are rendered on demand, one at a time: each is cheap (a page of an
+    # index), and no number of readers can queue more than one read on the ingest's database.
+    paged_reads = asyncio.Semaphore(1)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses={422: {}})
     async def status_page(
-        request: Request, show: str | None = Query(None, pattern="^(leak|overblock)$")
+        request: Request,
+        show: str | None = Query(None, pattern="^(leak|overblock)$"),
+        after: str | None = Query(None, max_length=2048, pattern="^[A-Za-z0-9_-]+$"),
     ) -> Response:
-        """The answer first: a country × resolver × transport matrix, then leaks, then overblocks."""
-        packed: _Packed = await status_views[show].get()
-        return packed.response(request, "text/html; charset=utf-8")
+        """The answer first: a country × resolver × transport matrix, then leaks, then overblocks.
+        `show` pages through one section; `after` is the cursor of its next page."""
+        if after is None or show is None:
+            packed: _Packed = await status_views[show].get()
+            return packed.response(request, "text/html; charset=utf-8")
+        try:
+            key = decode_cursor(after, 3)
+        except ValueError as exc:
+            raise HTTPException(422, f"after: {exc}") from None
+        async with paged_reads:
+            html = await run_in_threadpool(pages.status, show, None, key)
+        return _Packed(html.encode()).response(request, "text/html; charset=utf-8")
+
+    @app.get("/api/v1/findings", responses={422: {}})
+    async def findings_list(
+        finding: str = Query("leak", pattern="^(leak|overblock)$"),
+        country: str | None = Query(None, pattern="^[A-Z]{2}$"),
+        resolver: str | None = Query(None, max_length=128),
+        transport: str | None = Query(None, pattern="^(udp|tcp|dot|doh|doh3|doq)$"),
+        probe: str | None = Query(None, max_length=64),
+        order: str | None = Query(None, max_length=128),
+        limit: int = Query(1000, ge=1, le=10_000),
+        after: str | None = Query(None, max_length=2048, pattern="^[A-Za-z0-9_-]+$"),
+        format: str = Query("json", pattern="^(json|csv)$"),
+    ) -> Response:
+        """Every current leak or overblock series (not capped, unlike /metrics), `limit` a page in
+        (country, domain, qtype, resolver, transport, probe) order; `next` (and the Link header)
+        gives the following page, until it is null. Filters narrow the list and its `series` total."""
+        filters = {
+            "country": country,
+            "resolver": resolver,
+            "transport": transport,
+            "probe": probe,
+            "order": order,
+        }
+        since = time.time() - config.stale_after
+        try:
+            async with paged_reads:
+                page = await run_in_threadpool(
+                    findings_page, store, since, finding, filters, after, limit, format
+                )
+        except ValueError as exc:
+            raise HTTPException(422, f"after: {exc}") from None
+        headers = {"link": f'<{page.next}>; rel="next"'} if page.next else {}
+        headers["x-total-series"] = str(page.series)
+        if format == "csv":
+            headers["content-disposition"] = f'attachment; filename="blockprobe-{finding}s.csv"'
+            return Response(page.csv(), media_type="text/csv; charset=utf-8", headers=headers)
+        return Response(page.json(), media_type="application/json", headers=headers)
 
     @app.get("/evidence", response_class=HTMLResponse)
     async def evidence(

@@ -11,6 +11,7 @@ words, then the history as runs of identical results, the raw wire data folded a
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections import defaultdict
@@ -27,11 +28,13 @@ from collector.compliance import enforcement_watched, time_to_enforce, verdict_w
 from collector.reach import ip_blocks
 from collector.store import Store
 
-__all__ = ["Pages", "display_name", "reach_said", "runs_of"]
+__all__ = ["Pages", "decode_cursor", "display_name", "encode_cursor", "reach_said", "runs_of"]
 
 TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
 FINDINGS = ("leak", "overblock", "inconclusive", "enforced", "ok")
-PAGE = 50  # problem rows per section before "show all"
+PAGE = 50  # names per section on the status page
+SHOW_PAGE = 500  # names per page of one section (`?show=leak`)
+NAMES_COUNTED = 1000  # names per section counted for the header; beyond: "1000+"
 HISTORY = 500  # archived measurements of one series read for its evidence page
 
 _OUTCOME_WORDS = {
@@ -150,38 +153,49 @@ class Pages:
         self.env.globals.update(fmt_time=fmt_time, fmt_age=fmt_age, evidence_url=evidence_url)
 
     # the status page --------------------------------------------------------------------
-    def status(self, show: str | None = None, now: float | None = None) -> str:
-        """The status page; `show` = "leak" or "overblock" lists every row of that section."""
+    def status(
+        self, show: str | None = None, now: float | None = None, after: Sequence[str] | None = None
+    ) -> str:
+        """The status page; `show` = "leak" or "overblock" pages through that section, SHOW_PAGE
+        names a page from the name after `after` (country, domain, qtype).
+
+        Each section reads its page of names through an index and the series counts from the
+        counts the ingest keeps, so a page costs what it shows, not how many names leak."""
         now = time.time() if now is None else now
         since = now - self.stale_after
-        names = self._resolver_names(since)
+        names = self._resolver_names()
         matrix, transports, totals = self._matrix(since, names)
-        problems = self._problems(since, names)
         sections = []
+        counted = {}
         for finding, title, explain in (
             ("leak", "Leaks", "names an order requires blocked here that still resolve"),
             ("overblock", "Overblocks", "names that must resolve here but are blocked"),
         ):
-            rows = [p for p in problems if p.finding == finding]
-            shown = rows if show == finding else rows[:PAGE]
-            for p in shown:
+            size = SHOW_PAGE if show == finding else PAGE
+            keys = self.store.problem_names(since, finding, after if show == finding else None, size + 1)
+            more = len(keys) > size
+            keys = keys[:size]
+            rows = self._problems(self.store.problems_of(since, finding, keys), names)
+            for p in rows:
                 p.said = self._said(p)
                 p.reach_said = reach_said(p.finding, p.reach)
+            counted[finding] = self.store.count_names(since, finding, NAMES_COUNTED + 1)
             sections.append(
                 {
                     "finding": finding,
                     "title": title,
                     "explain": explain,
-                    "rows": shown,
-                    "total": len(rows),
-                    "series": sum(len(p.probes) * len(p.transports) for p in rows),
+                    "rows": rows,
+                    "names": _counted(counted[finding]),
+                    "series": totals[finding],
+                    "more": more,
+                    "next": encode_cursor(keys[-1]) if more and show == finding else None,
+                    "paged": show == finding,
                     # A column of "not checked" on every row (probes with `verify: off`) says nothing.
                     "checked": any(set(p.reach) - {"unchecked"} for p in rows),
                 }
             )
         alerts, alerts_error = self._alerts()
-        leaks = sum(1 for p in problems if p.finding == "leak")
-        overblocks = sum(1 for p in problems if p.finding == "overblock")
         return self.env.get_template("status.html").render(
             now=now,
             stale_after=self.stale_after,
@@ -191,29 +205,25 @@ class Pages:
             sections=sections,
             leak_series=totals["leak"],
             overblock_series=totals["overblock"],
-            leaks=leaks,
-            overblocks=overblocks,
+            leaks=_counted(counted["leak"]),
+            overblocks=_counted(counted["overblock"]),
             probes=self.store.probes(),
             alerts=alerts,
             alerts_error=alerts_error,
             prometheus_url=self.prometheus_url,
             bar=_bar(totals),
+            page_size=SHOW_PAGE,
             compliance=self._compliance(since, now, names),
             ip_blocks=ip_blocks(self.store, now, self.ip_block_window),
             ip_block_window=self.ip_block_window,
         )
 
-    def _resolver_names(self, since: float) -> dict[str, tuple[str, str]]:
-        """resolver → (display name, kind), from the newest archived measurement of each."""
-        # The store has no reader for this; one query with the store's own placeholder style.
-        sql = "SELECT body FROM archive WHERE id IN (SELECT max(id) FROM archive WHERE time >= ? GROUP BY resolver)"
-        with self.store.tx() as cur:
-            cur.execute(sql.replace("?", self.store.placeholder), (since,))
-            bodies = [json.loads(r[0]) for r in cur.fetchall()]
-        out = {}
-        for b in bodies:
-            out[b["resolver"]] = (display_name(b["resolver"], b.get("operator")), b.get("kind") or "")
-        return out
+    def _resolver_names(self) -> dict[str, tuple[str, str]]:
+        """resolver → (display name, kind), as their newest measurements said."""
+        return {
+            resolver: (display_name(resolver, operator), kind or "")
+            for resolver, (operator, kind) in self.store.resolvers().items()
+        }
 
     def _matrix(
         self, since: float, names: dict[str, tuple[str, str]]
@@ -236,9 +246,9 @@ class Pages:
             )
         return rows, transports, totals
 
-    def _problems(self, since: float, names: dict[str, tuple[str, str]]) -> list[Problem]:
+    def _problems(self, series: Sequence[dict[str, Any]], names: dict[str, tuple[str, str]]) -> list[Problem]:
         merged: dict[tuple[Any, ...], Problem] = {}
-        for p in self.store.problems(since):
+        for p in series:
             name, kind = names.get(p["resolver"], (display_name(p["resolver"], None), ""))
             answers = json.loads(p["answers"])
             k = (
@@ -281,7 +291,8 @@ class Pages:
         for row in out:
             row.transports.sort(key=lambda t: TRANSPORTS.index(t) if t in TRANSPORTS else 99)
             row.probes.sort()
-        out.sort(key=lambda r: (r.finding != "leak", r.country, r.resolver, r.domain, r.qtype))
+        # The page's order: country, name, type, then resolver.
+        out.sort(key=lambda r: (r.finding != "leak", r.country, r.domain, r.qtype, r.resolver))
         return out
 
     def _compliance(self, since: float, now: float, names: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -345,6 +356,33 @@ class Pages:
 ORDERS_SHOWN = 10  # orders with a matrix on the status page, worst first; the report has every one
 TIMELINE_SPAN = 7 * 86400  # how far back an order's chart reaches
 CHART_W, CHART_H = 300, 60
+
+
+def _counted(n: int) -> str:
+    """A section's name count for the header: exact up to NAMES_COUNTED, then "1000+"."""
+    return f"{NAMES_COUNTED}+" if n > NAMES_COUNTED else str(n)
+
+
+def encode_cursor(key: Sequence[str]) -> str:
+    """Where the next page starts, for a link: the last key of this page, opaque."""
+    return (
+        base64.urlsafe_b64encode(json.dumps(list(key), separators=(",", ":")).encode()).decode().rstrip("=")
+    )
+
+
+def decode_cursor(text: str, parts: int) -> list[str]:
+    """The key a cursor holds; ValueError (with the reason) for anything else."""
+    try:
+        key = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("not a cursor this collector made") from exc
+    if (
+        not isinstance(key, list)
+        or len(key) != parts
+        or not all(isinstance(k, str) and len(k) <= 253 for k in key)
+    ):
+        raise ValueError("not a cursor this collector made")
+    return key
 
 
 def _share(enforced: int, leaking: int) -> float | None:

@@ -129,7 +129,7 @@ MIGRATIONS: list[str] = [
         FROM latest GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9;
     CREATE INDEX latest_counts_probe ON latest_counts (probe_id, bucket);
     CREATE TABLE resolvers (resolver TEXT PRIMARY KEY, operator TEXT, kind TEXT, time DOUBLE PRECISION NOT NULL);
-    CREATE INDEX latest_names ON latest (finding, country, resolver, domain, qtype, transport, probe_id);
+    CREATE INDEX latest_names ON latest (finding, country, domain, qtype, resolver, transport, probe_id, rule, time);
     DROP INDEX latest_reach;
     CREATE INDEX latest_reach ON latest (reach, probe_id, resolver, transport, rule, finding, domain, qtype)
     """,
@@ -735,6 +735,100 @@ class Store:
                 cols = [d[0] for d in cur.description]
                 out.extend(dict(zip(cols, r, strict=True)) for r in cur.fetchall())
         return out
+
+    # paging through current problems (the status page, /api/v1/findings) ---------------
+    # Every read below walks latest_names in its order from a cursor and stops at its limit, so a
+    # page costs its own rows however many names leak. `+time` keeps the time condition a filter
+    # on that walk (SQLite would otherwise read by latest_time and sort).
+    _NOT_CANARY = "COALESCE(rule, '') <> 'canary'"
+
+    def problem_names(
+        self, since: float, finding: str, after: Sequence[str] | None = None, limit: int = 50
+    ) -> list[tuple[str, str, str]]:
+        """The first `limit` (country, domain, qtype) with a current `finding` on some resolver, in
+        that order, after the name `after`."""
+        where = "" if after is None else " AND (country, domain, qtype) > (?, ?, ?)"
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT DISTINCT country, domain, qtype FROM latest "
+                    f"WHERE finding = ? AND +time >= ? AND {self._NOT_CANARY}{where} "
+                    "ORDER BY country, domain, qtype LIMIT ?"
+                ),
+                (finding, since, *(after or ()), limit),
+            )
+            return [(str(a), str(b), str(c)) for a, b, c in cur.fetchall()]
+
+    def count_names(self, since: float, finding: str, bound: int) -> int:
+        """How many (country, domain, qtype) have a current `finding`, counted up to `bound`."""
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT count(*) FROM (SELECT DISTINCT country, domain, qtype FROM latest "
+                    f"WHERE finding = ? AND +time >= ? AND {self._NOT_CANARY} "
+                    "ORDER BY country, domain, qtype LIMIT ?) AS names"
+                ),
+                (finding, since, bound),
+            )
+            return int(cur.fetchone()[0])
+
+    def problems_of(
+        self, since: float, finding: str, names: Sequence[tuple[str, str, str]]
+    ) -> list[dict[str, Any]]:
+        """Every current series with `finding` of these (country, domain, qtype)."""
+        if not names:
+            return []
+        values = ", ".join("(?, ?, ?)" for _ in names)
+        with self.tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT l.probe_id, l.resolver, l.transport, l.qtype, l.domain, l.region, l.country, l.time, "
+                    "l.outcome, l.finding, l.rule, l.answers, l.since, l.rule_kind, l.reach "
+                    f"FROM (VALUES {values}) AS v JOIN latest l ON l.finding = ? AND l.country = v.column1 "
+                    "AND l.domain = v.column2 AND l.qtype = v.column3 "
+                    "WHERE +l.time >= ? AND COALESCE(l.rule, '') <> 'canary' "
+                    "ORDER BY l.country, l.domain, l.qtype, l.resolver, l.transport, l.probe_id"
+                ),
+                (*(part for name in names for part in name), finding, since),
+            )
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    # The order /api/v1/findings pages in, and what its cursor holds.
+    SERIES_ORDER = ("country", "domain", "qtype", "resolver", "transport", "probe_id")
+
+    def problem_series(
+        self,
+        since: float,
+        finding: str,
+        after: Sequence[str] | None = None,
+        limit: int = 1000,
+        **where: str | None,
+    ) -> list[dict[str, Any]]:
+        """The first `limit` current series with `finding`, in SERIES_ORDER, after the series
+        `after` (its SERIES_ORDER values); `where` narrows by country, resolver, transport,
+        probe_id or rule."""
+        sql = (
+            "SELECT probe_id, region, country, resolver, transport, qtype, domain, finding, rule, rule_kind, "
+            "outcome, answers, reach, since, time FROM latest "
+            f"WHERE finding = ? AND +time >= ? AND {self._NOT_CANARY}"
+        )
+        params: list[Any] = [finding, since]
+        for column, value in where.items():
+            if value is not None:
+                if column not in ("country", "resolver", "transport", "probe_id", "rule"):
+                    raise ValueError(f"no filter on {column}")
+                sql += f" AND {column} = ?"
+                params.append(value)
+        order = ", ".join(self.SERIES_ORDER)
+        if after is not None:
+            sql += f" AND ({order}) > (?, ?, ?, ?, ?, ?)"
+            params.extend(after)
+        sql += f" ORDER BY {order} LIMIT ?"
+        with self.tx() as cur:
+            cur.execute(self._sql(sql), (*params, limit))
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     # reach (issue 16) ------------------------------------------------------------------
     def reach_problems(self, since: float) -> list[dict[str, Any]]:
