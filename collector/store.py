@@ -295,6 +295,12 @@ class Store:
         raise NotImplementedError
         yield
 
+    @contextmanager
+    def read(self) -> Iterator[Any]:
+        """A transaction that only reads: where the database allows, it runs beside the writer."""
+        with self.tx() as cur:
+            yield cur
+
     def migrate(self) -> None:
         with self.tx() as cur:
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -352,12 +358,12 @@ class Store:
         return done
 
     def tokens(self) -> list[tuple[str, str, float, float | None]]:
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute("SELECT probe_id, token_hash, created, revoked FROM tokens ORDER BY probe_id")
             return [tuple(r) for r in cur.fetchall()]
 
     def token_hash(self, probe_id: str) -> str | None:
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql("SELECT token_hash FROM tokens WHERE probe_id = ? AND revoked IS NULL"), (probe_id,)
             )
@@ -544,8 +550,9 @@ class Store:
                 self._sql(
                     "SELECT l.probe_id, l.resolver, l.transport, l.qtype, l.domain, l.time, l.region, l.country, "
                     f"l.rule, l.finding, l.reach, l.outcome, l.latency_ms FROM (VALUES {values}) AS v "
-                    "JOIN latest l ON l.probe_id = v.column1 AND l.resolver = v.column2 AND l.transport = v.column3 "
-                    "AND l.qtype = v.column4 AND l.domain = v.column5" + self.lock_rows
+                    "CROSS JOIN latest l WHERE l.probe_id = v.column1 AND l.resolver = v.column2 "
+                    "AND l.transport = v.column3 AND l.qtype = v.column4 AND l.domain = v.column5"
+                    + self.lock_rows
                 ),
                 [part for key in chunk for part in key],
             )
@@ -626,7 +633,7 @@ class Store:
 
     def resolvers(self) -> dict[str, tuple[str | None, str | None]]:
         """resolver → (operator, kind), as their newest measurements said."""
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute("SELECT resolver, operator, kind FROM resolvers")
             return {str(r): (o, k) for r, o, k in cur.fetchall()}
 
@@ -658,7 +665,7 @@ class Store:
 
     def groups(self, probe_id: str, since: float) -> list[tuple[str, str, str]]:
         """The probe's current (resolver, transport, rule) groups: seeds the ingest's group quota."""
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT DISTINCT resolver, transport, rule FROM latest_counts "
@@ -673,7 +680,7 @@ class Store:
     # reading ---------------------------------------------------------------------------
     def current(self, since: float) -> list[dict[str, Any]]:
         """Latest rows reported at or after `since` (the staleness window), with their probe's region."""
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
@@ -686,7 +693,7 @@ class Store:
 
     def problems(self, since: float) -> list[dict[str, Any]]:
         """Current leaks and overblocks only: what per-domain series and the status page show."""
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT probe_id, resolver, transport, qtype, domain, region, country, time, outcome, finding, rule, "
@@ -707,7 +714,7 @@ class Store:
         per-domain series of CONTRACTS.md section 5, read through the latest_problems index so
         that a group's cost is its cap, however many names it holds."""
         out: list[dict[str, Any]] = []
-        with self.tx() as cur:
+        with self.read() as cur:
             for probe, region, country, resolver, transport, rule, finding in groups:
                 # `rule = NULL` matches nothing; IS NULL keeps the index's order as well. `+time`
                 # keeps SQLite's planner off latest_finding (finding, time), which would read the
@@ -748,7 +755,7 @@ class Store:
         """The first `limit` (country, domain, qtype) with a current `finding` on some resolver, in
         that order, after the name `after`."""
         where = "" if after is None else " AND (country, domain, qtype) > (?, ?, ?)"
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT DISTINCT country, domain, qtype FROM latest "
@@ -761,7 +768,7 @@ class Store:
 
     def count_names(self, since: float, finding: str, bound: int) -> int:
         """How many (country, domain, qtype) have a current `finding`, counted up to `bound`."""
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT count(*) FROM (SELECT DISTINCT country, domain, qtype FROM latest "
@@ -779,14 +786,14 @@ class Store:
         if not names:
             return []
         values = ", ".join("(?, ?, ?)" for _ in names)
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT l.probe_id, l.resolver, l.transport, l.qtype, l.domain, l.region, l.country, l.time, "
                     "l.outcome, l.finding, l.rule, l.answers, l.since, l.rule_kind, l.reach "
-                    f"FROM (VALUES {values}) AS v JOIN latest l ON l.finding = ? AND l.country = v.column1 "
+                    f"FROM (VALUES {values}) AS v CROSS JOIN latest l WHERE l.finding = ? AND l.country = v.column1 "
                     "AND l.domain = v.column2 AND l.qtype = v.column3 "
-                    "WHERE +l.time >= ? AND COALESCE(l.rule, '') <> 'canary' "
+                    "AND +l.time >= ? AND COALESCE(l.rule, '') <> 'canary' "
                     "ORDER BY l.country, l.domain, l.qtype, l.resolver, l.transport, l.probe_id"
                 ),
                 (*(part for name in names for part in name), finding, since),
@@ -825,7 +832,7 @@ class Store:
             sql += f" AND ({order}) > (?, ?, ?, ?, ?, ?)"
             params.extend(after)
         sql += f" ORDER BY {order} LIMIT ?"
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(self._sql(sql), (*params, limit))
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
@@ -837,7 +844,7 @@ class Store:
         are left out: a blocked name whose answer leads to a block page is the order working, and
         an ISP with a block page no fingerprint knows would otherwise fill the cap on every group."""
         marks = ", ".join("?" for _ in PROBLEM_REACH)
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT probe_id, region, country, resolver, transport, qtype, domain, finding, rule, reach "
@@ -855,7 +862,7 @@ class Store:
         """The first `per_group` current rows by (domain, qtype) of each (probe, region, country,
         resolver, transport, rule, finding, reach) group, through the latest_reach index."""
         out: list[dict[str, Any]] = []
-        with self.tx() as cur:
+        with self.read() as cur:
             for probe, region, country, resolver, transport, rule, finding, reach in groups:
                 by_rule = "rule IS NULL" if rule is None else "rule = ?"
                 cur.execute(
@@ -890,7 +897,7 @@ class Store:
         """Every check since `since` of an (order, name, address) that some probe in an ordering
         country failed to connect to since then: (probe, country, side, order, name, address, time,
         status, result). Only what could make an inference is read, so the cost follows what fails."""
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT c.probe_id, c.country, c.side, c.rule, c.name, c.address, c.time, c.status, c.result "
@@ -912,7 +919,7 @@ class Store:
         """`counts`, and `reach_counts`, from latest_counts: whole minutes after `since` summed, the
         minute `since` falls in counted row by row, so the figures are exact and cost the number
         of groups × minutes, not the number of series."""
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT probe_id, region, country, resolver, transport, rule, finding, reach, sum(series), "
@@ -954,7 +961,7 @@ class Store:
         ], reach
 
     def probes(self) -> list[dict[str, Any]]:
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 "SELECT probe_id, region, country, last_report, version, control_failure_ratio FROM probes "
                 "ORDER BY probe_id"
@@ -968,7 +975,7 @@ class Store:
         The collector's own fields (COLLECTOR_FIELDS) are set last: a measurement that carries
         keys of those names cannot make its evidence claim another probe, batch or time.
         """
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT a.id, a.batch_id, a.probe_id, a.region, a.country, b.received, a.body FROM archive a "
@@ -998,7 +1005,7 @@ class Store:
         if country:
             sql += " AND country = ?"
             params.append(country)
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(self._sql(sql + " ORDER BY time"), params)
             return [tuple(r) for r in cur.fetchall()]
 
@@ -1024,88 +1031,108 @@ class Store:
         leak, the most names), and the current counts only from a newer pass, so a pass that
         runs late or twice cannot undo another's. Returns the number of groups.
         """
-        with self.tx() as cur:
-            if self.compliance_lock:
+        if self.compliance_lock:
+            with self.tx() as cur:
                 cur.execute(self.compliance_lock)
-            cur.execute(
-                self._sql(
-                    "SELECT rule, country, resolver, transport, "
-                    "sum(CASE WHEN finding = 'enforced' THEN 1 ELSE 0 END), "
-                    "sum(CASE WHEN finding = 'leak' THEN 1 ELSE 0 END), "
-                    "sum(CASE WHEN finding = 'inconclusive' THEN 1 ELSE 0 END), "
-                    "count(DISTINCT CASE WHEN finding = 'leak' THEN domain END), "
-                    "count(DISTINCT CASE WHEN finding IN ('enforced', 'leak') THEN domain END), "
-                    "max(CASE WHEN finding = 'enforced' THEN since END), "
-                    "max(CASE WHEN finding = 'leak' THEN time END), max(effective), max(due) "
-                    "FROM latest WHERE time >= ? AND rule IS NOT NULL AND rule <> 'canary' "
-                    "AND (finding IN ('enforced', 'leak') OR (finding = 'inconclusive' AND expected = 'blocked')) "
-                    "GROUP BY rule, country, resolver, transport"
-                ),
-                (since,),
-            )
-            names = (
-                *("order_id", "country", "resolver", "transport", "enforced", "leaking", "inconclusive"),
-                *("names_leaking", "names", "enforced_at", "last_leak", "effective", "due"),
-            )
-            groups = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-            cur.execute(
-                "SELECT order_id, country, resolver, transport, enforced, leaking, names_leaking, lateness, due "
-                "FROM compliance"
-            )
-            before = {tuple(r[:4]): (tuple(int(v) for v in r[4:7]), r[7], r[8]) for r in cur.fetchall()}
-            rows, history = [], []
-            for g in groups:
-                for k in ("enforced", "leaking", "inconclusive", "names_leaking", "names"):
-                    g[k] = int(g[k] or 0)
-                key = (g["order_id"], g["country"], g["resolver"], g["transport"])
-                counts, lateness, due = before.get(key, (None, None, None))
-                due = g["due"] if g["due"] is not None else due
-                # Proof of a miss: a leak (any, as ingested) measured more than `margin` after its due.
-                g["late_leak"] = None
-                if lateness is not None and due is not None and lateness > margin:
-                    g["late_leak"] = float(due) + float(lateness)
-                o = observe(g)
-                rows.append((*key, *(o[c] for c in _COMPLIANCE_OBSERVED), now))
-                counts_now = (g["enforced"], g["leaking"], g["names_leaking"])
-                if counts != counts_now:
-                    history.append((now, *key, *counts_now))
-            rows.sort(key=lambda r: r[:4])  # key order, as the ingest writes (no lock cycles)
-            cur.executemany(
-                self._sql(
-                    f"INSERT INTO compliance (order_id, country, resolver, transport, {', '.join(_COMPLIANCE_OBSERVED)}, "
-                    f"updated) VALUES ({', '.join('?' * (len(_COMPLIANCE_OBSERVED) + 5))}) "
-                    "ON CONFLICT (order_id, country, resolver, transport) DO UPDATE SET "
-                    "effective = COALESCE(excluded.effective, compliance.effective), "
-                    "due = COALESCE(excluded.due, compliance.due), "
-                    "first_enforced = CASE WHEN compliance.first_enforced IS NULL "
-                    "OR excluded.first_enforced < compliance.first_enforced "
-                    "THEN COALESCE(excluded.first_enforced, compliance.first_enforced) ELSE compliance.first_enforced END, "
-                    "first_names = CASE WHEN compliance.first_enforced IS NULL "
-                    "OR excluded.first_enforced < compliance.first_enforced "
-                    "THEN COALESCE(excluded.first_names, compliance.first_names) ELSE compliance.first_names END, "
-                    "last_leak = CASE WHEN compliance.last_leak IS NULL OR excluded.last_leak > compliance.last_leak "
-                    "THEN COALESCE(excluded.last_leak, compliance.last_leak) ELSE compliance.last_leak END, "
-                    "late_leak = CASE WHEN compliance.late_leak IS NULL OR excluded.late_leak > compliance.late_leak "
-                    "THEN COALESCE(excluded.late_leak, compliance.late_leak) ELSE compliance.late_leak END, "
-                    "max_names = CASE WHEN excluded.max_names > compliance.max_names "
-                    "THEN excluded.max_names ELSE compliance.max_names END, "
-                    + ", ".join(
-                        f"{c} = CASE WHEN excluded.updated >= compliance.updated THEN excluded.{c} ELSE compliance.{c} END"
-                        for c in ("enforced_since", "enforced", "leaking", "inconclusive", "names_leaking")
-                    )
-                    + ", updated = CASE WHEN excluded.updated > compliance.updated THEN excluded.updated "
-                    "ELSE compliance.updated END"
-                ),
-                rows,
-            )
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO compliance_history (time, order_id, country, resolver, transport, enforced, leaking, "
-                    "names_leaking) VALUES (?,?,?,?,?,?,?,?)"
-                ),
-                history,
-            )
+                groups = self._compliance_groups(cur, since)
+                self._fold_compliance(cur, groups, now, observe, margin)
+        else:
+            # The long read (every current series of every binding order) beside the writer, then a
+            # short write: the ingest waits for the fold, never for the scan.
+            with self.read() as cur:
+                groups = self._compliance_groups(cur, since)
+            with self.tx() as cur:
+                self._fold_compliance(cur, groups, now, observe, margin)
         return len(groups)
+
+    def _compliance_groups(self, cur: Any, since: float) -> list[dict[str, Any]]:
+        cur.execute(
+            self._sql(
+                "SELECT rule, country, resolver, transport, "
+                "sum(CASE WHEN finding = 'enforced' THEN 1 ELSE 0 END), "
+                "sum(CASE WHEN finding = 'leak' THEN 1 ELSE 0 END), "
+                "sum(CASE WHEN finding = 'inconclusive' THEN 1 ELSE 0 END), "
+                "count(DISTINCT CASE WHEN finding = 'leak' THEN domain END), "
+                "count(DISTINCT CASE WHEN finding IN ('enforced', 'leak') THEN domain END), "
+                "max(CASE WHEN finding = 'enforced' THEN since END), "
+                "max(CASE WHEN finding = 'leak' THEN time END), max(effective), max(due) "
+                "FROM latest WHERE time >= ? AND rule IS NOT NULL AND rule <> 'canary' "
+                "AND (finding IN ('enforced', 'leak') OR (finding = 'inconclusive' AND expected = 'blocked')) "
+                "GROUP BY rule, country, resolver, transport"
+            ),
+            (since,),
+        )
+        names = (
+            *("order_id", "country", "resolver", "transport", "enforced", "leaking", "inconclusive"),
+            *("names_leaking", "names", "enforced_at", "last_leak", "effective", "due"),
+        )
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def _fold_compliance(
+        self,
+        cur: Any,
+        groups: list[dict[str, Any]],
+        now: float,
+        observe: Callable[[dict[str, Any]], dict[str, Any]],
+        margin: float,
+    ) -> None:
+        cur.execute(
+            "SELECT order_id, country, resolver, transport, enforced, leaking, names_leaking, lateness, due "
+            "FROM compliance"
+        )
+        before = {tuple(r[:4]): (tuple(int(v) for v in r[4:7]), r[7], r[8]) for r in cur.fetchall()}
+        rows, history = [], []
+        for g in groups:
+            for k in ("enforced", "leaking", "inconclusive", "names_leaking", "names"):
+                g[k] = int(g[k] or 0)
+            key = (g["order_id"], g["country"], g["resolver"], g["transport"])
+            counts, lateness, due = before.get(key, (None, None, None))
+            due = g["due"] if g["due"] is not None else due
+            # Proof of a miss: a leak (any, as ingested) measured more than `margin` after its due.
+            g["late_leak"] = None
+            if lateness is not None and due is not None and lateness > margin:
+                g["late_leak"] = float(due) + float(lateness)
+            o = observe(g)
+            rows.append((*key, *(o[c] for c in _COMPLIANCE_OBSERVED), now))
+            counts_now = (g["enforced"], g["leaking"], g["names_leaking"])
+            if counts != counts_now:
+                history.append((now, *key, *counts_now))
+        rows.sort(key=lambda r: r[:4])  # key order, as the ingest writes (no lock cycles)
+        cur.executemany(
+            self._sql(
+                f"INSERT INTO compliance (order_id, country, resolver, transport, {', '.join(_COMPLIANCE_OBSERVED)}, "
+                f"updated) VALUES ({', '.join('?' * (len(_COMPLIANCE_OBSERVED) + 5))}) "
+                "ON CONFLICT (order_id, country, resolver, transport) DO UPDATE SET "
+                "effective = COALESCE(excluded.effective, compliance.effective), "
+                "due = COALESCE(excluded.due, compliance.due), "
+                "first_enforced = CASE WHEN compliance.first_enforced IS NULL "
+                "OR excluded.first_enforced < compliance.first_enforced "
+                "THEN COALESCE(excluded.first_enforced, compliance.first_enforced) ELSE compliance.first_enforced END, "
+                "first_names = CASE WHEN compliance.first_enforced IS NULL "
+                "OR excluded.first_enforced < compliance.first_enforced "
+                "THEN COALESCE(excluded.first_names, compliance.first_names) ELSE compliance.first_names END, "
+                "last_leak = CASE WHEN compliance.last_leak IS NULL OR excluded.last_leak > compliance.last_leak "
+                "THEN COALESCE(excluded.last_leak, compliance.last_leak) ELSE compliance.last_leak END, "
+                "late_leak = CASE WHEN compliance.late_leak IS NULL OR excluded.late_leak > compliance.late_leak "
+                "THEN COALESCE(excluded.late_leak, compliance.late_leak) ELSE compliance.late_leak END, "
+                "max_names = CASE WHEN excluded.max_names > compliance.max_names "
+                "THEN excluded.max_names ELSE compliance.max_names END, "
+                + ", ".join(
+                    f"{c} = CASE WHEN excluded.updated >= compliance.updated THEN excluded.{c} ELSE compliance.{c} END"
+                    for c in ("enforced_since", "enforced", "leaking", "inconclusive", "names_leaking")
+                )
+                + ", updated = CASE WHEN excluded.updated > compliance.updated THEN excluded.updated "
+                "ELSE compliance.updated END"
+            ),
+            rows,
+        )
+        cur.executemany(
+            self._sql(
+                "INSERT INTO compliance_history (time, order_id, country, resolver, transport, enforced, leaking, "
+                "names_leaking) VALUES (?,?,?,?,?,?,?,?)"
+            ),
+            history,
+        )
 
     def compliance(self, since: float | None = None, order: str | None = None) -> list[dict[str, Any]]:
         """Compliance rows: those a pass saw at or after `since` (None: every one), of one order or all."""
@@ -1120,7 +1147,7 @@ class Store:
             params.append(order)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(self._sql(sql + " ORDER BY order_id, country, resolver, transport"), params)
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
@@ -1139,7 +1166,7 @@ class Store:
         if since is not None:
             sql += " AND time >= ?"
             params.append(since)
-        with self.tx() as cur:
+        with self.read() as cur:
             cur.execute(self._sql(sql + " ORDER BY time DESC LIMIT ?"), (*params, limit))
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in reversed(cur.fetchall())]
@@ -1169,6 +1196,11 @@ class SqliteStore(Store):
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, crash-consistent
         self._lock = threading.Lock()  # one connection, used from the server's worker threads in turn
         self.migrate()
+        # Reads get a connection of their own: in WAL mode a reader sees the last commit and
+        # neither waits for the writer nor holds it up, so a render or a compliance pass
+        # reading a mass leak never stalls the ingest (one reader at a time, like the writer).
+        self.reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._read_lock = threading.Lock()
 
     @contextmanager
     def tx(self) -> Iterator[Any]:
@@ -1183,7 +1215,18 @@ class SqliteStore(Store):
             else:
                 cur.execute("COMMIT")
 
+    @contextmanager
+    def read(self) -> Iterator[Any]:
+        with self._read_lock:
+            cur = self.reader.cursor()
+            cur.execute("BEGIN")
+            try:
+                yield cur
+            finally:
+                cur.execute("ROLLBACK")  # nothing to keep; ends the snapshot
+
     def close(self) -> None:
+        self.reader.close()
         self.db.close()
 
 
