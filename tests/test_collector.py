@@ -652,3 +652,29 @@ def test_kept_counts_equal_a_full_count_at_every_staleness_boundary(
         assert store.resolvers() == {"udp://192.0.2.53": (None, None)}
     finally:
         store.close()
+
+
+def test_a_long_read_never_holds_up_the_ingest(tmp_path: Path) -> None:
+    """SQLite: reads (renders, the compliance scan) have a connection of their own in WAL mode, so
+    a batch is stored while a read is still open, and the open read keeps its snapshot."""
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    probe = {"id": "it-1", "region": "r", "country": "IT"}
+    try:
+        store.ingest(probe, "batch-0001", [measurement("a.example")], time.time())
+        with store.read() as cur:
+            cur.execute("SELECT count(*) FROM latest")
+            assert cur.fetchone()[0] == 1
+            done = threading.Event()
+
+            def write() -> None:
+                store.ingest(probe, "batch-0002", [measurement("b.example")], time.time())
+                done.set()
+
+            writer = threading.Thread(target=write, daemon=True)
+            writer.start()
+            assert done.wait(20), "the ingest waited for an open read"
+            cur.execute("SELECT count(*) FROM latest")
+            assert cur.fetchone()[0] == 1  # the read's snapshot, as it began
+        assert len(store.current(0)) == 2
+    finally:
+        store.close()

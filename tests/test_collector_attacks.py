@@ -488,7 +488,12 @@ def test_reads_can_be_locked_with_a_token_or_basic_auth(tmp_path: Path) -> None:
         tmp_path, "reads: {token_file: read-token, basic_user: ops, basic_password_file: pw, open: false}\n"
     )
     try:
-        for path in ("/", "/metrics", "/evidence?probe=a&resolver=b&transport=udp&qtype=A&domain=c"):
+        for path in (
+            "/",
+            "/metrics",
+            "/evidence?probe=a&resolver=b&transport=udp&qtype=A&domain=c",
+            "/api/v1/findings?format=csv",
+        ):
             assert c.client.get(path).status_code == 401, path
             assert (
                 c.client.get(
