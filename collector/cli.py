@@ -1,4 +1,4 @@
-"""The `collector` command: serve, token add|list|revoke, report, openapi."""
+"""The `collector` command: serve, token add|list|revoke, report, recount, tls-init, openapi."""
 
 from __future__ import annotations
 
@@ -247,6 +247,20 @@ def tls_init(directory: str, names: tuple[str, ...]) -> None:
     from collector.tls import ensure_certificate
 
     click.echo("created" if ensure_certificate(Path(directory), list(names)) else "unchanged")
+
+
+@cli.command()
+@CONFIG
+@DATABASE
+def recount(config_file: str, database: str | None) -> None:
+    """Rebuild the per-group series counts from the latest state (a repair; the ingest keeps
+    them exact). Holds the database's write lock while it reads every current series."""
+    _, store = _load(config_file, database)
+    try:
+        n = store.recount()
+    finally:
+        store.close()
+    click.echo(f"counted {n} series")
 
 
 @cli.command()

@@ -614,6 +614,20 @@ class Store:
                 emptied,
             )
 
+    def recount(self) -> int:
+        """Rebuild latest_counts from `latest` in one transaction (what migration 8 did); returns
+        the number of current series counted. The ingest keeps the counts exact by itself; this
+        is the repair for a database edited by hand, or for a probe that sent two batches at once
+        to two collectors on PostgreSQL (its own counts may then drift; no one else's can)."""
+        insert = next(
+            st for st in MIGRATIONS[7].split(";") if st.strip().startswith("INSERT INTO latest_counts")
+        )
+        with self.tx() as cur:
+            cur.execute("DELETE FROM latest_counts")
+            cur.execute(insert.format(bucket=self.bucket_sql, micros=self.micros_sql))
+            cur.execute("SELECT COALESCE(sum(series), 0) FROM latest_counts")
+            return int(cur.fetchone()[0])
+
     def _note_resolvers(self, cur: Any, measurements: Sequence[dict[str, Any]]) -> None:
         """Each resolver's operator and kind as its newest measurement in the batch says."""
         newest: dict[str, tuple[Any, ...]] = {}

@@ -358,6 +358,30 @@ def test_committed_openapi_matches_the_app() -> None:
     )
 
 
+def test_recount_rebuilds_the_series_counts(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from collector.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    store = open_store(url)
+    probe = {"id": "it-1", "region": "r", "country": "IT"}
+    store.ingest(probe, "batch-0001", [measurement(f"n{i}.example") for i in range(5)], time.time())
+    with store.tx() as cur:
+        cur.execute("DELETE FROM latest_counts")
+    assert store.counts(0) == []
+    store.close()
+    (tmp_path / "c.yaml").write_text("listen: 127.0.0.1:8478\n")
+    result = CliRunner().invoke(cli, ["recount", "--config", str(tmp_path / "c.yaml"), "--database", url])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "counted 5 series\n"
+    store = open_store(url)
+    try:
+        assert [c[7] for c in store.counts(0)] == [5]
+    finally:
+        store.close()
+
+
 def test_retention_trims_the_archive_but_never_the_latest_state(server: Server) -> None:
     token = server.token("it-1")
     assert post(server, token, batch()).status_code == 200
@@ -650,6 +674,12 @@ def test_kept_counts_equal_a_full_count_at_every_staleness_boundary(
             )
         check(store)
         assert store.resolvers() == {"udp://192.0.2.53": (None, None)}
+        # A repair rebuilds what the ingest kept.
+        with store.tx() as cur:
+            cur.execute("UPDATE latest_counts SET series = series + 7")
+        assert _kept_counts(store, base) != _full_counts(store, base)
+        assert store.recount() == len(store.current(0))
+        check(store)
     finally:
         store.close()
 
