@@ -301,11 +301,17 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
     status_views = {
         show: Rendered(config.render_cache_seconds, view(show)) for show in (None, "leak", "overblock")
     }
-    # Pages past the first are rendered on demand, one at a time: each is cheap (a page of an
-    # index), and no number of readers can queue more than one read on the ingest's database.
-    paged_reads = asyncio.Semaphore(1)
+    # Pages past the first are rendered on demand, two at a time: each is cheap (a page of an
+    # index); beyond that a reader is told to come back (503, Retry-After) rather than queued,
+    # so no number of readers can pile reads on the database.
+    paged_reads = asyncio.Semaphore(2)
 
-    @app.get("/", response_class=HTMLResponse, responses={422: {}})
+    def busy() -> HTTPException:
+        return HTTPException(
+            503, "other pages are being read; retry in a second", headers={"Retry-After": "1"}
+        )
+
+    @app.get("/", response_class=HTMLResponse, responses={422: {}, 503: {}})
     async def status_page(
         request: Request,
         show: str | None = Query(None, pattern="^(leak|overblock)$"),
@@ -320,11 +326,13 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             key = decode_cursor(after, 3)
         except ValueError as exc:
             raise HTTPException(422, f"after: {exc}") from None
+        if paged_reads.locked():
+            raise busy()
         async with paged_reads:
             html = await run_in_threadpool(pages.status, show, None, key)
         return _Packed(html.encode()).response(request, "text/html; charset=utf-8")
 
-    @app.get("/api/v1/findings", responses={422: {}})
+    @app.get("/api/v1/findings", responses={422: {}, 503: {}})
     async def findings_list(
         finding: str = Query("leak", pattern="^(leak|overblock)$"),
         country: str | None = Query(None, pattern="^[A-Z]{2}$"),
@@ -347,6 +355,8 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             "order": order,
         }
         since = time.time() - config.stale_after
+        if paged_reads.locked():
+            raise busy()
         try:
             async with paged_reads:
                 page = await run_in_threadpool(

@@ -195,7 +195,8 @@ class Pages:
                     "checked": any(set(p.reach) - {"unchecked"} for p in rows),
                 }
             )
-        alerts, alerts_error = self._alerts()
+        # The front page asks Prometheus; the pages after it (rendered on demand) do not.
+        alerts, alerts_error = self._alerts() if after is None else (None, None)
         return self.env.get_template("status.html").render(
             now=now,
             stale_after=self.stale_after,

@@ -240,10 +240,18 @@ def _operator_kind(m: dict[str, Any]) -> tuple[str | None, str | None]:
     )
 
 
+# The largest latency a count adds up (an hour): a probe's absurd value must not overflow the
+# 64-bit sums of latest_counts (and break every render); no real query waits that long.
+MAX_COUNTED_LATENCY_MS = 3_600_000.0
+_CLAMPED_LATENCY = (
+    f"CASE WHEN latency_ms > {MAX_COUNTED_LATENCY_MS} THEN {MAX_COUNTED_LATENCY_MS} ELSE latency_ms END"
+)
+
+
 def _micros(latency_ms: Any) -> int:
     """A latency in whole microseconds, rounded as the dialects' `micros_sql` rounds it, so that
     what the ingest adds to a count it can later take away exactly."""
-    return math.floor(float(latency_ms) * 1000 + 0.5)
+    return math.floor(min(float(latency_ms), MAX_COUNTED_LATENCY_MS) * 1000 + 0.5)
 
 
 # A `latest` row's part in latest_counts: (bucket, probe, region, country, resolver, transport, rule,
@@ -279,10 +287,15 @@ class Store:
     # A time's latest_counts bucket and a latency's microseconds, in SQL (migration 8), as
     # `_count_of` computes them in Python.
     bucket_sql = f"CAST(time / {BUCKET} AS INTEGER)"
-    micros_sql = "CAST(latency_ms * 1000 + 0.5 AS INTEGER)"
+    micros_sql = f"CAST(({_CLAMPED_LATENCY}) * 1000 + 0.5 AS INTEGER)"
     # Appended to the read of a batch's old rows: PostgreSQL holds them until the upsert, so a
     # concurrent writer cannot change what the count deltas were computed from.
     lock_rows = ""
+    # Run at the start of a batch's transaction on PostgreSQL: one probe's batches are stored one at
+    # a time, even by several collectors, so the count deltas of one never miss the other's new rows.
+    probe_lock: str | None = None
+    # Run before a recount on PostgreSQL, so that no ingest changes the counts while they are rebuilt.
+    recount_lock: str | None = None
     # Bumped on every token change made through this object, so this process's token cache
     # sees a revocation at once (another process's change is seen at the cache's next refresh).
     token_generation = 0
@@ -358,12 +371,12 @@ class Store:
         return done
 
     def tokens(self) -> list[tuple[str, str, float, float | None]]:
-        with self.read() as cur:
+        with self.tx() as cur:
             cur.execute("SELECT probe_id, token_hash, created, revoked FROM tokens ORDER BY probe_id")
             return [tuple(r) for r in cur.fetchall()]
 
     def token_hash(self, probe_id: str) -> str | None:
-        with self.read() as cur:
+        with self.tx() as cur:
             cur.execute(
                 self._sql("SELECT token_hash FROM tokens WHERE probe_id = ? AND revoked IS NULL"), (probe_id,)
             )
@@ -442,6 +455,8 @@ class Store:
             )
             if cur.rowcount == 0:
                 return StoredBatch(False, 0)
+            if self.probe_lock:
+                cur.execute(self._sql(self.probe_lock), (pid,))
             old = self._old_rows(cur, list(latest))
             if max_series is not None:
                 # Counted before the upsert, so the batch's keys already there are not counted twice.
@@ -617,12 +632,13 @@ class Store:
     def recount(self) -> int:
         """Rebuild latest_counts from `latest` in one transaction (what migration 8 did); returns
         the number of current series counted. The ingest keeps the counts exact by itself; this
-        is the repair for a database edited by hand, or for a probe that sent two batches at once
-        to two collectors on PostgreSQL (its own counts may then drift; no one else's can)."""
+        is the repair for a database edited by hand."""
         insert = next(
             st for st in MIGRATIONS[7].split(";") if st.strip().startswith("INSERT INTO latest_counts")
         )
         with self.tx() as cur:
+            if self.recount_lock:
+                cur.execute(self.recount_lock)
             cur.execute("DELETE FROM latest_counts")
             cur.execute(insert.format(bucket=self.bucket_sql, micros=self.micros_sql))
             cur.execute("SELECT COALESCE(sum(series), 0) FROM latest_counts")
@@ -679,7 +695,7 @@ class Store:
 
     def groups(self, probe_id: str, since: float) -> list[tuple[str, str, str]]:
         """The probe's current (resolver, transport, rule) groups: seeds the ingest's group quota."""
-        with self.read() as cur:
+        with self.tx() as cur:
             cur.execute(
                 self._sql(
                     "SELECT DISTINCT resolver, transport, rule FROM latest_counts "
@@ -1210,11 +1226,13 @@ class SqliteStore(Store):
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, crash-consistent
         self._lock = threading.Lock()  # one connection, used from the server's worker threads in turn
         self.migrate()
-        # Reads get a connection of their own: in WAL mode a reader sees the last commit and
-        # neither waits for the writer nor holds it up, so a render or a compliance pass
-        # reading a mass leak never stalls the ingest (one reader at a time, like the writer).
-        self.reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._read_lock = threading.Lock()
+        # Reads get connections of their own, one per thread: in WAL mode a reader sees the last
+        # commit and neither waits for the writer nor holds it up, nor waits for another reader,
+        # so a compliance pass reading a mass leak stalls neither the ingest nor a render.
+        self.path = path
+        self._readers = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
 
     @contextmanager
     def tx(self) -> Iterator[Any]:
@@ -1231,16 +1249,24 @@ class SqliteStore(Store):
 
     @contextmanager
     def read(self) -> Iterator[Any]:
-        with self._read_lock:
-            cur = self.reader.cursor()
-            cur.execute("BEGIN")
-            try:
-                yield cur
-            finally:
-                cur.execute("ROLLBACK")  # nothing to keep; ends the snapshot
+        reader = getattr(self._readers, "db", None)
+        if reader is None:
+            reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._readers.db = reader
+            with self._opened_lock:
+                self._opened.append(reader)
+        cur = reader.cursor()
+        cur.execute("BEGIN")
+        try:
+            yield cur
+        finally:
+            cur.execute("ROLLBACK")  # nothing to keep; ends the snapshot
 
     def close(self) -> None:
-        self.reader.close()
+        with self._opened_lock:
+            for reader in self._opened:
+                reader.close()
+            self._opened.clear()
         self.db.close()
 
 
@@ -1250,8 +1276,11 @@ class PostgresStore(Store):
     placeholder = "%s"
     serial = "BIGSERIAL"
     bucket_sql = f"CAST(floor(time / {BUCKET}) AS BIGINT)"
-    micros_sql = "CAST(floor(latency_ms * 1000 + 0.5) AS BIGINT)"
+    micros_sql = f"CAST(floor(({_CLAMPED_LATENCY}) * 1000 + 0.5) AS BIGINT)"
     lock_rows = " FOR UPDATE OF l"
+    # The two-key form: a key space of its own, apart from the one-key locks 4242 and 4243.
+    probe_lock = "SELECT pg_advisory_xact_lock(4244, hashtext(?))"
+    recount_lock = "LOCK TABLE latest_counts IN EXCLUSIVE MODE"
     compliance_lock = "SELECT pg_advisory_xact_lock(4243)"
 
     def __init__(self, url: str) -> None:

@@ -600,7 +600,7 @@ def test_kept_counts_equal_a_full_count_at_every_staleness_boundary(
             pytest.skip("PostgreSQL is not installed (make test installs it)")
         url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
     rnd = random.Random(12)
-    base = 1_790_000_000.0  # a minute boundary (divisible by 60) plus the offsets below
+    base = 1_789_999_980.0  # on a minute (divisible by 60), so some `since` below fall on one exactly
     findings = [
         ("leak", "blocked"),
         ("enforced", "blocked"),
@@ -708,3 +708,84 @@ def test_a_long_read_never_holds_up_the_ingest(tmp_path: Path) -> None:
         assert len(store.current(0)) == 2
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_absurd_latency_counts_as_an_hour_and_breaks_nothing(
+    backend: str, tmp_path: Path, postgres: TempPostgres | None
+) -> None:
+    """A probe's latency of 5e15 ms or 1e300 ms is kept in the evidence but counted as an hour, so
+    the 64-bit sums behind blockprobe_resolver_latency_seconds cannot overflow for anyone."""
+    from collector.metrics import render_findings
+    from collector.store import MAX_COUNTED_LATENCY_MS
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    else:
+        if postgres is None:
+            pytest.skip("PostgreSQL is not installed (make test installs it)")
+        url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
+    store = open_store(url)
+    probe = {"id": "it-1", "region": "r", "country": "IT"}
+    now = time.time()
+    try:
+        for i, latency in enumerate([5e15, 5e15, 1e300, 2.0]):
+            t = now - 120 * i  # each in a minute of its own
+            at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".000Z"
+            m = measurement(f"n{i}.example", latency_ms=latency, time=at)
+            assert store.ingest(probe, f"batch-{i:04d}", [m], now).new
+        (count,) = store.counts(now - 3600)
+        assert count[7] == 4
+        assert count[9] == pytest.approx(3 * MAX_COUNTED_LATENCY_MS + 2.0)
+        mean = re.search(r"blockprobe_resolver_latency_seconds\{[^}]*\} (\S+)", render_findings(store, 3600))
+        assert mean is not None
+        assert float(mean.group(1)) == pytest.approx((3 * MAX_COUNTED_LATENCY_MS + 2.0) / 4 / 1000)
+        assert store.recount() == 4
+        assert store.counts(now - 3600) == [count]
+    finally:
+        store.close()
+
+
+def test_one_probes_batches_stored_at_once_on_postgresql_keep_exact_counts(
+    postgres: TempPostgres | None,
+) -> None:
+    """Two batches of one probe with the same new series, stored at the same time through two
+    connections (two collectors, or one collector's pool): the series is counted once."""
+    if postgres is None:
+        pytest.skip("PostgreSQL is not installed (make test installs it)")
+    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
+    stores = [open_store(url), open_store(url)]
+    probe = {"id": "it-1", "region": "r", "country": "IT"}
+    try:
+        for round_ in range(5):
+            ms = [measurement(f"r{round_}-n{i}.example") for i in range(50)]
+            start = threading.Barrier(2)
+            errors: list[BaseException] = []
+
+            def push(
+                store: Store,
+                batch_id: str,
+                ms: list[dict[str, Any]] = ms,
+                start: threading.Barrier = start,
+                errors: list[BaseException] = errors,
+            ) -> None:
+                start.wait(10)
+                try:
+                    store.ingest(probe, batch_id, ms, time.time())
+                except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                    errors.append(exc)
+
+            threads = [
+                threading.Thread(target=push, args=(s, f"batch-{round_}-{k}"), daemon=True)
+                for k, s in enumerate(stores)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert not errors
+        assert _kept_counts(stores[0], 0) == _full_counts(stores[0], 0)
+        assert sum(c[7] for c in stores[0].counts(0)) == 250
+    finally:
+        for s in stores:
+            s.close()
