@@ -35,6 +35,7 @@ from collector.export import findings_page
 from collector.ingest import INGEST_PATH, IngestGate, TokenCache, bearer, json_response, send_response
 from collector.metrics import make_registry
 from collector.pages import Pages, decode_cursor
+from collector.reach import ip_blocks
 from collector.schema import Batch
 from collector.store import Store
 
@@ -370,6 +371,16 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             headers["content-disposition"] = f'attachment; filename="blockprobe-{finding}s.csv"'
             return Response(page.csv(), media_type="text/csv; charset=utf-8", headers=headers)
         return Response(page.json(), media_type="application/json", headers=headers)
+
+    @app.get("/api/v1/ip-blocks")
+    async def ip_block_list() -> JSONResponse:
+        """The IP-level blocks inferred from the answer checks of the last `ip_block_window`
+        seconds (as on the status page and in blockprobe_ip_block), with the probes on each side."""
+        now = time.time()
+        found = await run_in_threadpool(ip_blocks, store, now, config.ip_block_window)
+        return JSONResponse(
+            {"window": config.ip_block_window, "at": now, "ip_blocks": [b.to_json() for b in found]}
+        )
 
     @app.get("/evidence", response_class=HTMLResponse)
     async def evidence(

@@ -353,6 +353,16 @@ def test_ip_level_blocks_are_inferred_only_from_both_sides_in_one_window(server:
     assert (
         "it-1 (refused) yet reachable from it-2 in IT: not every network there blocks it fr-1 (FR)" in split
     )
+    # The same inferences as JSON, with the probes on each side.
+    listed = server.client.get("/api/v1/ip-blocks").json()
+    assert listed["window"] == 3600
+    assert {b["address"] for b in listed["ip_blocks"]} == {
+        _case_name(i)[1] for i, (_, _, inferred) in enumerate(CASES) if inferred
+    }
+    block = next(b for b in listed["ip_blocks"] if b["address"] == _case_name(0)[1])
+    assert block["unreachable_from"] == {"it-1": "refused"}
+    assert block["reachable_from"] == {"fr-1": "FR"}
+    assert block["names"] == ["case0.example"]
 
 
 def test_one_check_reported_by_every_measurement_of_its_name_is_stored_once(server: Server) -> None:  # noqa: F811
