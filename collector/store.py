@@ -288,11 +288,9 @@ class Store:
     # `_count_of` computes them in Python.
     bucket_sql = f"CAST(time / {BUCKET} AS INTEGER)"
     micros_sql = f"CAST(({_CLAMPED_LATENCY}) * 1000 + 0.5 AS INTEGER)"
-    # Appended to the read of a batch's old rows: PostgreSQL holds them until the upsert, so a
-    # concurrent writer cannot change what the count deltas were computed from.
-    lock_rows = ""
     # Run at the start of a batch's transaction on PostgreSQL: one probe's batches are stored one at
-    # a time, even by several collectors, so the count deltas of one never miss the other's new rows.
+    # a time, even by several collectors, so what a batch's count deltas are computed from (its
+    # keys' old rows, all of them this probe's) cannot change before its upsert; no row locks needed.
     probe_lock: str | None = None
     # Run before a recount on PostgreSQL, so that no ingest changes the counts while they are rebuilt.
     recount_lock: str | None = None
@@ -567,7 +565,6 @@ class Store:
                     f"l.rule, l.finding, l.reach, l.outcome, l.latency_ms FROM (VALUES {values}) AS v "
                     "CROSS JOIN latest l WHERE l.probe_id = v.column1 AND l.resolver = v.column2 "
                     "AND l.transport = v.column3 AND l.qtype = v.column4 AND l.domain = v.column5"
-                    + self.lock_rows
                 ),
                 [part for key in chunk for part in key],
             )
@@ -1277,7 +1274,6 @@ class PostgresStore(Store):
     serial = "BIGSERIAL"
     bucket_sql = f"CAST(floor(time / {BUCKET}) AS BIGINT)"
     micros_sql = f"CAST(floor(({_CLAMPED_LATENCY}) * 1000 + 0.5) AS BIGINT)"
-    lock_rows = " FOR UPDATE OF l"
     # The two-key form: a key space of its own, apart from the one-key locks 4242 and 4243.
     probe_lock = "SELECT pg_advisory_xact_lock(4244, hashtext(?))"
     recount_lock = "LOCK TABLE latest_counts IN EXCLUSIVE MODE"
