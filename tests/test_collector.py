@@ -95,6 +95,15 @@ def server(request: pytest.FixtureRequest, tmp_path: Path, postgres: TempPostgre
     store.close()
 
 
+def _store_url(backend: str, tmp_path: Path, postgres: TempPostgres | None) -> str:
+    """A fresh database of that backend (PostgreSQL: skipped where it is not installed)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    if postgres is None:
+        pytest.skip("PostgreSQL is not installed (make test installs it)")
+    return postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
 def measurement(domain: str = "pirate.example", finding: str | None = "leak", **over: Any) -> dict[str, Any]:
     m: dict[str, Any] = {
         "domain": domain,
@@ -452,12 +461,7 @@ def test_the_database_caps_per_domain_series_as_the_contract_says(
 ) -> None:
     """The capped read (`Store.capped_problems` through the latest_problems index) keeps exactly
     what capping every problem row in Python keeps, and leaves out as many per group."""
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
-    else:
-        if postgres is None:
-            pytest.skip("PostgreSQL is not installed (make test installs it)")
-        url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
+    url = _store_url(backend, tmp_path, postgres)
     store = open_store(url)
     try:
         ms = [
@@ -593,12 +597,7 @@ def test_kept_counts_equal_a_full_count_at_every_staleness_boundary(
     database that had rows before the table existed (migration 8 fills it)."""
     import random
 
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
-    else:
-        if postgres is None:
-            pytest.skip("PostgreSQL is not installed (make test installs it)")
-        url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
+    url = _store_url(backend, tmp_path, postgres)
     rnd = random.Random(12)
     base = 1_789_999_980.0  # on a minute (divisible by 60), so some `since` below fall on one exactly
     findings = [
@@ -719,12 +718,7 @@ def test_an_absurd_latency_counts_as_an_hour_and_breaks_nothing(
     from collector.metrics import render_findings
     from collector.store import MAX_COUNTED_LATENCY_MS
 
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
-    else:
-        if postgres is None:
-            pytest.skip("PostgreSQL is not installed (make test installs it)")
-        url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:12]}")
+    url = _store_url(backend, tmp_path, postgres)
     store = open_store(url)
     probe = {"id": "it-1", "region": "r", "country": "IT"}
     now = time.time()
