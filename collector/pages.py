@@ -163,8 +163,18 @@ class Pages:
         counts the ingest keeps, so a page costs what it shows, not how many names leak."""
         now = time.time() if now is None else now
         since = now - self.stale_after
-        names = self._resolver_names()
-        matrix, transports, totals = self._matrix(since, names)
+        resolvers = self.store.resolvers()
+        names = {
+            resolver: (display_name(resolver, operator), kind or "")
+            for resolver, (operator, kind) in resolvers.items()
+        }
+        # The operator beside the name only where it says something the name does not.
+        operators = {
+            resolver: operator
+            for resolver, (operator, _kind) in resolvers.items()
+            if operator and operator.casefold() != names[resolver][0].casefold()
+        }
+        matrix, transports, totals = self._matrix(since, names, operators)
         sections = []
         counted = {}
         for finding, title, explain in (
@@ -219,17 +229,11 @@ class Pages:
             ip_block_window=self.ip_block_window,
         )
 
-    def _resolver_names(self) -> dict[str, tuple[str, str]]:
-        """resolver → (display name, kind), as their newest measurements said."""
-        return {
-            resolver: (display_name(resolver, operator), kind or "")
-            for resolver, (operator, kind) in self.store.resolvers().items()
-        }
-
     def _matrix(
-        self, since: float, names: dict[str, tuple[str, str]]
+        self, since: float, names: dict[str, tuple[str, str]], operators: dict[str, str]
     ) -> tuple[list[dict[str, Any]], list[str], dict[str, int]]:
         cells: dict[tuple[str, str, str], dict[str, Cell]] = defaultdict(lambda: defaultdict(Cell))
+        row_operators: dict[tuple[str, str, str], set[str]] = defaultdict(set)
         totals = dict.fromkeys(FINDINGS, 0)
         seen_transports = set()
         for _probe, _region, country, resolver, transport, rule, finding, n, *_ in self.store.counts(since):
@@ -237,13 +241,21 @@ class Pages:
                 continue  # canaries say whether a resolver can be judged, not whether an order holds
             name, kind = names.get(resolver, (display_name(resolver, None), ""))
             cells[(country, name, kind)][transport].counts[finding] += int(n)
+            if resolver in operators:
+                row_operators[(country, name, kind)].add(operators[resolver])
             totals[finding] += int(n)
             seen_transports.add(transport)
         transports = [t for t in TRANSPORTS if t in seen_transports]
         rows = []
         for (country, name, kind), by_t in sorted(cells.items(), key=lambda kv: _row_order(kv[0], kv[1])):
             rows.append(
-                {"country": country, "name": name, "kind": kind, "cells": [by_t.get(t) for t in transports]}
+                {
+                    "country": country,
+                    "name": name,
+                    "kind": kind,
+                    "operator": ", ".join(sorted(row_operators[(country, name, kind)])),
+                    "cells": [by_t.get(t) for t in transports],
+                }
             )
         return rows, transports, totals
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +33,24 @@ from typing import IO, Protocol
 import httpx2
 import yaml
 
-__all__ = ["DEMO_FOR", "PROBES", "Fleet", "alert_deadline", "demo_rules"]
+__all__ = ["DEMO_FOR", "FIRES", "PROBES", "QUIET", "Fleet", "alert_deadline", "demo_rules", "silent_after"]
 
 # (probe id, country): two in Italy confirm each other's findings; France sees over-reach.
 PROBES = (("it-demo-1", "IT"), ("it-demo-2", "IT"), ("fr-demo-1", "FR"))
 DEMO_FOR = "30s"  # every alert's `for:` in the demo (production: 10-15 minutes)
 _SCRAPE = 5.0  # Prometheus scrape and evaluation interval in the demo, seconds
 _PUSH = 2.0  # probes push every _PUSH seconds
+WIDTH = 80  # the banner fits an 80-column terminal
+
+# The alerts the demo fires within alert_deadline(), and why each of the others does not.
+FIRES = ("BlockprobeLeak", "BlockprobeOverblock", "BlockprobeLeakConfirmed", "BlockprobeOverblockConfirmed")
+SILENT = "BlockprobeProbeSilent"  # fires only if a probe stops: the banner says after how long
+QUIET = {
+    "BlockprobeResolverUnreachable": "every lab resolver answers on every transport",
+    "BlockprobeCanaryFailing": "the demo probes ask no canaries",
+    "BlockprobeControlFailing": "the lab control answers every name",
+    "BlockprobeOrderDeadlineMissed": "the demo order has no deadline",
+}
 
 
 def demo_rules() -> dict[str, object]:
@@ -47,6 +60,33 @@ def demo_rules() -> dict[str, object]:
     return prometheus_rules(for_override=DEMO_FOR)
 
 
+def _seconds(duration: str) -> int:
+    """A Prometheus duration as the rules write them (30s, 15m, 1h30m) in seconds."""
+    parts = re.findall(r"(\d+)([smhd])", duration)
+    if not parts or "".join(n + u for n, u in parts) != duration:
+        raise ValueError(f"{duration!r} is not a duration of s, m, h or d")
+    return sum(int(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
+
+
+def _rule(name: str) -> dict[str, str]:
+    groups = demo_rules()["groups"]
+    for group in groups if isinstance(groups, list) else []:
+        for rule in group["rules"]:
+            if rule.get("alert") == name:
+                return dict(rule)
+    raise KeyError(f"no alert {name} in the demo rules")
+
+
+def silent_after() -> int:
+    """Seconds a probe must stay silent before BlockprobeProbeSilent fires under the demo rules:
+    the silence its expression waits for (`… > N`) and then its `for:`."""
+    rule = _rule(SILENT)
+    m = re.search(r">\s*(\d+)\s*$", rule["expr"])
+    if m is None:
+        raise ValueError(f"{SILENT}: no `> seconds` threshold in {rule['expr']!r}")
+    return int(m.group(1)) + _seconds(rule["for"])
+
+
 def alert_deadline(interval: float) -> float:
     """Seconds from start by which the leak and overblock alerts fire, warning and confirmed.
 
@@ -54,7 +94,46 @@ def alert_deadline(interval: float) -> float:
     push, a scrape and an evaluation to go pending, DEMO_FOR pending, and an evaluation
     to fire; plus the time to start the processes, with slack for a loaded machine.
     """
-    return 15 + interval + _PUSH + 2 * _SCRAPE + int(DEMO_FOR.removesuffix("s")) + _SCRAPE + 20
+    return 15 + interval + _PUSH + 2 * _SCRAPE + _seconds(DEMO_FOR) + _SCRAPE + 20
+
+
+def _duration_words(seconds: int) -> str:
+    """930 → "15 min 30 s"; 900 → "15 min"."""
+    minutes, s = divmod(seconds, 60)
+    return " ".join(f"{n} {unit}" for n, unit in ((minutes, "min"), (s, "s")) if n) or "0 s"
+
+
+def _alert_lines(interval: float) -> list[str]:
+    """When each kind of alert fires in the demo, from the demo's own rules, wrapped to WIDTH."""
+    from dashboards.alerts import ALERTS
+
+    production = {a.name: a.for_ for a in ALERTS}
+    unexplained = set(production) - set(FIRES) - set(QUIET) - {SILENT}
+    if unexplained:
+        raise RuntimeError(f"the banner says nothing of {sorted(unexplained)}")
+    para = [
+        f"Demo rules: every `for:` is {DEMO_FOR} (production: {production['BlockprobeLeak']} for one probe, "
+        f"{production['BlockprobeLeakConfirmed']} for two).",
+        f"Within {alert_deadline(interval):.0f} s of start: BlockprobeLeak and BlockprobeOverblock (warning, one "
+        "probe), BlockprobeLeakConfirmed and BlockprobeOverblockConfirmed (critical, both Italian probes).",
+        f"{SILENT} fires only if a probe stops reporting for {_duration_words(silent_after())}.",
+        "Never in the demo: "
+        + "; ".join(f"{name} ({why})" for name, why in QUIET.items() if name in production)
+        + ".",
+    ]
+    indent = " " * 17
+    return [
+        line
+        for sentence in para
+        for line in textwrap.wrap(
+            sentence,
+            WIDTH,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    ]
 
 
 def _free_port(host: str, preferred: int) -> int:
@@ -253,7 +332,7 @@ class Fleet:
         ids = ", ".join(f"{p} ({c})" for p, c in PROBES)
         ports = ", ".join(f":{p}" for p in self.metrics_ports)
         lines = [
-            "blockprobe fleet demo: everything on loopback (127.0.0.0/8), nothing leaves this machine",
+            "blockprobe fleet demo: all on loopback (127.0.0.0/8), nothing leaves this machine",
             "  lab resolvers  127.53.0.1-4 (control 127.53.0.9), every transport; see `probe demo`",
             f"  collector      {self.collector_url}/   status page: the answer first",
             f"                 {self.collector_url}/metrics   what Prometheus scrapes",
@@ -261,15 +340,7 @@ class Fleet:
             f"                 a round every {self.interval:g}s; their own metrics on {ports}",
         ]
         if self.prometheus_url:
-            bound = alert_deadline(self.interval)
-            lines += [
-                f"  prometheus     {self.prometheus_url}/alerts   demo rules: every `for:` is {DEMO_FOR}",
-                f"                 (production: 15m for one probe, 10m for two). Within {bound:.0f} s of start:",
-                "                 BlockprobeLeak and BlockprobeOverblock (warning, one probe),",
-                "                 BlockprobeLeakConfirmed and BlockprobeOverblockConfirmed (critical,",
-                "                 both Italian probes). BlockprobeProbeSilent fires only if a probe",
-                "                 stops reporting for 15 minutes.",
-            ]
+            lines += [f"  prometheus     {self.prometheus_url}/alerts", *_alert_lines(self.interval)]
         else:
             lines.append("  prometheus     not started (install Debian's prometheus to see alerts fire)")
         lines += [

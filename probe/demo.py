@@ -1,7 +1,7 @@
 """`probe demo`: an offline lab of ISPs and public resolvers on loopback, measured for real.
 
 Each lab resolver gets its own loopback address and speaks UDP, TCP, DoT, DoH and
-DoQ. The scenario imitates what block-signals.md describes: an ISP that blocks by
+DoQ. The scenario imitates block signals seen in the wild: an ISP that blocks by
 NXDOMAIN, one that redirects to a block page but passes AAAA through (a leak),
 one whose block also catches a control name (an overblock), a public resolver that
 leaks, and one that refuses with EDE 16 (Censored).

@@ -17,7 +17,6 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from probe.model import Finding, Measurement, Outcome, Transport
@@ -26,20 +25,27 @@ __all__ = ["WIDTH", "json_line", "render_answer", "render_rows", "short_resolver
 
 WIDTH = 80  # the narrowest terminal people still use; wider terminals get the same layout
 
-# One letter per finding, so that a cell of six transports' counts fits in 80 columns.
+# One mark per finding, so that a cell of six transports' counts fits in 80 columns.
 _MARK = {
     Finding.LEAK: "L",
     Finding.OVERBLOCK: "O",
     Finding.INCONCLUSIVE: "?",
-    Finding.ENFORCED: "✓",
+    Finding.ENFORCED: "E",
     Finding.OK: "✓",
 }
 _STYLE = {
     Finding.LEAK: "bold red",
     Finding.OVERBLOCK: "bold magenta",
     Finding.INCONCLUSIVE: "yellow",
-    Finding.ENFORCED: "green",
+    Finding.ENFORCED: "bold green",
     Finding.OK: "green",
+}
+_WORDS = {
+    Finding.LEAK: "leak",
+    Finding.OVERBLOCK: "overblock",
+    Finding.INCONCLUSIVE: "inconclusive",
+    Finding.ENFORCED: "enforced (blocked as ordered)",
+    Finding.OK: "ok (resolves as it should)",
 }
 _ORDER = [Finding.LEAK, Finding.OVERBLOCK, Finding.INCONCLUSIVE, Finding.ENFORCED, Finding.OK, None]
 _NO_RESPONSE = (Outcome.TIMEOUT, Outcome.ERROR)
@@ -103,6 +109,11 @@ def _bare(m: Measurement) -> str:
     return {True: "b", False: "r", None: "-"}[m.blocked]
 
 
+# Findings worst first, then what the answers were where nothing was expected.
+_CELL_ORDER = [(_MARK[f], _STYLE[f]) for f in _ORDER if f is not None]
+_CELL_ORDER += [(mark, style) for mark, (_w, style) in _BARE.items()]
+
+
 def _cell(ms: Sequence[Measurement]) -> tuple[Text, set[str]]:
     """A matrix cell: counts of each finding, worst first (and the marks it used, for the legend)."""
     counts: Counter[str] = Counter()
@@ -112,16 +123,59 @@ def _cell(ms: Sequence[Measurement]) -> tuple[Text, set[str]]:
         else:
             counts[_MARK[m.finding]] += 1
     text = Text()
-    order = [(_MARK[f], _STYLE[f]) for f in (Finding.LEAK, Finding.OVERBLOCK, Finding.INCONCLUSIVE)]
-    order += [("✓", "green")] + [(mark, style) for mark, (_w, style) in _BARE.items()]
     used = set()
-    for mark, style in order:
+    for mark, style in _CELL_ORDER:
         if counts[mark]:
             if text:
                 text.append(" ")
             text.append(f"{counts[mark]}{mark}", style=style)
             used.add(mark)
     return text, used
+
+
+def _print(console: Console, line: Text) -> None:
+    """One line laid out here to fit WIDTH: Rich must neither wrap nor crop it (a longer one
+    holds a single name longer than the terminal, which is shown whole rather than cut)."""
+    console.print(line, soft_wrap=True)
+
+
+def _columns(cells: Sequence[Text], widths: Sequence[int], indent: int = 0) -> Text:
+    """Cells padded to their column widths, one space apart; nothing trails the last."""
+    line = Text(" " * indent)
+    for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
+        line.append_text(cell)
+        if i < len(cells) - 1:
+            line.append(" " * (width - cell.cell_len + 1))
+    line.rstrip()
+    return line
+
+
+def _packed(items: Sequence[Text], width: int = WIDTH, indent: int = 0) -> list[Text]:
+    """Items two spaces apart, a new line only between items (an item is never split)."""
+    lines: list[Text] = []
+    line = Text()
+    for item in items:
+        if line and line.cell_len + 2 + item.cell_len > width:
+            lines.append(line)
+            line = Text(" " * indent)
+        elif line:
+            line.append("  ")
+        line.append_text(item)
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _wrapped(text: str, width: int, indent: str = "", subsequent: str | None = None) -> list[str]:
+    """Wrapped at spaces only: a name, an address or a token is never broken."""
+    return textwrap.wrap(
+        text,
+        width,
+        initial_indent=indent,
+        subsequent_indent=indent if subsequent is None else subsequent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def _answered(m: Measurement, *, brief: bool = False) -> str:
@@ -164,43 +218,60 @@ def render_answer(measurements: Sequence[Measurement], file: IO[str] | None = No
     _print_inconclusive(console, measurements)
 
 
+_INDENT = 2  # the cells under a resolver's name, when the name cannot stand beside them
+
+
 def _print_matrix(console: Console, measurements: Sequence[Measurement], names: dict[str, str]) -> set[str]:
-    """Resolver × transport counts; returns the marks used, for the legend."""
+    """Resolver × transport counts; returns the marks used, for the legend.
+
+    A row is the name, then one cell per transport. When that does not fit WIDTH (a long
+    name, or cells that count four kinds of finding), each name stands on its own line
+    with its cells below it, and the transports go in as many groups as it takes to fit:
+    no cell wraps and no name is cut.
+    """
     by_resolver: dict[str, list[Measurement]] = defaultdict(list)
     for m in measurements:
         by_resolver[names[m.resolver]].append(m)
     transports = _transports(measurements)
-    table = Table(box=None, padding=(0, 1, 0, 0), pad_edge=False, header_style="bold", show_edge=False)
-    table.add_column("resolver", no_wrap=True, max_width=22, overflow="ellipsis")
-    for t in transports:
-        table.add_column(str(t))  # a crowded cell wraps at its spaces rather than lose a count
     used: set[str] = set()
+    rows: list[tuple[str, list[Text]]] = []
     for name, ms in sorted(by_resolver.items()):
         cells = []
         for t in transports:
             text, marks = _cell([m for m in ms if m.transport is t])
             cells.append(text)
             used |= marks
-        table.add_row(name, *cells)
-    console.print(table)
+        rows.append((name, cells))
+    heads = [Text(str(t), style="bold") for t in transports]
+    widths = [max([h.cell_len] + [cells[i].cell_len for _n, cells in rows]) for i, h in enumerate(heads)]
+    name_width = max([len("resolver")] + [Text(n).cell_len for n, _c in rows])
+    if name_width + sum(1 + w for w in widths) <= WIDTH:
+        _print(console, _columns([Text("resolver", style="bold"), *heads], [name_width, *widths]))
+        for name, cells in rows:
+            _print(console, _columns([Text(name), *cells], [name_width, *widths]))
+        return used
+    groups: list[list[int]] = [[]]
+    for i, w in enumerate(widths):
+        if groups[-1] and _INDENT + sum(1 + widths[j] for j in groups[-1]) + w > WIDTH:
+            groups.append([])
+        groups[-1].append(i)
+    for group in groups:
+        _print(console, Text("resolver", style="bold"))
+        _print(console, _columns([heads[i] for i in group], [widths[i] for i in group], _INDENT))
+        for name, cells in rows:
+            _print(console, Text(name))
+            _print(console, _columns([cells[i] for i in group], [widths[i] for i in group], _INDENT))
     return used
 
 
 def _print_legend(console: Console, measurements: Sequence[Measurement], used: set[str]) -> None:
-    legend = [
-        (_MARK[Finding.LEAK], "leak", _STYLE[Finding.LEAK]),
-        (_MARK[Finding.OVERBLOCK], "overblock", _STYLE[Finding.OVERBLOCK]),
-        (_MARK[Finding.INCONCLUSIVE], "inconclusive", _STYLE[Finding.INCONCLUSIVE]),
-        ("✓", "as expected", "green"),
-    ]
+    legend = [(_MARK[f], _WORDS[f], _STYLE[f]) for f in _ORDER if f is not None]
     legend += [(mark, words, style) for mark, (words, style) in _BARE.items()]
-    parts: list[str | tuple[str, str]] = []
-    for mark, words, style in legend:
-        if mark in used:
-            parts += [(mark, style), f" {words}  "]
+    items = [Text.assemble((mark, style), f" {words}") for mark, words, style in legend if mark in used]
     if any(m.finding is None for m in measurements):
-        parts.append("(nothing expected)")
-    console.print(Text.assemble(*parts), overflow="fold")
+        items.append(Text("(nothing expected)"))
+    for line in _packed(items):
+        _print(console, line)
 
 
 def _print_problems(console: Console, measurements: Sequence[Measurement], names: dict[str, str]) -> None:
@@ -219,7 +290,7 @@ def _print_problems(console: Console, measurements: Sequence[Measurement], names
             )
         )
         for line in _grouped(problems, names):
-            console.print(Text(line), overflow="fold")
+            _print(console, Text(line))
     for mark, title in (("b", "look like blocks"), ("x", "got no answer")):
         bare = [m for m in measurements if m.finding is None and _bare(m) == mark]
         if not bare:
@@ -229,7 +300,7 @@ def _print_problems(console: Console, measurements: Sequence[Measurement], names
             Text(f"{len(bare)} {title} (nothing was expected of these names)", style=_BARE[mark][1])
         )
         for line in _grouped(bare, names):
-            console.print(Text(line), overflow="fold")
+            _print(console, Text(line))
 
 
 def _print_inconclusive(console: Console, measurements: Sequence[Measurement]) -> None:
@@ -238,14 +309,9 @@ def _print_inconclusive(console: Console, measurements: Sequence[Measurement]) -
         console.print()
         reasons = Counter(_answered(m).split(" (")[0] for m in inconclusive)
         top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(4))
-        for line in textwrap.wrap(
-            f"{len(inconclusive)} inconclusive (cannot tell whether blocked): {top}",
-            WIDTH,
-            subsequent_indent="  ",
-            break_long_words=False,
-            break_on_hyphens=False,
-        ):
-            console.print(Text(line, style=_STYLE[Finding.INCONCLUSIVE]))
+        said = f"{len(inconclusive)} inconclusive (cannot tell whether blocked): {top}"
+        for line in _wrapped(said, WIDTH, subsequent="  "):
+            _print(console, Text(line, style=_STYLE[Finding.INCONCLUSIVE]))
 
 
 def _grouped(problems: Sequence[Measurement], names: dict[str, str]) -> list[str]:
@@ -260,49 +326,64 @@ def _grouped(problems: Sequence[Measurement], names: dict[str, str]) -> list[str
         head = f"  {domain} {qtype} on {resolver} over {over}"
         said = f"got {answered}" if ms[0].outcome in _NO_RESPONSE else f"answered {answered}"
         tail = said + (f"; {why}" if why else "")
-        for text, indent in ((head, "      "), (tail, "      ")):
-            first = "  " if text is head else "    "
-            lines.extend(
-                textwrap.wrap(
-                    text.strip(),
-                    WIDTH,
-                    initial_indent=first,
-                    subsequent_indent=indent,
-                    break_long_words=False,
-                    break_on_hyphens=False,
-                )
-            )
+        lines += _wrapped(head.strip(), WIDTH, "  ", "      ")
+        lines += _wrapped(tail, WIDTH, "    ", "      ")
     return lines
 
 
+_MIN_ANSWER = 16  # narrower than this, an answer column would hold a word or two a line
+
+
 def render_rows(measurements: Iterable[Measurement], file: IO[str] | None = None) -> None:
-    """Every row (`--all`), grouped by resolver; only the answer column wraps."""
+    """Every row (`--all`), grouped by resolver; only the answer column wraps.
+
+    The answer wraps at its spaces within its column; when a word of it is wider than the
+    column (an IPv6 address beside a long name), the whole answer goes on the lines below
+    its row, indented, so that no address or name is ever broken.
+    """
     console = _console(file)
     measurements = list(measurements)
     names = _names(measurements)
     by_resolver: dict[str, list[Measurement]] = defaultdict(list)
     for m in measurements:
         by_resolver[names[m.resolver]].append(m)
+    heads = ["name", "type", "via", "outcome", "finding"]
     for name, ms in sorted(by_resolver.items()):
         first = ms[0]
-        about = ", ".join(x for x in (first.kind, first.operator) if x)
+        about = ", ".join(x for x in (first.kind, first.operator) if x and x != name)
         console.print()
-        console.print(Text(name + (f" ({about})" if about else ""), style="bold"), overflow="fold")
-        table = Table(box=None, padding=(0, 1, 0, 0), pad_edge=False, header_style="bold", show_edge=False)
-        for col in ("name", "type", "via", "outcome", "finding"):
-            table.add_column(col, no_wrap=True)
-        table.add_column("answer", overflow="fold", ratio=1, min_width=12)
+        for line in _wrapped(name + (f" ({about})" if about else ""), WIDTH, subsequent="  "):
+            _print(console, Text(line, style="bold"))
+        rows = []
         for m in sorted(ms, key=lambda m: (m.domain, m.qtype, list(Transport).index(m.transport))):
             style = _STYLE.get(m.finding) if m.finding else None
-            table.add_row(
-                m.domain,
-                m.qtype,
-                str(m.transport),
-                str(m.outcome),
+            fixed = [
+                Text(m.domain),
+                Text(m.qtype),
+                Text(str(m.transport)),
+                Text(str(m.outcome)),
                 Text(str(m.finding) if m.finding else "-", style=style or ""),
-                _answered(m, brief=True) or "-",
-            )
-        console.print(table)
+            ]
+            rows.append((fixed, _answered(m, brief=True) or "-"))
+        widths = [max([len(h)] + [r[0][i].cell_len for r in rows]) for i, h in enumerate(heads)]
+        start = sum(1 + w for w in widths)
+        room = WIDTH - start
+        header = [Text(h, style="bold") for h in heads]
+        if room >= len("answer"):
+            _print(console, _columns([*header, Text("answer", style="bold")], [*widths, 0]))
+        else:  # the answers all go below their rows: so does the heading
+            _print(console, _columns(header, widths))
+            _print(console, Text("    answer", style="bold"))
+        for fixed, answer in rows:
+            lines = _wrapped(answer, room) if room >= _MIN_ANSWER else []
+            if lines and all(len(line) <= room for line in lines):
+                _print(console, _columns([*fixed, Text(lines[0])], [*widths, 0]))
+                for line in lines[1:]:
+                    _print(console, Text(" " * start + line))
+            else:
+                _print(console, _columns(fixed, widths))
+                for line in _wrapped(answer, WIDTH, indent="    "):
+                    _print(console, Text(line))
 
 
 def summary_line(measurements: Iterable[Measurement]) -> str:

@@ -1,5 +1,6 @@
 """docs/ against the code: every option, measurement key, lists key, metric and label it names exists,
-and every one the code has is documented. README points into docs/, never outside the repository."""
+and every one the code has is documented. README points into docs/; no document (README, docs/,
+the runbook, the shipped data files) points outside the repository."""
 
 from __future__ import annotations
 
@@ -143,9 +144,35 @@ def test_every_metric_and_label_in_the_docs_exists_and_every_findings_metric_is_
     assert set(code) <= set(documented), sorted(set(code) - set(documented))
 
 
-def test_readme_points_into_docs_never_outside_the_repository() -> None:
+# Everything a user reads from the repository: it must stand on its own (the project's
+# design notes live outside it, and a pointer there leads nowhere for a user).
+READ = sorted(
+    [
+        ROOT / "README.md",
+        ROOT / "dashboards" / "RUNBOOK.md",
+        *DOCS.rglob("*.md"),
+        *(ROOT / "probe" / "data").glob("*.yaml"),
+    ]
+)
+
+
+@pytest.mark.parametrize("path", READ, ids=[str(p.relative_to(ROOT)) for p in READ])
+def test_docs_never_point_outside_the_repository(path: Path) -> None:
+    text = path.read_text()
+    for outside in ("CONTRACTS.md", "DESIGN.md", "STYLE.md", "block-signals.md", "../shared"):
+        lines = [i + 1 for i, line in enumerate(text.splitlines()) if outside in line]
+        assert not lines, f"{path.relative_to(ROOT)}:{lines[0] if lines else 0} points to {outside}"
+    for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in link or link.startswith("mailto:"):
+            continue
+        assert (path.parent / link).exists(), (
+            f"{path.relative_to(ROOT)} links to {link}, which does not exist"
+        )
+
+
+def test_readme_points_into_docs() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert "CONTRACTS.md" not in readme
-    assert "../shared" not in readme
-    for link in re.findall(r"\((docs/[\w./#-]+)\)", readme):
+    links = re.findall(r"\((docs/[\w./#-]+)\)", readme)
+    assert links
+    for link in links:
         assert (ROOT / link.split("#")[0]).exists(), link

@@ -550,3 +550,30 @@ def test_the_evidence_page_lists_each_address_check(server: Server) -> None:  # 
     ]
     assert "A user would meet" in html
     assert "HTTP 451 Unavailable For Legal Reasons" in html
+
+
+def test_the_matrix_shows_an_operator_that_differs_from_the_name(server: Server) -> None:  # noqa: F811
+    """A catalogue resolver is shown by its name; its operator gets a column where it says more."""
+    token = server.token("it-1")
+    rows = [
+        measurement("calcio.example", "leak", resolver="quad9", operator="Quad9 Foundation", kind="public"),
+        measurement(
+            "calcio.example", "enforced", resolver="cloudflare", operator="cloudflare", kind="public"
+        ),
+    ]
+    assert post(server, token, batch("it-1", rows)).status_code == 200
+    html = server.client.get("/").text
+    matrix = html[html.index('id="matrix"') : html.index("</table>", html.index('id="matrix"'))]
+    assert "<th>operator</th>" in matrix
+    by_name = {
+        _text(m.group(1)).split()[0]: _text(m.group(2))
+        for m in re.finditer(r'<td>(.*?)</td>\s*<td class="operator">(.*?)</td>', matrix, re.S)
+    }
+    assert by_name == {"quad9": "Quad9 Foundation", "cloudflare": ""}
+
+
+def test_the_matrix_has_no_operator_column_when_names_say_it_all(server: Server) -> None:  # noqa: F811
+    _fill(server)  # resolvers given as URLs: shown by their operator, which then needs no column
+    html = server.client.get("/").text
+    assert "<th>operator</th>" not in html
+    assert 'class="operator"' not in html
