@@ -332,8 +332,8 @@ class Fleet:
         ids = ", ".join(f"{p} ({c})" for p, c in PROBES)
         ports = ", ".join(f":{p}" for p in self.metrics_ports)
         lines = [
-            "blockprobe fleet demo: all on loopback (127.0.0.0/8), nothing leaves this machine",
-            "  lab resolvers  127.53.0.1-4 (control 127.53.0.9), every transport; see `probe demo`",
+            "blockprobe fleet demo: all on loopback (127.0.0.0/8); nothing leaves this host",
+            "  lab resolvers  127.53.0.1-4, control 127.53.0.9: those of `probe demo`",
             f"  collector      {self.collector_url}/   status page: the answer first",
             f"                 {self.collector_url}/metrics   what Prometheus scrapes",
             f"  probes         {ids}",
@@ -343,10 +343,13 @@ class Fleet:
             lines += [f"  prometheus     {self.prometheus_url}/alerts", *_alert_lines(self.interval)]
         else:
             lines.append("  prometheus     not started (install Debian's prometheus to see alerts fire)")
-        lines += [
-            "What to look at: within seconds the status page lists leaks (the public resolver, and",
-            "AAAA on the block-page ISP) and overblocks (a control name on that ISP; from France,",
+        lines += textwrap.wrap(
+            "What to look at: within seconds the status page lists leaks (the public resolver, and "
+            "AAAA on the block-page ISP) and overblocks (a control name on that ISP; from France, "
             "every Italian block).",
+            WIDTH,
+        )
+        lines += [
             f"State in {self.work}",
             ("Kept on exit." if self.keep_state else "Removed on exit (--keep-state keeps it).")
             + " Ctrl-C stops everything.",

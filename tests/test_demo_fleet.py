@@ -94,6 +94,8 @@ def test_the_banner_fits_80_columns_names_every_alert_and_states_the_rules_times
     said = _group(r"stops reporting for ([^.]+)\.", flat)
     assert said == f"{minutes} min" + (f" {seconds} s" if seconds else "")
     assert f"every `for:` is {DEMO_FOR}" in flat
+    fleet.prometheus_url = None
+    assert max(len(ln) for ln in _banner(fleet).splitlines() if not ln.startswith("State in")) <= 80
     production = {a.name: a.for_ for a in ALERTS}
     assert (
         f"(production: {production['BlockprobeLeak']} for one probe, "
