@@ -7,7 +7,9 @@ middle of an address. Each run here has all of them to lay out.
 
 from __future__ import annotations
 
+import io
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from click.testing import CliRunner
 import probe.demo
 from probe.cli import cli
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
+from probe.model import Finding, Measurement, Outcome, Transport
+from probe.output import render_answer
 
 from .conftest import start_lab, truth_zone
 
@@ -143,3 +147,31 @@ def test_probe_demo_exits_3_when_its_lab_answers_nothing_it_can_judge(
     assert re.fullmatch(r"288 measurements: 288 inconclusive", lines[7]), lines[7]
     assert "Nothing could be judged: no answers, or every finding inconclusive (exit 3)." in lines
     assert [line for line in lines if len(line) > 80] == []
+
+
+def test_a_matrix_too_wide_for_one_line_goes_in_groups_of_transports_with_cells_whole() -> None:
+    """Hundreds of each finding on six transports: no row of six cells fits 80 columns."""
+    base = Measurement(
+        *("a.example", "A", "isp-a", Transport.UDP, Outcome.RESOLVED, False, None, None, "NOERROR"),
+        *((), (), (), None, None, 1.0, "2026-12-01T00:00:00.000Z", None, None),
+    )
+    ms = [
+        replace(base, domain=f"n{i}.example", transport=t, finding=f)
+        for t in Transport
+        for f in Finding
+        for i in range(100)
+    ]
+    out = io.StringIO()
+    render_answer(ms, out)
+    lines = out.getvalue().splitlines()
+    assert [line for line in lines if len(line) > 80] == []
+    end = next(i for i, line in enumerate(lines) if line.startswith("L leak"))
+    matrix = lines[:end]
+    heads = [line.split() for line in matrix if line.startswith("  ") and not line.split()[0][0].isdigit()]
+    assert len(heads) > 1  # more than one group of transports
+    assert [t for group in heads for t in group] == [str(t) for t in Transport]  # each once, in order
+    cells = [line for line in matrix if line.startswith("  ") and line.split()[0][0].isdigit()]
+    assert all(
+        line.split() == ["100L", "100O", "100?", "100E", "100✓"] * (len(line.split()) // 5) for line in cells
+    )
+    assert sum(len(line.split()) for line in cells) == 5 * len(Transport)
