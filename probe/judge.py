@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from probe.answers import AddressCheck, Manipulation, Reach, manipulated, reach_of
+from probe.answers import AddressCheck, Manipulation, Reach, addresses_of, manipulated, reach_of
 from probe.classify import ControlResult, Verdict, verdict_of
 from probe.fingerprints import Fingerprints
 from probe.identity import Identity
@@ -30,6 +31,7 @@ __all__ = [
     "blocked_of",
     "finding_of",
     "judge",
+    "known_blockpage",
     "silence_proven",
 ]
 
@@ -187,9 +189,7 @@ def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:
         if loss:
             evidence["loss"] = loss
     blocked = blocked_of(verdict, obs.control, silence)
-    reach = Reach.UNCHECKED
-    if obs.checks is not None and verdict.outcome is Outcome.RESOLVED:
-        verdict, blocked, reach = _answer_checks(obs, verdict, blocked, evidence)
+    verdict, blocked, reach = _reach(obs, verdict, blocked, evidence, fingerprints)
     finding = finding_of(obs.expected, blocked)
     intercepted = obs.identity is not None and obs.identity.ok is False
     if obs.identity is not None:
@@ -212,6 +212,46 @@ def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:
     if obs.expected_by:
         evidence["expected_by"] = obs.expected_by
     return Judgement(verdict, blocked, finding, intercepted, evidence, reach)
+
+
+def _reach(
+    obs: Observation,
+    verdict: Verdict,
+    blocked: bool | None,
+    evidence: dict[str, Any],
+    fingerprints: Fingerprints,
+) -> tuple[Verdict, bool | None, Reach]:
+    """`reach`: from the answer checks of a resolved answer, or from a known block page."""
+    if obs.checks is not None and verdict.outcome is Outcome.RESOLVED:
+        return _answer_checks(obs, verdict, blocked, evidence)
+    page = known_blockpage(verdict, obs.qtype, fingerprints)
+    if page is None:
+        return verdict, blocked, Reach.UNCHECKED
+    # A known block page needs no connection to know what a user meets there.
+    evidence["blockpage"] = page
+    return verdict, blocked, Reach.BLOCKPAGE
+
+
+def known_blockpage(verdict: Verdict, qtype: str, fingerprints: Fingerprints) -> dict[str, str] | None:
+    """The fingerprint that makes a sinkhole a known block page (`reach: blockpage`), or None.
+
+    A CNAME target or an answered address (IPv4-mapped judged as IPv4) that a fingerprint names
+    is a page a user would meet: one is enough, since a browser tries the next address when one
+    fails. A null route (0.0.0.0, ::), loopback or private address is a sinkhole but no page: a
+    user meets a connection error on their own machine or network, and the probe does not
+    connect to those addresses to find out, so their reach stays `unchecked`.
+    """
+    if verdict.outcome is not Outcome.SINKHOLE:
+        return None
+    for target in verdict.cname:
+        fp = fingerprints.name(target)
+        if fp is not None:
+            return {"match": target, "source": fp.describe()}
+    for address in addresses_of(qtype, verdict.answers):
+        fp = fingerprints.address(ipaddress.ip_address(address))
+        if fp is not None:
+            return {"match": address, "source": fp.describe()}
+    return None
 
 
 def _answer_checks(
