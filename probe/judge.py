@@ -38,6 +38,7 @@ __all__ = [
 # (d): a silence over UDP counts only if loss explains it with probability below this.
 LOSS_BOUND = 1e-4
 _NEGATIVE = (Outcome.NXDOMAIN, Outcome.NODATA, Outcome.REFUSED)
+_VAGUE = "vbw"  # OONI's scope for fingerprints that tell a filter answered, not what it serves
 
 
 # Attempt, Observation and Judgement are values nobody changes, but not frozen: one of each is
@@ -237,19 +238,24 @@ def known_blockpage(verdict: Verdict, qtype: str, fingerprints: Fingerprints) ->
 
     A CNAME target or an answered address (IPv4-mapped judged as IPv4) that a fingerprint names
     is a page a user would meet: one is enough, since a browser tries the next address when one
-    fails. A null route (0.0.0.0, ::), loopback or private address is a sinkhole but no page: a
-    user meets a connection error on their own machine or network, and the probe does not
-    connect to those addresses to find out, so their reach stays `unchecked`.
+    fails. A null route (0.0.0.0, ::) or loopback address is a sinkhole but no page, even where
+    OONI lists it (as its "vague but works" rows, scope `vbw`, such as 1.2.3.4, which say a
+    filter answered, not that a page is there): a user meets a connection error on their own
+    machine, and the probe does not connect there to find out, so reach stays `unchecked`.
+    Private addresses that a fingerprint names do count: ISPs serve block pages from them.
     """
     if verdict.outcome is not Outcome.SINKHOLE:
         return None
     for target in verdict.cname:
         fp = fingerprints.name(target)
-        if fp is not None:
+        if fp is not None and fp.scope != _VAGUE:
             return {"match": target, "source": fp.describe()}
     for address in addresses_of(qtype, verdict.answers):
-        fp = fingerprints.address(ipaddress.ip_address(address))
-        if fp is not None:
+        ip = ipaddress.ip_address(address)
+        if ip.is_unspecified or ip.is_loopback:
+            continue
+        fp = fingerprints.address(ip)
+        if fp is not None and fp.scope != _VAGUE:
             return {"match": address, "source": fp.describe()}
     return None
 
