@@ -2,7 +2,8 @@
 
 A run reads as its phases:
 1. identity checks on plain endpoints that claim a catalogue operator (started at once);
-2. canaries, whose failure makes an endpoint's findings inconclusive;
+2. canaries, whose failure makes an endpoint's findings inconclusive (no confirmation pass:
+   the run waits for them, and an unconfirmed silence can only make findings inconclusive);
 3. the first pass over the plan; each (name, type) gets its control baseline on first use;
 4. the confirmation pass: every query still without a response is asked once more, per
    endpoint on one fresh connection (CONTRACTS.md section 3);

@@ -9,9 +9,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from click.testing import CliRunner
 
 from probe.answers import AnswerChecker
 from probe.catalogue import resolve_spec
+from probe.cli import cli
 from probe.engine import Engine, Plan
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Expectation, Measurement, Outcome
@@ -212,3 +214,25 @@ def test_no_check_starts_once_the_time_for_checks_is_over(lab: NetLab) -> None:
     assert {m.reach for m in got} == {"unchecked"}
     assert all("answer_checks_skipped" in m.evidence for m in got)
     assert lab.served(SITE) == served  # not one connection
+
+
+@pytest.mark.parametrize("mode", ["tls", "http"])
+def test_once_refuses_to_verify_names_no_lists_file_names(mode: str) -> None:
+    """Issue 16: "only names that a lists file names are checked"; `--expect` names none."""
+    result = CliRunner().invoke(
+        cli,
+        [
+            "once",
+            "a.example",
+            "--expect",
+            "blocked",
+            "--verify",
+            mode,
+            "-r",
+            "udp://127.0.0.1:9",
+            "--no-control",
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.stderr == f"probe: --verify {mode} checks only names a lists file names: give --list FILE\n"
+    assert result.stdout == ""
