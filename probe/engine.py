@@ -36,15 +36,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 from probe.answers import AddressCheck, AnswerChecker, addresses_of, same_addresses
-from probe.classify import PROHIBITED, ControlResult, Verdict, verdict_of
+from probe.classify import ControlResult, Verdict, verdict_of
 from probe.fingerprints import Fingerprints, load_fingerprints
 from probe.identity import IDENTITY_PROBES, Canary, Identity, identity_of
 from probe.identity import PLAIN as PLAIN_TRANSPORTS
-from probe.judge import Attempt, Observation, judge
+from probe.judge import (
+    Attempt,
+    Observation,
+    asking_again_cannot_change,
+    control_checks_matter,
+    judge,
+    waits_for_the_run,
+)
 from probe.model import Expectation, Measurement, Outcome, Transport
 from probe.specs import Endpoint, Resolver
 from probe.transports import Exchange, Exchanger, Failure, FailureKind, Loss, Options, Phase, make_exchanger
-from probe.wire import build_query, parse_response
+from probe.wire import build_query
 
 __all__ = ["Engine", "ExpectFn", "Plan", "RateLimiter", "control_endpoint"]
 
@@ -466,8 +473,7 @@ class Engine:
             control = await self._control(run, job.domain, job.qtype) if run.plan.controls else None
             if control is not None:
                 same = same_addresses(verdict.answers, control.verdict.answers, job.qtype)
-                # The control's addresses matter only when every one of ours showed a bad certificate.
-                if checks and all(c.presents_invalid_cert for c in checks):
+                if control_checks_matter(checks):
                     theirs = addresses_of(job.qtype, control.verdict.answers)
                     control_checks = tuple(await checker.check_all(job.domain, theirs))
             job.result = await self._measure(job, run, (checks, control_checks, same))
@@ -500,16 +506,11 @@ class Engine:
             await asyncio.gather(pool, return_exceptions=True)
 
     def _needs_run(self, job: _Job, ex: Exchange) -> bool:
-        """Whether the response's judgement depends on the rest of the run (an EDE 18)."""
+        """Whether the response's judgement depends on the rest of the run (an EDE 18); if not,
+        it counts as one of the endpoint's answers without EDE 18, which that rule asks for."""
         assert ex.response is not None
-        # An EDE 18 option holds the bytes 00 0f ... 00 12; without them nothing to parse twice.
-        if b"\x00\x0f" in ex.response and b"\x00\x12" in ex.response:
-            try:
-                ede = parse_response(ex.response, job.domain, job.qtype).ede
-            except Exception:  # noqa: BLE001 - a hostile answer is classified (by the judge), never a crash
-                return False  # malformed: judged as such, nothing to wait for
-            if any(e.code == PROHIBITED for e in ede):
-                return True
+        if waits_for_the_run(ex.response, job.domain, job.qtype):
+            return True
         job.site.plain_answers += 1
         return False
 
@@ -522,7 +523,9 @@ class Engine:
         silent = [
             job
             for job in run.held
-            if job.exchange is not None and job.exchange.response is None and not _final(job.exchange.failure)
+            if job.exchange is not None
+            and job.exchange.response is None
+            and not asking_again_cannot_change(job.exchange.failure)
         ]
         if not silent:
             return
@@ -807,11 +810,6 @@ def _take_late(job: _Job) -> None:
                     late.result(), None, None, {**ex.evidence, "late_response": {"pass": number}}
                 )
                 break
-
-
-def _final(failure: Failure | None) -> bool:
-    """A failure that asking again cannot change: the resolver's certificate does not name it."""
-    return failure is not None and failure.text.startswith("tls: certificate verify failed")
 
 
 def _internal(exc: BaseException) -> Failure:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from probe.answers import AddressCheck, Manipulation, Reach, addresses_of, manipulated, reach_of
-from probe.classify import ControlResult, Verdict, verdict_of
+from probe.classify import PROHIBITED, ControlResult, Verdict, verdict_of
 from probe.fingerprints import Fingerprints
 from probe.identity import Identity
 from probe.model import POLICY_EDE, Expectation, Finding, Outcome, Transport
@@ -28,11 +28,14 @@ __all__ = [
     "Attempt",
     "Judgement",
     "Observation",
+    "asking_again_cannot_change",
     "blocked_of",
+    "control_checks_matter",
     "finding_of",
     "judge",
     "known_blockpage",
     "silence_proven",
+    "waits_for_the_run",
 ]
 
 # (d): a silence over UDP counts only if loss explains it with probability below this.
@@ -171,6 +174,32 @@ def blocked_of(verdict: Verdict, control: ControlResult | None, silence: bool) -
     # SERVFAIL without a policy EDE is what a resolver says when its upstream fails; an
     # error is the transport's failure. Neither is evidence of a block.
     return None
+
+
+def waits_for_the_run(response: bytes, qname: str, qtype: str) -> bool:
+    """Whether a response's judgement must wait for the rest of the run: it carries EDE 18,
+    which blocks this name only if the same endpoint answered others without it (rule 2)."""
+    # An EDE 18 option holds the bytes 00 0f ... 00 12; without them nothing to parse twice.
+    if b"\x00\x0f" not in response or b"\x00\x12" not in response:
+        return False
+    try:
+        ede = parse_response(response, qname, qtype).ede
+    except Exception:  # noqa: BLE001 - a hostile answer is classified (by `judge`), never a crash
+        return False  # malformed: judged as such, nothing to wait for
+    return any(e.code == PROHIBITED for e in ede)
+
+
+def asking_again_cannot_change(failure: Failure | None) -> bool:
+    """A failure the confirmation pass need not ask again: the resolver's certificate does not
+    name it, and a second connection would show the same certificate."""
+    return failure is not None and failure.text.startswith("tls: certificate verify failed")
+
+
+def control_checks_matter(checks: tuple[AddressCheck, ...] | list[AddressCheck]) -> bool:
+    """Whether the control's addresses must be checked too: only when every one of the
+    resolver's addresses showed a certificate not valid for the name (`manipulated` looks at
+    them in no other case), so a genuine answer costs no connection to the control's."""
+    return bool(checks) and all(c.presents_invalid_cert for c in checks)
 
 
 def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:

@@ -11,13 +11,15 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 
-from probe.answers import AnswerChecker
+from probe.answers import AddressCheck, AnswerChecker, CheckMode, CheckStatus
 from probe.catalogue import resolve_spec
 from probe.cli import cli
 from probe.engine import Engine, Plan
+from probe.judge import asking_again_cannot_change, control_checks_matter
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Expectation, Measurement, Outcome
-from probe.transports import Options
+from probe.transports import Failure, FailureKind, Options
+from probe.transports import Phase as TransportPhase
 
 from . import netlab
 from .conftest import measure, start_lab
@@ -236,3 +238,33 @@ def test_once_refuses_to_verify_names_no_lists_file_names(mode: str) -> None:
     assert result.exit_code == 2
     assert result.stderr == f"probe: --verify {mode} checks only names a lists file names: give --list FILE\n"
     assert result.stdout == ""
+
+
+def _check(status: CheckStatus, cert_valid: bool | None) -> AddressCheck:
+    return AddressCheck("a.example", "198.51.100.1", CheckMode.TLS, status, cert_valid=cert_valid)
+
+
+@pytest.mark.parametrize(
+    ("checks", "matter"),
+    [
+        ((), False),  # nothing checked: nothing to compare with
+        ((_check(CheckStatus.INVALID_CERT, False),), True),
+        ((_check(CheckStatus.INVALID_CERT, False), _check(CheckStatus.BLOCKPAGE, False)), True),
+        ((_check(CheckStatus.INVALID_CERT, False), _check(CheckStatus.VALID, True)), False),
+        ((_check(CheckStatus.INVALID_CERT, False), _check(CheckStatus.TIMEOUT, None)), False),
+    ],
+)
+def test_the_controls_addresses_are_checked_only_when_every_one_of_ours_showed_a_bad_certificate(
+    checks: tuple[AddressCheck, ...], matter: bool
+) -> None:
+    assert control_checks_matter(checks) is matter
+
+
+def test_only_a_certificate_the_resolver_cannot_change_is_not_asked_again() -> None:
+    refused = Failure(
+        FailureKind.ERROR, TransportPhase.TLS_HANDSHAKE, "tls: certificate verify failed: hostname mismatch"
+    )
+    stalled = Failure(FailureKind.ERROR, TransportPhase.TLS_HANDSHAKE, "tls: handshake timed out")
+    assert asking_again_cannot_change(refused) is True
+    assert asking_again_cannot_change(stalled) is False
+    assert asking_again_cannot_change(None) is False
