@@ -194,10 +194,10 @@ def test_checks_cut_by_the_run_deadline_lose_no_dns_measurement(lab: NetLab) -> 
     """Issue 16: checks run after the DNS round and never delay it; a round cut at its deadline
     while checks hang on a dropping address must still emit every DNS measurement."""
     names = {"leaky.example": SITE, **{f"d{i}.drops.example": DROPS for i in range(5)}}
-    got, took = _cut_by_deadline(lab, 4.0, names)
+    got, took = _cut_by_deadline(lab, 5.0, names)
     by = {m.domain: m for m in got}
     assert sorted(by) == sorted(names)  # every DNS measurement, none lost to the cut
-    assert took < 4.0
+    assert took < 5.0
     site = by["leaky.example"]  # checked before the cut: its checks stand
     assert (site.finding, site.reach, site.evidence["verified"]) == ("leak", "reachable", True)
     for name in names:
