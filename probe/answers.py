@@ -473,13 +473,13 @@ class AnswerChecker:
         opened: list[asyncio.StreamWriter] = []
         t0 = time.perf_counter()
         try:
-            result = await self._judge(name, address, ctx, opened)
+            result = await self._connect_and_check(name, address, ctx, opened)
             return replace(result, elapsed_ms=round((time.perf_counter() - t0) * 1000, 3))
         finally:
             for writer in opened:
                 await _close(writer)
 
-    async def _judge(  # noqa: C901 - one except per status the contract names, in its order
+    async def _connect_and_check(  # noqa: C901 - one except per status the contract names, in its order
         self, name: str, address: str, ctx: ssl.SSLContext, opened: list[asyncio.StreamWriter]
     ) -> AddressCheck:
         """Connect, hand shake (and HEAD); every failure becomes a status with its phase."""

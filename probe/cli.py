@@ -224,8 +224,9 @@ _ALL = click.option(
     type=click.Choice(["off", "tls", "http"]),
     default="off",
     show_default=True,
-    help="Answer checks: connect to each answered address on port 443 with the name as SNI "
-    "(tls), and send one HEAD / (http). Off for a spot check: it connects to the listed sites.",
+    help="Answer checks of the names --list names: connect to each answered address on port 443 "
+    "with the name as SNI (tls), and send one HEAD / (http). Needs --list. Off for a spot check: "
+    "it connects to the listed sites.",
 )
 @_ALL
 def once(
@@ -256,6 +257,9 @@ def once(
             raise InputError("--expect and --list cannot be used together")
         if list_files and not country:
             raise InputError("--country is required with --list")
+        if verify != "off" and not list_files:
+            # Issue 16's safety rule: only names a lists file names are ever connected to.
+            raise InputError(f"--verify {verify} checks only names a lists file names: give --list FILE")
         if country is not None and country.upper() not in ISO_ALPHA2:
             raise InputError(f"--country: {country!r} is not an ISO 3166-1 alpha-2 code")
         lists = load_lists(list_files) if list_files else None

@@ -2,18 +2,27 @@
 
 A run reads as its phases:
 1. identity checks on plain endpoints that claim a catalogue operator (started at once);
-2. canaries, whose failure makes an endpoint's findings inconclusive;
+2. canaries, whose failure makes an endpoint's findings inconclusive (no confirmation pass:
+   the run waits for them, and an unconfirmed silence can only make findings inconclusive);
 3. the first pass over the plan; each (name, type) gets its control baseline on first use;
 4. the confirmation pass: every query still without a response is asked once more, per
    endpoint on one fresh connection (CONTRACTS.md section 3);
 5. the judgement of what had to wait for the whole run (silences, EDE 18), by `probe.judge`;
 6. answer checks, when a checker is given: the addresses of resolved answers with an
-   expectation are checked on port 443 after the DNS round, so they never delay it.
+   expectation are checked on port 443 after the DNS round, so they never delay it. With a
+   `deadline`, checks stop a fifth of it before its end (or are never started once that
+   point has passed) and what they held is judged without them (`reach: unchecked`, the
+   reason in `evidence.answer_checks_skipped`), so a run cut at its deadline loses no DNS
+   measurement to its checks.
 
 A fixed pool of workers pulls jobs from a lazy plan; a global limit (the pool size) and
 a per-endpoint rate limit keep a probe from hammering anyone; measurements leave through
-a bounded queue, so a slow consumer slows the run instead of growing memory. Every
-endpoint gets one exchanger for the run, which owns its connection reuse.
+a bounded queue, and at most `queue_size` of them wait for a racing UDP answer (linger) at
+once, so a slow consumer slows the run instead of growing memory. What is held for the
+end of the run is the exception, and grows with the plan: silences and EDE 18 answers
+(phases 4 and 5), and, with answer checks, every resolved answer of a listed name until its
+checks (phase 6). Every endpoint gets one exchanger for the run, which owns its
+connection reuse.
 """
 
 from __future__ import annotations
@@ -27,15 +36,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 from probe.answers import AddressCheck, AnswerChecker, addresses_of, same_addresses
-from probe.classify import PROHIBITED, ControlResult, Verdict, verdict_of
+from probe.classify import ControlResult, Verdict, verdict_of
 from probe.fingerprints import Fingerprints, load_fingerprints
 from probe.identity import IDENTITY_PROBES, Canary, Identity, identity_of
 from probe.identity import PLAIN as PLAIN_TRANSPORTS
-from probe.judge import Attempt, Observation, judge
+from probe.judge import (
+    Attempt,
+    Observation,
+    asking_again_cannot_change,
+    control_checks_matter,
+    judge,
+    waits_for_the_run,
+)
 from probe.model import Expectation, Measurement, Outcome, Transport
 from probe.specs import Endpoint, Resolver
 from probe.transports import Exchange, Exchanger, Failure, FailureKind, Loss, Options, Phase, make_exchanger
-from probe.wire import build_query, parse_response
+from probe.wire import build_query
 
 __all__ = ["Engine", "ExpectFn", "Plan", "RateLimiter", "control_endpoint"]
 
@@ -53,6 +69,9 @@ _CONTROL_PREFERENCE = (
     Transport.UDP,
     Transport.DOH3,
 )
+# With a deadline, the share of it left after answer checks for judging and emitting what
+# they held (and for the consumer to take it): checks are the part of a run that can wait.
+_EMIT_SHARE = 0.2
 
 
 # An ExpectFn: the engine passes (domain, resolver); with no expectation neither matters.
@@ -142,6 +161,9 @@ class _Job:
     attempts: list[Attempt] = field(default_factory=list)
     exchange: Exchange | None = None
     lates: list[tuple[int, asyncio.Future[bytes]]] = field(default_factory=list)
+    unchecked: str | None = None  # why a check it would have had was not made
+    result: Measurement | None = None  # phase 6: judged with its checks, not yet emitted
+    emitted: bool = False  # phase 6: on its way to the consumer
 
 
 @dataclass(slots=True)
@@ -156,6 +178,7 @@ class _Run:
     sites: dict[Endpoint, _Site] = field(default_factory=dict)
     held: list[_Job] = field(default_factory=list)
     to_check: list[_Job] = field(default_factory=list)
+    check_stop: float | None = None  # loop time after which no answer check starts or goes on
 
     def site(self, endpoint: Endpoint) -> _Site:
         site = self.sites.get(endpoint)
@@ -198,12 +221,18 @@ class Engine:
         fingerprints: Fingerprints | None = None,
         queue_size: int = 1024,
         checker: AnswerChecker | None = None,
+        deadline: float | None = None,
     ) -> None:
+        """`deadline`: seconds each run may take (the daemon's round deadline); it bounds the
+        answer checks, never the DNS queries, which have their own per-attempt deadlines."""
+        if deadline is not None and deadline <= 0:
+            raise ValueError(f"deadline: {deadline!r} is not a positive number of seconds")
         self.options = options or Options()
         self.concurrency = max(1, concurrency)
         self.default_qps = qps
         self.fingerprints = fingerprints or load_fingerprints()
-        self.queue_size = queue_size
+        self.queue_size = max(1, queue_size)
+        self.deadline = deadline
         self.checker = checker if checker is not None and checker.enabled else None
         self._exchangers: dict[Endpoint, Exchanger] = {}
         self._limiters: dict[Endpoint, RateLimiter | None] = {}
@@ -280,6 +309,8 @@ class Engine:
     async def _produce(self, plan: Plan, emit: _Outlet) -> None:
         self.stats.planned += plan.size
         run = _Run(plan)
+        if self.deadline is not None and self.checker is not None:
+            run.check_stop = asyncio.get_running_loop().time() + self.deadline * (1 - _EMIT_SHARE)
         try:
             if plan.check_identity:
                 run.identities = asyncio.ensure_future(self.identities(plan))
@@ -292,8 +323,8 @@ class Engine:
             await self._first_pass(self._jobs(plan, run), run, emit, hold=True)
             await self._confirm(run)
             for job in run.held:
-                if self._wants_check(job):
-                    run.to_check.append(job)
+                if self._wants_check(job, run):
+                    self._hold_for_check(job, run)
                 else:
                     await emit(await self._measure(job, run))
             await self._check_answers(run, emit)
@@ -329,9 +360,14 @@ class Engine:
             ex = await self._ask(job, 1, None)
             if hold and (ex.response is None or self._needs_run(job, ex)):
                 run.held.append(job)
-            elif hold and self._wants_check(job):
-                run.to_check.append(job)
+            elif hold and self._wants_check(job, run):
+                self._hold_for_check(job, run)
             elif ex.settled is not None and not ex.settled.done():
+                # Waiting out a UDP linger need not hold a worker, but it holds a measurement:
+                # at most `queue_size` wait at once, or a stalled consumer would leave every
+                # answer of the run judged and waiting here.
+                while len(finishing) >= self.queue_size:
+                    await asyncio.wait(finishing, return_when=asyncio.FIRST_COMPLETED)
                 task = asyncio.ensure_future(finish(job))
                 finishing.add(task)
                 task.add_done_callback(finishing.discard)
@@ -343,9 +379,13 @@ class Engine:
                 if not emit.now(m):
                     await emit(m)
 
-        await self._pool(jobs, work)
-        while finishing:
-            await asyncio.gather(*list(finishing))
+        try:
+            await self._pool(jobs, work)
+            while finishing:
+                await asyncio.gather(*list(finishing))
+        finally:
+            for task in finishing:
+                task.cancel()  # only when the run itself was cancelled: nobody reads any more
 
     async def _ask(self, job: _Job, number: int, exchanger: Exchanger | None) -> Exchange:
         # `query`'s steps, with the endpoint's limiter and exchanger kept on its site.
@@ -367,8 +407,14 @@ class Engine:
             log.exception("query failed inside the probe")
             self.stats.internal_errors += 1
             ex = Exchange(None, _internal(exc))
+        channel = ex.channel
+        if number == 2 and channel is not None and "#" in channel:
+            # The confirmation pass's fresh connection counts from 1 again: `#c1` tells it from
+            # the first pass's `#1` (over UDP the channel is the endpoint, the same in both).
+            head, _, count = channel.rpartition("#")
+            channel = f"{head}#c{count}"
         job.attempts.append(
-            Attempt(number, ex.sends, ex.channel, ex.response is not None, ex.failure, ex.overtaken)
+            Attempt(number, ex.sends, channel, ex.response is not None, ex.failure, ex.overtaken)
         )
         if ex.late is not None:
             job.lates.append((number, ex.late))
@@ -376,19 +422,44 @@ class Engine:
             job.exchange = ex
         return ex
 
-    def _wants_check(self, job: _Job) -> bool:
-        """Whether the answer gets address checks: a resolved answer for a name with an expectation."""
+    def _wants_check(self, job: _Job, run: _Run) -> bool:
+        """Whether the answer gets address checks: a resolved answer for a name with an
+        expectation, while the run's time for checks lasts (else `job.unchecked` says why)."""
         ex = job.exchange
         if self.checker is None or job.expected is None or ex is None or ex.response is None:
             return False
         verdict = verdict_of(ex.response, None, job.domain, job.qtype, self.fingerprints)
-        return verdict.outcome is Outcome.RESOLVED
+        if verdict.outcome is not Outcome.RESOLVED:
+            return False
+        if run.check_stop is not None and asyncio.get_running_loop().time() >= run.check_stop:
+            job.unchecked = self._out_of_time()
+            return False
+        return True
+
+    def _hold_for_check(self, job: _Job, run: _Run) -> None:
+        run.to_check.append(job)
+        if run.plan.controls:
+            # Asked now, not when its checks start: an answer whose checks run out of time is
+            # judged at once, and must not then spend the time left waiting for its control.
+            self._control(run, job.domain, job.qtype)
+
+    def _out_of_time(self) -> str:
+        return (
+            f"the run's deadline ({self.deadline:g} s): answer checks stop {_EMIT_SHARE:.0%} of it "
+            "before its end, so that every DNS measurement is still emitted"
+        )
 
     async def _check_answers(self, run: _Run, emit: _Outlet) -> None:
-        """Phase 6: check each held answer's addresses (the checker paces and caches), judge, emit."""
+        """Phase 6: check each held answer's addresses (the checker paces and caches), judge, emit.
+
+        Bounded by the run's `check_stop`: when it comes, the checks still going are cancelled
+        and every answer not yet emitted goes out at once, with its checks if it had them all,
+        else judged without them. Cancelled checks clean up (a polite TLS close) only after.
+        """
         checker = self.checker
         if checker is None or not run.to_check:
             return
+        jobs, run.to_check = run.to_check, []
 
         async def work(job: _Job) -> None:
             ex = job.exchange
@@ -402,25 +473,44 @@ class Engine:
             control = await self._control(run, job.domain, job.qtype) if run.plan.controls else None
             if control is not None:
                 same = same_addresses(verdict.answers, control.verdict.answers, job.qtype)
-                # The control's addresses matter only when every one of ours showed a bad certificate.
-                if checks and all(c.presents_invalid_cert for c in checks):
+                if control_checks_matter(checks):
                     theirs = addresses_of(job.qtype, control.verdict.answers)
                     control_checks = tuple(await checker.check_all(job.domain, theirs))
-            await emit(await self._measure(job, run, (checks, control_checks, same)))
+            job.result = await self._measure(job, run, (checks, control_checks, same))
+            # A put cancelled while it waited did not put: `emitted` is exact.
+            await emit(job.result)
+            job.emitted = True
 
-        await self._pool(iter(run.to_check), work)
+        pool = asyncio.ensure_future(self._pool(iter(jobs), work))
+        try:
+            left = None if run.check_stop is None else run.check_stop - asyncio.get_running_loop().time()
+            if left is None or left > 0:
+                await asyncio.wait({pool}, timeout=left)
+            if pool.done():
+                pool.result()  # a bug in a worker, raised as before
+                return
+            pool.cancel()
+            why = self._out_of_time()
+            for job in jobs:
+                if job.emitted:
+                    continue
+                m = job.result
+                if m is None:
+                    job.unchecked = why
+                    m = await self._measure(job, run)
+                await emit(m)
+                job.emitted = True
+        finally:
+            if not pool.done():
+                pool.cancel()
+            await asyncio.gather(pool, return_exceptions=True)
 
     def _needs_run(self, job: _Job, ex: Exchange) -> bool:
-        """Whether the response's judgement depends on the rest of the run (an EDE 18)."""
+        """Whether the response's judgement depends on the rest of the run (an EDE 18); if not,
+        it counts as one of the endpoint's answers without EDE 18, which that rule asks for."""
         assert ex.response is not None
-        # An EDE 18 option holds the bytes 00 0f ... 00 12; without them nothing to parse twice.
-        if b"\x00\x0f" in ex.response and b"\x00\x12" in ex.response:
-            try:
-                ede = parse_response(ex.response, job.domain, job.qtype).ede
-            except Exception:  # noqa: BLE001 - a hostile answer is classified (by the judge), never a crash
-                return False  # malformed: judged as such, nothing to wait for
-            if any(e.code == PROHIBITED for e in ede):
-                return True
+        if waits_for_the_run(ex.response, job.domain, job.qtype):
+            return True
         job.site.plain_answers += 1
         return False
 
@@ -433,7 +523,9 @@ class Engine:
         silent = [
             job
             for job in run.held
-            if job.exchange is not None and job.exchange.response is None and not _final(job.exchange.failure)
+            if job.exchange is not None
+            and job.exchange.response is None
+            and not asking_again_cannot_change(job.exchange.failure)
         ]
         if not silent:
             return
@@ -630,6 +722,8 @@ class Engine:
         evidence = dict(ex.evidence)
         evidence.pop("late", None)  # judged into `late_answers`
         evidence.update(j.evidence)
+        if job.unchecked is not None:
+            evidence["answer_checks_skipped"] = job.unchecked
         verdict = j.verdict
         self.stats.done += 1
         self.stats.by_outcome[verdict.outcome] = self.stats.by_outcome.get(verdict.outcome, 0) + 1
@@ -716,11 +810,6 @@ def _take_late(job: _Job) -> None:
                     late.result(), None, None, {**ex.evidence, "late_response": {"pass": number}}
                 )
                 break
-
-
-def _final(failure: Failure | None) -> bool:
-    """A failure that asking again cannot change: the resolver's certificate does not name it."""
-    return failure is not None and failure.text.startswith("tls: certificate verify failed")
 
 
 def _internal(exc: BaseException) -> Failure:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from probe.answers import AddressCheck, Manipulation, Reach, manipulated, reach_of
-from probe.classify import ControlResult, Verdict, verdict_of
+from probe.answers import AddressCheck, Manipulation, Reach, addresses_of, manipulated, reach_of
+from probe.classify import PROHIBITED, ControlResult, Verdict, verdict_of
 from probe.fingerprints import Fingerprints
 from probe.identity import Identity
 from probe.model import POLICY_EDE, Expectation, Finding, Outcome, Transport
@@ -27,15 +28,20 @@ __all__ = [
     "Attempt",
     "Judgement",
     "Observation",
+    "asking_again_cannot_change",
     "blocked_of",
+    "control_checks_matter",
     "finding_of",
     "judge",
+    "known_blockpage",
     "silence_proven",
+    "waits_for_the_run",
 ]
 
 # (d): a silence over UDP counts only if loss explains it with probability below this.
 LOSS_BOUND = 1e-4
 _NEGATIVE = (Outcome.NXDOMAIN, Outcome.NODATA, Outcome.REFUSED)
+_VAGUE = "vbw"  # OONI's scope for fingerprints that tell a filter answered, not what it serves
 
 
 # Attempt, Observation and Judgement are values nobody changes, but not frozen: one of each is
@@ -170,6 +176,32 @@ def blocked_of(verdict: Verdict, control: ControlResult | None, silence: bool) -
     return None
 
 
+def waits_for_the_run(response: bytes, qname: str, qtype: str) -> bool:
+    """Whether a response's judgement must wait for the rest of the run: it carries EDE 18,
+    which blocks this name only if the same endpoint answered others without it (rule 2)."""
+    # An EDE 18 option holds the bytes 00 0f ... 00 12; without them nothing to parse twice.
+    if b"\x00\x0f" not in response or b"\x00\x12" not in response:
+        return False
+    try:
+        ede = parse_response(response, qname, qtype).ede
+    except Exception:  # noqa: BLE001 - a hostile answer is classified (by `judge`), never a crash
+        return False  # malformed: judged as such, nothing to wait for
+    return any(e.code == PROHIBITED for e in ede)
+
+
+def asking_again_cannot_change(failure: Failure | None) -> bool:
+    """A failure the confirmation pass need not ask again: the resolver's certificate does not
+    name it, and a second connection would show the same certificate."""
+    return failure is not None and failure.text.startswith("tls: certificate verify failed")
+
+
+def control_checks_matter(checks: tuple[AddressCheck, ...] | list[AddressCheck]) -> bool:
+    """Whether the control's addresses must be checked too: only when every one of the
+    resolver's addresses showed a certificate not valid for the name (`manipulated` looks at
+    them in no other case), so a genuine answer costs no connection to the control's."""
+    return bool(checks) and all(c.presents_invalid_cert for c in checks)
+
+
 def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:
     """Outcome, `blocked`, finding and the evidence of why, for one measurement."""
     verdict = verdict_of(
@@ -187,9 +219,7 @@ def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:
         if loss:
             evidence["loss"] = loss
     blocked = blocked_of(verdict, obs.control, silence)
-    reach = Reach.UNCHECKED
-    if obs.checks is not None and verdict.outcome is Outcome.RESOLVED:
-        verdict, blocked, reach = _answer_checks(obs, verdict, blocked, evidence)
+    verdict, blocked, reach = _reach(obs, verdict, blocked, evidence, fingerprints)
     finding = finding_of(obs.expected, blocked)
     intercepted = obs.identity is not None and obs.identity.ok is False
     if obs.identity is not None:
@@ -212,6 +242,51 @@ def judge(obs: Observation, fingerprints: Fingerprints) -> Judgement:
     if obs.expected_by:
         evidence["expected_by"] = obs.expected_by
     return Judgement(verdict, blocked, finding, intercepted, evidence, reach)
+
+
+def _reach(
+    obs: Observation,
+    verdict: Verdict,
+    blocked: bool | None,
+    evidence: dict[str, Any],
+    fingerprints: Fingerprints,
+) -> tuple[Verdict, bool | None, Reach]:
+    """`reach`: from the answer checks of a resolved answer, or from a known block page."""
+    if obs.checks is not None and verdict.outcome is Outcome.RESOLVED:
+        return _answer_checks(obs, verdict, blocked, evidence)
+    page = known_blockpage(verdict, obs.qtype, fingerprints)
+    if page is None:
+        return verdict, blocked, Reach.UNCHECKED
+    # A known block page needs no connection to know what a user meets there.
+    evidence["blockpage"] = page
+    return verdict, blocked, Reach.BLOCKPAGE
+
+
+def known_blockpage(verdict: Verdict, qtype: str, fingerprints: Fingerprints) -> dict[str, str] | None:
+    """The fingerprint that makes a sinkhole a known block page (`reach: blockpage`), or None.
+
+    A CNAME target or an answered address (IPv4-mapped judged as IPv4) that a fingerprint names
+    is a page a user would meet: one is enough, since a browser tries the next address when one
+    fails. A null route (0.0.0.0, ::) or loopback address is a sinkhole but no page, even where
+    OONI lists it (as its "vague but works" rows, scope `vbw`, such as 1.2.3.4, which say a
+    filter answered, not that a page is there): a user meets a connection error on their own
+    machine, and the probe does not connect there to find out, so reach stays `unchecked`.
+    Private addresses that a fingerprint names do count: ISPs serve block pages from them.
+    """
+    if verdict.outcome is not Outcome.SINKHOLE:
+        return None
+    for target in verdict.cname:
+        fp = fingerprints.name(target)
+        if fp is not None and fp.scope != _VAGUE:
+            return {"match": target, "source": fp.describe()}
+    for address in addresses_of(qtype, verdict.answers):
+        ip = ipaddress.ip_address(address)
+        if ip.is_unspecified or ip.is_loopback:
+            continue
+        fp = fingerprints.address(ip)
+        if fp is not None and fp.scope != _VAGUE:
+            return {"match": address, "source": fp.describe()}
+    return None
 
 
 def _answer_checks(
