@@ -26,13 +26,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-if TYPE_CHECKING:
-    from collector.store import Store
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "CHECK_STATUSES",
+    "CheckRows",
     "MAX_CHECKS",
     "PROBLEM_REACH",
     "REACH",
@@ -306,6 +304,13 @@ def infer_ip_blocks(rows: Iterable[Sequence[Any]]) -> list[IpBlock]:
     return out
 
 
-def ip_blocks(store: Store, now: float, window: float) -> list[IpBlock]:
+class CheckRows(Protocol):
+    """Where ip_blocks reads the checks from: collector.store.Store, which imports this module
+    (so this one names what it needs instead of importing the store back)."""
+
+    def address_check_rows(self, since: float) -> list[tuple[Any, ...]]: ...
+
+
+def ip_blocks(store: CheckRows, now: float, window: float) -> list[IpBlock]:
     """The IP-level blocks inferred from the checks of the last `window` seconds."""
     return infer_ip_blocks(store.address_check_rows(now - window))
