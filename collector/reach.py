@@ -30,10 +30,10 @@ from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "CHECK_STATUSES",
-    "CheckRows",
     "MAX_CHECKS",
     "PROBLEM_REACH",
     "REACH",
+    "CheckRows",
     "IpBlock",
     "address_checks_of",
     "infer_ip_blocks",

@@ -1,10 +1,11 @@
 """A scriptable loopback resolver speaking UDP, TCP, DoT, DoH and DoQ.
 
 It answers from a `Zone` of scripted behaviours written as data: NXDOMAIN, a block
-page, REFUSED with EDE 16, a drop, truncation, a malformed or mismatched reply, an
-answer injected ahead of the real one, and so on. `probe demo` runs a few of these
-to imitate ISPs and public resolvers; the test suite drives every block shape
-through it on every transport; users can aim their own alert pipeline at it.
+page, REFUSED with EDE 16, a drop, truncation, a malformed or mismatched reply, the
+query echoed back, a reply under the wrong message ID, an answer injected ahead of the
+real one, and so on. `probe demo` runs a few of these to imitate ISPs and public
+resolvers; the test suite drives every block shape through it on every transport;
+users can aim their own alert pipeline at it.
 It binds only where it is told (loopback by default) on port 0.
 """
 
@@ -19,7 +20,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -48,7 +49,21 @@ from aioquic.quic.events import QuicEvent, StreamDataReceived
 
 __all__ = ["Behaviour", "LabCA", "LabServer", "LabThread", "Reply", "Service", "Zone", "respond"]
 
-ACTIONS = frozenset({"answer", "drop", "truncate", "malformed", "mismatch", "inject", "close"})
+ACTIONS = frozenset(
+    {
+        "answer",
+        "drop",
+        "truncate",
+        "malformed",
+        "mismatch",
+        "inject",
+        "close",
+        "echo",
+        "wrong_id",
+        "drip",
+        "oversize",
+    }
+)
 LAB_TRANSPORTS = ("udp", "tcp", "dot", "doh", "doh3", "doq")
 
 
@@ -61,7 +76,12 @@ class Behaviour:
     answer, drop (no reply), truncate (TC=1 over UDP, the full answer over streams),
     malformed, mismatch (the reply names another question), inject (over UDP a forged
     answer with `injected` addresses arrives `inject_gap` seconds before the real one),
-    close (streams: the connection is closed instead of answering; UDP: no reply).
+    close (streams: the connection is closed instead of answering; UDP: no reply),
+    echo (the query itself comes back: QR=0), wrong_id (the answer under another message
+    ID than the query's; on DoQ and DoH, whose queries carry 0, a non-zero one), drip
+    (streams: the reply, framing included, written one byte every `drip_interval` seconds;
+    UDP: answer), oversize (DoH, DoH/3 and DoQ: the answer followed by `OVERSIZE` bytes of
+    padding, more than any DNS message; elsewhere a 2-byte length or a datagram bounds it).
     """
 
     rcode: str = "NOERROR"
@@ -76,6 +96,7 @@ class Behaviour:
     injected: tuple[str, ...] = ("203.98.7.65",)
     inject_gap: float = 0.02
     http_status: int = 200
+    drip_interval: float = 0.5
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -84,6 +105,7 @@ class Behaviour:
 
 
 NXDOMAIN = Behaviour(rcode="NXDOMAIN")
+OVERSIZE = 200_000  # bytes of padding after an `oversize` answer
 
 
 @dataclass
@@ -151,11 +173,14 @@ def _answer(
 
 
 class Reply(NamedTuple):
-    """What the lab does with one query: replies as (delay, wire), the DoH status, or a close."""
+    """What the lab does with one query: replies as (delay, wire), the DoH status, or a close;
+    `drip` seconds between the bytes a stream writes, `padding` zero bytes after the message."""
 
     replies: list[tuple[float, bytes]]
     http_status: int = 200
     close: bool = False
+    drip: float = 0.0
+    padding: int = 0
 
 
 def respond(wire: bytes, zone: Zone, transport: str) -> Reply:
@@ -172,6 +197,12 @@ def respond(wire: bytes, zone: Zone, transport: str) -> Reply:
     b = zone.lookup(q.name.to_text(omit_final_dot=True), dns.rdatatype.to_text(q.rdtype))
     if b.action in ("drop", "close"):
         return Reply([], b.http_status, b.action == "close")
+    if b.action == "echo":
+        return Reply([(b.delay, wire)], b.http_status)
+    if b.action == "wrong_id":
+        resp = _answer(query, zone, b)
+        resp.id = query.id ^ 0x4B1D  # never the query's ID, and never 0 when the query's is 0
+        return Reply([(b.delay, resp.to_wire())], b.http_status)
     if b.action == "mismatch":
         return Reply([(b.delay, _answer(query, zone, b, "mismatch.lab.test.").to_wire())], b.http_status)
     resp = _answer(query, zone, b)
@@ -189,7 +220,19 @@ def respond(wire: bytes, zone: Zone, transport: str) -> Reply:
         forged = Behaviour(records={"A": b.injected, "AAAA": ()}, ttl=b.ttl)
         fake = _answer(query, zone, forged).to_wire()
         return Reply([(0.0, fake), (b.delay + b.inject_gap, out)], b.http_status)
-    return Reply([(b.delay, out)], b.http_status)
+    drip = b.drip_interval if b.action == "drip" and transport != "udp" else 0.0
+    padding = OVERSIZE if b.action == "oversize" and transport in ("doh", "doh3", "doq") else 0
+    return Reply([(b.delay, out)], b.http_status, drip=drip, padding=padding)
+
+
+async def _drip(data: bytes, interval: float, write: Callable[[bytes], bool]) -> bool:
+    """Write `data` one byte at a time; `write` says False once the peer is gone (then so do we)."""
+    for i in range(len(data)):
+        if not write(data[i : i + 1]):
+            return False
+        if i + 1 < len(data):
+            await asyncio.sleep(interval)
+    return True
 
 
 class LabCA:
@@ -297,7 +340,9 @@ class _Stream(asyncio.Protocol):
                 continue
             for delay, wire in reply.replies:
                 framed = struct.pack("!H", len(wire)) + wire
-                if delay > 0:
+                if reply.drip:
+                    self.server.drip(delay, framed, reply.drip, self._write)
+                elif delay > 0:
                     loop.call_later(delay, self._write, framed)
                 else:
                     self._write(framed)
@@ -307,9 +352,11 @@ class _Stream(asyncio.Protocol):
         while self.slots and self.slots[0].ready:
             self._write(self.slots.popleft().data)
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def _write(self, data: bytes) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(data)
+        return True
 
 
 class _Doh(asyncio.Protocol):
@@ -380,23 +427,27 @@ class _Doh(asyncio.Protocol):
             return  # drop: the stream never ends, the client times out
         delay, wire = reply.replies[-1]
         status = reply.http_status
+        body = wire + bytes(reply.padding)
         if status != 200:
-            wire = b"blocked by order\n"
+            body = b"blocked by order\n"
         loop = asyncio.get_running_loop()
         if delay > 0:
-            loop.call_later(delay, self._reply, sid, status, wire)
+            loop.call_later(delay, self._reply, sid, status, body, reply.drip)
         else:
-            self._reply(sid, status, wire)
+            self._reply(sid, status, body, reply.drip)
 
-    def _reply(self, sid: int, status: int, wire: bytes) -> None:
+    def _reply(self, sid: int, status: int, body: bytes, drip: float = 0.0) -> None:
         ctype = b"application/dns-message" if status == 200 else b"text/plain"
         if self.h2 is None:
             head = (
                 f"HTTP/1.1 {status} X\r\ncontent-type: {ctype.decode()}\r\n"
-                f"content-length: {len(wire)}\r\nconnection: keep-alive\r\n\r\n"
+                f"content-length: {len(body)}\r\nconnection: keep-alive\r\n\r\n"
             ).encode()
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(head + wire)
+            if drip:
+                self._write1(head)
+                self.server.drip(0.0, body, drip, self._write1)
+            else:
+                self._write1(head + body)
             return
         try:
             self.h2.send_headers(
@@ -404,13 +455,39 @@ class _Doh(asyncio.Protocol):
                 [
                     (b":status", str(status).encode()),
                     (b"content-type", ctype),
-                    (b"content-length", str(len(wire)).encode()),
+                    (b"content-length", str(len(body)).encode()),
                 ],
             )
-            self.h2.send_data(sid, wire, end_stream=True)
+            if drip:
+                self._flush()
+                self.server.drip(
+                    0.0, body, drip, lambda b: self._send_h2(sid, b), lambda: self._send_h2(sid, b"", True)
+                )
+                return
+            # In frames of the default maximum size, as far as the client's window lets us.
+            for i in range(0, len(body), 16384):
+                chunk = body[i : i + 16384]
+                if len(chunk) > self.h2.local_flow_control_window(sid):
+                    break
+                self.h2.send_data(sid, chunk, end_stream=i + 16384 >= len(body))
         except h2.exceptions.H2Error:
             return
         self._flush()
+
+    def _write1(self, data: bytes) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(data)
+        return True
+
+    def _send_h2(self, sid: int, data: bytes, end: bool = False) -> bool:
+        assert self.h2 is not None
+        try:
+            self.h2.send_data(sid, data, end_stream=end)
+        except h2.exceptions.H2Error:
+            return False  # the client reset the stream it gave up on
+        self._flush()
+        return self.transport is not None and not self.transport.is_closing()
 
     def _http1(self, data: bytes) -> None:
         self.buf += data
@@ -457,15 +534,29 @@ class _DoqServer(QuicConnectionProtocol):
             return
         delay, wire = reply.replies[-1]
         sid = event.stream_id
+        framed = struct.pack("!H", len(wire)) + wire + bytes(reply.padding)
+        if reply.drip:
+            self.lab.drip(
+                delay, framed, reply.drip, lambda b: self._send(sid, b), lambda: self._send(sid, b"", True)
+            )
+            return
 
         def send() -> None:
-            self._quic.send_stream_data(sid, struct.pack("!H", len(wire)) + wire, end_stream=True)
+            self._quic.send_stream_data(sid, framed, end_stream=True)
             self.transmit()
 
         if delay > 0:
             asyncio.get_running_loop().call_later(delay, send)
         else:
             send()
+
+    def _send(self, sid: int, data: bytes, end: bool = False) -> bool:
+        try:
+            self._quic.send_stream_data(sid, data, end_stream=end)
+        except Exception:  # noqa: BLE001 - the client reset the stream or closed the connection
+            return False
+        self.transmit()
+        return True
 
 
 class _H3Server(QuicConnectionProtocol):
@@ -507,25 +598,38 @@ class _H3Server(QuicConnectionProtocol):
             return
         delay, wire = reply.replies[-1]
         status = reply.http_status
+        body = wire + bytes(reply.padding)
         if status != 200:
-            wire = b"blocked by order\n"
+            body = b"blocked by order\n"
         if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self._reply, sid, status, wire)
+            asyncio.get_running_loop().call_later(delay, self._reply, sid, status, body, reply.drip)
         else:
-            self._reply(sid, status, wire)
+            self._reply(sid, status, body, reply.drip)
 
-    def _reply(self, sid: int, status: int, wire: bytes) -> None:
+    def _reply(self, sid: int, status: int, body: bytes, drip: float = 0.0) -> None:
         ctype = b"application/dns-message" if status == 200 else b"text/plain"
         self.h3.send_headers(
             sid,
             [
                 (b":status", str(status).encode()),
                 (b"content-type", ctype),
-                (b"content-length", str(len(wire)).encode()),
+                (b"content-length", str(len(body)).encode()),
             ],
         )
-        self.h3.send_data(sid, wire, end_stream=True)
+        if drip:
+            self.transmit()
+            self.lab.drip(0.0, body, drip, lambda b: self._send(sid, b), lambda: self._send(sid, b"", True))
+            return
+        self.h3.send_data(sid, body, end_stream=True)
         self.transmit()
+
+    def _send(self, sid: int, data: bytes, end: bool = False) -> bool:
+        try:
+            self.h3.send_data(sid, data, end_stream=end)
+        except Exception:  # noqa: BLE001 - the client reset the stream or closed the connection
+            return False
+        self.transmit()
+        return True
 
 
 class LabServer:
@@ -555,6 +659,26 @@ class LabServer:
         self.connections = 0
         self.arrivals: list[float] = []  # monotonic arrival times of UDP queries
         self._closers: list[Any] = []
+        self._drips: set[asyncio.Task[None]] = set()
+
+    def drip(
+        self,
+        delay: float,
+        data: bytes,
+        interval: float,
+        write: Callable[[bytes], bool],
+        end: Callable[[], object] | None = None,
+    ) -> None:
+        """Write `data` a byte every `interval` seconds after `delay`, then `end()`; stopped with the lab."""
+
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            if await _drip(data, interval, write) and end is not None:
+                end()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._drips.add(task)
+        task.add_done_callback(self._drips.discard)
 
     async def start(self) -> LabServer:
         loop = asyncio.get_running_loop()
@@ -623,6 +747,8 @@ class LabServer:
         return out
 
     async def stop(self) -> None:
+        for task in list(self._drips):
+            task.cancel()
         for close in self._closers:
             close()
         self._closers.clear()

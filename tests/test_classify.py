@@ -143,13 +143,21 @@ def _assert_verdict_matches_dnspython(wire: bytes, v: Verdict) -> None:
         p = parse_response_slow(wire, "a.example.org", "A")
     except (dns.exception.DNSException, ValueError, IndexError, UnicodeError):
         assert v.outcome is Outcome.ERROR
-        assert v.error is not None and v.error.startswith("malformed response: ")
+        assert v.error is not None
+        assert v.error.startswith("malformed response: ")
         assert (v.rcode, v.answers) == (None, ())
     else:
         assert v.error is None or v.error == f"unexpected rcode {p.rcode}"
         assert (v.rcode, v.ede, v.answers, v.cname, v.nsid) == (p.rcode, p.ede, p.answers, p.cname, p.nsid)
-        assert (v.outcome is Outcome.RESOLVED) == (p.rcode == "NOERROR" and bool(p.answers) and not v.sinkhole)
-    shown = {"ede": [e.to_json() for e in v.ede], "nsid": v.nsid, "evidence": v.evidence, "sinkhole": v.sinkhole}
+        assert (v.outcome is Outcome.RESOLVED) == (
+            p.rcode == "NOERROR" and bool(p.answers) and not v.sinkhole
+        )
+    shown = {
+        "ede": [e.to_json() for e in v.ede],
+        "nsid": v.nsid,
+        "evidence": v.evidence,
+        "sinkhole": v.sinkhole,
+    }
     json.dumps(shown, ensure_ascii=False).encode()  # strict UTF-8: a lone surrogate would raise here
 
 

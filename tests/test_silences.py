@@ -25,9 +25,11 @@ import dns.rrset
 import pytest
 
 from probe.catalogue import resolve_spec
+from probe.judge import LOSS_BOUND, Attempt, silence_proven
 from probe.lab import Behaviour, LabCA, LabThread, Zone
-from probe.model import Expectation, Measurement, Outcome
+from probe.model import Expectation, Measurement, Outcome, Transport
 from probe.specs import Resolver
+from probe.transports import Failure, FailureKind, Loss, Phase
 
 from .conftest import measure, resolvers_of, start_lab, truth_zone
 
@@ -341,3 +343,33 @@ def test_the_confirmation_waits_past_a_recursors_own_upstream_timeout(
     m = next(m for m in ms if m.domain == f"slow.{D}")
     assert (m.outcome, m.blocked) == (Outcome.SERVFAIL, None)
     assert m.evidence["pass"] == 2
+
+
+def _silent_twice(sends: tuple[int, int]) -> tuple[Attempt, ...]:
+    timed_out = Failure(FailureKind.TIMEOUT, Phase.DNS_ROUND_TRIP, "dns_round_trip: timed out")
+    return tuple(
+        Attempt(number, n, "udp://127.0.0.1:53", False, timed_out, overtaken=True)
+        for number, n in zip((1, 2), sends, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("loss", "sends", "proven"),
+    [
+        # rate = (lost + 1) / (sends + 2); n = every send of both passes; proven iff rate^n < 1e-4.
+        (Loss(sends=96, lost=20), (3, 3), True),  # (21/98)^6 = 9.7e-5: just below the bound
+        (Loss(sends=96, lost=21), (3, 3), False),  # (22/98)^6 = 1.27e-4: just above it
+        (Loss(sends=8, lost=0), (2, 3), True),  # 0.1^5 = 1e-5
+        (Loss(sends=8, lost=0), (2, 2), False),  # 0.1^4: at the bound is not below it
+        (Loss(sends=10_000, lost=0), (1, 1), True),  # a clean endpoint: (1/10002)^2 = 1e-8
+        (None, (3, 3), False),  # no loss seen at all on the endpoint: rate 1, never proven
+    ],
+)
+def test_a_udp_silence_counts_only_below_the_loss_bound(
+    loss: Loss | None, sends: tuple[int, int], proven: bool
+) -> None:
+    ok, reason, facts = silence_proven(Transport.UDP, _silent_twice(sends), loss)
+    assert ok is proven, (reason, facts)
+    assert facts["n"] == sum(sends)
+    assert (facts["chance"] < LOSS_BOUND) is proven
+    assert reason.startswith("silent to" if proven else "loss explains it")

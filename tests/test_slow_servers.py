@@ -1,6 +1,7 @@
-"""A slow or hostile DoH server cannot hold a probe: one deadline per attempt covers the wait for a
+"""A slow or hostile server cannot hold a probe: one deadline per attempt covers the wait for a
 free stream, the request and the whole body, and a body is at most 65,535 bytes (CONTRACTS.md
-section 3). The server here speaks real HTTP/2 (h2) or HTTP/1.1 over real TLS on loopback.
+section 3). The DoH server here speaks real HTTP/2 (h2) over real TLS on loopback; the lab
+(probe/lab.py) drips and oversizes its replies on every other transport.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import h2.settings
 import pytest
 
 from probe.catalogue import resolve_spec
-from probe.lab import LabCA
+from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 from probe.model import Outcome
 from probe.transports import Options
 from probe.wire import reply_problem
 
-from .conftest import measure
+from .conftest import measure, start_lab
 
 HOST = "127.53.1.7"
 D = "blockprobe-lab.net"
@@ -195,3 +196,46 @@ def test_reply_rules_of_the_contract() -> None:
 
 def test_options_default_to_three_udp_sends() -> None:
     assert Options().udp_sends == 3
+
+
+REAL = {"A": ("93.184.216.34",)}
+DRIP = 0.3  # seconds between bytes: under any per-read timeout, so only a whole-exchange deadline ends it
+
+
+@pytest.fixture(scope="module")
+def slow_labs(lab_thread: LabThread, lab_ca: LabCA) -> dict[str, str]:
+    """Specs of lab endpoints that drip or oversize: every transport, and DoH over HTTP/1.1."""
+    zone = Zone()
+    zone.set(f"drip.{D}", Behaviour(action="drip", records=REAL, drip_interval=DRIP))
+    zone.set(f"big.{D}", Behaviour(action="oversize", records=REAL))
+    lab: LabServer = start_lab(lab_thread, zone, HOST, lab_ca, transports=("dot", "doh", "doh3", "doq"))
+    http1: LabServer = start_lab(lab_thread, zone, HOST, lab_ca, transports=("doh",), http1_only=True)
+    return {**lab.specs(), "doh-http1": http1.specs()["doh"]}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "dot", "doh", "doh-http1", "doh3", "doq"])
+def test_a_dripping_reply_ends_at_the_deadline_on_every_stream(
+    transport: str, slow_labs: dict[str, str], lab_ca: LabCA
+) -> None:
+    started = time.monotonic()
+    ms = measure([f"drip.{D}"], [resolve_spec(slow_labs[transport])], ca=lab_ca, timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert (ms[0].outcome, ms[0].blocked) == (Outcome.TIMEOUT, None), ms[0].to_json()
+    assert elapsed < 2 * 1.0 + 1.5, elapsed  # two attempts of one deadline each, whatever the server does
+
+
+@pytest.mark.parametrize(
+    ("transport", "error"),
+    [
+        ("doh", "http: body over 65535 bytes"),
+        ("doh-http1", "http: body over 65535 bytes"),
+        ("doh3", "http: body over 65535 bytes"),
+        ("doq", "quic: response over 65535 bytes"),
+    ],
+)
+def test_a_reply_longer_than_any_dns_message_is_refused_on_every_transport(
+    transport: str, error: str, slow_labs: dict[str, str], lab_ca: LabCA
+) -> None:
+    """TCP and DoT frame a message with a 2-byte length: there, no reply can be longer."""
+    ms = measure([f"big.{D}"], [resolve_spec(slow_labs[transport])], ca=lab_ca, timeout=2.0)
+    assert (ms[0].outcome, ms[0].blocked, ms[0].error) == (Outcome.ERROR, None, error), ms[0].to_json()
