@@ -88,20 +88,20 @@ def _corpus(n: int, seed: int) -> list[tuple[bytes, str, str]]:
         resp = dns.message.make_response(dns.message.from_wire(build_query(qname, qtype)))
         resp.set_rcode(dns.rcode.Rcode(rng.choice((0, 2, 3, 5))))
         owner = qname
-        for target in rng.sample([n for n in NAMES if n != qname], rng.randint(0, 2)):  # no self-CNAME
+        for target in rng.sample([x for x in NAMES if x != qname], rng.randint(0, 2)):  # no self-CNAME
             resp.answer.append(dns.rrset.from_text(owner + ".", 60, "IN", "CNAME", target + "."))
             owner = target
-        for rtype, make in (
-            ("A", lambda: str(ipaddress.IPv4Address(rng.getrandbits(32)))),
-            ("AAAA", lambda: str(ipaddress.IPv6Address(rng.getrandbits(128)))),
-        ):
-            addrs = [make() for _ in range(rng.randint(0, 3))]
+        for rtype, bits in (("A", 32), ("AAAA", 128)):
+            make = ipaddress.IPv4Address if bits == 32 else ipaddress.IPv6Address
+            addrs = [str(make(rng.getrandbits(bits))) for _ in range(rng.randint(0, 3))]
             if addrs:
                 name = rng.choice([owner, *NAMES])
                 resp.answer.append(dns.rrset.from_text(name + ".", 60, "IN", rtype, *addrs))
         if rng.random() < 0.5:
             resp.authority.append(
-                dns.rrset.from_text("example.org.", 60, "IN", "SOA", "ns.example.org. h.example.org. 1 2 3 4 5")
+                dns.rrset.from_text(
+                    "example.org.", 60, "IN", "SOA", "ns.example.org. h.example.org. 1 2 3 4 5"
+                )
             )
         options: list[dns.edns.Option] = []
         if rng.random() < 0.5:
