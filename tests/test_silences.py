@@ -360,7 +360,7 @@ def _silent_twice(sends: tuple[int, int]) -> tuple[Attempt, ...]:
         (Loss(sends=96, lost=20), (3, 3), True),  # (21/98)^6 = 9.7e-5: just below the bound
         (Loss(sends=96, lost=21), (3, 3), False),  # (22/98)^6 = 1.27e-4: just above it
         (Loss(sends=8, lost=0), (2, 3), True),  # 0.1^5 = 1e-5
-        (Loss(sends=8, lost=0), (2, 2), False),  # 0.1^4: at the bound is not below it
+        (Loss(sends=8, lost=0), (2, 2), False),  # 0.1^4 = 1e-4 (a hair above in floating point): not below
         (Loss(sends=10_000, lost=0), (1, 1), True),  # a clean endpoint: (1/10002)^2 = 1e-8
         (None, (3, 3), False),  # no loss seen at all on the endpoint: rate 1, never proven
     ],
