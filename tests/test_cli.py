@@ -252,9 +252,8 @@ def test_demo_fits_80_columns_and_answers_first() -> None:
     lines = result.stdout.splitlines()
     too_long = [line for line in lines if len(line) > 80]
     assert not too_long, too_long
-    # The answer, not 288 rows: banner and summary (8), matrix and legend (6), 8 leaks and 1
-    # overblock (merged across transports, each with what was answered), headers and footer.
-    assert len(lines) == 39
+    assert len(lines) < 60  # the answer fits a screen: not 288 rows (a layout goal, not a count)
+    # Exactly the problems, each merged across the transports that showed it: 8 leaks, 1 overblock.
     assert sum(line.endswith(" over every transport") for line in lines) == 8 + 1
     assert lines[7] == "288 measurements: 96 enforced, 48 leak, 6 overblock, 138 ok"
     # Cells of four kinds do not fit beside the names: each name on its line, its cells below.
