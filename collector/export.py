@@ -1,6 +1,6 @@
 """Every current leak or overblock, page by page: `GET /api/v1/findings` (JSON or CSV).
 
-Prometheus gets a capped sample of the per-name series (CONTRACTS.md section 5); this is
+Prometheus gets a capped sample of the per-name series (docs/metrics.md); this is
 where the whole list lives, for the rights holder who must act on every name and the ISP
 that must fix every one. Pages follow the latest_names index from a cursor (the last
 series of the page), so the ten-thousandth page costs what the first does, and a series

@@ -1,4 +1,4 @@
-"""The ingest body (CONTRACTS.md sections 3 and 6), validated strictly.
+"""The ingest body (docs/measurement.md and docs/ingest.md), validated strictly.
 
 Built from the probe's own vocabularies (probe.model), so an outcome or transport the
 probe cannot produce is rejected here too, and bounded by probe.limits, the numbers the
@@ -45,7 +45,7 @@ class EdeIn(BaseModel):
 
 
 class MeasurementIn(BaseModel):
-    """One measurement; the required keys of CONTRACTS.md section 3, typed."""
+    """One measurement; the required keys of docs/measurement.md, typed."""
 
     model_config = ConfigDict(extra="allow")
 

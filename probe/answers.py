@@ -1,4 +1,4 @@
-"""Answer checks: what an answered address serves for the queried name (CONTRACTS.md section 3).
+"""Answer checks: what an answered address serves for the queried name (docs/measurement.md).
 
 A DNS answer alone cannot prove a leak: an ISP may redirect a blocked name to a block page that
 no fingerprint knows yet, or a CDN may answer HTTP 451 at the address the resolver gave. So each
@@ -234,7 +234,7 @@ def same_addresses(resolver_answer: Sequence[str], control_answer: Sequence[str]
 def manipulated(
     resolver_checks: Sequence[AddressCheck], control_checks: Sequence[AddressCheck], same_addresses: bool
 ) -> Manipulation:
-    """CONTRACTS.md section 3, "Answer checks", for one answer (one name and type, one resolver).
+    """docs/measurement.md, "Answer checks", for one answer (one name and type, one resolver).
 
     `resolver_checks` are the checks of every distinct address of the resolver's answer,
     `control_checks` those of the control's answer for the same name and type, and

@@ -1,4 +1,4 @@
-"""Pure classification (CONTRACTS.md section 3): a response or failure → outcome and `blocked`.
+"""Pure classification (docs/measurement.md): a response or failure → outcome and `blocked`.
 
 No I/O and no clock here: everything a verdict depends on is an argument, so the
 rules are tested as tables of data.
@@ -20,7 +20,7 @@ from probe.wire import Parsed, parse_response
 
 __all__ = ["ControlResult", "Verdict", "is_special_use", "sinkhole_of", "verdict_of"]
 
-PROHIBITED = 18  # RFC 8914 EDE 18: a policy block only when it is about the name (CONTRACTS.md section 3)
+PROHIBITED = 18  # RFC 8914 EDE 18: a policy block only when it is about the name (docs/measurement.md)
 
 # RFC 6761 and the IANA special-use domain registry: names that never resolve publicly,
 # so a private address for them is normal, not a sinkhole.
@@ -133,7 +133,7 @@ def _verdict(
     return Verdict(outcome, p.rcode, p.ede, p.answers, p.cname, sinkhole, error, p.nsid, evidence)
 
 
-def verdict_of(  # noqa: C901 - the verdict rules of CONTRACTS.md section 3, in their order
+def verdict_of(  # noqa: C901 - the verdict rules of docs/measurement.md, in their order
     response: bytes | None,
     failure: Failure | None,
     qname: str,
@@ -141,7 +141,7 @@ def verdict_of(  # noqa: C901 - the verdict rules of CONTRACTS.md section 3, in 
     fingerprints: Fingerprints,
     ede18_name_specific: bool = False,
 ) -> Verdict:
-    """Outcome rules 1–6 of CONTRACTS.md section 3, in their order.
+    """Outcome rules 1–6 of docs/measurement.md, in their order.
 
     `ede18_name_specific`: the same endpoint answered other queries of the run without
     EDE 18, so an EDE 18 on a negative answer refuses this name, not this client.

@@ -6,7 +6,7 @@ A run reads as its phases:
    the run waits for them, and an unconfirmed silence can only make findings inconclusive);
 3. the first pass over the plan; each (name, type) gets its control baseline on first use;
 4. the confirmation pass: every query still without a response is asked once more, per
-   endpoint on one fresh connection (CONTRACTS.md section 3);
+   endpoint on one fresh connection (docs/measurement.md);
 5. the judgement of what had to wait for the whole run (silences, EDE 18), by `probe.judge`;
 6. answer checks, when a checker is given: the addresses of resolved answers with an
    expectation are checked on port 443 after the DNS round, so they never delay it. With a
@@ -351,7 +351,7 @@ class Engine:
         async def work(job: _Job) -> None:
             job.sent_at = _now()
             job.first_sent = loop.time()
-            # What is expected is fixed when the query leaves (CONTRACTS.md section 4: "at time T"),
+            # What is expected is fixed when the query leaves (docs/lists.md: "at time T"),
             # not when a held measurement is judged at the end of the run.
             if job.canary is not None:
                 job.expected, job.expected_by = job.canary, {"canary": str(job.canary)}

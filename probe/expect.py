@@ -1,4 +1,4 @@
-"""Expectations from the lists (CONTRACTS.md section 4): pure, no I/O, no clock.
+"""Expectations from the lists (docs/lists.md): pure, no I/O, no clock.
 
 (probe country, resolver kind and operator, name, time) → blocked / resolves / null,
 with the reason kept as `expected_by`. Expected `blocked` if some order binds here

@@ -683,7 +683,7 @@ class ImpairProxy:
                 relay.sweep()
 
     def specs(self) -> dict[str, str]:
-        """Resolver specs (CONTRACTS.md section 1) through the proxy, per transport."""
+        """Resolver specs (docs/cli.md, resolver specs) through the proxy, per transport."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         out = {}
         for name, port in self.ports.items():

@@ -1,4 +1,4 @@
-"""The one judgement (CONTRACTS.md section 3): evidence in, outcome, `blocked`, finding and reasons out.
+"""The one judgement (docs/measurement.md): evidence in, outcome, `blocked`, finding and reasons out.
 
 Pure: no I/O and no clock. The engine gathers an `Observation` per measurement (the
 response or failure, every attempt with who overtook whom, the endpoint's datagram
@@ -109,7 +109,7 @@ class Judgement:
 
 
 def finding_of(expected: Expectation | None, blocked: bool | None) -> Finding | None:
-    """The finding table of CONTRACTS.md section 3."""
+    """The finding table of docs/measurement.md."""
     if expected is None:
         return None
     if blocked is None:
@@ -122,7 +122,7 @@ def finding_of(expected: Expectation | None, blocked: bool | None) -> Finding | 
 def silence_proven(
     transport: Transport, attempts: tuple[Attempt, ...], loss: Loss | None
 ) -> tuple[bool, str, dict[str, Any]]:
-    """Whether a silence counts as a block, (a) to (d) of CONTRACTS.md section 3, with the reason."""
+    """Whether a silence counts as a block, (a) to (d) of docs/measurement.md, with the reason."""
     passes = {a.number for a in attempts}
     if not {1, 2} <= passes:
         return False, "not asked again in a confirmation pass", {}
@@ -156,7 +156,7 @@ def silence_proven(
 
 
 def blocked_of(verdict: Verdict, control: ControlResult | None, silence: bool) -> bool | None:
-    """`blocked` per CONTRACTS.md section 3; `silence` is `silence_proven`'s answer for a timeout."""
+    """`blocked` per docs/measurement.md; `silence` is `silence_proven`'s answer for a timeout."""
     outcome = verdict.outcome
     if outcome in (Outcome.EDE_BLOCKED, Outcome.SINKHOLE):
         return True
@@ -292,7 +292,7 @@ def known_blockpage(verdict: Verdict, qtype: str, fingerprints: Fingerprints) ->
 def _answer_checks(
     obs: Observation, verdict: Verdict, blocked: bool | None, evidence: dict[str, Any]
 ) -> tuple[Verdict, bool | None, Reach]:
-    """CONTRACTS.md section 3, "Answer checks": certificates at the answered addresses.
+    """docs/measurement.md, "Answer checks": certificates at the answered addresses.
 
     Only a certificate not valid for the name, at every address, while the control's answer
     validates, makes a resolved answer a block; a failed connection never does.

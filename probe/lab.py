@@ -737,7 +737,7 @@ class LabServer:
         self._closers.append(server.close)
 
     def specs(self) -> dict[str, str]:
-        """Resolver specs (CONTRACTS.md section 1) for each transport the lab is serving."""
+        """Resolver specs (docs/cli.md, resolver specs) for each transport the lab is serving."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         scheme = {"udp": "udp", "tcp": "tcp", "dot": "tls", "doh": "https", "doh3": "h3", "doq": "quic"}
         out = {}

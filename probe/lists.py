@@ -1,4 +1,4 @@
-"""Lists files (CONTRACTS.md section 4): court orders and control lists, loaded strictly.
+"""Lists files (docs/lists.md): court orders and control lists, loaded strictly.
 
 A file is rejected whole on any mistake, and every mistake is reported at once, each
 with the file, the entry and the key: `it.yaml: orders[3].jurisdictions[0]: 'ITA' is

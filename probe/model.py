@@ -1,4 +1,4 @@
-"""The wire schema: enums and the measurement (CONTRACTS.md section 3).
+"""The wire schema: enums and the measurement (docs/measurement.md).
 
 The collector imports this module; the probe never imports the collector.
 """
@@ -107,7 +107,7 @@ class Measurement:
     reach: str = "unchecked"  # what a user would meet at the answered addresses (answer checks)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of CONTRACTS.md section 3, plus extension keys."""
+        """The JSON object of docs/measurement.md, plus extension keys."""
         return {
             "domain": self.domain,
             "qtype": self.qtype,

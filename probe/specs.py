@@ -1,4 +1,4 @@
-"""Resolver specs (CONTRACTS.md section 1) → resolvers and their endpoints."""
+"""Resolver specs (docs/cli.md, resolver specs) → resolvers and their endpoints."""
 
 from __future__ import annotations
 

@@ -151,7 +151,7 @@ def question_of(query: bytes) -> bytes:
 def reply_problem(msg: bytes, qid: int, question: bytes) -> str | None:
     """Why `msg` is not the response to the query with `qid` and `question`, or None when it is.
 
-    CONTRACTS.md section 3: QR=1, opcode QUERY, the query's ID and its question (the
+    docs/measurement.md: QR=1, opcode QUERY, the query's ID and its question (the
     name compared case-insensitively, type and class exactly).
     """
     end = 12 + len(question)

@@ -1,4 +1,4 @@
-"""Answer checks in the judgement (CONTRACTS.md section 3, "Answer checks"), end to end: a lab
+"""Answer checks in the judgement (docs/measurement.md, "Answer checks"), end to end: a lab
 resolver and a control inside the sealed namespace of tests/netlab.py answer with the addresses
 of its real TLS servers, and the engine checks them after the DNS round."""
 

@@ -1,4 +1,4 @@
-"""The expectation engine, as a table of data (CONTRACTS.md section 4)."""
+"""The expectation engine, as a table of data (docs/lists.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """PowerDNS Recursor, Knot Resolver, dnsmasq and dnsdist, as installed from Debian 12: the
-probe must read each one's blocks and failures by CONTRACTS.md section 3.
+probe must read each one's blocks and failures by docs/measurement.md.
 
 Every resolver forwards to an in-process lab that holds the truth for interop-lab.net,
 except `down.interop-lab.net`, which goes to a loopback port where nothing listens (an

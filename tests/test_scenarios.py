@@ -175,7 +175,7 @@ SCENARIOS = [
         None,
         per_transport={"udp": (Outcome.TIMEOUT, True)},
     ),
-    # A reply that is not a response (CONTRACTS.md section 3): over UDP ignored and kept as
+    # A reply that is not a response (docs/measurement.md): over UDP ignored and kept as
     # evidence while the wait goes on (the name then is a silence like "drop"), over a stream
     # a transport error, never a NODATA read off the echoed question.
     Scenario(

@@ -1,4 +1,4 @@
-"""Silences, lost datagrams, stalls and non-responses (CONTRACTS.md section 3): each cause of a false
+"""Silences, lost datagrams, stalls and non-responses (docs/measurement.md): each cause of a false
 finding the findings issue reported, against small hostile servers scripted here on loopback.
 
 The truth: every name these servers are asked about resolves (the control says so, and the server

@@ -1,6 +1,5 @@
 """A slow or hostile server cannot hold a probe: one deadline per attempt covers the wait for a
-free stream, the request and the whole body, and a body is at most 65,535 bytes (CONTRACTS.md
-section 3). The DoH server here speaks real HTTP/2 (h2) over real TLS on loopback; the lab
+free stream, the request and the whole body, and a body is at most 65,535 bytes (docs/measurement.md). The DoH server here speaks real HTTP/2 (h2) over real TLS on loopback; the lab
 (probe/lab.py) drips and oversizes its replies on every other transport.
 """
 

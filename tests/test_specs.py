@@ -1,4 +1,4 @@
-"""Resolver specs (CONTRACTS.md section 1): what parses to what, and the exact error for each mistake."""
+"""Resolver specs (docs/cli.md, resolver specs): what parses to what, and the exact error for each mistake."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one way every transport waits for a reply, and keeps the record overtaking is judged on.
 
-CONTRACTS.md section 3 (c): a silent query counts as a block only when the same
+docs/measurement.md (c): a silent query counts as a block only when the same
 connection (streams) or endpoint (UDP) answered another query sent after this one's
 last send, while this one was still waiting. A `Channel` numbers every send and
 remembers the highest-numbered send whose query got its response; a query was
@@ -110,7 +110,7 @@ def witness_step(
     deadline: float, share: float, send: Callable[[], None]
 ) -> tuple[tuple[float, Callable[[], None]]]:
     """The `await_reply` step that sends a witness behind a silent stream query once `share` of
-    its remaining time has passed (section 3 (c): a live resolver proves itself by answering it)."""
+    its remaining time has passed (docs/measurement.md, (c): a live resolver proves itself by answering it)."""
     now = asyncio.get_running_loop().time()
     return ((now + (deadline - now) * share, send),)
 

@@ -13,7 +13,7 @@ __all__ = ["Exchange", "Exchanger", "Failure", "FailureKind", "Loss", "Options",
 
 
 class FailureKind(StrEnum):
-    """The two transport outcomes of CONTRACTS.md section 3."""
+    """The two transport outcomes of docs/measurement.md."""
 
     TIMEOUT = "timeout"
     ERROR = "error"
@@ -59,7 +59,7 @@ class Exchange:
     query that waited for it. `sends` counts datagrams or stream writes of this query.
     `channel` names the connection (streams) or endpoint (UDP) it waited on, and
     `overtaken` says that, while it waited in silence, that channel answered a query
-    sent after this one's last send (CONTRACTS.md section 3 (c)). `late`, on a silence,
+    sent after this one's last send (docs/measurement.md (c)). `late`, on a silence,
     completes with the response should it still arrive after the deadline (a recursor
     that answers SERVFAIL once its upstream gives up, 8 s later): the engine looks before
     it judges, and a silence that was answered late was no DROP. `settled`, when set,
@@ -81,7 +81,7 @@ class Exchange:
 @dataclass(slots=True)
 class Loss:
     """Datagram loss seen on one endpoint in a run: of the sends of queries that were
-    answered in the end, how many went unanswered (CONTRACTS.md section 3 (d))."""
+    answered in the end, how many went unanswered (docs/measurement.md (d))."""
 
     sends: int = 0
     lost: int = 0

@@ -428,7 +428,7 @@ class DohExchanger(RetryAlone):
                     await resp.aclose()
         except TimeoutError:
             # HTTP/1.1 answers one request at a time per connection: nothing can overtake it,
-            # so this silence is never proven (CONTRACTS.md section 3 (c)).
+            # so this silence is never proven (docs/measurement.md (c)).
             phase = Phase.HTTP if resp is None else Phase.DNS_ROUND_TRIP
             return Exchange(None, timeout(phase), evidence=evidence)
         except Exception as exc:  # noqa: BLE001 - an exchanger never raises: every failure is classified
