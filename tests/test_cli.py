@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,48 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "probe.cli", *args], capture_output=True, text=True, timeout=120, env=env
     )
+
+
+def test_probe_once_ends_within_its_stated_bound_whatever_the_servers_do(
+    lab_thread: LabThread, lab_ca: LabCA, control: LabServer
+) -> None:
+    """README: `probe once` ends within `confirm_after` plus twice `--timeout` (plus the rate
+    limits) whatever the servers do: here a silent name and a reply dripped a byte at a time,
+    on all six transports at once, in a real process (interpreter start included)."""
+    zone = Zone()
+    zone.set("ok.blockprobe-lab.net", Behaviour(records={"A": ("93.184.216.34",)}))
+    zone.set("silent.blockprobe-lab.net", Behaviour(action="drop"))
+    zone.set(
+        "slow.blockprobe-lab.net",
+        Behaviour(records={"A": ("93.184.216.34",)}, action="drip", drip_interval=0.3),
+    )
+    hostile = start_lab(lab_thread, zone, "127.53.1.12", lab_ca)
+    try:
+        resolvers = [a for spec in hostile.specs().values() for a in ("-r", spec)]
+        timeout, confirm_after = 1.0, 2.0
+        args = ["once", "--json", "-t", "A", "--ca-file", str(lab_ca.ca_file), "--qps", "0"]
+        args += [
+            "--timeout",
+            str(timeout),
+            "--confirm-after",
+            str(confirm_after),
+            "--control",
+            control.specs()["udp"],
+        ]
+        names = ["ok.blockprobe-lab.net", "silent.blockprobe-lab.net", "slow.blockprobe-lab.net"]
+        start = time.monotonic()
+        result = _run(*args, *resolvers, *names)
+        took = time.monotonic() - start
+    finally:
+        lab_thread.stop_server(hostile)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 3 * len(hostile.specs()), result.stderr
+    # Over streams the dripped reply never completes in time: a timeout or an error, never a
+    # block (over UDP the lab answers it whole).
+    slow = {(m["transport"], m["blocked"]) for m in lines if m["domain"].startswith("slow.")}
+    assert slow == {("udp", False)} | {(t, None) for t in ("tcp", "dot", "doh", "doh3", "doq")}
+    # Two seconds for starting Python and importing the probe on a loaded machine.
+    assert took < confirm_after + 2 * timeout + 2.0, took
 
 
 def test_subprocess_exit_codes(isp: LabServer, control: LabServer, lab_ca: LabCA) -> None:
