@@ -33,7 +33,7 @@ from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
 
 from .conftest import start_lab, truth_zone
 from .fake_collector import FakeCollector, HostileResolver, _depth, wait_for
-from .test_daemon import TOKEN, _unique, _write_config
+from .test_daemon import TOKEN, _sample, _unique, _write_config
 
 D = "blockprobe-lab.net"
 DEEP = "{" + '"a":{' * 254 + '"b":1' + "}" * 255  # 255 levels of JSON in an EDE text
@@ -426,7 +426,7 @@ def test_a_round_past_its_deadline_is_cut_recorded_and_its_results_kept(
         )
     finally:
         run.stop()
-    assert run.daemon.metrics.rounds.labels("deadline")._value.get() == 1
+    assert _sample(run.daemon, "blockprobe_probe_rounds_total", result="deadline") == 1
     assert {m["domain"] for m in collector.results()} >= set(FINE)
     status = json.loads(_cli("status", "--json", "--config", str(config)).stdout)
     assert status["last_round_deadline_s_ago"] is not None
@@ -625,7 +625,11 @@ def test_watchdog_pings_while_healthy_and_stops_when_a_round_is_stuck(
         wait_for(lambda: run.daemon.rounds_done == 1, 30, "the one round of the minute")
         # A round that has run past its deadline (and ignored its cancellation): pings stop.
         run.daemon._round_started = time.monotonic() - run.daemon.config.round_deadline - 120
-        wait_for(lambda: run.daemon.metrics.unhealthy._value.get() >= 1, 10, "the pings withheld")
+        wait_for(
+            lambda: _sample(run.daemon, "blockprobe_probe_watchdog_withheld_total") >= 1,
+            10,
+            "the pings withheld",
+        )
         drain()
         messages.clear()
         time.sleep(0.5)  # several ping intervals: an absence can only be observed over time
@@ -733,7 +737,7 @@ def test_the_role_writes_a_notify_unit_with_a_watchdog_and_a_config_the_daemon_a
     assert (config.mode, config.slice, config.round_deadline) == ("slices", 15, 600)
     assert (config.settings.fast_interval, config.settings.full_pass) == (120, 6 * 3600)
     assert config.collector is not None
-    assert (config.collector.retry_base, config.collector.retry_max) == (1, 30)
+    assert (config.collector.retry_base, config.collector.retry_max) == (1, 5)
 
 
 def test_a_collector_that_refuses_everything_is_waited_for_not_emptied_into_the_quarantine(
@@ -761,6 +765,35 @@ def test_a_collector_that_refuses_everything_is_waited_for_not_emptied_into_the_
     thread.shutdown()
     assert len(collector.results()) == 60 - SUSPECT_AFTER
     assert thread.spool.quarantine_depth() == SUSPECT_AFTER
+
+
+@pytest.mark.parametrize("run_length", [8, 25])
+def test_a_run_of_refused_measurements_never_blocks_what_comes_after(
+    tmp_path: Path, collector: FakeCollector, run_length: int
+) -> None:
+    """More adjacent refusals than SUSPECT_AFTER: the collector still accepts what is behind
+    them, so they are all set aside and everything else is delivered."""
+    pusher, thread = _pusher(tmp_path, collector.url, retry={"base": 0.02, "max": 0.05}, rate=0)
+    domains = [f"n{i}.example" for i in range(60)]
+    thread.spool.add([{"domain": d, "finding": None, "time": "t"} for d in domains])
+    bad = set(domains[20 : 20 + run_length])
+    # As the real collector does, the refusal names the measurement: measurements[i].domain.
+    collector.refuse = lambda m: "domain: refused by this collector" if m["domain"] in bad else None
+
+    async def go() -> None:
+        deadline = time.monotonic() + 20
+        while thread.spool.depth() and time.monotonic() < deadline:
+            await pusher.push()
+            await asyncio.sleep(pusher.backoff.remaining() + 0.01)
+        await pusher.aclose()
+
+    asyncio.run(go())
+    thread.shutdown()
+    assert thread.spool.depth() == 0
+    delivered = [m["domain"] for m in collector.results()]
+    assert sorted(delivered) == sorted(set(domains) - bad)  # each once
+    assert {q.measurement["domain"] for q in thread.spool.quarantined()} == bad
+    assert thread.spool.totals()["quarantined_total"] == run_length
 
 
 def test_the_collectors_age_bound_is_learnt_from_its_refusal(

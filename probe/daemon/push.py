@@ -57,8 +57,12 @@ _RESEND = uuid.UUID("6f1d2c3e-9a54-4bde-8a43-51c0f3a0b7d1")  # namespace of rese
 _INDEX = re.compile(r"^(?:body\.)?measurements\[(\d+)\]")
 _AGE = re.compile(r"more than ([0-9.]+) days old")
 # After this many measurements quarantined in a row with no batch accepted in between, the
-# collector is refusing everything (a bad deploy, a schema mismatch), not these measurements:
-# further refusals are then treated as a failing collector, and the spool waits for it.
+# collector may be refusing everything (a bad deploy, a schema mismatch), not these
+# measurements. Before it sets more aside, the pusher sends the batch behind: accepted, the
+# collector refuses only what is at the head, and the run of refusals is quarantined (twice
+# as long a run before asking again); refused too, the collector is treated as failing and
+# the spool waits for it, trying one batch further behind each time, so a run of refused
+# measurements never blocks what comes after it.
 SUSPECT_AFTER = 5
 
 
@@ -155,6 +159,9 @@ class Pusher:
         self.rate = self.collector.rate
         self.max_age_days = self.collector.max_age_days
         self.refused_in_a_row = 0
+        self.allowance = SUSPECT_AFTER  # quarantined in a row before asking whether all is refused
+        self._probe_from: str | None = None  # the last batch sent from behind and refused
+        self._walked = 0  # measurements from the head to just before the next batch to try
         self.clock = clock
         self._next_send = 0.0
         self.on_failure = on_failure or (lambda _reason: None)
@@ -218,17 +225,10 @@ class Pusher:
         """Act on one reply; False when the collector is failing and pushing must pause."""
         spool, n = self.spool.spool, len(batch.bodies)
         if reply.ok:
-            await self.spool.call(spool.ack, batch.batch_id)
-            self.backoff.succeeded()
+            await self._acknowledged(batch, reply, out)
             self.refused_in_a_row = 0
-            out.sent_batches += 1
-            out.sent_results += n
-            log.info(
-                "batch %s acknowledged: %d results, %s",
-                batch.batch_id,
-                n,
-                "a duplicate (the collector had it already)" if reply.duplicate else "new",
-            )
+            self.allowance = SUSPECT_AFTER
+            self._probe_from = None
             return True
         self.on_failure(reply.reason)
         age = _AGE.search(reply.detail)
@@ -240,13 +240,15 @@ class Pusher:
                 "the collector refuses results older than %g days; older ones are quarantined",
                 self.max_age_days,
             )
-        suspect = self.refused_in_a_row >= SUSPECT_AFTER and not age
-        if suspect and reply.refuses_content:
+        suspect = reply.refuses_content and not age and self.refused_in_a_row >= self.allowance
+        if suspect and not await self._accepts_the_rest(batch, out):
             log.error(
-                "the collector has refused %d measurements in a row and accepted none: treating it as failing, "
-                "not quarantining more",
+                "the collector has refused %d measurements in a row and the batch behind them too: "
+                "treating it as failing, not quarantining more",
                 self.refused_in_a_row,
             )
+        else:
+            suspect = False
         # The collector answered: it is up, whatever it thought of this batch.
         if reply.status == 413 or (reply.refuses_content and not suspect):
             self.backoff.succeeded()
@@ -292,6 +294,52 @@ class Pusher:
             self.backoff.failures,
             delay,
         )
+        return False
+
+    async def _acknowledged(self, batch: Batch, reply: Reply, out: PushOutcome) -> None:
+        await self.spool.call(self.spool.spool.ack, batch.batch_id)
+        self.backoff.succeeded()
+        out.sent_batches += 1
+        out.sent_results += len(batch.bodies)
+        log.info(
+            "batch %s acknowledged: %d results, %s",
+            batch.batch_id,
+            len(batch.bodies),
+            "a duplicate (the collector had it already)" if reply.duplicate else "new",
+        )
+
+    async def _accepts_the_rest(self, head: Batch, out: PushOutcome) -> bool:
+        """Send one batch from behind the refused head (further behind at each try while
+        those are refused too); True when the collector accepts it, so it refuses what is at
+        the head, not everything."""
+        if self._probe_from is None:
+            self._walked = len(head.bodies)
+        behind = await self.spool.call(
+            self.spool.spool.batch_after, self._probe_from or head.batch_id, self.batch_size
+        )
+        if behind is None:
+            self._probe_from = None  # nothing further behind: from the head again next time
+            return False
+        await self._paced()
+        reply = await self.send(behind.batch_id, behind.bodies)
+        if reply.ok:
+            await self._acknowledged(behind, reply, out)
+            # What lies between the head and this batch may be set aside before asking again:
+            # that is the run, and a bad deploy arriving meanwhile sets aside no more than it.
+            self.allowance = self.refused_in_a_row + max(SUSPECT_AFTER, self._walked)
+            self._probe_from = None
+            log.warning(
+                "the collector accepts the batch behind %d refused measurements: it refuses those, "
+                "not everything; they are set aside",
+                self.refused_in_a_row,
+            )
+            return True
+        self.on_failure(reply.reason)
+        if reply.status == 413 or reply.refuses_content:
+            self._probe_from = behind.batch_id
+            self._walked += len(behind.bodies)
+        else:
+            self._probe_from = None
         return False
 
     async def resend(self, items: list[Quarantined]) -> tuple[int, int, str | None]:

@@ -343,6 +343,23 @@ class Spool(_Reader):
             return self._load(row[0], row[1])
         if max_age is not None:
             self._quarantine_old(now - max_age)
+        return self._new_batch(size, now)
+
+    def batch_after(self, batch_id: str, size: int, now: float | None = None) -> Batch | None:
+        """The batch in line behind `batch_id`: the next waiting one, or a new one of up to `size`
+        unbatched results; None when nothing is behind it. Sent while the collector refuses the
+        batch at the head, to learn whether it refuses everything or only what is there."""
+        row = self.db.execute(
+            "SELECT b.batch_id, b.attempts FROM batches b, batches a WHERE a.batch_id = ? "
+            "AND (b.created > a.created OR (b.created = a.created AND b.rowid > a.rowid)) "
+            "ORDER BY b.created, b.rowid LIMIT 1",
+            (batch_id,),
+        ).fetchone()
+        if row is not None:
+            return self._load(row[0], row[1])
+        return self._new_batch(size, time.time() if now is None else now)
+
+    def _new_batch(self, size: int, now: float) -> Batch | None:
         with self._tx():
             ids = [
                 r[0]
