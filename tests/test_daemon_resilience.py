@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.edns
 import pytest
 from pydantic import ValidationError
 
@@ -30,6 +32,7 @@ from probe.daemon.push import Backoff, Pusher, retry_after
 from probe.daemon.run import Daemon
 from probe.daemon.spool import ReadOnlySpool, Spool, SpoolThread, encode
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
+from probe.wire import parse_ede
 
 from .conftest import start_lab, truth_zone
 from .fake_collector import FakeCollector, HostileResolver, _depth, wait_for
@@ -37,12 +40,17 @@ from .test_daemon import TOKEN, _sample, _unique, _write_config
 
 D = "blockprobe-lab.net"
 DEEP = "{" + '"a":{' * 254 + '"b":1' + "}" * 255  # 255 levels of JSON in an EDE text
+INF = '{"c":1e999,"d":[-1e999]}'
 HOSTILE = {
     f"many.{D}": Behaviour(records={"A": tuple(f"93.184.{i // 256}.{i % 256}" for i in range(300))}),
     f"edes.{D}": Behaviour(records={"A": ("93.184.216.34",)}, ede=tuple((0, f"note {i}") for i in range(20))),
     f"long.{D}": Behaviour(records={"A": ("93.184.216.34",)}, ede=((0, "x" * 5000),)),
     f"deep.{D}": Behaviour(records={"A": ("93.184.216.34",)}, ede=((0, DEEP),)),
+    # JSON by its grammar, but beyond a double: Python reads inf and would write Infinity.
+    f"inf.{D}": Behaviour(records={"A": ("93.184.216.34",)}, ede=((0, INF),)),
 }
+# Not cut, but not kept as structured JSON either: the EDE text stays as it came.
+AS_TEXT = {f"inf.{D}"}
 FINE = [f"fine{i}.{D}" for i in range(6)]
 SLOW = [f"slow{i}.{D}" for i in range(4)]
 
@@ -189,6 +197,28 @@ def test_clamp_brings_a_hostile_measurement_within_every_bound_and_says_so() -> 
     assert limits.clamp(small) is small
 
 
+@pytest.mark.parametrize("text", [INF, '{"c":-1e400}', '{"c":NaN}', '{"c":[Infinity]}'])
+def test_ede_json_that_only_python_reads_is_kept_as_text(text: str) -> None:
+    """1e999 is JSON by its grammar, but Python makes it inf and writes it back as Infinity,
+    which the collector refuses: such an EDE keeps its text and no structured JSON."""
+    ede = parse_ede(dns.edns.EDEOption(dns.edns.EDECode(0), text))
+    assert (ede.text, ede.json) == (text, None)
+    assert parse_ede(dns.edns.EDEOption(dns.edns.EDECode(0), '{"c":1e300}')).json == {"c": 1e300}
+
+
+def test_a_number_json_cannot_hold_is_spooled_as_null_and_said() -> None:
+    m = {"domain": "x.example", "finding": "leak", "latency_ms": math.inf, "evidence": {"r": [math.nan]}}
+    finding, body = encode(m)
+    doc = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in the spooled JSON"))
+    assert finding == "leak"
+    assert (doc["latency_ms"], doc["evidence"]["r"]) == (None, [None])
+    assert doc["evidence"]["truncated"] == [
+        "latency_ms: inf is not a JSON number, not kept",
+        "evidence.r[0]: nan is not a JSON number, not kept",
+    ]
+    assert m["latency_ms"] == math.inf  # the caller's measurement is not changed
+
+
 # -- a hostile resolver end to end -----------------------------------------------------------
 
 
@@ -219,9 +249,11 @@ def test_hostile_resolver_answers_are_clamped_and_every_result_is_accepted(
     assert run.daemon.spool.totals()["quarantined_total"] == 0
     by_name = {m["domain"]: m for m in collector.results()}
     assert len(by_name[f"many.{D}"]["answers"]) == limits.MAX_ANSWERS
-    for name in HOSTILE:
+    for name in set(HOSTILE) - AS_TEXT:
         assert by_name[name]["evidence"]["truncated"], name
     assert "truncated" not in by_name[FINE[0]]["evidence"]
+    for name in AS_TEXT:
+        assert by_name[name]["ede"] == [{"code": 0, "text": INF}], name
 
 
 # -- permanent refusals -----------------------------------------------------------------------

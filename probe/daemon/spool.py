@@ -27,6 +27,7 @@ import concurrent.futures
 import itertools
 import json
 import logging
+import math
 import sqlite3
 import time
 import uuid
@@ -118,7 +119,29 @@ def encode(m: dict[str, Any]) -> tuple[str | None, str]:
     finding = m.get("finding")
     # default=str: a value JSON cannot hold (bytes in some evidence) is kept as text rather
     # than failing the round it came from.
-    return (finding if isinstance(finding, str) else None), json.dumps(m, separators=(",", ":"), default=str)
+    try:
+        body = json.dumps(m, separators=(",", ":"), default=str, allow_nan=False)
+    except ValueError:
+        # inf or nan from a path no bound foresaw: Python would write Infinity, which the
+        # collector refuses (422). Written as null instead, and said in evidence.truncated.
+        cut: list[str] = []
+        m = _finite(m, "", cut)
+        evidence = dict(m.get("evidence") or {})
+        evidence["truncated"] = [*(evidence.get("truncated") or []), *cut]
+        m["evidence"] = evidence
+        body = json.dumps(m, separators=(",", ":"), default=str, allow_nan=False)
+    return (finding if isinstance(finding, str) else None), body
+
+
+def _finite(value: Any, path: str, cut: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        cut.append(f"{path.lstrip('.')}: {value} is not a JSON number, not kept")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{path}.{k}", cut) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v, f"{path}[{i}]", cut) for i, v in enumerate(value)]
+    return value
 
 
 class _Tx:
