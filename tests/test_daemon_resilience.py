@@ -438,6 +438,69 @@ def test_sigterm_mid_round_stores_everything_measured(
     ro.close()
 
 
+def test_measurements_reach_the_spool_within_seconds_while_queries_hang(
+    tmp_path: Path, hostile: LabServer, control: LabServer
+) -> None:
+    """No new measurement comes while the slow names hang; the timer flushes what came
+    before them anyway, so a kill -9 now would lose nothing."""
+    dark = FakeCollector()
+    port = dark.port
+    dark.stop()
+    config = _config(tmp_path, hostile, control, f"http://127.0.0.1:{port}", FINE + SLOW, timeout=40)
+    run = _Running(config, grace=0.2)
+    try:
+        wait_for(lambda: _measured(run.daemon) >= len(FINE), 30, "the fast names measured")
+        measured = _measured(run.daemon)
+        wait_for(
+            lambda: run.daemon.spool.totals()["written_total"] == measured, 10, "the measurements spooled"
+        )
+        assert run.daemon._round_task is not None  # the slow names still hang: the round runs on
+        assert _measured(run.daemon) == measured
+    finally:
+        run.stop()
+
+
+def test_a_round_that_ignores_its_cancellation_does_not_keep_its_measurements_from_the_disk(
+    tmp_path: Path, hostile: LabServer, control: LabServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from probe.daemon import run as run_module
+
+    monkeypatch.setattr(run_module, "FLUSH_EVERY", 3600.0)  # only the stop writes
+    monkeypatch.setattr(run_module, "CANCEL_WAIT", 0.5)
+    dark = FakeCollector()
+    port = dark.port
+    dark.stop()
+    run = _Running(_config(tmp_path, hostile, control, f"http://127.0.0.1:{port}", FINE), grace=0.2)
+    started, release = threading.Event(), threading.Event()
+
+    async def stubborn() -> None:
+        run.daemon._buffer.append(encode({"domain": "stuck.example", "finding": "leak"}))
+        started.set()
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                continue  # as a round stuck in a library that swallows cancellation
+
+    run.daemon.round = stubborn  # type: ignore[method-assign]
+    try:
+        assert started.wait(30)
+        run.loop.call_soon_threadsafe(run.daemon.stop_event.set)
+        run.thread.join(30)
+        assert not run.thread.is_alive(), "the stop waited for a round that ignores its cancellation"
+    finally:
+        release.set()
+        if not run.thread.is_alive():
+            run.loop.run_until_complete(asyncio.sleep(0.1))  # let the stubborn round end
+            run.loop.close()
+    assert _sample(run.daemon, "blockprobe_probe_rounds_total", result="cancelled") == 1
+    ro = ReadOnlySpool(tmp_path / "state" / "spool.sqlite3")
+    assert [json.loads(b)["domain"] for (b,) in ro.db.execute("SELECT body FROM results")] == [
+        "stuck.example"
+    ]
+    ro.close()
+
+
 def test_a_round_past_its_deadline_is_cut_recorded_and_its_results_kept(
     tmp_path: Path, hostile: LabServer, control: LabServer, collector: FakeCollector
 ) -> None:

@@ -248,9 +248,13 @@ def _release_memory() -> None:
 
 
 # Measurements are handed to the spool thread in chunks of this many, or every second,
-# whichever comes first: a kill -9 loses at most the last second's measurements.
+# whichever comes first (a timer flushes even while every query hangs): a kill -9 loses at
+# most the last second's measurements.
 CHUNK = 500
 FLUSH_EVERY = 1.0
+# At stop, how long a cancelled round may take to end; one that ignores its cancellation
+# (stuck outside the loop's reach) is left behind, and what it measured is written anyway.
+CANCEL_WAIT = 5.0
 # A round still running this long past its deadline did not obey its cancellation: the
 # watchdog stops pinging and systemd restarts the service.
 DEADLINE_SLACK = 60.0
@@ -309,6 +313,7 @@ class Daemon:
         self._round_started: float | None = None  # monotonic
         self._scheduler_beat = time.monotonic()
         self._push_task: asyncio.Task[Any] | None = None
+        self._flush_task: asyncio.Task[Any] | None = None
         self._push_wake = asyncio.Event()
         self.scheduler: AsyncIOScheduler | None = None
         # What was measured and not yet committed to the spool: the round appends to the
@@ -527,6 +532,20 @@ class Daemon:
                 # Not committed: the chunks stay in `_unstored` and go with the next flush.
                 log.exception("could not write to the spool; will try again")
 
+    async def _flush_loop(self) -> None:
+        """Every second, whatever the round is doing: a round whose queries hang yields no
+        measurement that would trigger the round's own flush, and a kill -9 or a watchdog
+        restart would lose what it holds."""
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_EVERY):
+                    await self.stop_event.wait()
+            if self._buffer and time.monotonic() - self._last_flush >= FLUSH_EVERY:
+                try:
+                    await self._flush()
+                except Exception:  # a bug here must not end the flushes for the probe's life
+                    log.exception("timed flush failed")
+
     def _write_unstored(self) -> int:
         """In the spool thread: commit every pending chunk, oldest first. A chunk leaves
         `_unstored` only after its commit, and only this thread removes chunks."""
@@ -729,6 +748,7 @@ class Daemon:
         self._scheduler_beat = time.monotonic()
         if self.pusher is not None:
             self._push_task = asyncio.create_task(self._push_loop())
+        self._flush_task = asyncio.create_task(self._flush_loop())
         watchdog = None
         if self.notifier.watchdog_interval:
             watchdog = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
@@ -763,10 +783,20 @@ class Daemon:
                 await asyncio.wait_for(asyncio.shield(task), grace)
             except TimeoutError:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                # Bounded: a round that ignores its cancellation must not keep what it
+                # measured from the disk (nor the process from ending).
+                done, _ = await asyncio.wait({task}, timeout=CANCEL_WAIT)
                 self.metrics.rounds.labels("cancelled").inc()
-                log.warning("round abandoned after %.0fs grace; what it measured is kept", grace)
-        for side in (self._push_task, watchdog):
+                if done:
+                    log.warning("round abandoned after %.0fs grace; what it measured is kept", grace)
+                else:
+                    log.error(
+                        "round abandoned after %.0fs grace and ignored its cancellation for %.0fs; "
+                        "what it measured so far is kept",
+                        grace,
+                        CANCEL_WAIT,
+                    )
+        for side in (self._push_task, self._flush_task, watchdog):
             if side is not None:
                 side.cancel()
                 await asyncio.gather(side, return_exceptions=True)
