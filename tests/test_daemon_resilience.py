@@ -326,6 +326,32 @@ def test_results_older_than_the_collector_accepts_are_quarantined_not_blocking(t
     spool.close()
 
 
+def test_making_a_batch_reads_the_oldest_rows_not_the_whole_spool(tmp_path: Path) -> None:
+    """The work of next_batch (with the age check) does not grow with the spool's depth."""
+    spool = Spool(tmp_path / "s.sqlite3", max_rows=10**6)
+
+    def steps(depth: int) -> int:
+        spool.add_encoded([(None, '{"domain":"x.example"}')] * (depth - spool.depth()))
+        count = [0]
+
+        def tick() -> int:
+            count[0] += 1
+            return 0
+
+        spool.db.set_progress_handler(tick, 100)  # called every 100 SQLite VM instructions
+        batch = spool.next_batch(50, max_age=90 * 86400)
+        spool.db.set_progress_handler(None, 0)
+        assert batch is not None
+        assert len(batch.bodies) == 50
+        spool.ack(batch.batch_id)
+        return count[0]
+
+    small, large = steps(1_000), steps(50_000)
+    # Scanning or sorting the unbatched rows would take 50 times the work at 50 times the rows.
+    assert large < 3 * small + 50, (small, large)
+    spool.close()
+
+
 # -- backoff ----------------------------------------------------------------------------------
 
 

@@ -387,7 +387,10 @@ class Spool(_Reader):
             ids = [
                 r[0]
                 for r in self.db.execute(
-                    "SELECT id FROM results WHERE batch_id IS NULL ORDER BY id LIMIT ?", (size,)
+                    # NOT INDEXED: in rowid order only the few batched rows at the front are
+                    # skipped; through the index SQLite sorted every unbatched row per batch.
+                    "SELECT id FROM results NOT INDEXED WHERE batch_id IS NULL ORDER BY id LIMIT ?",
+                    (size,),
                 )
             ]
             if not ids:
@@ -398,12 +401,13 @@ class Spool(_Reader):
         return self._load(batch_id, 0)
 
     def _quarantine_old(self, cutoff: float) -> None:
-        if (
-            self.db.execute(
-                "SELECT 1 FROM results WHERE batch_id IS NULL AND created < ? LIMIT 1", (cutoff,)
-            ).fetchone()
-            is None
-        ):
+        # Only the oldest unbatched row is looked at, once per batch: scanning them all for an
+        # old one cost 64 ms a batch at 200,000 rows. A row out of order (written while the
+        # clock was wrong) is sent, and the collector's refusal sets it aside instead.
+        oldest = self.db.execute(
+            "SELECT created FROM results NOT INDEXED WHERE batch_id IS NULL ORDER BY id LIMIT 1"
+        ).fetchone()
+        if oldest is None or oldest[0] >= cutoff:
             return
         days = (time.time() - cutoff) / 86400
         with self._tx():
