@@ -46,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from probe import __version__
 from probe.answers import AnswerChecker
-from probe.daemon.config import Config, schedule_budget
+from probe.daemon.config import COLLECTOR_LISTS, Config, schedule_budget
 from probe.daemon.notify import Notifier
 from probe.daemon.push import Pusher
 from probe.daemon.spool import Spool, SpoolThread, encode
@@ -164,6 +164,12 @@ class _Metrics:
             registry=registry,
         )
         self._passes: dict[tuple[str, str], int] = {}
+        self.over_budget = Gauge(
+            "blockprobe_probe_schedule_over_budget",
+            "1 while the loaded lists (those from the collector included) cannot be measured within "
+            "full_pass at the configured qps, else 0.",
+            registry=registry,
+        )
         self.unhealthy = Counter(
             "blockprobe_probe_watchdog_withheld",
             "Watchdog pings withheld because the loop, the scheduler or a round was stuck.",
@@ -304,6 +310,7 @@ class Daemon:
         self.lists: Lists | None = None
         self.orders: OrderIndex | None = None  # one index per lists load, not per round
         self._list_mtimes: dict[Path, float] = {}
+        self._budget_problem: str | None = None  # as last written to the spool's meta
         self.stop_event = asyncio.Event()
         self.fetched_lists: tuple[Path, ...] = ()
         self._lists_etag: str | None = None
@@ -363,10 +370,11 @@ class Daemon:
             if problems and initial:
                 # Refused like bad lists (exit 2): the same check as `probe check-config`.
                 raise ListsError([f"{self.config.source}: {p}" for p in problems])
-            for problem in problems:
-                # Lists grew past the budget while running: measuring them late still beats
-                # ignoring a new order; the lag shows in blockprobe_probe_schedule_behind_seconds.
-                log.error("the lists cannot be measured within full_pass: %s", problem)
+            # Lists grew past the budget while running (the collector's, typically: they are
+            # not known at start): measuring them late still beats ignoring a new order. Said
+            # in the log, the metric and `probe status`; the lag shows per lane in
+            # blockprobe_probe_schedule_behind_seconds.
+            self._over_budget(problems, len(lists.query_names()))
         self.lists = lists
         self.orders = OrderIndex(lists)
         log.info("lists loaded: %d orders, %d control lists", len(lists.orders), len(lists.controls))
@@ -387,6 +395,21 @@ class Daemon:
                 self.sched.update_lists(lists, now, self.orders)
             self.metrics.schedule(self.sched.status(now))
             self._wake_slice()
+
+    def _over_budget(self, problems: list[str], names: int) -> None:
+        self.metrics.over_budget.set(1 if problems else 0)
+        said = "; ".join(problems)
+        if said != self._budget_problem:
+            self._budget_problem = said
+            self.writer.submit(self.spool.set_meta, "schedule_over_budget", said)
+        whose = " (with those from the collector)" if self.fetched_lists else ""
+        for problem in problems:
+            log.error(
+                "the lists%s, %d names, cannot be measured within full_pass; measured anyway, late: %s",
+                whose,
+                names,
+                problem,
+            )
 
     # work ------------------------------------------------------------------------------
     def _expect_fn(self) -> ExpectFn:
@@ -594,7 +617,7 @@ class Daemon:
             return
         if files is None:
             return
-        folder = self.config.state_dir / "collector-lists"
+        folder = self.config.state_dir / COLLECTOR_LISTS
         try:
             candidate = [parse_lists(text, f"collector:{name}") for name, text in files]
             del candidate
