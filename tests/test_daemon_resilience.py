@@ -401,6 +401,44 @@ def test_backoff_is_one_state_per_collector_and_the_backlog_drains_at_once(
     assert len(collector.results()) == 400
 
 
+def test_a_recovery_is_noticed_within_a_second_or_two_whatever_retry_max(
+    tmp_path: Path, hostile: LabServer, control: LabServer
+) -> None:
+    """While nobody listens, the daemon looks every second whether the collector is back,
+    instead of sleeping out a backoff of 15 to 30 s here."""
+    dark = FakeCollector()
+    port = dark.port
+    dark.stop()
+    path = _config(
+        tmp_path,
+        hostile,
+        control,
+        f"http://127.0.0.1:{port}",
+        FINE,
+        schedule={"interval": 60, "jitter": 0, "push_interval": 0.2},
+    )
+    doc = json.loads(path.read_text())
+    doc["collector"]["retry"] = {"base": 30, "max": 60}
+    path.write_text(json.dumps(doc))
+    run = _Running(path)
+    try:
+        pusher = run.daemon.pusher
+        assert pusher is not None
+        wait_for(lambda: run.daemon.rounds_done >= 1 and pusher.backoff.failures >= 1, 30, "a failed push")
+        assert pusher.backoff.remaining() > 10
+        back = FakeCollector(TOKEN, port=port)
+        try:
+            wait_for(
+                lambda: run.daemon.spool.depth() == 0 and len(back.results()) >= len(FINE),
+                10,
+                "the spool sent",
+            )
+        finally:
+            back.stop()
+    finally:
+        run.stop()
+
+
 @pytest.mark.parametrize("status", ["429", "503"])
 def test_429_and_503_honour_retry_after(tmp_path: Path, collector: FakeCollector, status: str) -> None:
     pusher, thread = _pusher(tmp_path, collector.url, retry={"base": 0.01, "max": 0.02}, rate=0)

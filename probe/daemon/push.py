@@ -14,11 +14,14 @@ decides what happens to the batch:
   alone; those are quarantined, the rest is sent. A refusal that cannot depend on the
   measurements (401, 403, 404, 405, 407, 411, 415, 421: the token, the URL, the proxy,
   the encoding) is a collector failure instead: bisecting would quarantine everything.
+  So is a collector that refuses the batch behind a run of refusals too (SUSPECT_AFTER).
 - 408, 429, 5xx, a refused connection, a hang: the collector is failing. One backoff
   state for the whole collector (not per batch): exponential with jitter between
   `retry.base` and `retry.max`, at least what `Retry-After` says on 429 and 503. The
   first success resets it, and the backlog then drains at full speed, bounded by
-  `collector.rate` requests per second.
+  `collector.rate` requests per second. While nobody listens at the collector's address
+  (a refused connection), a GET of /healthz every second ends the backoff as soon as
+  anything answers, so a recovery is noticed within a second, whatever `retry.max`.
 """
 
 from __future__ import annotations
@@ -59,11 +62,15 @@ _AGE = re.compile(r"more than ([0-9.]+) days old")
 # After this many measurements quarantined in a row with no batch accepted in between, the
 # collector may be refusing everything (a bad deploy, a schema mismatch), not these
 # measurements. Before it sets more aside, the pusher sends the batch behind: accepted, the
-# collector refuses only what is at the head, and the run of refusals is quarantined (twice
-# as long a run before asking again); refused too, the collector is treated as failing and
-# the spool waits for it, trying one batch further behind each time, so a run of refused
-# measurements never blocks what comes after it.
+# collector refuses only what is at the head, and the run up to that batch may be
+# quarantined before asking again; refused too, the collector is treated as failing and
+# the spool waits for it, trying one batch further behind at each attempt, so a run of
+# refused measurements never blocks what comes after it.
 SUSPECT_AFTER = 5
+# While the collector is unreachable: how often to look whether it is back, and how long one
+# look may take.
+REACHABLE_EVERY = 1.0
+REACHABLE_TIMEOUT = 2.0
 
 
 def backoff(attempts: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
@@ -162,6 +169,9 @@ class Pusher:
         self.allowance = SUSPECT_AFTER  # quarantined in a row before asking whether all is refused
         self._probe_from: str | None = None  # the last batch sent from behind and refused
         self._walked = 0  # measurements from the head to just before the next batch to try
+        # The last push found nobody listening (refused connection, no route): a cheap look
+        # between attempts then ends the backoff as soon as the collector is back.
+        self.unreachable = False
         self.clock = clock
         self._next_send = 0.0
         self.on_failure = on_failure or (lambda _reason: None)
@@ -285,6 +295,7 @@ class Pusher:
             )
             return True
         delay = self.backoff.failed(reply.retry_after)
+        self.unreachable = reply.reason == "connect"
         out.failure = f"{reply.reason}: {reply.detail}".strip(": ")
         await self.spool.call(spool.note_failure, batch.batch_id, out.failure, time.time() + delay)
         log.warning(
@@ -299,6 +310,7 @@ class Pusher:
     async def _acknowledged(self, batch: Batch, reply: Reply, out: PushOutcome) -> None:
         await self.spool.call(self.spool.spool.ack, batch.batch_id)
         self.backoff.succeeded()
+        self.unreachable = False
         out.sent_batches += 1
         out.sent_results += len(batch.bodies)
         log.info(
@@ -378,6 +390,17 @@ class Pusher:
             else:
                 return acknowledged, refused, f"{reply.reason}: {reply.detail}".strip(": ")
         return acknowledged, refused, None
+
+    async def answers(self) -> bool:
+        """Whether the collector answers HTTP at all (any status): one small GET of /healthz,
+        no body to send or gzip, so it can be tried every second while the collector is down."""
+        try:
+            await self.client.get(
+                f"{self.collector.url}/healthz", timeout=min(self.collector.timeout, REACHABLE_TIMEOUT)
+            )
+        except httpx2.HTTPError:
+            return False
+        return True
 
     async def fetch_lists(self, etag: str | None) -> tuple[str | None, list[tuple[str, str]] | None]:
         """The collector's lists files: (etag, [(name, text)]), or (etag, None) when unchanged."""

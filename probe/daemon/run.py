@@ -48,7 +48,7 @@ from probe import __version__
 from probe.answers import AnswerChecker
 from probe.daemon.config import COLLECTOR_LISTS, Config, schedule_budget
 from probe.daemon.notify import Notifier
-from probe.daemon.push import Pusher
+from probe.daemon.push import REACHABLE_EVERY, Pusher
 from probe.daemon.spool import Spool, SpoolThread, encode
 from probe.engine import Engine, ExpectFn, Plan
 from probe.expect import OrderIndex
@@ -604,7 +604,23 @@ class Daemon:
             self._push_wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
-                    await self._push_wake.wait()
+                    if self.pusher.unreachable and self.pusher.backoff.remaining() > REACHABLE_EVERY:
+                        await self._until_reachable()
+                    else:
+                        await self._push_wake.wait()
+
+    async def _until_reachable(self) -> None:
+        """Look every second whether the collector answers again (cheap: a refused connection
+        costs nothing); when it does, the backoff ends and the backlog goes at once."""
+        assert self.pusher is not None
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REACHABLE_EVERY):
+                    await self.stop_event.wait()
+            if await self.pusher.answers():
+                log.info("the collector answers again: pushing now")
+                self.pusher.backoff.succeeded()
+                return
 
     async def fetch_lists(self) -> None:
         """Lists published by the collector: written to the state directory when they validate."""
