@@ -366,7 +366,8 @@ class Daemon:
             return
         self._list_mtimes = mtimes
         if self.config.mode == "slices":
-            _, problems = schedule_budget(self.config, len(lists.query_names()))
+            names = len(lists.query_names())
+            _, problems = schedule_budget(self.config, names)
             if problems and initial:
                 # Refused like bad lists (exit 2): the same check as `probe check-config`.
                 raise ListsError([f"{self.config.source}: {p}" for p in problems])
@@ -374,7 +375,7 @@ class Daemon:
             # not known at start): measuring them late still beats ignoring a new order. Said
             # in the log, the metric and `probe status`; the lag shows per lane in
             # blockprobe_probe_schedule_behind_seconds.
-            self._over_budget(problems, len(lists.query_names()))
+            self._over_budget(problems, names)
         self.lists = lists
         self.orders = OrderIndex(lists)
         log.info("lists loaded: %d orders, %d control lists", len(lists.orders), len(lists.controls))
