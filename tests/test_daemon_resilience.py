@@ -955,6 +955,46 @@ def test_a_run_of_refused_measurements_never_blocks_what_comes_after(
     assert thread.spool.totals()["quarantined_total"] == run_length
 
 
+def test_a_run_of_refusals_by_the_real_collector_is_set_aside_and_the_rest_stored(tmp_path: Path) -> None:
+    """The collector itself (FastAPI, SQLite), refusing 8 adjacent measurements of 60 (a qtype
+    it does not know), names each as measurements[i]: all 8 set aside, the 52 others stored."""
+    from collector.store import open_store
+
+    from .test_collector import Server, measurement
+
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    live = Server(store)
+    try:
+        pusher, thread = _pusher(
+            tmp_path, live.url, token=live.token("it-test-1"), retry={"base": 0.02, "max": 0.05}, rate=0
+        )
+        bad = range(20, 28)
+        thread.spool.add(
+            [measurement(f"n{i}.example", qtype="BOGUS" if i in bad else "A") for i in range(60)]
+        )
+
+        async def go() -> None:
+            deadline = time.monotonic() + 30
+            while thread.spool.depth() and time.monotonic() < deadline:
+                await pusher.push()
+                await asyncio.sleep(pusher.backoff.remaining() + 0.01)
+            await pusher.aclose()
+
+        asyncio.run(go())
+        thread.shutdown()
+        assert thread.spool.depth() == 0
+        quarantined = thread.spool.quarantined()
+        assert sorted(q.measurement["domain"] for q in quarantined) == sorted(f"n{i}.example" for i in bad)
+        assert all(q.reason.startswith("http 422: measurements[0].qtype") for q in quarantined)
+        with live.store.tx() as cur:
+            cur.execute("SELECT count(*) FROM archive")
+            (rows,) = cur.fetchone()
+        assert rows == 52
+    finally:
+        live.stop()
+        store.close()
+
+
 def test_the_collectors_age_bound_is_learnt_from_its_refusal(
     tmp_path: Path, collector: FakeCollector
 ) -> None:
