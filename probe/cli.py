@@ -537,7 +537,7 @@ def lists_import(
 )
 def check_config(file: str | None, config_file: str | None) -> None:
     """Validate a daemon config: every mistake (exit 2), or a summary of what will run."""
-    from probe.daemon.config import ConfigError, load_config, schedule_budget
+    from probe.daemon.config import ConfigError, check_budget, load_config
 
     given = {f for f in (file, config_file) if f is not None}
     if len(given) != 1:
@@ -545,10 +545,9 @@ def check_config(file: str | None, config_file: str | None) -> None:
     file = given.pop()
     try:
         config = load_config(file)
-        names = len(load_lists(config.lists).query_names()) if config.lists else 0
+        lines, errors = check_budget(config)
     except (ConfigError, ListsError) as exc:
         _fail_all(exc.errors)
-    lines, errors = schedule_budget(config, names)
     if errors:
         _fail_all([f"{config.source}: {e}" for e in errors])
     for line in config.summary() + lines:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import struct
@@ -199,6 +200,15 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, others do not
 
 
+def _finite(literal: str) -> float:
+    # 1e999 is JSON by its grammar, but Python reads it as inf and writes it back as Infinity,
+    # which no other parser (the collector's included) accepts: such JSON is kept as text only.
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"{literal[:40]} is out of range for a number")
+    return value
+
+
 def _safe_json(value: Any) -> Any:
     if isinstance(value, str):
         return safe_text(value)
@@ -210,7 +220,10 @@ def _safe_json(value: Any) -> Any:
 
 
 def parse_ede(option: dns.edns.Option) -> Ede:
-    """An EDE option, with draft-ietf-dnsop-structured-dns-error JSON kept when present."""
+    """An EDE option, with draft-ietf-dnsop-structured-dns-error JSON kept when present.
+
+    JSON that only Python reads (NaN, Infinity, a number beyond a double's range) is not
+    kept as structured: the text stays, as for any EXTRA-TEXT that is not JSON."""
     if isinstance(option, dns.edns.EDEOption):
         code, text = int(option.code), option.text or ""
     else:  # a malformed option dnspython kept generic: keep what the bytes say
@@ -221,7 +234,7 @@ def parse_ede(option: dns.edns.Option) -> Ede:
     structured = None
     if text.lstrip().startswith("{"):
         try:
-            parsed = json.loads(text, parse_constant=_no_constant)
+            parsed = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             parsed = None
         if isinstance(parsed, dict):

@@ -104,6 +104,11 @@ class _Running:
 PER_ROUND = 5 * 2  # 5 listed names to query × 2 endpoints × 1 qtype
 
 
+def _sample(daemon: Daemon, name: str, **labels: str) -> float:
+    """A metric's value as a scrape would see it (0 when the series does not exist yet)."""
+    return daemon.registry.get_sample_value(name, labels) or 0.0
+
+
 def _unique(c: FakeCollector) -> None:
     keys = c.keys()
     assert len(keys) == len(set(keys)), "a result arrived twice"
@@ -154,7 +159,7 @@ def test_collector_down_for_rounds_then_back_loses_nothing(
     finally:
         if run.thread.is_alive():
             run.stop()
-    assert run.daemon.metrics.push_failures.labels("connect")._value.get() >= 1
+    assert _sample(run.daemon, "blockprobe_probe_push_failures_total", reason="connect") >= 1
 
 
 @pytest.mark.parametrize(
@@ -182,7 +187,7 @@ def test_collector_refusals_are_retried_and_nothing_is_lost(
         run.stop()
     _unique(collector)
     assert len(collector.results()) == run.daemon.rounds_done * PER_ROUND
-    assert run.daemon.metrics.push_failures.labels(reason)._value.get() >= 1
+    assert _sample(run.daemon, "blockprobe_probe_push_failures_total", reason=reason) >= 1
     if mode == "413":
         assert (
             max(n for _, n, status in collector.requests if status == 200) <= 4
@@ -306,7 +311,9 @@ def test_bad_new_lists_file_is_rejected_and_the_old_one_stays(
         wait_for(lambda: run.daemon.rounds_done >= 1, 30, "a round")
         lists.write_text("orders:\n  - id: broken\n    jurisdictions: [ITA]\n")
         os.utime(lists, (1, 1))  # a different mtime, whatever the clock's granularity
-        wait_for(lambda: run.daemon.metrics.list_rejects._value.get() == 1, 30, "the rejection")
+        wait_for(
+            lambda: _sample(run.daemon, "blockprobe_probe_lists_rejected_total") == 1, 30, "the rejection"
+        )
         assert run.daemon.lists is not None
         assert run.daemon.lists.orders[0].id == "agcom-lab-1"
     finally:

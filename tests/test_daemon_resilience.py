@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.edns
 import pytest
 from pydantic import ValidationError
 
@@ -30,19 +32,25 @@ from probe.daemon.push import Backoff, Pusher, retry_after
 from probe.daemon.run import Daemon
 from probe.daemon.spool import ReadOnlySpool, Spool, SpoolThread, encode
 from probe.lab import Behaviour, LabCA, LabServer, LabThread, Zone
+from probe.wire import parse_ede
 
 from .conftest import start_lab, truth_zone
 from .fake_collector import FakeCollector, HostileResolver, _depth, wait_for
-from .test_daemon import TOKEN, _unique, _write_config
+from .test_daemon import TOKEN, _sample, _unique, _write_config
 
 D = "blockprobe-lab.net"
 DEEP = "{" + '"a":{' * 254 + '"b":1' + "}" * 255  # 255 levels of JSON in an EDE text
+INF = '{"c":1e999,"d":[-1e999]}'
 HOSTILE = {
     f"many.{D}": Behaviour(records={"A": tuple(f"93.184.{i // 256}.{i % 256}" for i in range(300))}),
     f"edes.{D}": Behaviour(records={"A": ("93.184.216.34",)}, ede=tuple((0, f"note {i}") for i in range(20))),
     f"long.{D}": Behaviour(records={"A": ("93.184.216.34",)}, ede=((0, "x" * 5000),)),
     f"deep.{D}": Behaviour(records={"A": ("93.184.216.34",)}, ede=((0, DEEP),)),
+    # JSON by its grammar, but beyond a double: Python reads inf and would write Infinity.
+    f"inf.{D}": Behaviour(records={"A": ("93.184.216.34",)}, ede=((0, INF),)),
 }
+# Not cut, but not kept as structured JSON either: the EDE text stays as it came.
+AS_TEXT = {f"inf.{D}"}
 FINE = [f"fine{i}.{D}" for i in range(6)]
 SLOW = [f"slow{i}.{D}" for i in range(4)]
 
@@ -189,6 +197,28 @@ def test_clamp_brings_a_hostile_measurement_within_every_bound_and_says_so() -> 
     assert limits.clamp(small) is small
 
 
+@pytest.mark.parametrize("text", [INF, '{"c":-1e400}', '{"c":NaN}', '{"c":[Infinity]}'])
+def test_ede_json_that_only_python_reads_is_kept_as_text(text: str) -> None:
+    """1e999 is JSON by its grammar, but Python makes it inf and writes it back as Infinity,
+    which the collector refuses: such an EDE keeps its text and no structured JSON."""
+    ede = parse_ede(dns.edns.EDEOption(dns.edns.EDECode(0), text))
+    assert (ede.text, ede.json) == (text, None)
+    assert parse_ede(dns.edns.EDEOption(dns.edns.EDECode(0), '{"c":1e300}')).json == {"c": 1e300}
+
+
+def test_a_number_json_cannot_hold_is_spooled_as_null_and_said() -> None:
+    m = {"domain": "x.example", "finding": "leak", "latency_ms": math.inf, "evidence": {"r": [math.nan]}}
+    finding, body = encode(m)
+    doc = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in the spooled JSON"))
+    assert finding == "leak"
+    assert (doc["latency_ms"], doc["evidence"]["r"]) == (None, [None])
+    assert doc["evidence"]["truncated"] == [
+        "latency_ms: inf is not a JSON number, not kept",
+        "evidence.r[0]: nan is not a JSON number, not kept",
+    ]
+    assert m["latency_ms"] == math.inf  # the caller's measurement is not changed
+
+
 # -- a hostile resolver end to end -----------------------------------------------------------
 
 
@@ -219,9 +249,11 @@ def test_hostile_resolver_answers_are_clamped_and_every_result_is_accepted(
     assert run.daemon.spool.totals()["quarantined_total"] == 0
     by_name = {m["domain"]: m for m in collector.results()}
     assert len(by_name[f"many.{D}"]["answers"]) == limits.MAX_ANSWERS
-    for name in HOSTILE:
+    for name in set(HOSTILE) - AS_TEXT:
         assert by_name[name]["evidence"]["truncated"], name
     assert "truncated" not in by_name[FINE[0]]["evidence"]
+    for name in AS_TEXT:
+        assert by_name[name]["ede"] == [{"code": 0, "text": INF}], name
 
 
 # -- permanent refusals -----------------------------------------------------------------------
@@ -294,6 +326,32 @@ def test_results_older_than_the_collector_accepts_are_quarantined_not_blocking(t
     spool.close()
 
 
+def test_making_a_batch_reads_the_oldest_rows_not_the_whole_spool(tmp_path: Path) -> None:
+    """The work of next_batch (with the age check) does not grow with the spool's depth."""
+    spool = Spool(tmp_path / "s.sqlite3", max_rows=10**6)
+
+    def steps(depth: int) -> int:
+        spool.add_encoded([(None, '{"domain":"x.example"}')] * (depth - spool.depth()))
+        count = [0]
+
+        def tick() -> int:
+            count[0] += 1
+            return 0
+
+        spool.db.set_progress_handler(tick, 100)  # called every 100 SQLite VM instructions
+        batch = spool.next_batch(50, max_age=90 * 86400)
+        spool.db.set_progress_handler(None, 0)
+        assert batch is not None
+        assert len(batch.bodies) == 50
+        spool.ack(batch.batch_id)
+        return count[0]
+
+    small, large = steps(1_000), steps(50_000)
+    # Scanning or sorting the unbatched rows would take 50 times the work at 50 times the rows.
+    assert large < 3 * small + 50, (small, large)
+    spool.close()
+
+
 # -- backoff ----------------------------------------------------------------------------------
 
 
@@ -341,6 +399,44 @@ def test_backoff_is_one_state_per_collector_and_the_backlog_drains_at_once(
     assert sent[-1] == 40
     assert collector.times[-1] - collector.times[3] < 5
     assert len(collector.results()) == 400
+
+
+def test_a_recovery_is_noticed_within_a_second_or_two_whatever_retry_max(
+    tmp_path: Path, hostile: LabServer, control: LabServer
+) -> None:
+    """While nobody listens, the daemon looks every second whether the collector is back,
+    instead of sleeping out a backoff of 15 to 30 s here."""
+    dark = FakeCollector()
+    port = dark.port
+    dark.stop()
+    path = _config(
+        tmp_path,
+        hostile,
+        control,
+        f"http://127.0.0.1:{port}",
+        FINE,
+        schedule={"interval": 60, "jitter": 0, "push_interval": 0.2},
+    )
+    doc = json.loads(path.read_text())
+    doc["collector"]["retry"] = {"base": 30, "max": 60}
+    path.write_text(json.dumps(doc))
+    run = _Running(path)
+    try:
+        pusher = run.daemon.pusher
+        assert pusher is not None
+        wait_for(lambda: run.daemon.rounds_done >= 1 and pusher.backoff.failures >= 1, 30, "a failed push")
+        assert pusher.backoff.remaining() > 10
+        back = FakeCollector(TOKEN, port=port)
+        try:
+            wait_for(
+                lambda: run.daemon.spool.depth() == 0 and len(back.results()) >= len(FINE),
+                10,
+                "the spool sent",
+            )
+        finally:
+            back.stop()
+    finally:
+        run.stop()
 
 
 @pytest.mark.parametrize("status", ["429", "503"])
@@ -406,6 +502,69 @@ def test_sigterm_mid_round_stores_everything_measured(
     ro.close()
 
 
+def test_measurements_reach_the_spool_within_seconds_while_queries_hang(
+    tmp_path: Path, hostile: LabServer, control: LabServer
+) -> None:
+    """No new measurement comes while the slow names hang; the timer flushes what came
+    before them anyway, so a kill -9 now would lose nothing."""
+    dark = FakeCollector()
+    port = dark.port
+    dark.stop()
+    config = _config(tmp_path, hostile, control, f"http://127.0.0.1:{port}", FINE + SLOW, timeout=40)
+    run = _Running(config, grace=0.2)
+    try:
+        wait_for(lambda: _measured(run.daemon) >= len(FINE), 30, "the fast names measured")
+        measured = _measured(run.daemon)
+        wait_for(
+            lambda: run.daemon.spool.totals()["written_total"] == measured, 10, "the measurements spooled"
+        )
+        assert run.daemon._round_task is not None  # the slow names still hang: the round runs on
+        assert _measured(run.daemon) == measured
+    finally:
+        run.stop()
+
+
+def test_a_round_that_ignores_its_cancellation_does_not_keep_its_measurements_from_the_disk(
+    tmp_path: Path, hostile: LabServer, control: LabServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from probe.daemon import run as run_module
+
+    monkeypatch.setattr(run_module, "FLUSH_EVERY", 3600.0)  # only the stop writes
+    monkeypatch.setattr(run_module, "CANCEL_WAIT", 0.5)
+    dark = FakeCollector()
+    port = dark.port
+    dark.stop()
+    run = _Running(_config(tmp_path, hostile, control, f"http://127.0.0.1:{port}", FINE), grace=0.2)
+    started, release = threading.Event(), threading.Event()
+
+    async def stubborn() -> None:
+        run.daemon._buffer.append(encode({"domain": "stuck.example", "finding": "leak"}))
+        started.set()
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                continue  # as a round stuck in a library that swallows cancellation
+
+    run.daemon.round = stubborn  # type: ignore[method-assign]
+    try:
+        assert started.wait(30)
+        run.loop.call_soon_threadsafe(run.daemon.stop_event.set)
+        run.thread.join(30)
+        assert not run.thread.is_alive(), "the stop waited for a round that ignores its cancellation"
+    finally:
+        release.set()
+        if not run.thread.is_alive():
+            run.loop.run_until_complete(asyncio.sleep(0.1))  # let the stubborn round end
+            run.loop.close()
+    assert _sample(run.daemon, "blockprobe_probe_rounds_total", result="cancelled") == 1
+    ro = ReadOnlySpool(tmp_path / "state" / "spool.sqlite3")
+    assert [json.loads(b)["domain"] for (b,) in ro.db.execute("SELECT body FROM results")] == [
+        "stuck.example"
+    ]
+    ro.close()
+
+
 def test_a_round_past_its_deadline_is_cut_recorded_and_its_results_kept(
     tmp_path: Path, hostile: LabServer, control: LabServer, collector: FakeCollector
 ) -> None:
@@ -426,7 +585,7 @@ def test_a_round_past_its_deadline_is_cut_recorded_and_its_results_kept(
         )
     finally:
         run.stop()
-    assert run.daemon.metrics.rounds.labels("deadline")._value.get() == 1
+    assert _sample(run.daemon, "blockprobe_probe_rounds_total", result="deadline") == 1
     assert {m["domain"] for m in collector.results()} >= set(FINE)
     status = json.loads(_cli("status", "--json", "--config", str(config)).stdout)
     assert status["last_round_deadline_s_ago"] is not None
@@ -625,7 +784,11 @@ def test_watchdog_pings_while_healthy_and_stops_when_a_round_is_stuck(
         wait_for(lambda: run.daemon.rounds_done == 1, 30, "the one round of the minute")
         # A round that has run past its deadline (and ignored its cancellation): pings stop.
         run.daemon._round_started = time.monotonic() - run.daemon.config.round_deadline - 120
-        wait_for(lambda: run.daemon.metrics.unhealthy._value.get() >= 1, 10, "the pings withheld")
+        wait_for(
+            lambda: _sample(run.daemon, "blockprobe_probe_watchdog_withheld_total") >= 1,
+            10,
+            "the pings withheld",
+        )
         drain()
         messages.clear()
         time.sleep(0.5)  # several ping intervals: an absence can only be observed over time
@@ -733,7 +896,7 @@ def test_the_role_writes_a_notify_unit_with_a_watchdog_and_a_config_the_daemon_a
     assert (config.mode, config.slice, config.round_deadline) == ("slices", 15, 600)
     assert (config.settings.fast_interval, config.settings.full_pass) == (120, 6 * 3600)
     assert config.collector is not None
-    assert (config.collector.retry_base, config.collector.retry_max) == (1, 30)
+    assert (config.collector.retry_base, config.collector.retry_max) == (1, 5)
 
 
 def test_a_collector_that_refuses_everything_is_waited_for_not_emptied_into_the_quarantine(
@@ -761,6 +924,75 @@ def test_a_collector_that_refuses_everything_is_waited_for_not_emptied_into_the_
     thread.shutdown()
     assert len(collector.results()) == 60 - SUSPECT_AFTER
     assert thread.spool.quarantine_depth() == SUSPECT_AFTER
+
+
+@pytest.mark.parametrize("run_length", [8, 25])
+def test_a_run_of_refused_measurements_never_blocks_what_comes_after(
+    tmp_path: Path, collector: FakeCollector, run_length: int
+) -> None:
+    """More adjacent refusals than SUSPECT_AFTER: the collector still accepts what is behind
+    them, so they are all set aside and everything else is delivered."""
+    pusher, thread = _pusher(tmp_path, collector.url, retry={"base": 0.02, "max": 0.05}, rate=0)
+    domains = [f"n{i}.example" for i in range(60)]
+    thread.spool.add([{"domain": d, "finding": None, "time": "t"} for d in domains])
+    bad = set(domains[20 : 20 + run_length])
+    # As the real collector does, the refusal names the measurement: measurements[i].domain.
+    collector.refuse = lambda m: "domain: refused by this collector" if m["domain"] in bad else None
+
+    async def go() -> None:
+        deadline = time.monotonic() + 20
+        while thread.spool.depth() and time.monotonic() < deadline:
+            await pusher.push()
+            await asyncio.sleep(pusher.backoff.remaining() + 0.01)
+        await pusher.aclose()
+
+    asyncio.run(go())
+    thread.shutdown()
+    assert thread.spool.depth() == 0
+    delivered = [m["domain"] for m in collector.results()]
+    assert sorted(delivered) == sorted(set(domains) - bad)  # each once
+    assert {q.measurement["domain"] for q in thread.spool.quarantined()} == bad
+    assert thread.spool.totals()["quarantined_total"] == run_length
+
+
+def test_a_run_of_refusals_by_the_real_collector_is_set_aside_and_the_rest_stored(tmp_path: Path) -> None:
+    """The collector itself (FastAPI, SQLite), refusing 8 adjacent measurements of 60 (a qtype
+    it does not know), names each as measurements[i]: all 8 set aside, the 52 others stored."""
+    from collector.store import open_store
+
+    from .test_collector import Server, measurement
+
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    live = Server(store)
+    try:
+        pusher, thread = _pusher(
+            tmp_path, live.url, token=live.token("it-test-1"), retry={"base": 0.02, "max": 0.05}, rate=0
+        )
+        bad = range(20, 28)
+        thread.spool.add(
+            [measurement(f"n{i}.example", qtype="BOGUS" if i in bad else "A") for i in range(60)]
+        )
+
+        async def go() -> None:
+            deadline = time.monotonic() + 30
+            while thread.spool.depth() and time.monotonic() < deadline:
+                await pusher.push()
+                await asyncio.sleep(pusher.backoff.remaining() + 0.01)
+            await pusher.aclose()
+
+        asyncio.run(go())
+        thread.shutdown()
+        assert thread.spool.depth() == 0
+        quarantined = thread.spool.quarantined()
+        assert sorted(q.measurement["domain"] for q in quarantined) == sorted(f"n{i}.example" for i in bad)
+        assert all(q.reason.startswith("http 422: measurements[0].qtype") for q in quarantined)
+        with live.store.tx() as cur:
+            cur.execute("SELECT count(*) FROM archive")
+            (rows,) = cur.fetchone()
+        assert rows == 52
+    finally:
+        live.stop()
+        store.close()
 
 
 def test_the_collectors_age_bound_is_learnt_from_its_refusal(

@@ -310,6 +310,19 @@ INVALID = [
         {"mode": "slices", "fast_interval": 10, "slice": 20},
         "schedule.slice: 20 must not be longer than schedule.fast_interval (10s)",
     ),
+    (
+        {"mode": "slices", "chase": "a day"},
+        "schedule.chase: 'a day' is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)",
+    ),
+    (
+        {"mode": "slices", "fast_interval": "2m", "chase": 60},
+        "schedule.chase: 60 must be at least schedule.fast_interval (2m): "
+        "the fast lane would never measure a new order",
+    ),
+    (
+        {"mode": "rounds", "chase": "12h"},
+        "schedule.chase: '12h' is for schedule.mode slices (this config runs rounds)",
+    ),
 ]
 
 
@@ -328,9 +341,105 @@ def test_schedule_defaults(tmp_path: Path) -> None:
     sliced = parse_config(json.dumps(base), "probe.yaml", tmp_path)
     assert (sliced.mode, sliced.slice, sliced.jitter, sliced.round_deadline) == ("slices", 15, 0, 600)
     assert (sliced.settings.fast_interval, sliced.settings.full_pass) == (120, 6 * 3600)
+    assert sliced.settings.chase == 24 * 3600
+    chased = parse_config(json.dumps({**base, "schedule": {"chase": "12h"}}), "probe.yaml", tmp_path)
+    assert chased.settings.chase == 12 * 3600
+    assert "new orders every 2m for 12h or until enforced" in "\n".join(chased.summary())
     rounds = parse_config(json.dumps({**base, "schedule": {"mode": "rounds"}}), "probe.yaml", tmp_path)
     assert (rounds.mode, rounds.interval, rounds.round_deadline) == ("rounds", 300, 3600)
     # Configs written before slices were the default said how often; they keep their rounds.
     for legacy in ({"interval": 120}, {"jitter": 5}):
         old = parse_config(json.dumps({**base, "schedule": legacy}), "probe.yaml", tmp_path)
         assert old.mode == "rounds", legacy
+
+
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "probe.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _order(path: Path, names: int) -> Path:
+    doc = {
+        "orders": [
+            {
+                "id": "big",
+                "authority": "T",
+                "jurisdictions": ["IT"],
+                "applies_to": ["isp"],
+                "domains": [f"n{i}.{D}" for i in range(names)],
+            }
+        ]
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_check_config_counts_the_lists_fetched_from_the_collector(
+    tmp_path: Path, isp: LabServer, control: LabServer
+) -> None:
+    doc = _doc(tmp_path, isp, control, "http://127.0.0.1:9", tmp_path / "unused.yaml", qps=1)
+    doc["lists"] = []  # every list from the collector
+    doc["collector"]["fetch_lists"] = True
+    doc["schedule"] = {"mode": "slices", "fast_interval": "1m", "full_pass": "1h"}
+    path = _write(tmp_path, doc)
+    # Nothing fetched yet: said so, not a budget of 0 names.
+    first = _check_config(path)
+    assert first.returncode == 0, first.stderr
+    assert "lists from the collector: none fetched yet; budget checked when fetched" in first.stdout
+    assert "0 names" not in first.stdout
+    assert "queries per pass" not in first.stdout
+    # As last fetched, in the state directory: counted.
+    cached = _order(tmp_path / "state" / "collector-lists" / "orders.yaml", 100)
+    counted = _check_config(path)
+    assert counted.returncode == 0, counted.stderr
+    assert "lists from the collector: 1 files as last fetched into" in counted.stdout
+    assert "schedule: 100 names × 1 qtypes" in counted.stdout
+    # Past the budget at 1 q/s: 5,000 names × 1 qtype take 83 minutes, full_pass is 1h.
+    _order(cached, 5000)
+    refused = _check_config(path)
+    assert refused.returncode == 2
+    assert f"probe: {path}: with the lists from the collector as last fetched: schedule.full_pass: 1h" in (
+        refused.stderr
+    )
+
+
+def test_fetched_lists_past_the_budget_are_measured_but_said_in_the_log_metric_and_status(
+    tmp_path: Path, isp: LabServer, control: LabServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = _doc(tmp_path, isp, control, "http://127.0.0.1:9", _lab_orders(tmp_path), qps=1)
+    doc["collector"]["fetch_lists"] = True
+    doc["schedule"] = {"mode": "slices", "fast_interval": "1m", "full_pass": "1h"}
+    path = _write(tmp_path, doc)
+    daemon = Daemon(load_config(path))
+
+    def over() -> float:
+        return daemon.registry.get_sample_value("blockprobe_probe_schedule_over_budget") or 0.0
+
+    daemon.reload_lists(initial=True)
+    assert over() == 0
+    # What the collector published after the start: far more than an hour at 1 q/s.
+    daemon.fetched_lists = (_order(tmp_path / "state" / "collector-lists" / "big.yaml", 5000),)
+    with caplog.at_level("ERROR", logger="probe.daemon"):
+        daemon.reload_lists()
+    assert over() == 1
+    assert daemon.lists is not None
+    assert len(daemon.lists.query_names()) == 5005  # measured anyway, late
+    assert any(
+        "the lists (with those from the collector), 5005 names, cannot be measured within full_pass"
+        in r.getMessage()
+        for r in caplog.records
+    )
+    daemon.writer.shutdown()  # the meta is written
+    status = subprocess.run(
+        [sys.executable, "-m", "probe.cli", "status", "--json", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "schedule.full_pass: 1h cannot be met" in json.loads(status.stdout)["schedule_over_budget"]
+    daemon.spool.close()

@@ -93,6 +93,8 @@ def status(config_file: str, as_json: bool) -> None:
                 for q in quarantine
             ],
             "lifetime": spool.counters(),
+            # Set by a running probe whose lists outgrew the budget (slices mode).
+            "schedule_over_budget": spool.meta("schedule_over_budget") or None,
         }
         spool.close()
     except sqlite3.Error as exc:
@@ -117,6 +119,8 @@ def status(config_file: str, as_json: bool) -> None:
         click.echo(
             "dropped because the spool was full: " + ", ".join(f"{k} {v}" for k, v in doc["dropped"].items())
         )
+    if doc["schedule_over_budget"]:
+        click.echo(f"schedule: the lists cannot be measured within full_pass: {doc['schedule_over_budget']}")
     life = doc["lifetime"]
     click.echo(
         f"over its life: {life['written_total']} measurements written, {life['pushed_total']} acknowledged, "

@@ -7,6 +7,7 @@ environment variable (or, discouraged, inline) and is never printed or logged.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -21,13 +22,26 @@ from probe.catalogue import load_catalogue, resolve_spec
 from probe.errors import BlockprobeError, SpecError
 from probe.identity import Canary
 from probe.limits import MAX_AGE_DAYS, MAX_BATCH_MEASUREMENTS, MAX_LABEL_CHARS
-from probe.lists import ISO_ALPHA2
+from probe.lists import ISO_ALPHA2, load_lists
 from probe.model import Expectation
-from probe.schedule import Settings, budget, check, format_span, parse_settings
+from probe.schedule import Settings, _span, budget, check, format_span, parse_settings
 from probe.specs import KINDS, Resolver
 from probe.wire import QTYPES, normalize_name
 
-__all__ = ["CollectorConfig", "Config", "ConfigError", "load_config", "parse_config", "schedule_budget"]
+__all__ = [
+    "COLLECTOR_LISTS",
+    "CollectorConfig",
+    "Config",
+    "ConfigError",
+    "check_budget",
+    "collector_lists",
+    "load_config",
+    "parse_config",
+    "schedule_budget",
+]
+
+# Under state_dir: the lists last fetched from the collector (`collector.fetch_lists`).
+COLLECTOR_LISTS = "collector-lists"
 
 
 class ConfigError(BlockprobeError):
@@ -59,7 +73,9 @@ class CollectorConfig:
     batch_size: int
     fetch_lists: bool
     retry_base: float = 1.0  # seconds: the first backoff after a failed push
-    retry_max: float = 30.0  # seconds: the longest; also how late a recovery can be noticed
+    # seconds: the longest; also how late a recovery can be noticed (issue 10: a backlog must
+    # drain within seconds of a recovery). A failing push costs one request per probe.
+    retry_max: float = 5.0
     rate: float = 20.0  # requests per second while a backlog drains (0: unlimited)
     max_age_days: float = MAX_AGE_DAYS  # older results go to quarantine, not to the collector
 
@@ -104,7 +120,8 @@ class Config:
         if self.mode == "slices":
             cadence = (
                 f"slices of {self.slice:g}s (deadline {self.round_deadline:g}s), new orders every "
-                f"{format_span(self.settings.fast_interval)}, every name once per "
+                f"{format_span(self.settings.fast_interval)} for {format_span(self.settings.chase)} "
+                "or until enforced, every name once per "
                 f"{format_span(self.settings.full_pass)}: "
             )
         else:
@@ -191,6 +208,7 @@ _SECTIONS = {
         "slice",
         "fast_interval",
         "full_pass",
+        "chase",
         "push_interval",
         "round_deadline",
     },
@@ -391,8 +409,10 @@ def parse_config(  # noqa: C901 - one flat check per key, so every mistake is li
         for key in retry:
             if key not in ("base", "max"):
                 c.err(f"collector.retry.{key}", "unknown key (one of base, max)")
-        retry_base = c.number(retry.get("base"), "collector.retry.base", 1, 0.01, 3600)
-        retry_max = c.number(retry.get("max"), "collector.retry.max", 30, 0.01, 86400)
+        retry_base = c.number(
+            retry.get("base"), "collector.retry.base", CollectorConfig.retry_base, 0.01, 3600
+        )
+        retry_max = c.number(retry.get("max"), "collector.retry.max", CollectorConfig.retry_max, 0.01, 86400)
         if retry_max < retry_base:
             c.err("collector.retry.max", f"{retry_max:g} must be at least retry.base ({retry_base:g})")
         collector = CollectorConfig(
@@ -459,7 +479,9 @@ def parse_config(  # noqa: C901 - one flat check per key, so every mistake is li
         c.err("schedule.mode", f"{sched_mode!r} is not one of rounds, slices")
         sched_mode = "rounds"
     # Each mode has its own keys: a key the mode ignores would silently change nothing.
-    for key in ("interval", "jitter") if sched_mode == "slices" else ("slice", "fast_interval", "full_pass"):
+    for key in (
+        ("interval", "jitter") if sched_mode == "slices" else ("slice", "fast_interval", "full_pass", "chase")
+    ):
         if sched.get(key) is not None:
             other = "rounds" if sched_mode == "slices" else "slices"
             c.err(
@@ -479,6 +501,18 @@ def parse_config(  # noqa: C901 - one flat check per key, so every mistake is li
         c.err("schedule.jitter", f"{jitter:g} must be less than the interval ({interval:g})")
     settings, problems = parse_settings(sched if sched_mode == "slices" else None)
     c.errors.extend(problems)
+    if sched_mode == "slices" and sched.get("chase") is not None:
+        # How long the names of a new order stay in the fast lane (until enforced): past it,
+        # a resolver that enforces nothing would keep every name urgent for good.
+        chase = _span(sched["chase"], "schedule.chase", c.errors)
+        if chase is not None and chase < settings.fast_interval:
+            c.err(
+                "schedule.chase",
+                f"{sched['chase']!r} must be at least schedule.fast_interval "
+                f"({format_span(settings.fast_interval)}): the fast lane would never measure a new order",
+            )
+        elif chase is not None:
+            settings = dataclasses.replace(settings, chase=chase)
     slice_s = c.number(
         sched.get("slice") if sched_mode == "slices" else None,
         "schedule.slice",
@@ -574,6 +608,48 @@ def schedule_budget(config: Config, names: int) -> tuple[list[str], list[str]]:
         return [], []
     args = (names, config.qtypes, config.resolvers, config.qps, config.settings)
     return budget(*args).splitlines(), check(*args)
+
+
+def collector_lists(config: Config) -> tuple[Path, ...]:
+    """The lists files last fetched from the collector (kept in the state directory), or ()."""
+    if config.collector is None or not config.collector.fetch_lists:
+        return ()
+    try:
+        return tuple(
+            sorted(
+                p
+                for p in (config.state_dir / COLLECTOR_LISTS).iterdir()
+                if p.is_file() and not p.name.endswith(".tmp")
+            )
+        )
+    except OSError:  # not fetched yet (or not readable by whoever runs check-config)
+        return ()
+
+
+def check_budget(config: Config) -> tuple[list[str], list[str]]:
+    """For `probe check-config`: the budget's lines and errors over the local lists and, with
+    `collector.fetch_lists`, the collector's as last fetched into the state directory. Lists
+    not fetched yet are said to be so, not counted as 0 names. Raises ListsError."""
+    if config.mode != "slices":
+        return [], []
+    fetching = config.collector is not None and config.collector.fetch_lists
+    fetched = collector_lists(config)
+    lines = []
+    if fetching and fetched:
+        lines.append(
+            f"lists from the collector: {len(fetched)} files as last fetched into "
+            f"{config.state_dir / COLLECTOR_LISTS}, counted in the budget"
+        )
+    elif fetching:
+        lines.append("lists from the collector: none fetched yet; budget checked when fetched")
+        if not config.lists:
+            return lines, []
+    files = config.lists + fetched
+    names = len(load_lists(files).query_names()) if files else 0
+    budget_lines, errors = schedule_budget(config, names)
+    if fetched:
+        errors = [f"with the lists from the collector as last fetched: {e}" for e in errors]
+    return lines + budget_lines, errors
 
 
 def load_config(path: str | Path) -> Config:

@@ -14,11 +14,14 @@ decides what happens to the batch:
   alone; those are quarantined, the rest is sent. A refusal that cannot depend on the
   measurements (401, 403, 404, 405, 407, 411, 415, 421: the token, the URL, the proxy,
   the encoding) is a collector failure instead: bisecting would quarantine everything.
+  So is a collector that refuses the batch behind a run of refusals too (SUSPECT_AFTER).
 - 408, 429, 5xx, a refused connection, a hang: the collector is failing. One backoff
   state for the whole collector (not per batch): exponential with jitter between
   `retry.base` and `retry.max`, at least what `Retry-After` says on 429 and 503. The
   first success resets it, and the backlog then drains at full speed, bounded by
-  `collector.rate` requests per second.
+  `collector.rate` requests per second. While nobody listens at the collector's address
+  (a refused connection), a GET of /healthz every second ends the backoff as soon as
+  anything answers, so a recovery is noticed within a second, whatever `retry.max`.
 """
 
 from __future__ import annotations
@@ -57,9 +60,17 @@ _RESEND = uuid.UUID("6f1d2c3e-9a54-4bde-8a43-51c0f3a0b7d1")  # namespace of rese
 _INDEX = re.compile(r"^(?:body\.)?measurements\[(\d+)\]")
 _AGE = re.compile(r"more than ([0-9.]+) days old")
 # After this many measurements quarantined in a row with no batch accepted in between, the
-# collector is refusing everything (a bad deploy, a schema mismatch), not these measurements:
-# further refusals are then treated as a failing collector, and the spool waits for it.
+# collector may be refusing everything (a bad deploy, a schema mismatch), not these
+# measurements. Before it sets more aside, the pusher sends the batch behind: accepted, the
+# collector refuses only what is at the head, and the run up to that batch may be
+# quarantined before asking again; refused too, the collector is treated as failing and
+# the spool waits for it, trying one batch further behind at each attempt, so a run of
+# refused measurements never blocks what comes after it.
 SUSPECT_AFTER = 5
+# While the collector is unreachable: how often to look whether it is back, and how long one
+# look may take.
+REACHABLE_EVERY = 1.0
+REACHABLE_TIMEOUT = 2.0
 
 
 def backoff(attempts: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
@@ -155,6 +166,12 @@ class Pusher:
         self.rate = self.collector.rate
         self.max_age_days = self.collector.max_age_days
         self.refused_in_a_row = 0
+        self.allowance = SUSPECT_AFTER  # quarantined in a row before asking whether all is refused
+        self._probe_from: str | None = None  # the last batch sent from behind and refused
+        self._walked = 0  # measurements from the head to just before the next batch to try
+        # The last push found nobody listening (refused connection, no route): a cheap look
+        # between attempts then ends the backoff as soon as the collector is back.
+        self.unreachable = False
         self.clock = clock
         self._next_send = 0.0
         self.on_failure = on_failure or (lambda _reason: None)
@@ -218,17 +235,10 @@ class Pusher:
         """Act on one reply; False when the collector is failing and pushing must pause."""
         spool, n = self.spool.spool, len(batch.bodies)
         if reply.ok:
-            await self.spool.call(spool.ack, batch.batch_id)
-            self.backoff.succeeded()
+            await self._acknowledged(batch, reply, out)
             self.refused_in_a_row = 0
-            out.sent_batches += 1
-            out.sent_results += n
-            log.info(
-                "batch %s acknowledged: %d results, %s",
-                batch.batch_id,
-                n,
-                "a duplicate (the collector had it already)" if reply.duplicate else "new",
-            )
+            self.allowance = SUSPECT_AFTER
+            self._probe_from = None
             return True
         self.on_failure(reply.reason)
         age = _AGE.search(reply.detail)
@@ -240,13 +250,15 @@ class Pusher:
                 "the collector refuses results older than %g days; older ones are quarantined",
                 self.max_age_days,
             )
-        suspect = self.refused_in_a_row >= SUSPECT_AFTER and not age
-        if suspect and reply.refuses_content:
+        suspect = reply.refuses_content and not age and self.refused_in_a_row >= self.allowance
+        if suspect and not await self._accepts_the_rest(batch, out):
             log.error(
-                "the collector has refused %d measurements in a row and accepted none: treating it as failing, "
-                "not quarantining more",
+                "the collector has refused %d measurements in a row and the batch behind them too: "
+                "treating it as failing, not quarantining more",
                 self.refused_in_a_row,
             )
+        else:
+            suspect = False
         # The collector answered: it is up, whatever it thought of this batch.
         if reply.status == 413 or (reply.refuses_content and not suspect):
             self.backoff.succeeded()
@@ -283,6 +295,7 @@ class Pusher:
             )
             return True
         delay = self.backoff.failed(reply.retry_after)
+        self.unreachable = reply.reason == "connect"
         out.failure = f"{reply.reason}: {reply.detail}".strip(": ")
         await self.spool.call(spool.note_failure, batch.batch_id, out.failure, time.time() + delay)
         log.warning(
@@ -292,6 +305,53 @@ class Pusher:
             self.backoff.failures,
             delay,
         )
+        return False
+
+    async def _acknowledged(self, batch: Batch, reply: Reply, out: PushOutcome) -> None:
+        await self.spool.call(self.spool.spool.ack, batch.batch_id)
+        self.backoff.succeeded()
+        self.unreachable = False
+        out.sent_batches += 1
+        out.sent_results += len(batch.bodies)
+        log.info(
+            "batch %s acknowledged: %d results, %s",
+            batch.batch_id,
+            len(batch.bodies),
+            "a duplicate (the collector had it already)" if reply.duplicate else "new",
+        )
+
+    async def _accepts_the_rest(self, head: Batch, out: PushOutcome) -> bool:
+        """Send one batch from behind the refused head (further behind at each try while
+        those are refused too); True when the collector accepts it, so it refuses what is at
+        the head, not everything."""
+        if self._probe_from is None:
+            self._walked = len(head.bodies)
+        behind = await self.spool.call(
+            self.spool.spool.batch_after, self._probe_from or head.batch_id, self.batch_size
+        )
+        if behind is None:
+            self._probe_from = None  # nothing further behind: from the head again next time
+            return False
+        await self._paced()
+        reply = await self.send(behind.batch_id, behind.bodies)
+        if reply.ok:
+            await self._acknowledged(behind, reply, out)
+            # What lies between the head and this batch may be set aside before asking again:
+            # that is the run, and a bad deploy arriving meanwhile sets aside no more than it.
+            self.allowance = self.refused_in_a_row + max(SUSPECT_AFTER, self._walked)
+            self._probe_from = None
+            log.warning(
+                "the collector accepts the batch behind %d refused measurements: it refuses those, "
+                "not everything; they are set aside",
+                self.refused_in_a_row,
+            )
+            return True
+        self.on_failure(reply.reason)
+        if reply.status == 413 or reply.refuses_content:
+            self._probe_from = behind.batch_id
+            self._walked += len(behind.bodies)
+        else:
+            self._probe_from = None
         return False
 
     async def resend(self, items: list[Quarantined]) -> tuple[int, int, str | None]:
@@ -330,6 +390,17 @@ class Pusher:
             else:
                 return acknowledged, refused, f"{reply.reason}: {reply.detail}".strip(": ")
         return acknowledged, refused, None
+
+    async def answers(self) -> bool:
+        """Whether the collector answers HTTP at all (any status): one small GET of /healthz,
+        no body to send or gzip, so it can be tried every second while the collector is down."""
+        try:
+            await self.client.get(
+                f"{self.collector.url}/healthz", timeout=min(self.collector.timeout, REACHABLE_TIMEOUT)
+            )
+        except httpx2.HTTPError:
+            return False
+        return True
 
     async def fetch_lists(self, etag: str | None) -> tuple[str | None, list[tuple[str, str]] | None]:
         """The collector's lists files: (etag, [(name, text)]), or (etag, None) when unchanged."""

@@ -46,9 +46,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from probe import __version__
 from probe.answers import AnswerChecker
-from probe.daemon.config import Config, schedule_budget
+from probe.daemon.config import COLLECTOR_LISTS, Config, schedule_budget
 from probe.daemon.notify import Notifier
-from probe.daemon.push import Pusher
+from probe.daemon.push import REACHABLE_EVERY, Pusher
 from probe.daemon.spool import Spool, SpoolThread, encode
 from probe.engine import Engine, ExpectFn, Plan
 from probe.expect import OrderIndex
@@ -164,6 +164,12 @@ class _Metrics:
             registry=registry,
         )
         self._passes: dict[tuple[str, str], int] = {}
+        self.over_budget = Gauge(
+            "blockprobe_probe_schedule_over_budget",
+            "1 while the loaded lists (those from the collector included) cannot be measured within "
+            "full_pass at the configured qps, else 0.",
+            registry=registry,
+        )
         self.unhealthy = Counter(
             "blockprobe_probe_watchdog_withheld",
             "Watchdog pings withheld because the loop, the scheduler or a round was stuck.",
@@ -248,9 +254,13 @@ def _release_memory() -> None:
 
 
 # Measurements are handed to the spool thread in chunks of this many, or every second,
-# whichever comes first: a kill -9 loses at most the last second's measurements.
+# whichever comes first (a timer flushes even while every query hangs): a kill -9 loses at
+# most the last second's measurements.
 CHUNK = 500
 FLUSH_EVERY = 1.0
+# At stop, how long a cancelled round may take to end; one that ignores its cancellation
+# (stuck outside the loop's reach) is left behind, and what it measured is written anyway.
+CANCEL_WAIT = 5.0
 # A round still running this long past its deadline did not obey its cancellation: the
 # watchdog stops pinging and systemd restarts the service.
 DEADLINE_SLACK = 60.0
@@ -300,6 +310,7 @@ class Daemon:
         self.lists: Lists | None = None
         self.orders: OrderIndex | None = None  # one index per lists load, not per round
         self._list_mtimes: dict[Path, float] = {}
+        self._budget_problem: str | None = None  # as last written to the spool's meta
         self.stop_event = asyncio.Event()
         self.fetched_lists: tuple[Path, ...] = ()
         self._lists_etag: str | None = None
@@ -309,6 +320,7 @@ class Daemon:
         self._round_started: float | None = None  # monotonic
         self._scheduler_beat = time.monotonic()
         self._push_task: asyncio.Task[Any] | None = None
+        self._flush_task: asyncio.Task[Any] | None = None
         self._push_wake = asyncio.Event()
         self.scheduler: AsyncIOScheduler | None = None
         # What was measured and not yet committed to the spool: the round appends to the
@@ -354,14 +366,16 @@ class Daemon:
             return
         self._list_mtimes = mtimes
         if self.config.mode == "slices":
-            _, problems = schedule_budget(self.config, len(lists.query_names()))
+            names = len(lists.query_names())
+            _, problems = schedule_budget(self.config, names)
             if problems and initial:
                 # Refused like bad lists (exit 2): the same check as `probe check-config`.
                 raise ListsError([f"{self.config.source}: {p}" for p in problems])
-            for problem in problems:
-                # Lists grew past the budget while running: measuring them late still beats
-                # ignoring a new order; the lag shows in blockprobe_probe_schedule_behind_seconds.
-                log.error("the lists cannot be measured within full_pass: %s", problem)
+            # Lists grew past the budget while running (the collector's, typically: they are
+            # not known at start): measuring them late still beats ignoring a new order. Said
+            # in the log, the metric and `probe status`; the lag shows per lane in
+            # blockprobe_probe_schedule_behind_seconds.
+            self._over_budget(problems, names)
         self.lists = lists
         self.orders = OrderIndex(lists)
         log.info("lists loaded: %d orders, %d control lists", len(lists.orders), len(lists.controls))
@@ -382,6 +396,21 @@ class Daemon:
                 self.sched.update_lists(lists, now, self.orders)
             self.metrics.schedule(self.sched.status(now))
             self._wake_slice()
+
+    def _over_budget(self, problems: list[str], names: int) -> None:
+        self.metrics.over_budget.set(1 if problems else 0)
+        said = "; ".join(problems)
+        if said != self._budget_problem:
+            self._budget_problem = said
+            self.writer.submit(self.spool.set_meta, "schedule_over_budget", said)
+        whose = " (with those from the collector)" if self.fetched_lists else ""
+        for problem in problems:
+            log.error(
+                "the lists%s, %d names, cannot be measured within full_pass; measured anyway, late: %s",
+                whose,
+                names,
+                problem,
+            )
 
     # work ------------------------------------------------------------------------------
     def _expect_fn(self) -> ExpectFn:
@@ -527,6 +556,20 @@ class Daemon:
                 # Not committed: the chunks stay in `_unstored` and go with the next flush.
                 log.exception("could not write to the spool; will try again")
 
+    async def _flush_loop(self) -> None:
+        """Every second, whatever the round is doing: a round whose queries hang yields no
+        measurement that would trigger the round's own flush, and a kill -9 or a watchdog
+        restart would lose what it holds."""
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_EVERY):
+                    await self.stop_event.wait()
+            if self._buffer and time.monotonic() - self._last_flush >= FLUSH_EVERY:
+                try:
+                    await self._flush()
+                except Exception:  # a bug here must not end the flushes for the probe's life
+                    log.exception("timed flush failed")
+
     def _write_unstored(self) -> int:
         """In the spool thread: commit every pending chunk, oldest first. A chunk leaves
         `_unstored` only after its commit, and only this thread removes chunks."""
@@ -562,7 +605,23 @@ class Daemon:
             self._push_wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
-                    await self._push_wake.wait()
+                    if self.pusher.unreachable and self.pusher.backoff.remaining() > REACHABLE_EVERY:
+                        await self._until_reachable()
+                    else:
+                        await self._push_wake.wait()
+
+    async def _until_reachable(self) -> None:
+        """Look every second whether the collector answers again (cheap: a refused connection
+        costs nothing); when it does, the backoff ends and the backlog goes at once."""
+        assert self.pusher is not None
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REACHABLE_EVERY):
+                    await self.stop_event.wait()
+            if await self.pusher.answers():
+                log.info("the collector answers again: pushing now")
+                self.pusher.backoff.succeeded()
+                return
 
     async def fetch_lists(self) -> None:
         """Lists published by the collector: written to the state directory when they validate."""
@@ -575,7 +634,7 @@ class Daemon:
             return
         if files is None:
             return
-        folder = self.config.state_dir / "collector-lists"
+        folder = self.config.state_dir / COLLECTOR_LISTS
         try:
             candidate = [parse_lists(text, f"collector:{name}") for name, text in files]
             del candidate
@@ -729,6 +788,7 @@ class Daemon:
         self._scheduler_beat = time.monotonic()
         if self.pusher is not None:
             self._push_task = asyncio.create_task(self._push_loop())
+        self._flush_task = asyncio.create_task(self._flush_loop())
         watchdog = None
         if self.notifier.watchdog_interval:
             watchdog = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
@@ -763,10 +823,20 @@ class Daemon:
                 await asyncio.wait_for(asyncio.shield(task), grace)
             except TimeoutError:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                # Bounded: a round that ignores its cancellation must not keep what it
+                # measured from the disk (nor the process from ending).
+                done, _ = await asyncio.wait({task}, timeout=CANCEL_WAIT)
                 self.metrics.rounds.labels("cancelled").inc()
-                log.warning("round abandoned after %.0fs grace; what it measured is kept", grace)
-        for side in (self._push_task, watchdog):
+                if done:
+                    log.warning("round abandoned after %.0fs grace; what it measured is kept", grace)
+                else:
+                    log.error(
+                        "round abandoned after %.0fs grace and ignored its cancellation for %.0fs; "
+                        "what it measured so far is kept",
+                        grace,
+                        CANCEL_WAIT,
+                    )
+        for side in (self._push_task, self._flush_task, watchdog):
             if side is not None:
                 side.cancel()
                 await asyncio.gather(side, return_exceptions=True)
