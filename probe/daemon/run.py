@@ -489,6 +489,8 @@ class Daemon:
                         concurrency=self.config.concurrency,
                         qps=self.config.qps,
                         checker=self.checker,
+                        # Answer checks end in time for every held answer to reach the spool.
+                        deadline=self.config.round_deadline,
                     ) as engine:
                         async for m in engine.run(plan):
                             self.metrics.queries.labels(str(m.transport), str(m.outcome)).inc()
