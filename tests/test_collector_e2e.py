@@ -208,6 +208,29 @@ def test_probe_fetches_its_lists_from_the_collector(
         assert rows
         assert rows[0]["finding"] == "enforced"
         assert rows[0]["expected_by"]["order"] == "agcom-lab-1"
+
+        # A file the collector no longer publishes goes at the next fetch; what it still
+        # publishes stays in force across a restart while the collector is down.
+        folder = tmp_path / "state" / "collector-lists"
+        assert run.daemon.fetched_lists[0].parent == folder
+        withdrawn = folder / "withdrawn.yaml"
+        withdrawn.write_text(
+            "orders:\n  - id: withdrawn-1\n    authority: A\n    jurisdictions: [IT]\n"
+            "    domains: [withdrawn.blockprobe-lab.net]\n"
+        )
+        again = _Running(config)
+        try:
+            wait_for(lambda: again.daemon.rounds_done >= 1, 30, "a round after a restart")
+        finally:
+            again.stop()
+        assert sorted(p.name for p in folder.iterdir()) == ["lab-orders.yaml"]
     finally:
         live.stop()
         store.close()
+    down = _Running(config)  # the collector is gone now
+    try:
+        wait_for(lambda: down.daemon.rounds_done >= 1, 30, "a round with the collector down")
+        assert down.daemon.lists is not None
+        assert [o.id for o in down.daemon.lists.orders] == ["agcom-lab-1"]
+    finally:
+        down.stop()

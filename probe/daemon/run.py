@@ -46,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from probe import __version__
 from probe.answers import AnswerChecker
-from probe.daemon.config import COLLECTOR_LISTS, Config, schedule_budget
+from probe.daemon.config import COLLECTOR_LISTS, Config, collector_lists, schedule_budget
 from probe.daemon.notify import Notifier
 from probe.daemon.push import REACHABLE_EVERY, Pusher
 from probe.daemon.spool import Spool, SpoolThread, encode
@@ -266,6 +266,22 @@ CANCEL_WAIT = 5.0
 DEADLINE_SLACK = 60.0
 
 
+def _cached_lists(config: Config) -> tuple[Path, ...]:
+    """The collector's lists as last fetched, when they load together with the local ones; a
+    damaged or conflicting cache is skipped (and said), never a reason to refuse to start: the
+    next fetch rewrites it."""
+    cached = collector_lists(config)
+    if cached:
+        try:
+            load_lists([*config.lists, *cached])
+        except ListsError as exc:
+            log.error(
+                "cached lists from the collector skipped until the next fetch: %s", "; ".join(exc.errors)
+            )
+            return ()
+    return cached
+
+
 class Daemon:
     """One probe: scheduler, engine options, spool and pusher. Use `await run()`."""
 
@@ -312,7 +328,9 @@ class Daemon:
         self._list_mtimes: dict[Path, float] = {}
         self._budget_problem: str | None = None  # as last written to the spool's meta
         self.stop_event = asyncio.Event()
-        self.fetched_lists: tuple[Path, ...] = ()
+        # The collector's lists as last fetched: in force from the start, so a restart while
+        # the collector is down keeps measuring its orders (the next fetch replaces them).
+        self.fetched_lists: tuple[Path, ...] = _cached_lists(config)
         self._lists_etag: str | None = None
         self.rounds_done = 0
         self.rounds_hit_deadline = 0
@@ -656,6 +674,10 @@ class Daemon:
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(target)  # atomic: a reader sees the old file or the new one
             paths.append(target)
+        for stale in set(collector_lists(self.config)) - set(paths):
+            # No longer published (an order withdrawn): it must not come back at a restart.
+            with contextlib.suppress(OSError):
+                stale.unlink()
         self.fetched_lists = tuple(paths)
         self._lists_etag = etag
         log.info("lists fetched from the collector: %s", ", ".join(p.name for p in paths))
