@@ -376,7 +376,7 @@ class Scheduler:
         self._published: dict[tuple[str, dt.datetime | None], float] = {}
         self._started: set[tuple[str, dt.datetime | None]] = set()
         self._refresh_at = _NEVER
-        self._refresh(now, t)
+        self._refresh(now, t, starting=True)
 
     def _align(self, lane: _Lane, t: float) -> None:
         """Put a new lane's cursor where the wall clock says the rotation is, `resume` seconds
@@ -478,9 +478,13 @@ class Scheduler:
                 del self._published[key]
         return out, ends
 
-    def _refresh(self, now: dt.datetime, t: float) -> None:
+    def _refresh(self, now: dt.datetime, t: float, starting: bool = False) -> None:
         recent, ends = self._recent(now, t)
         started: set[tuple[str, dt.datetime | None]] = set()
+        # At a (re)start the orders already in force are due now, not "never measured": a
+        # restart would otherwise queue all of them ahead of an order taking effect a minute
+        # later, whose first measurements are the ones its deadline needs.
+        first = t - self.settings.fast_interval if starting else _NEVER
         for ri, r in enumerate(self.resolvers):
             cand = self._cand[ri] = bytearray(len(self._names))
             lanes = [lane for lane in self._lanes if lane.rindex == ri]
@@ -499,9 +503,9 @@ class Scheduler:
                     if fresh:  # measured after the instant the order binds, whatever was seen before
                         for lane in lanes:
                             lane.mask[i] = 0
-                            lane.last[i] = _NEVER
+                            lane.last[i] = first
                             lane.queued[i] = 1
-                            heapq.heappush(lane.heap, (_NEVER, i))
+                            heapq.heappush(lane.heap, (self._due(lane, i), i))
         self._started = started
         change = self.lists.next_change(now)
         self._refresh_at = min(ends, change.timestamp() if change else math.inf)

@@ -528,3 +528,19 @@ def test_under_a_mass_leak_new_orders_keep_their_cadence_and_old_leaks_share_the
     assert old > 3 * rotation_only
     status = sched.status(T0 + dt.timedelta(hours=2))
     assert all(s.behind < 60 for s in status), status
+
+
+def test_after_a_restart_a_new_order_goes_before_the_orders_already_chased() -> None:
+    """A restart puts every recent order's names back in the fast lane; an order taking effect
+    a minute later must still be measured at its effective instant, not behind them."""
+    backlog = new_order("recent", T0 - dt.timedelta(hours=3), [f"r{i:04d}.example" for i in range(1500)])
+    effective = T0 + dt.timedelta(minutes=1)
+    fresh = ["zz-fresh-1.example", "zz-fresh-2.example"]  # after the backlog in name order
+    sched = make(lists_of([base_order(2000), backlog, new_order("t", effective, fresh)]))
+    run = simulate(sched, 0.5)
+    for name in fresh:
+        for lane in lanes():
+            assert run.times[(name, lane)][0] == effective, (name, lane)
+    # The backlog is measured all the same, from the start, as fast as the qps allows.
+    assert run.times[("r0000.example", lanes()[0])][0] == T0
+    assert all(run.times[(f"r{i:04d}.example", lanes()[2])] for i in range(1500))
