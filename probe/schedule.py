@@ -22,8 +22,9 @@ Capacity per endpoint and call is qps × budget ÷ qtypes names. The rotation's 
 is reserved first, so a fast lane full of leaks (a public resolver that ignores every order)
 can never starve the full pass; the fast lane takes what it needs of the rest; a rotation
 that fell behind (a suspended host) catches up only with what is left, never at the fast
-lane's expense. The lane state is flat arrays (last planned time, enforced qtypes, a queued
-flag) plus a heap of the names the fast lane chases: 45,000 names × 6 endpoints cost a few MB.
+lane's expense (bar the `resume` seconds a start owes). The lane state is flat arrays (last
+planned time, enforced and leaking qtypes, two queued flags) plus a heap per tier of the names
+the fast lane chases: 45,000 names × 6 endpoints cost a few MB.
 
 What bounds the chase is the qps, not time: on a resolver that enforces nothing (the issue's
 mass leak) every name leaks, so no budget could measure them all every `fast_interval`. The
@@ -388,9 +389,8 @@ class Scheduler:
         n = len(self._names)
         period = self.settings.pace * self.settings.full_pass
         back = self.settings.resume
-        lane.pass_start = (
-            math.floor((t - back) / period) * period
-        )  # the previous pass, just after a new one began
+        # The pass `back` seconds ago: the previous one when a new pass has just begun.
+        lane.pass_start = math.floor((t - back) / period) * period
         lane.cursor = max(0, min(n, math.floor(n * (t - back - lane.pass_start) / period)))
         lane.owed = math.ceil(n * back / period)
 
