@@ -1,6 +1,6 @@
 """The scheduler at Piracy Shield scale, on a fake clock: 24 h of 45,000 names × 3 qtypes × 6 endpoints.
 
-    python -m bench.scheduler [--names 45000] [--hours 24] [--slice 10] [--seed 1]
+    python -m bench.scheduler [--names 45000] [--hours 24] [--slice 10] [--seed 1] [--chase 24] [--restart-every 0]
 
 No network: the daemon's loop is simulated (next_batch, measure, record, next slice or next
 change), each endpoint's queue drained at its qps within the slice, so a target's measuring
@@ -10,12 +10,15 @@ Two resolvers, three endpoints each, 20 qps each: an ISP that enforces every old
 each new ticket 5 to 40 minutes after it takes effect, and a public resolver that enforces
 nothing (the mass leak of the issue). One ticket of 1 to 30 names every 15 minutes: half
 known ahead with a future effective instant, half published at their effective instant and
-reaching the probe at the next 5-minute poll of the collector (update_lists).
+reaching the probe at its next poll of the collector's lists (update_lists), every 60 s as
+the daemon polls (probe/daemon/run.py, the `fetch-lists` job). `--restart-every MINUTES`
+restarts the probe that often (a new Scheduler on the same lists; nothing lost in flight).
 
 Printed: coverage per full_pass (per name × endpoint, the longest gap between measurements),
 the delay from a ticket's effective instant to its first measurement on each endpoint, how
-often the fast lane measures leaking names (`--chase` sets how long it chases them), the scheduler's CPU (its own calls, apart from
-the harness) and memory (RSS floor, after the lists, after the scheduler; peak).
+often the fast lane measures leaking names (`--chase` sets how long an order's names go first),
+the scheduler's CPU (its own calls, apart from the harness) and memory (RSS floor, after the
+lists, after the scheduler; peak).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from probe.specs import Endpoint, Resolver
 T0 = dt.datetime(2026, 12, 1, 0, 0, tzinfo=dt.UTC)
 QTYPES = ("A", "AAAA", "HTTPS")
 QPS = 20.0
+POLL = dt.timedelta(seconds=60)  # the daemon's `fetch-lists` job: IntervalTrigger(seconds=60)
 
 
 class Ticket(NamedTuple):
@@ -83,7 +87,10 @@ def main() -> None:  # noqa: C901 - a benchmark script read top to bottom: argum
     ap.add_argument("--hours", type=float, default=24)
     ap.add_argument("--slice", type=float, default=10, help="seconds per batch")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--chase", type=float, default=24, help="hours the fast lane chases a new order's leaks")
+    ap.add_argument(
+        "--chase", type=float, default=24, help="hours an order's names go first in the fast lane"
+    )
+    ap.add_argument("--restart-every", type=float, default=0, help="minutes between restarts (0: none)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     floor = rss_mib()[0]
@@ -130,18 +137,21 @@ def main() -> None:  # noqa: C901 - a benchmark script read top to bottom: argum
     print(budget(len(lists.query_names()), QTYPES, resolvers, QPS, settings))
     assert check(len(lists.query_names()), QTYPES, resolvers, QPS, settings) == []
 
+    def start(lists: Lists, index: OrderIndex, now: dt.datetime) -> Scheduler:
+        return Scheduler(
+            lists,
+            country="IT",
+            resolvers=resolvers,
+            qtypes=QTYPES,
+            now=now,
+            qps=QPS,
+            settings=settings,
+            expectations=index,
+        )
+
     tracemalloc.start()
     cpu0 = time.process_time()
-    sched = Scheduler(
-        lists,
-        country="IT",
-        resolvers=resolvers,
-        qtypes=QTYPES,
-        now=T0,
-        qps=QPS,
-        settings=settings,
-        expectations=index,
-    )
+    sched = start(lists, index, T0)
     build_cpu = time.process_time() - cpu0
     own_bytes = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
@@ -160,13 +170,25 @@ def main() -> None:  # noqa: C901 - a benchmark script read top to bottom: argum
     from_arrival: list[float] = []
     fast_gaps: list[float] = []
     fast_prev: dict[tuple[str, int], float] = {}
+    old_public = 0  # measurements of old names (all leaking) on the public resolver's endpoints
     calls, call_cpu, call_max, upd_cpu, index_cpu, queries = 0, 0.0, 0.0, 0.0, 0.0, 0
     late_pending = [tk for tk in tickets if tk.late]
     known = list(old + ahead)
-    next_poll = T0 + dt.timedelta(minutes=5)
+    next_poll = T0 + POLL
+    restart_every = dt.timedelta(minutes=args.restart_every) if args.restart_every > 0 else None
+    next_restart = T0 + restart_every if restart_every else end
+    restarts = 0
     now = T0
     while now < end:
-        if now >= next_poll:  # the collector's lists, polled every 5 minutes
+        if now >= next_restart:
+            assert restart_every is not None
+            c = time.process_time()
+            current = Lists(tuple(known), (), ("bench",))
+            sched = start(current, OrderIndex(current), now)
+            upd_cpu += time.process_time() - c
+            restarts += 1
+            next_restart += restart_every
+        if now >= next_poll:  # the collector's lists, polled every 60 s
             fresh = [tk.order for tk in late_pending if tk.effective <= now]
             if fresh:
                 late_pending = late_pending[len(fresh) :]
@@ -179,8 +201,8 @@ def main() -> None:  # noqa: C901 - a benchmark script read top to bottom: argum
                 c = time.process_time()
                 sched.update_lists(new, now, index)
                 upd_cpu += time.process_time() - c
-            next_poll += dt.timedelta(minutes=5)
-        stop = min(now + dt.timedelta(seconds=args.slice), next_poll)
+            next_poll += POLL
+        stop = min(now + dt.timedelta(seconds=args.slice), next_poll, next_restart)
         change = sched.next_change(now)
         if change is not None and now < change < stop:
             stop = change
@@ -213,6 +235,7 @@ def main() -> None:  # noqa: C901 - a benchmark script read top to bottom: argum
                 enforced = r is isp and now >= enforce_at[name]
             else:
                 enforced = r is isp
+                old_public += r is public
             finding = Finding.ENFORCED if enforced else Finding.LEAK
             results += [R(name, q, r.name, str(ep), finding) for q in QTYPES]
         queries += len(results)
@@ -255,7 +278,7 @@ def main() -> None:  # noqa: C901 - a benchmark script read top to bottom: argum
         f"p99 {ahead_delays[int(len(ahead_delays) * 0.99)]:.1f} s, median {statistics.median(ahead_delays):.1f} s"
     )
     print(
-        f"  published at effective (5-min poll): max {format_span(late_delays[-1])}, "
+        f"  published at effective (60 s poll): max {format_span(late_delays[-1])}, "
         f"median {format_span(statistics.median(late_delays))}; from the poll that brought them: "
         f"max {max(from_arrival):.1f} s"
     )
@@ -264,6 +287,14 @@ def main() -> None:  # noqa: C901 - a benchmark script read top to bottom: argum
         f"fast lane on the public resolver (never enforces): gap between measurements of a leaking ticket "
         f"name in its first 12 h: median {statistics.median(fast_gaps):.0f} s, max {format_span(max(fast_gaps))}"
     )
+    per_name = old_public / (args.names * len(public.endpoints))
+    print(
+        f"old names leaking on the public resolver: measured {per_name:.1f} times each per endpoint "
+        f"(every {format_span(args.hours * 3600 / per_name)} on average; the rotation alone: "
+        f"every {format_span(settings.pace * settings.full_pass)})"
+    )
+    if restarts:
+        print(f"restarts: {restarts}, every {format_span(args.restart_every * 60)}")
     print(
         f"lanes at the end: behind {max(s.behind for s in status):.0f} s at most, passes {[s.passes for s in status]}, "
         f"urgent names {[s.urgent for s in status]}"

@@ -5,22 +5,30 @@ severity, and links to its section of RUNBOOK.md. Persistence (`for`) is what ke
 single-round blip from paging anyone; a second probe seeing the same thing is what
 makes a warning critical.
 
-Rules count probes, never series (CONTRACTS.md section 5): every expression first takes
+Rules count probes, never series (docs/metrics.md): every expression first takes
 one value per probe (`max by (probe, …)`), so two collector replicas in front of one
 database, or one collector scraped by two jobs, change no alert. Leaks and overblocks
 alert once per order (or list) × resolver × transport × country, from the true counts in
 `blockprobe_domains`, with the count and a few example names in the annotations: a
-resolver that ignores a 45,000-name order is one alert, not 45,000.
+resolver that ignores a 45,000-name order is one alert, not 45,000. Below a small threshold
+(`NAME_ALERTS_MAX` distinct names in the group) each leaking or overblocked name also gets
+an alert of its own (BlockprobeLeakName, BlockprobeOverblockName): a few names are worth
+naming one by one, many are one cause.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ALERTS", "RECORDING", "RUNBOOK_URL", "Alert", "Recording"]
+__all__ = ["ALERTS", "NAME_ALERTS_MAX", "RECORDING", "RUNBOOK_URL", "Alert", "Recording"]
 
 # Where the runbook lives; `python -m dashboards.build --runbook-base URL` points the rules at a published copy.
 RUNBOOK_URL = "dashboards/RUNBOOK.md"
+
+# Per-name alerts fire only while the order (or list) × resolver × transport × country has at
+# most this many distinct leaking (or overblocked) names, counted over every probe and qtype;
+# above it the grouped alert alone speaks for them, so a mass leak cannot become an alert storm.
+NAME_ALERTS_MAX = 5
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,30 @@ RECORDING = [
         "blockprobe:list_overblock_probes:count",
         f"count by ({_LIST}) (blockprobe:list_overblocked:max_by_probe)",
     ),
+    # Per name, one value per probe, as above; then how many probes see each name, and how
+    # many distinct names the group has (over every probe and qtype).
+    Recording(
+        "blockprobe:order_leak_name:max_by_probe", f"max by (probe, {_ORDER}, domain) (blockprobe_leak)"
+    ),
+    Recording(
+        "blockprobe:order_leak_name_probes:count",
+        f"count by ({_ORDER}, domain) (blockprobe:order_leak_name:max_by_probe)",
+    ),
+    Recording(
+        "blockprobe:order_leak_names:count", f"count by ({_ORDER}) (blockprobe:order_leak_name_probes:count)"
+    ),
+    Recording(
+        "blockprobe:list_overblock_name:max_by_probe",
+        f"max by (probe, {_LIST}, domain) (blockprobe_overblock)",
+    ),
+    Recording(
+        "blockprobe:list_overblock_name_probes:count",
+        f"count by ({_LIST}, domain) (blockprobe:list_overblock_name:max_by_probe)",
+    ),
+    Recording(
+        "blockprobe:list_overblock_names:count",
+        f"count by ({_LIST}) (blockprobe:list_overblock_name_probes:count)",
+    ),
     Recording(
         "blockprobe:resolver_reachable:max_by_region",
         "max by (region, country, resolver, transport) (blockprobe_resolver_reachable)",
@@ -99,6 +131,27 @@ def _examples(metric: str, key: str) -> str:
         f"{{{{ range $i, $s := printf `{query}` $labels.{key} {_ARGS} | query | sortByLabel `domain` }}}}"
         "{{ if lt $i 3 }}{{ if $i }}, {{ end }}{{ $s.Labels.domain }}{{ end }}{{ end }}"
     )
+
+
+def _qtypes(metric: str, key: str) -> str:
+    """The qtypes one name has the finding for, over every probe (sorted, so the annotation is stable)."""
+    query = f"max by (qtype) ({metric}{{{key}=%q,domain=%q,{_SELECT})"
+    return (
+        f"{{{{ range $i, $s := printf `{query}` $labels.{key} $labels.domain {_ARGS} | query | sortByLabel `qtype` }}}}"
+        "{{ if $i }}, {{ end }}{{ $s.Labels.qtype }}{{ end }}"
+    )
+
+
+def _per_name(probes: str, names: str, key: str, finding: str) -> str:
+    """Each name's probe count, kept only where the group has at most NAME_ALERTS_MAX names, all
+    of them in the per-name series: a group the collector capped for some probe has more names
+    than the series show, so its count proves nothing and only the grouped alert speaks."""
+    keys = f"{key}, country, resolver, transport"
+    capped = (
+        f"max by ({keys}) (label_replace("
+        f'blockprobe_domain_series_capped{{finding="{finding}"}}, "{key}", "$1", "rule", "(.+)"))'
+    )
+    return f"{probes} and on ({keys}) ({names} <= {NAME_ALERTS_MAX}) unless on ({keys}) {capped}"
 
 
 _LEAK_COUNT, _LEAK_EXAMPLES = _count("leak", "order"), _examples("blockprobe_leak", "order")
@@ -164,6 +217,50 @@ ALERTS = [
         _OVER_GRAFANA,
     ),
     Alert(
+        "BlockprobeLeakName",
+        _per_name(
+            "blockprobe:order_leak_name_probes:count", "blockprobe:order_leak_names:count", "order", "leak"
+        ),
+        "15m",
+        "warning",
+        f"{{{{ $labels.domain }}}} resolves on {_WHERE}, though order {{{{ $labels.order }}}} requires it "
+        f"blocked ({_qtypes('blockprobe_leak', 'order')})",
+        "{{ $value }} probe(s) have seen {{ $labels.domain }} resolve for 15 minutes. Order {{ $labels.order }} "
+        f"leaks at most {NAME_ALERTS_MAX} names on this resolver and transport in {{{{ $labels.country }}}}, so "
+        "each has an alert of its own; BlockprobeLeak counts them.",
+        "blockprobeleakname",
+        (
+            f"{{{{ $labels.domain }}}} resolves on {_WHERE}, though order {{{{ $labels.order }}}} requires it blocked",
+            "{{ $labels.domain }} has been seen to resolve for 15 minutes. Order {{ $labels.order }} leaks at most "
+            f"{NAME_ALERTS_MAX} names on this resolver and transport in {{{{ $labels.country }}}}, so each has an "
+            "alert of its own; BlockprobeLeak counts them.",
+        ),
+    ),
+    Alert(
+        "BlockprobeOverblockName",
+        _per_name(
+            "blockprobe:list_overblock_name_probes:count",
+            "blockprobe:list_overblock_names:count",
+            "list",
+            "overblock",
+        ),
+        "15m",
+        "warning",
+        f"{{{{ $labels.domain }}}} is blocked on {_WHERE} but must resolve ({{{{ $labels.list }}}}; "
+        f"{_qtypes('blockprobe_overblock', 'list')})",
+        "{{ $value }} probe(s) have seen {{ $labels.domain }} blocked for 15 minutes; {{ $labels.list }} names it "
+        "as a name that must resolve in {{ $labels.country }}. At most "
+        f"{NAME_ALERTS_MAX} names of it are blocked on this resolver and transport there, so each has an "
+        "alert of its own; BlockprobeOverblock counts them.",
+        "blockprobeoverblockname",
+        (
+            f"{{{{ $labels.domain }}}} is blocked on {_WHERE} but must resolve ({{{{ $labels.list }}}})",
+            "{{ $labels.domain }} has been seen blocked for 15 minutes; {{ $labels.list }} names it as a name "
+            f"that must resolve in {{{{ $labels.country }}}}. At most {NAME_ALERTS_MAX} names of it are blocked "
+            "on this resolver and transport there, so each has an alert of its own; BlockprobeOverblock counts them.",
+        ),
+    ),
+    Alert(
         "BlockprobeOrderDeadlineMissed",
         # The collector claims "missed" only with proof (a leak measured after `due`, and no
         # enforcement seen by then); the alert lasts while names still leak, so an order
@@ -184,7 +281,7 @@ ALERTS = [
         "time() - max by (probe, region, country) (blockprobe_probe_last_report_timestamp_seconds) > 900",
         "5m",
         "warning",
-        "probe {{ $labels.probe }} in {{ $labels.region }} has not reported for 3 rounds",
+        "probe {{ $labels.probe }} in {{ $labels.region }} has not reported for over 15 minutes",
         "No batch from {{ $labels.probe }} ({{ $labels.region }}, {{ $labels.country }}) for over 15 minutes: "
         "its findings are going stale and will disappear from the dashboards.",
         "blockprobeprobesilent",

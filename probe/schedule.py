@@ -4,24 +4,35 @@ Pure: no I/O and no clock; the daemon passes `now` in and hands each batch to th
 `Plan(targets=...)` (each target is measured for every qtype). Every (resolver, endpoint) pair
 is a lane with two ways in:
 
-- the fast lane: names of orders that bind here and took effect (or were first published to
-  this scheduler) within `chase` (default 24 h), measured every `fast_interval` on each
-  endpoint of a resolver in the order's scope until every qtype comes back enforced there;
-  a later leak puts the name back while the order is still recent. An order's names enter it
-  at the order's effective instant (`next_change()` says when to call).
+- the fast lane, in two tiers. First, names of orders that bind here and took effect (or
+  were first published to this scheduler) within `chase` (default 24 h), measured every
+  `fast_interval` on each endpoint of a resolver in the order's scope until every qtype comes
+  back enforced there; an order's names enter it at the order's effective instant
+  (`next_change()` says when to call), and a name never measured since then goes before
+  every other. Then, whatever the order's age, every name whose last result leaks on some
+  qtype (the rotation found it, or it was chased past `chase`), measured every
+  `fast_interval` until no qtype leaks: chased until enforced, with what the first tier left.
 - the rotation: a cursor over the sorted names, paced to finish a pass in `pace` × `full_pass`,
-  so every name is measured at least once per `full_pass` even when slices run late.
+  so every name is measured at least once per `full_pass` even when slices run late. The
+  cursor follows the wall clock (a pass starts at each multiple of `pace` × `full_pass` since
+  the epoch), so a restarted probe picks the rotation up where it was, a little before it
+  (`Settings.resume`), instead of from the first name.
 
 Capacity per endpoint and call is qps × budget ÷ qtypes names. The rotation's steady share
 is reserved first, so a fast lane full of leaks (a public resolver that ignores every order)
 can never starve the full pass; the fast lane takes what it needs of the rest; a rotation
 that fell behind (a suspended host) catches up only with what is left, never at the fast
-lane's expense. The lane state is flat arrays (last planned time, enforced qtypes, a queued
-flag) plus a heap of the names the fast lane chases: 45,000 names × 6 endpoints cost a few MB.
+lane's expense (bar the `resume` seconds a start owes). The lane state is flat arrays (last
+planned time, enforced and leaking qtypes, two queued flags) plus a heap per tier of the names
+the fast lane chases: 45,000 names × 6 endpoints cost a few MB.
 
-The fast lane bounds chasing by `chase` rather than "until enforced" alone: on a resolver
-that enforces nothing, every name of every order would otherwise be urgent forever and the
-fast lane would become a second rotation at full qps, all politeness spent on known leaks.
+What bounds the chase is the qps, not time: on a resolver that enforces nothing (the issue's
+mass leak) every name leaks, so no budget could measure them all every `fast_interval`. The
+rotation's share comes first, so `full_pass` holds; new orders' names (the first tier) come
+next, so their cadence holds while they fit; the leaks of older orders share what is left,
+each measured every (leaking names × qtypes ÷ spare qps) when they do not fit: the endpoint
+then runs at its full qps while the leak lasts. `chase` only says how long an order counts
+as new.
 """
 
 from __future__ import annotations
@@ -68,6 +79,13 @@ class Settings:
     full_pass: float = 6 * 3600.0
     chase: float = 24 * 3600.0
     pace: float = 0.9
+
+    @property
+    def resume(self) -> float:
+        """How far before the wall clock's place in the rotation a (re)started lane begins: the
+        slice in flight when the probe stopped, and a short downtime, are measured again rather
+        than skipped for a whole pass. Within the pass's margin, so catching up cannot break it."""
+        return min(self.fast_interval, (1 - self.pace) * self.full_pass)
 
 
 class Result(Protocol):
@@ -139,13 +157,15 @@ def _span(value: Any, key: str, errors: list[str]) -> float | None:
 
 
 def parse_settings(section: Mapping[str, Any] | None, prefix: str = "schedule") -> tuple[Settings, list[str]]:
-    """`fast_interval` and `full_pass` from the config's `schedule` mapping (seconds, or `90s`,
+    """`fast_interval`, `full_pass` and `chase` from the config's `schedule` mapping (seconds, or `90s`,
     `30m`, `6h`, `1d`), with every error naming key and value. Other keys are the caller's:
     `config.py` owns the list of known keys. Defaults stand in for missing or wrong values."""
     section = section or {}
     errors: list[str] = []
     default = Settings()
-    fast = full = None
+    fast = full = chase = None
+    if section.get("chase") is not None:
+        chase = _span(section["chase"], f"{prefix}.chase", errors)
     if section.get("fast_interval") is not None:
         fast = _span(section["fast_interval"], f"{prefix}.fast_interval", errors)
         if fast is not None and fast < 1:
@@ -167,7 +187,14 @@ def parse_settings(section: Mapping[str, Any] | None, prefix: str = "schedule") 
                 f"{prefix}.full_pass ({format_span(full_s)})"
             )
         return default, errors
-    return Settings(fast_interval=fast_s, full_pass=full_s), errors
+    chase_s = chase if chase is not None else default.chase
+    if chase is not None and chase_s < fast_s:
+        errors.append(
+            f"{prefix}.chase: {section['chase']!r} must be at least "
+            f"{prefix}.fast_interval ({format_span(fast_s)})"
+        )
+        return default, errors
+    return Settings(fast_interval=fast_s, full_pass=full_s, chase=chase_s), errors
 
 
 # --- the budget -----------------------------------------------------------------------------
@@ -271,7 +298,11 @@ class _Lane:
         "endpoint",
         "heap",
         "last",
+        "leaking",
+        "leaks",
+        "lqueued",
         "mask",
+        "owed",
         "pass_start",
         "passes",
         "queued",
@@ -286,10 +317,14 @@ class _Lane:
         self.last = array("d", [_NEVER]) * n  # when each name was last planned here
         self.mask = array("I", [0]) * n  # qtypes enforced since the last result that was not
         self.queued = bytearray(n)  # 1 while the heap holds a live entry for the name
-        self.heap: list[tuple[float, int]] = []  # (due, name): the fast lane
+        self.heap: list[tuple[float, int]] = []  # (due, name): the fast lane's first tier
+        self.leaking = array("I", [0]) * n  # qtypes whose last result was a leak
+        self.lqueued = bytearray(n)  # 1 while `leaks` holds a live entry for the name
+        self.leaks: list[tuple[float, int]] = []  # (due, name): leaks of older orders
         self.cursor = 0
         self.pass_start = t
         self.passes = 0
+        self.owed = 0  # names of rotation to catch up ahead of the fast lane (after a start)
 
 
 class Scheduler:
@@ -336,12 +371,28 @@ class Scheduler:
                 self._groups.setdefault(ep, []).append(lane)
                 self._rates[ep] = ep.qps or qps or math.inf
                 self._horizon[ep] = t
+                self._align(lane, t)
         # Orders first seen after start-up (a new ticket from the collector): chased from then,
         # even when their effective instant is older than `chase`.
         self._published: dict[tuple[str, dt.datetime | None], float] = {}
         self._started: set[tuple[str, dt.datetime | None]] = set()
         self._refresh_at = _NEVER
-        self._refresh(now, t)
+        self._refresh(now, t, starting=True)
+
+    def _align(self, lane: _Lane, t: float) -> None:
+        """Put a new lane's cursor where the wall clock says the rotation is, `resume` seconds
+        back. Passes start at multiples of the pass's period since the epoch, so a probe that
+        restarts (every 30 minutes, say) resumes its rotation instead of beginning the list
+        again and never reaching its end; what was lost with the stop (the slice in flight, a
+        short downtime) falls within the `resume` seconds measured again, owed ahead of the
+        fast lane so that a busy fast lane cannot leave them a whole pass behind."""
+        n = len(self._names)
+        period = self.settings.pace * self.settings.full_pass
+        back = self.settings.resume
+        # The pass `back` seconds ago: the previous one when a new pass has just begun.
+        lane.pass_start = math.floor((t - back) / period) * period
+        lane.cursor = max(0, min(n, math.floor(n * (t - back - lane.pass_start) / period)))
+        lane.owed = math.ceil(n * back / period)
 
     # -- lists -------------------------------------------------------------------------------
 
@@ -385,12 +436,17 @@ class Scheduler:
         moved = [old_index.get(name, -1) for name in self._names]
         for lane in self._lanes:
             last, mask, queued = array("d", [_NEVER]) * n, array("I", [0]) * n, bytearray(n)
+            leaking, lqueued = array("I", [0]) * n, bytearray(n)
             for j, i in enumerate(moved):
                 if i >= 0:
                     last[j], mask[j], queued[j] = lane.last[i], lane.mask[i], lane.queued[i]
+                    leaking[j], lqueued[j] = lane.leaking[i], lane.lqueued[i]
             lane.last, lane.mask, lane.queued = last, mask, queued
+            lane.leaking, lane.lqueued = leaking, lqueued
             lane.heap = [(self._due(lane, j), j) for j in range(n) if queued[j]]
             heapq.heapify(lane.heap)
+            lane.leaks = [(self._due(lane, j), j) for j in range(n) if lqueued[j]]
+            heapq.heapify(lane.leaks)
             lane.cursor = (
                 bisect_left(self._names, old_names[lane.cursor]) if lane.cursor < len(old_names) else n
             )
@@ -422,9 +478,13 @@ class Scheduler:
                 del self._published[key]
         return out, ends
 
-    def _refresh(self, now: dt.datetime, t: float) -> None:
+    def _refresh(self, now: dt.datetime, t: float, starting: bool = False) -> None:
         recent, ends = self._recent(now, t)
         started: set[tuple[str, dt.datetime | None]] = set()
+        # At a (re)start the orders already in force are due now, not "never measured": a
+        # restart would otherwise queue all of them ahead of an order taking effect a minute
+        # later, whose first measurements are the ones its deadline needs.
+        first = t - self.settings.fast_interval if starting else _NEVER
         for ri, r in enumerate(self.resolvers):
             cand = self._cand[ri] = bytearray(len(self._names))
             lanes = [lane for lane in self._lanes if lane.rindex == ri]
@@ -443,9 +503,9 @@ class Scheduler:
                     if fresh:  # measured after the instant the order binds, whatever was seen before
                         for lane in lanes:
                             lane.mask[i] = 0
-                            lane.last[i] = _NEVER
+                            lane.last[i] = first
                             lane.queued[i] = 1
-                            heapq.heappush(lane.heap, (_NEVER, i))
+                            heapq.heappush(lane.heap, (self._due(lane, i), i))
         self._started = started
         change = self.lists.next_change(now)
         self._refresh_at = min(ends, change.timestamp() if change else math.inf)
@@ -458,12 +518,25 @@ class Scheduler:
     def _urgent(self, lane: _Lane, i: int) -> bool:
         return bool(self._cand[lane.rindex][i]) and lane.mask[i] != self._full
 
+    def _leaks(self, lane: _Lane, i: int) -> bool:
+        """In the second tier: a leak on some qtype, and no first-tier chase of the name."""
+        return bool(lane.leaking[i]) and not self._cand[lane.rindex][i]
+
     def _plan(self, lane: _Lane, i: int, t: float) -> None:
         lane.last[i] = t
-        if lane.queued[i]:  # the old heap entry goes stale: its due no longer matches
+        # The old heap entries go stale: their due no longer matches.
+        if lane.queued[i]:
             heapq.heappush(lane.heap, (self._due(lane, i), i))
+        if lane.lqueued[i]:
+            heapq.heappush(lane.leaks, (self._due(lane, i), i))
+
+    def _queue_leak(self, lane: _Lane, i: int) -> None:
+        if not lane.lqueued[i]:
+            lane.lqueued[i] = 1
+            heapq.heappush(lane.leaks, (self._due(lane, i), i))
 
     def _fast(self, lane: _Lane, t: float, until: float, allowance: int) -> list[int]:
+        """The first tier (new orders), then the leaks of older ones with what it left."""
         out: list[int] = []
         heap = lane.heap
         while heap and len(out) < allowance:
@@ -473,10 +546,26 @@ class Scheduler:
             elif not self._urgent(lane, i):
                 heapq.heappop(heap)
                 lane.queued[i] = 0
+                if self._leaks(lane, i):  # its order is no longer new: chased on, second tier
+                    self._queue_leak(lane, i)
             elif due > until or lane.last[i] >= t:  # not due, or already in this batch
                 break
             else:
                 heapq.heappop(heap)
+                self._plan(lane, i, t)
+                out.append(i)
+        leaks = lane.leaks
+        while leaks and len(out) < allowance:
+            due, i = leaks[0]
+            if due != self._due(lane, i):
+                heapq.heappop(leaks)
+            elif not self._leaks(lane, i):
+                heapq.heappop(leaks)
+                lane.lqueued[i] = 0
+            elif due > until or lane.last[i] >= t:
+                break
+            else:
+                heapq.heappop(leaks)
                 self._plan(lane, i, t)
                 out.append(i)
         return out
@@ -486,9 +575,11 @@ class Scheduler:
         n = len(self._names)
         period = self.settings.pace * self.settings.full_pass
         if lane.cursor >= n and n:
-            # Back to back while on pace; a pass that ended late starts afresh instead of
-            # bursting to make up for lost time.
-            lane.pass_start = max(lane.pass_start + period, t)
+            # Back to back while on pace (or behind by no more than a restart's `resume`, so the
+            # passes stay on the wall clock's grid); a pass that ended later starts afresh
+            # instead of bursting to make up for lost time.
+            after = lane.pass_start + period
+            lane.pass_start = after if t - after <= self.settings.resume else t
             lane.cursor = 0
             lane.passes += 1
         return max(0, min(n, math.floor(n * (until - lane.pass_start) / period)))
@@ -517,6 +608,17 @@ class Scheduler:
                 self._horizon[ep] = min(self._horizon[ep] - step, t)
         self._t = t
 
+    def _reserve(self, lanes: list[_Lane], t: float, until: float, steady: int, cap: int) -> list[int]:
+        """Each lane's rotation share, taken before the fast lane: its steady pace, plus what a
+        start still owes (`resume`), within the endpoint's capacity."""
+        reserve: list[int] = []
+        for lane in lanes:
+            need = max(0, self._target(lane, t, until) - lane.cursor)
+            if not need:
+                lane.owed = 0
+            reserve.append(min(need, steady + lane.owed, cap - sum(reserve)))
+        return reserve
+
     def next_batch(self, now: dt.datetime, budget_seconds: float) -> list[Target]:
         """What to measure from `now` for `budget_seconds`: per endpoint at most qps × budget
         queries (names × qtypes), fast-lane names first, endpoints interleaved so the engine's
@@ -537,10 +639,7 @@ class Scheduler:
             rate = self._rates[ep]
             start = max(t, self._horizon[ep])
             cap = _UNLIMITED if math.isinf(rate) else max(0, math.floor((until - start) * rate / nq + 1e-9))
-            reserve: list[int] = []
-            for lane in lanes:
-                need = max(0, self._target(lane, t, until) - lane.cursor)
-                reserve.append(min(need, steady, cap - sum(reserve)))
+            reserve = self._reserve(lanes, t, until, steady, cap)
             spare = cap - sum(reserve)
             # An endpoint named by several resolvers: each lane gets an equal share first, then
             # what the others left.
@@ -554,6 +653,7 @@ class Scheduler:
             for lane, chosen, own in zip(lanes, fast, reserve, strict=True):
                 rot = self._rotate(lane, t, until, own + spare)
                 spare -= max(0, len(rot) - own)
+                lane.owed = max(0, lane.owed - max(0, len(rot) - steady))
                 plans.append(chosen + rot)
             if not math.isinf(rate):
                 used = sum(len(plan) for plan in plans[-len(lanes) :])
@@ -569,9 +669,10 @@ class Scheduler:
     # -- feedback ----------------------------------------------------------------------------
 
     def record(self, now: dt.datetime, results: Iterable[Result]) -> int:
-        """Take results (one per name × qtype × endpoint, in any grouping): a name leaves the
-        fast lane on an endpoint once every qtype came back enforced there with nothing else in
-        between, and comes back on anything else while its order is recent. Returns how many
+        """Take results (one per name × qtype × endpoint, in any grouping): a name of a new
+        order leaves the fast lane on an endpoint once every qtype came back enforced there with
+        nothing else in between, and comes back on anything else while its order is new; any
+        other name joins it (second tier) on a leak and leaves once no qtype leaks. Returns how many
         results were about names and lanes this scheduler knows. `now` is when they arrived;
         it never moves the scheduler's clock (results of a slice arrive out of order), which
         only `next_batch()` reads."""
@@ -584,6 +685,10 @@ class Scheduler:
             if lane is None or i is None or bit is None:
                 continue
             known += 1
+            if m.finding is Finding.LEAK:
+                lane.leaking[i] |= bit
+            else:
+                lane.leaking[i] &= ~bit
             if m.finding is Finding.ENFORCED:
                 lane.mask[i] |= bit
             else:
@@ -591,6 +696,8 @@ class Scheduler:
                 if self._cand[lane.rindex][i] and not lane.queued[i]:
                     lane.queued[i] = 1
                     heapq.heappush(lane.heap, (self._due(lane, i), i))
+                elif self._leaks(lane, i):
+                    self._queue_leak(lane, i)
         return known
 
     def status(self, now: dt.datetime) -> list[LaneStatus]:
@@ -602,7 +709,11 @@ class Scheduler:
         for lane in self._lanes:
             target = max(0, min(n, math.floor(n * (t - lane.pass_start) / period)))
             behind = max(0, target - lane.cursor) * period / n if n else 0.0
-            urgent = sum(1 for i in range(n) if lane.queued[i] and self._urgent(lane, i))
+            urgent = sum(
+                1
+                for i in range(n)
+                if (lane.queued[i] and self._urgent(lane, i)) or (lane.lqueued[i] and self._leaks(lane, i))
+            )
             progress = lane.cursor / n if n else 1.0
             out.append(
                 LaneStatus(lane.resolver.name, str(lane.endpoint), lane.passes, progress, behind, urgent)

@@ -143,9 +143,15 @@ def test_every_listed_name_reaches_the_collector_within_full_pass_and_no_faster(
         assert seen[lane][0] <= started + timedelta(seconds=FULL), f"{lane} first measured after full_pass"
     elapsed = (max(t for times in seen.values() for t in times) - started).total_seconds()
     passes = elapsed / (0.9 * FULL)  # a pass is planned in 90 % of full_pass
+    # A leak (www.calcio on this lab) is chased every fast_interval until enforced, whatever
+    # its order's age; every other name is measured once per pass.
+    leaking = {(r["domain"], r["transport"]) for r in collector.results() if r.get("finding") == "leak"}
+    assert (f"www.calcio.{D}", "udp") in leaking
     for lane in lanes:
         # Politeness: a slice every 0.5 s that measured every name would give ~elapsed / 0.5.
-        assert len(seen[lane]) <= passes + 2, (lane, len(seen[lane]), passes)
+        # (A name due within a slice is planned at its start: every fast_interval - slice at most.)
+        most = elapsed / (FAST - SLICE) + 2 if lane in leaking else passes + 2
+        assert len(seen[lane]) <= most, (lane, len(seen[lane]), passes)
     assert slices > 2 * passes  # slices ran often; each measured only its share
     assert behind is not None
     assert 0 <= behind < FULL
@@ -234,8 +240,22 @@ def test_an_order_published_while_running_is_chased_from_when_it_is_loaded(
             labels = {"resolver": spec, "endpoint": spec}
             return run.daemon.registry.get_sample_value("blockprobe_probe_schedule_fast_lane_names", labels)
 
-        # The enforced name leaves the fast lane once its result is recorded; the leak stays.
-        wait_for(lambda: chased("udp") == chased("tcp") == 1, 30, "only the leaking name chased")
+        def leaks(t: str) -> set[str]:
+            latest = {
+                r["domain"]: r["finding"]
+                for r in sorted(collector.results(), key=_when)
+                if r["transport"] == t
+            }
+            return {d for d, f in latest.items() if f == "leak"}
+
+        # The enforced name leaves the fast lane once its result is recorded; the leak stays,
+        # beside the lab's older leaks (www.calcio, dead), chased until enforced too.
+        wait_for(
+            lambda: all(name in leaks(t) and chased(t) == len(leaks(t)) for t in ("udp", "tcp")),
+            30,
+            "only the leaking names chased",
+        )
+        assert enforced not in leaks("udp") | leaks("tcp")
     finally:
         run.stop()
     seen = _by_lane(collector.results())

@@ -106,9 +106,46 @@ def test_leak_and_overblock_alerts_group_by_order_resolver_transport_country() -
 
     recorded = {r.record: r.expr for r in RECORDING}
     for a in ALERTS:
-        if a.name.startswith(("BlockprobeLeak", "BlockprobeOverblock")):
+        if a.name.startswith(("BlockprobeLeak", "BlockprobeOverblock")) and not a.name.endswith("Name"):
             expr = recorded[a.expr.split()[0]]
             key = "order" if "Leak" in a.name else "list"
             assert expr.startswith(f"count by ({key}, country, resolver, transport) ("), a.name
             assert "domain" not in expr
             assert "qtype" not in expr
+
+
+def test_per_name_alerts_exist_only_below_the_threshold() -> None:
+    """One alert per name only while the group is small: the threshold bounds every per-name alert."""
+    from dashboards.alerts import ALERTS, NAME_ALERTS_MAX, RECORDING
+
+    assert 1 <= NAME_ALERTS_MAX <= 10
+    recorded = {r.record: r.expr for r in RECORDING}
+    per_name = {a.name: a for a in ALERTS if a.name.endswith("Name")}
+    assert set(per_name) == {"BlockprobeLeakName", "BlockprobeOverblockName"}
+    for a in per_name.values():
+        key = "order" if "Leak" in a.name else "list"
+        keys = f"{key}, country, resolver, transport"
+        probes, names = (
+            a.expr.split()[0],
+            f"blockprobe:{'order_leak' if key == 'order' else 'list_overblock'}_names:count",
+        )
+        assert recorded[probes].startswith(f"count by ({keys}, domain) (")
+        assert recorded[names].startswith(f"count by ({keys}) (")
+        assert f"and on ({keys}) ({names} <= {NAME_ALERTS_MAX})" in a.expr
+        assert f"unless on ({keys}) max by ({keys}) (label_replace(blockprobe_domain_series_capped" in a.expr
+        # Distinct probes first: the per-name series are folded by probe before anything counts them.
+        name_by_probe = recorded[probes].removeprefix(f"count by ({keys}, domain) (").removesuffix(")")
+        assert recorded[name_by_probe].startswith(f"max by (probe, {keys}, domain) (")
+        assert str(NAME_ALERTS_MAX) in a.description
+
+
+def test_monitoring_files_point_only_at_files_the_project_has() -> None:
+    """The runbook and the rules' sources cite the project's own docs, never a file outside it."""
+    for path in (ROOT / "dashboards").rglob("*"):
+        if path.is_file() and path.suffix in (".md", ".py", ".yml", ".yaml", ".json"):
+            text = path.read_text()
+            assert "CONTRACTS.md" not in text, path
+            assert "../shared" not in text, path
+    runbook = (ROOT / "dashboards" / "RUNBOOK.md").read_text()
+    for ref in re.findall(r"\bdocs/[\w./-]+\.md", runbook):
+        assert (ROOT / ref).exists(), ref

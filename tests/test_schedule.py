@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,6 +223,7 @@ def test_a_ticket_published_late_is_chased_from_when_it_arrives() -> None:
 
 def test_update_lists_keeps_the_rotation_in_place() -> None:
     sched = make(lists_of([base_order(2000)]))
+    start = [s.progress for s in sched.status(T0)]
     simulate(sched, 1)
     before = [s.progress for s in sched.status(T0 + dt.timedelta(hours=1))]
     sched.update_lists(
@@ -229,7 +231,8 @@ def test_update_lists_keeps_the_rotation_in_place() -> None:
     )
     after = [s.progress for s in sched.status(T0 + dt.timedelta(hours=1))]
     assert after == pytest.approx(before, abs=0.001)
-    assert 0.15 < before[0] < 0.25  # an hour of a 5.4-hour pass
+    moved = (before[0] - start[0]) % 1
+    assert 0.15 < moved < 0.25  # an hour of a 5.4-hour pass
 
 
 def test_names_of_agrees_with_lists() -> None:
@@ -246,11 +249,20 @@ def test_names_of_agrees_with_lists() -> None:
 
 def test_an_expired_order_leaves_the_fast_lane() -> None:
     effective = T0 + dt.timedelta(minutes=1)
+    expires = T0 + dt.timedelta(minutes=20)
     order = new_order("t", effective, ["gone.example"], expires="2026-12-01T09:20:00Z")
     sched = make(lists_of([base_order(2000), order]))
-    run = simulate(sched, 2)
-    late = [t for t in run.times[("gone.example", lanes()[0])] if t >= T0 + dt.timedelta(minutes=20)]
-    assert len(late) <= 1
+
+    def finder(name: str, _r: Resolver, _ep: Endpoint, when: dt.datetime) -> Finding:
+        # Once the order expires nothing is expected of the name: its answer is no leak.
+        return Finding.LEAK if name == "gone.example" and effective <= when < expires else Finding.OK
+
+    run = simulate(sched, 2, finder)
+    late = [t for t in run.times[("gone.example", lanes()[0])] if t >= expires]
+    # Its last result was a leak: measured once more, found no longer one, let go; the rotation.
+    assert len(late) <= 2, late
+    assert late[0] <= expires + dt.timedelta(seconds=130)
+    assert late[1:] == [] or late[1] - late[0] > dt.timedelta(hours=0.5)
 
 
 def test_an_order_elsewhere_or_for_other_resolvers_is_not_chased() -> None:
@@ -309,6 +321,15 @@ def test_settings_parse(section: dict[str, object], fast: float, full: float) ->
     settings, errors = parse_settings(section)
     assert errors == []
     assert (settings.fast_interval, settings.full_pass) == (fast, full)
+    assert settings.chase == 86400
+
+
+def test_chase_is_a_setting() -> None:
+    assert parse_settings({"chase": "2h"}) == (Settings(chase=7200), [])
+    assert parse_settings({"chase": "30d", "fast_interval": 60}) == (
+        Settings(fast_interval=60, chase=30 * 86400),
+        [],
+    )
 
 
 @pytest.mark.parametrize(
@@ -339,6 +360,11 @@ def test_settings_parse(section: dict[str, object], fast: float, full: float) ->
         (
             {"fast_interval": "7h"},
             "schedule.fast_interval: '7h' must be shorter than schedule.full_pass (6h)",
+        ),
+        ({"chase": "1m"}, "schedule.chase: '1m' must be at least schedule.fast_interval (2m)"),
+        (
+            {"chase": "soon"},
+            "schedule.chase: 'soon' is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)",
         ),
     ],
 )
@@ -405,5 +431,116 @@ def test_without_a_rate_limit_the_rotation_keeps_its_pace() -> None:
     sched = Scheduler(
         lists_of([base_order(5400)]), country="IT", resolvers=[free], qtypes=QTYPES, now=T0, qps=None
     )
-    batch = sched.next_batch(T0, 60)
-    assert len(batch) == 5400 * 60 // (0.9 * 6 * 3600)  # a pass in 5.4 h, not everything at once
+    # The first call also measures again the `resume` seconds of rotation before the wall
+    # clock's place (what a restart may have lost); then the pace: a pass in 5.4 h.
+    first = sched.next_batch(T0, 60)
+    assert len(first) == 5400 * 60 // (0.9 * 6 * 3600) + math.ceil(5400 * 120 / (0.9 * 6 * 3600))
+    batch = sched.next_batch(T0 + dt.timedelta(seconds=60), 60)
+    assert abs(len(batch) - 5400 * 60 / (0.9 * 6 * 3600)) < 1  # not everything at once
+
+
+def test_restarts_every_30_minutes_still_cover_every_name_within_full_pass() -> None:
+    """A probe restarted more often than once per pass (a crash loop, frequent deploys) resumes
+    its rotation where the wall clock says it is, `resume` (2 min) before, so it still reaches
+    the end of the list. Each restart here loses the slice in flight and 60 s of downtime: the
+    bound is full_pass as long as those fit within `resume`."""
+    settings = Settings(fast_interval=120, full_pass=7200)
+    lists = lists_of([base_order(3000)])  # 3,000 × 3 ÷ 10 qps = 15 min a pass of 1.8 h: spare qps
+    times: dict[tuple[str, str], list[dt.datetime]] = defaultdict(list)
+    now, end = T0, T0 + dt.timedelta(hours=7)
+    while now < end:
+        sched = Scheduler(
+            lists, country="IT", resolvers=(ISP, PUBLIC), qtypes=QTYPES, now=now, qps=20, settings=settings
+        )
+        stop = min(now + dt.timedelta(minutes=30), end)
+        run = simulate(sched, (stop - now).total_seconds() / 3600, start=now)
+        lost = run.batches[-1][0]  # killed while measuring its last slice: never measured
+        for key, seen in run.times.items():
+            times[key] += [t for t in seen if t != lost]
+        now = stop + dt.timedelta(seconds=60)  # down for a minute, then started again
+    worst = 0.0
+    for name in lists.query_names():
+        for lane in lanes():
+            seen = [T0, *sorted(times[(name, lane)]), end]
+            worst = max(worst, *((b - a).total_seconds() for a, b in itertools.pairwise(seen)))
+    assert worst <= 7200, format_span(worst)
+
+
+def test_a_restart_resumes_the_rotation_near_where_it_was() -> None:
+    lists = lists_of([base_order(2000)])
+    sched = make(lists)
+    simulate(sched, 1)
+    later = T0 + dt.timedelta(hours=1)
+    again = Scheduler(lists, country="IT", resolvers=(ISP, PUBLIC), qtypes=QTYPES, now=later, qps=20)
+    was, now = sched.status(later), again.status(later)
+    for a, b in zip(was, now, strict=True):
+        # Back by `resume` (2 min of a 5.4 h pass: 0.6 %) at most, never ahead, never at the start.
+        assert 0 <= a.progress - b.progress <= 120 / (0.9 * 6 * 3600) + 0.002, (a, b)
+
+
+def test_a_leak_of_an_old_order_is_chased_until_enforced() -> None:
+    """An old order's name that starts leaking (a regression) is found by the rotation, then
+    measured every fast_interval until every qtype is enforced again, then only by the rotation."""
+    sched = make(lists_of([base_order(2000)]))
+    fixed = T0 + dt.timedelta(hours=3)
+    # A name the rotation reaches within the first hour, wherever the wall clock put the cursor.
+    name = f"n{(math.ceil(sched.status(T0)[0].progress * 2000) + 200) % 2000:05d}.example"
+
+    def finder(domain: str, r: Resolver, _ep: Endpoint, when: dt.datetime) -> Finding:
+        return Finding.LEAK if domain == name and r is PUBLIC and when < fixed else Finding.ENFORCED
+
+    run = simulate(sched, 5, finder)
+    for lane in lanes((PUBLIC,)):
+        seen = run.times[(name, lane)]
+        chased = [t for t in seen if t <= fixed + dt.timedelta(seconds=120)]
+        assert len(chased) >= 10, (lane, seen)  # found, then chased
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(chased)]
+        assert max(gaps) <= 120, (lane, gaps)
+        assert len([t for t in seen if t > fixed + dt.timedelta(seconds=120)]) <= 1  # enforced: left
+    for lane in lanes((ISP,)):
+        assert len(run.times[(name, lane)]) <= 1  # enforced there: rotation only
+
+
+def test_under_a_mass_leak_new_orders_keep_their_cadence_and_old_leaks_share_the_rest() -> None:
+    """Every old name leaks on the public resolver (the issue's mass leak): they are all chased
+    with what the rotation and the new order leave, never above the qps; the new order's names
+    are measured every fast_interval all the same."""
+    effective = T0 + dt.timedelta(minutes=40)
+    fresh = [f"ticket-{k}.example" for k in range(10)]
+    sched = make(lists_of([base_order(3000), new_order("t", effective, fresh)]))
+
+    def finder(_name: str, r: Resolver, _ep: Endpoint, _when: dt.datetime) -> Finding:
+        return Finding.LEAK if r is PUBLIC else Finding.ENFORCED
+
+    run = simulate(sched, 2, finder)
+    public = lanes((PUBLIC,))[0]
+    for name in fresh:
+        after = [t for t in run.times[(name, public)] if t >= effective]
+        assert after[0] == effective
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(after)]
+        assert max(gaps) <= 120, (name, max(gaps))
+    for now, span, batch in run.batches:
+        queries = sum(len(QTYPES) for _, r, _ in batch if r is PUBLIC)
+        assert queries <= 10 * span + 1e-9, now
+    # Old leaks are chased beyond the rotation: more measurements than a pass alone gives.
+    old = sum(len(run.times[(f"n{i:05d}.example", public)]) for i in range(3000))
+    rotation_only = 3000 * 2 / 5.4
+    assert old > 3 * rotation_only
+    status = sched.status(T0 + dt.timedelta(hours=2))
+    assert all(s.behind < 60 for s in status), status
+
+
+def test_after_a_restart_a_new_order_goes_before_the_orders_already_chased() -> None:
+    """A restart puts every recent order's names back in the fast lane; an order taking effect
+    a minute later must still be measured at its effective instant, not behind them."""
+    backlog = new_order("recent", T0 - dt.timedelta(hours=3), [f"r{i:04d}.example" for i in range(1500)])
+    effective = T0 + dt.timedelta(minutes=1)
+    fresh = ["zz-fresh-1.example", "zz-fresh-2.example"]  # after the backlog in name order
+    sched = make(lists_of([base_order(2000), backlog, new_order("t", effective, fresh)]))
+    run = simulate(sched, 0.5)
+    for name in fresh:
+        for lane in lanes():
+            assert run.times[(name, lane)][0] == effective, (name, lane)
+    # The backlog is measured all the same, from the start, as fast as the qps allows.
+    assert run.times[("r0000.example", lanes()[0])][0] == T0
+    assert all(run.times[(f"r{i:04d}.example", lanes()[2])] for i in range(1500))
