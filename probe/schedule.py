@@ -191,7 +191,7 @@ def parse_settings(section: Mapping[str, Any] | None, prefix: str = "schedule") 
     if chase is not None and chase_s < fast_s:
         errors.append(
             f"{prefix}.chase: {section['chase']!r} must be at least "
-            f"{prefix}.fast_interval ({format_span(fast_s)})"
+            f"{prefix}.fast_interval ({format_span(fast_s)}): the fast lane would never measure a new order"
         )
         return default, errors
     return Settings(fast_interval=fast_s, full_pass=full_s, chase=chase_s), errors

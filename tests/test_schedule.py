@@ -361,7 +361,10 @@ def test_chase_is_a_setting() -> None:
             {"fast_interval": "7h"},
             "schedule.fast_interval: '7h' must be shorter than schedule.full_pass (6h)",
         ),
-        ({"chase": "1m"}, "schedule.chase: '1m' must be at least schedule.fast_interval (2m)"),
+        (
+            {"chase": "1m"},
+            "schedule.chase: '1m' must be at least schedule.fast_interval (2m): the fast lane would never measure a new order",
+        ),
         (
             {"chase": "soon"},
             "schedule.chase: 'soon' is not a duration (seconds, or a whole number with s, m, h or d: 90, 30m, 6h)",

@@ -7,7 +7,6 @@ environment variable (or, discouraged, inline) and is never printed or logged.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
@@ -24,7 +23,7 @@ from probe.identity import Canary
 from probe.limits import MAX_AGE_DAYS, MAX_BATCH_MEASUREMENTS, MAX_LABEL_CHARS
 from probe.lists import ISO_ALPHA2, load_lists
 from probe.model import Expectation
-from probe.schedule import Settings, _span, budget, check, format_span, parse_settings
+from probe.schedule import Settings, budget, check, format_span, parse_settings
 from probe.specs import KINDS, Resolver
 from probe.wire import QTYPES, normalize_name
 
@@ -501,18 +500,6 @@ def parse_config(  # noqa: C901 - one flat check per key, so every mistake is li
         c.err("schedule.jitter", f"{jitter:g} must be less than the interval ({interval:g})")
     settings, problems = parse_settings(sched if sched_mode == "slices" else None)
     c.errors.extend(problems)
-    if sched_mode == "slices" and sched.get("chase") is not None:
-        # How long the names of a new order stay in the fast lane (until enforced): past it,
-        # a resolver that enforces nothing would keep every name urgent for good.
-        chase = _span(sched["chase"], "schedule.chase", c.errors)
-        if chase is not None and chase < settings.fast_interval:
-            c.err(
-                "schedule.chase",
-                f"{sched['chase']!r} must be at least schedule.fast_interval "
-                f"({format_span(settings.fast_interval)}): the fast lane would never measure a new order",
-            )
-        elif chase is not None:
-            settings = dataclasses.replace(settings, chase=chase)
     slice_s = c.number(
         sched.get("slice") if sched_mode == "slices" else None,
         "schedule.slice",
