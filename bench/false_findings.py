@@ -109,6 +109,7 @@ class Result:
     false_findings: int = 0
     false_by: dict[str, int] = field(default_factory=dict)  # "transport finding" -> count
     inconclusive: int = 0
+    inconclusive_by: dict[str, int] = field(default_factory=dict)  # "transport outcome" -> count
     seconds: float = 0.0
     network: dict[str, int] = field(default_factory=dict)  # the proxies' non-zero counters, summed
 
@@ -125,6 +126,7 @@ class Result:
             "false_by": self.false_by,
             "inconclusive": self.inconclusive,
             "inconclusive_share": round(self.inconclusive_share, 4),
+            "inconclusive_by": self.inconclusive_by,
             "seconds": round(self.seconds, 1),
             "network": self.network,
         }
@@ -291,14 +293,17 @@ def run_case(case: Case, measurements: int, timeout: float, concurrency: int, ne
         result.seconds = time.perf_counter() - t0
         result.network = network.finish()
     false_by: Counter[str] = Counter()
+    unproven: Counter[str] = Counter()
     for m in ms:
         result.measurements += 1
         if m.finding is Finding.INCONCLUSIVE:
             result.inconclusive += 1
+            unproven[f"{m.transport} {m.outcome}"] += 1
         if is_false(m, truth[m.domain]):
             result.false_findings += 1
             false_by[f"{m.transport} {m.finding}"] += 1
     result.false_by = dict(sorted(false_by.items()))
+    result.inconclusive_by = dict(sorted(unproven.items()))
     return result
 
 

@@ -17,7 +17,7 @@ from probe.transports import Options
 
 from .ci_skips import pytest_runtest_logreport, pytest_sessionfinish  # noqa: F401  (hooks)
 
-LAB_HOSTS = ("127.0.0.1", "localhost", *(f"127.53.1.{i}" for i in range(1, 12)))
+LAB_HOSTS = ("127.0.0.1", "localhost", *(f"127.53.1.{i}" for i in range(1, 16)))
 
 
 @pytest.fixture(scope="session")

@@ -245,6 +245,8 @@ def test_probe_once_ends_within_its_stated_bound_whatever_the_servers_do(
         lab_thread.stop_server(hostile)
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 3 * len(hostile.specs()), result.stderr
+    # Every transport really talked to the lab (a handshake failure would prove nothing here).
+    assert {m["transport"] for m in lines if m["outcome"] == "resolved"} == set(hostile.specs())
     # Over streams the dripped reply never completes in time: a timeout or an error, never a
     # block (over UDP the lab answers it whole).
     slow = {(m["transport"], m["blocked"]) for m in lines if m["domain"].startswith("slow.")}

@@ -221,6 +221,10 @@ def test_a_dripping_reply_ends_at_the_deadline_on_every_stream(
     elapsed = time.monotonic() - started
     assert (ms[0].outcome, ms[0].blocked) == (Outcome.TIMEOUT, None), ms[0].to_json()
     assert elapsed < 2 * 1.0 + 1.5, elapsed  # two attempts of one deadline each, whatever the server does
+    if transport in ("doh", "doh3", "doq"):
+        # Bytes of the response arrived on its own stream: a slow answer, never a silence
+        # (another stream answered meanwhile would otherwise make it a proven block).
+        assert ms[0].evidence["phase"] == "dns_response", ms[0].to_json()
 
 
 @pytest.mark.parametrize(

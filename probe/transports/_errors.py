@@ -21,9 +21,10 @@ class Broken(Exception):
 
 
 def timeout(phase: Phase = Phase.DNS_ROUND_TRIP) -> Failure:
-    """No answer in time. Only in the DNS round trip is that a `timeout`; anywhere else the
-    transport failed to carry the query at all (a connection or handshake timeout is an `error`)."""
-    kind = FailureKind.TIMEOUT if phase is Phase.DNS_ROUND_TRIP else ERROR
+    """No answer in time. Only in the DNS round trip (silent) or while a response was still
+    arriving is that a `timeout`; anywhere else the transport failed to carry the query at
+    all (a connection or handshake timeout is an `error`). Only the silent one can be a block."""
+    kind = FailureKind.TIMEOUT if phase in (Phase.DNS_ROUND_TRIP, Phase.DNS_RESPONSE) else ERROR
     return Failure(kind, phase, f"{phase}: timed out")
 
 

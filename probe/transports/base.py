@@ -27,6 +27,9 @@ class Phase(StrEnum):
     QUIC_HANDSHAKE = "quic_handshake"
     STREAM_WAIT = "stream_wait"  # waiting for a free HTTP/2 stream: the query was never sent
     DNS_ROUND_TRIP = "dns_round_trip"
+    # The response had begun to arrive (headers or bytes of the message) and was incomplete at
+    # the deadline: a server answering too slowly, not a silence, so never a block.
+    DNS_RESPONSE = "dns_response"
     HTTP = "http"
     INTERNAL = "internal"
 

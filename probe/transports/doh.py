@@ -322,6 +322,12 @@ class DohExchanger(RetryAlone):
         except Broken as exc:
             return Exchange(None, exc.failure, evidence=evidence, channel=conn.channel.name)
         except TimeoutError:
+            if st.status or st.body:
+                # The server was answering, only too slowly: no silence, so never a block.
+                conn._end(sid, timeout())
+                return Exchange(
+                    None, timeout(Phase.DNS_RESPONSE), evidence=evidence, channel=conn.channel.name
+                )
             overtaken = conn.channel.overtook(st.stamp)
             if conn.waiters:
                 conn._end(sid, timeout())  # queries wait for this slot: it is theirs now
@@ -379,8 +385,9 @@ class DohExchanger(RetryAlone):
     def _send_witness(self, conn: _H2Conn, stamp: int, deadline: float) -> None:
         if self.witness is None or conn.dead is not None or not conn.channel.needs_witness(stamp):
             return
-        if not conn.can_open():
-            return  # every stream is taken: queries sent after this one are already waiting
+        # With every stream taken the witness waits for one like any query (reclaiming a
+        # stream kept for a late answer first): the queries already waiting may all be silent
+        # ones, as in the confirmation pass, and skipping it left them unproven.
         conn.channel.witnessed = conn.channel.sent + 1
         self._witnesses.start(self._exchange_h2(conn, self.witness, deadline, {}, witness=False))
 

@@ -34,6 +34,9 @@ class _H3Query(_Query):
         self.ctype = b""
         self.late: asyncio.Future[bytes] | None = None
 
+    def started(self) -> bool:
+        return bool(self.data) or self.status != 0
+
     def late_done(self) -> None:
         """A late HTTP response: the DNS message, if it is one for our query, completes `late`."""
         if self.late is None or self.late.done():

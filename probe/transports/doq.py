@@ -49,6 +49,10 @@ class _Query:
         self.data = bytearray()
         self.expired = False  # timed out; `future` now waits for a late response
 
+    def started(self) -> bool:
+        """Whether any of the response has arrived (then a timeout is no silence)."""
+        return bool(self.data)
+
     def fail(self, failure: Failure) -> None:
         if self.future.done():
             return
@@ -242,6 +246,11 @@ class DoqExchanger(RetryAlone):
             return Exchange(None, exc.failure, evidence=evidence, channel=proto.channel.name)
         except TimeoutError:
             proto.end_stream(sid, timeout())
+            if q.started():
+                # The server was answering, only too slowly: no silence, so never a block.
+                return Exchange(
+                    None, timeout(Phase.DNS_RESPONSE), evidence=evidence, channel=proto.channel.name
+                )
             overtaken = proto.channel.overtook(q.stamp)
             return Exchange(
                 None, timeout(), evidence=evidence, channel=proto.channel.name, overtaken=overtaken
