@@ -59,7 +59,8 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
 ]
 
-PROBE_PATHS = ("/api/v1/results", "/api/v1/lists")  # probe tokens guard these, in the app
+PROBE_PATHS = ("/api/v1/results", "/api/v1/lists")
+READS_AT_ONCE = 2  # on-demand reads at a time (the ingest has max_concurrent_ingest of its own)  # probe tokens guard these, in the app
 
 
 class ReadGuard:
@@ -278,7 +279,13 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
     findings = Rendered(
         config.render_cache_seconds,
         lambda: _Packed(
-            health.findings(store, config.stale_after, config.max_domain_series, config.ip_block_window)
+            health.findings(
+                store,
+                config.stale_after,
+                config.max_domain_series,
+                config.ip_block_window,
+                config.max_exported_series_per_probe,
+            )
             + health.own()
         ),
     )
@@ -302,15 +309,24 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
     status_views = {
         show: Rendered(config.render_cache_seconds, view(show)) for show in (None, "leak", "overblock")
     }
-    # Pages past the first are rendered on demand, two at a time: each is cheap (a page of an
-    # index); beyond that a reader is told to come back (503, Retry-After) rather than queued,
-    # so no number of readers can pile reads on the database.
-    paged_reads = asyncio.Semaphore(2)
+    # Reads made on demand (pages past the first, findings pages, evidence, IP blocks) run two at
+    # a time in the worker threads the ingest also uses; beyond that a reader is told to come
+    # back (503, Retry-After) rather than queued, so no number of readers can pile reads on the
+    # database or take the ingest's threads.
+    paged_reads = asyncio.Semaphore(READS_AT_ONCE)
 
     def busy() -> HTTPException:
+        health.rejected.labels("read_busy").inc()
         return HTTPException(
             503, "other pages are being read; retry in a second", headers={"Retry-After": "1"}
         )
+
+    async def read(fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker thread, if one of the read slots is free (else 503)."""
+        if paged_reads.locked():
+            raise busy()
+        async with paged_reads:
+            return await run_in_threadpool(fn, *args)
 
     @app.get("/", response_class=HTMLResponse, responses={422: {}, 503: {}})
     async def status_page(
@@ -327,10 +343,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             key = decode_cursor(after, 3)
         except ValueError as exc:
             raise HTTPException(422, f"after: {exc}") from None
-        if paged_reads.locked():
-            raise busy()
-        async with paged_reads:
-            html = await run_in_threadpool(pages.status, show, None, key)
+        html = await read(pages.status, show, None, key)
         return _Packed(html.encode()).response(request, "text/html; charset=utf-8")
 
     @app.get("/api/v1/findings", responses={422: {}, 503: {}})
@@ -356,13 +369,8 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             "order": order,
         }
         since = time.time() - config.stale_after
-        if paged_reads.locked():
-            raise busy()
         try:
-            async with paged_reads:
-                page = await run_in_threadpool(
-                    findings_page, store, since, finding, filters, after, limit, format
-                )
+            page = await read(findings_page, store, since, finding, filters, after, limit, format)
         except ValueError as exc:
             raise HTTPException(422, f"after: {exc}") from None
         headers = {"link": f'<{page.next}>; rel="next"'} if page.next else {}
@@ -372,17 +380,17 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             return Response(page.csv(), media_type="text/csv; charset=utf-8", headers=headers)
         return Response(page.json(), media_type="application/json", headers=headers)
 
-    @app.get("/api/v1/ip-blocks")
+    @app.get("/api/v1/ip-blocks", responses={503: {}})
     async def ip_block_list() -> JSONResponse:
         """The IP-level blocks inferred from the answer checks of the last `ip_block_window`
         seconds (as on the status page and in blockprobe_ip_block), with the probes on each side."""
         now = time.time()
-        found = await run_in_threadpool(ip_blocks, store, now, config.ip_block_window)
+        found = await read(ip_blocks, store, now, config.ip_block_window)
         return JSONResponse(
             {"window": config.ip_block_window, "at": now, "ip_blocks": [b.to_json() for b in found]}
         )
 
-    @app.get("/evidence", response_class=HTMLResponse)
+    @app.get("/evidence", response_class=HTMLResponse, responses={503: {}})
     async def evidence(
         probe: str = Query(max_length=64),
         resolver: str = Query(max_length=128),
@@ -392,7 +400,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
         format: str = Query("html", pattern="^(html|json)$"),
     ) -> Response:
         """One series: the judgement in words, its history, the raw responses (or JSON, newest first)."""
-        rows, html = await run_in_threadpool(pages.evidence, (probe, resolver, transport, qtype, domain))
+        rows, html = await read(pages.evidence, (probe, resolver, transport, qtype, domain))
         return JSONResponse(rows) if format == "json" else HTMLResponse(html)
 
     # Added last, so outermost: read access and headers first, then the ingest gate.
