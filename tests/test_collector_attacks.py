@@ -866,3 +866,80 @@ def test_on_demand_reads_past_their_slots_get_503_with_retry_after(tmp_path: Pat
         server.should_exit = True
         thread.join(10)
         store.close()
+
+
+def test_the_monitoring_roles_scrape_job_reaches_the_default_tls_protected_collector(tmp_path: Path) -> None:
+    """ansible/roles/monitoring's scrape jobs, rendered as the role renders them, given to a real
+    Prometheus: it scrapes a collector that serves TLS from its own CA with /metrics protected."""
+    import shutil
+
+    import jinja2
+    import yaml
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (scripts/system-deps installs it)")
+    role = Path(__file__).parent.parent / "ansible" / "roles" / "monitoring"
+    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
+    trust = _tls_init(tmp_path)
+    c = Collector(
+        tmp_path,
+        "tls: {cert: tls/cert.pem, key: tls/key.pem}\nreads: {token_file: read-token, open: false}\n",
+        verify=trust,
+    )
+    sd = tmp_path / "file_sd"
+    sd.mkdir()
+    # What the role writes: the targets file, and the CA and token as copied from the controller.
+    (sd / "blockprobe-collector.yml").write_text(
+        yaml.safe_dump([{"targets": [f"{HOST}:{c.port}"], "labels": {"job": "blockprobe-collector"}}])
+    )
+    (sd / "blockprobe-probes.yml").write_text("[]\n")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["to_json"] = json.dumps
+    scrape = env.from_string((role / "templates" / "blockprobe-scrape.yml.j2").read_text()).render(
+        ansible_managed="test",
+        monitoring_collector_scheme=defaults["monitoring_collector_scheme"],  # the role's default
+        monitoring_collector_ca_local="ca.pem on the controller",
+        monitoring_collector_read_token_local="read-token on the controller",
+        monitoring_collector_ca_file=str(tmp_path / "tls" / "ca.pem"),
+        monitoring_collector_read_token_file=str(tmp_path / "read-token"),
+        monitoring_prometheus_file_sd_dir=str(sd),
+    )
+    jobs = yaml.safe_load(scrape)["scrape_configs"]
+    for job in jobs:
+        job["scrape_interval"] = "1s"
+    (tmp_path / "prom.yml").write_text(yaml.safe_dump({"scrape_configs": jobs}))
+    port = free_port(HOST)
+    log = (tmp_path / "prom.log").open("wb")
+    prom = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prom.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={HOST}:{port}",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 45
+        up: list[Any] = []
+        while time.monotonic() < deadline:
+            assert prom.poll() is None, (tmp_path / "prom.log").read_text()[-3000:]
+            try:
+                r = httpx2.get(
+                    f"http://{HOST}:{port}/api/v1/query", params={"query": 'up{job="blockprobe-collector"}'}
+                )
+                up = r.json()["data"]["result"]
+            except (httpx2.HTTPError, ValueError, KeyError):
+                up = []
+            if up and up[0]["value"][1] == "1":
+                break
+            time.sleep(0.5)
+        assert up and up[0]["value"][1] == "1", (up, (tmp_path / "prom.log").read_text()[-3000:])
+        assert up[0]["metric"]["instance"] == f"{HOST}:{c.port}"
+    finally:
+        prom.terminate()
+        prom.wait(20)
+        log.close()
+        assert c.stop() == 0
