@@ -118,7 +118,13 @@ _LIMITS = {
     "max_exported_series_per_probe",
     "render_cache_seconds",
 }
-_SERVER = {"header_timeout", "keep_alive_timeout", "body_timeout", "max_connections", "max_connections_per_ip"}
+_SERVER = {
+    "header_timeout",
+    "keep_alive_timeout",
+    "body_timeout",
+    "max_connections",
+    "max_connections_per_ip",
+}
 _READS = {"open", "token_file", "basic_user", "basic_password_file", "metrics", "healthz"}
 
 

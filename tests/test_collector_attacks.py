@@ -654,7 +654,7 @@ def test_a_tls_handshake_must_finish_within_the_header_deadline_and_takes_a_plac
         ninth = c.connect()  # accepted after the eight (the accept queue is in order)
         at_once = _closed_within(ninth, 1.5)
         ninth.close()
-        assert at_once is not None and at_once < 1.5, "a ninth socket was given a place past max_connections"
+        assert at_once is not None, "a ninth socket was given a place past max_connections"
         closed = [_closed_within(s, TIMEOUT + 4 - (time.monotonic() - t0)) for s in silent]
         assert None not in closed, "a socket in its TLS handshake outlived the header deadline"
         took = time.monotonic() - t0
@@ -783,7 +783,9 @@ def test_check_config_never_prints_a_token_that_is_not_a_yaml_string(
 
 
 def test_metrics_can_be_open_while_pages_are_protected_and_healthz_protected(tmp_path: Path) -> None:
-    c = Collector(tmp_path, "reads: {token_file: read-token, open: false, metrics: open, healthz: protected}\n")
+    c = Collector(
+        tmp_path, "reads: {token_file: read-token, open: false, metrics: open, healthz: protected}\n"
+    )
     try:
         r = c.client.get("/metrics")
         assert r.status_code == 200
@@ -860,7 +862,9 @@ def test_on_demand_reads_past_their_slots_get_503_with_retry_after(tmp_path: Pat
                 t.join(20)
             assert statuses == [200, 200]
             assert client.get("/api/v1/ip-blocks").status_code == 200
-            assert 'blockprobe_collector_rejected_total{reason="read_busy"} 3.0' in client.get("/metrics").text
+            assert (
+                'blockprobe_collector_rejected_total{reason="read_busy"} 3.0' in client.get("/metrics").text
+            )
     finally:
         release.set()
         server.should_exit = True
@@ -936,7 +940,8 @@ def test_the_monitoring_roles_scrape_job_reaches_the_default_tls_protected_colle
             if up and up[0]["value"][1] == "1":
                 break
             time.sleep(0.5)
-        assert up and up[0]["value"][1] == "1", (up, (tmp_path / "prom.log").read_text()[-3000:])
+        assert up, (tmp_path / "prom.log").read_text()[-3000:]
+        assert up[0]["value"][1] == "1", (up, (tmp_path / "prom.log").read_text()[-3000:])
         assert up[0]["metric"]["instance"] == f"{HOST}:{c.port}"
     finally:
         prom.terminate()
