@@ -59,8 +59,8 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
 ]
 
-PROBE_PATHS = ("/api/v1/results", "/api/v1/lists")
-READS_AT_ONCE = 2  # on-demand reads at a time (the ingest has max_concurrent_ingest of its own)  # probe tokens guard these, in the app
+PROBE_PATHS = ("/api/v1/results", "/api/v1/lists")  # probe tokens guard these, in the app
+READS_AT_ONCE = 2  # on-demand reads at a time (the ingest has max_concurrent_ingest of its own)
 
 
 class ReadGuard:
@@ -150,8 +150,9 @@ class Rendered:
 
     While readers keep coming, a value up to 3 × `ttl` old is served at once and refreshed
     behind them, and goes on being served until that refresh lands, however long it takes on a
-    loaded machine (a render that took 1.5 s alone took over 4 s under hammering, and readers
-    then waited up to 1.9 s for it), so a busy reader never waits for a render; after a quiet spell (a scrape
+    loaded machine (when readers waited for a refresh that outlived the window, the slowest
+    /metrics under hammering took 4 to 5 s: bench/README.md), so a busy reader never waits
+    for a render; after a quiet spell (a scrape
     every 15 s) the reader waits for a fresh one rather than get the last scrape's numbers,
     unless renders have grown slow: a value up to 3 × the last render's duration old is then
     served as well, since waiting would cost the reader more than the value's age (a scrape
