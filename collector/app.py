@@ -150,7 +150,7 @@ class Rendered:
 
     While readers keep coming, a value up to 3 × `ttl` old is served at once and refreshed
     behind them, and goes on being served until that refresh lands, however long it takes on a
-    loaded machine (when readers waited for a refresh that outlived the window, the slowest
+    loaded machine (up to 10 × the larger of `ttl` and the last render's duration; when readers waited for a refresh that outlived the window, the slowest
     /metrics under hammering took 4 to 5 s: bench/README.md), so a busy reader never waits
     for a render; after a quiet spell (a scrape
     every 15 s) the reader waits for a fresh one rather than get the last scrape's numbers,
@@ -175,12 +175,14 @@ class Rendered:
         age = time.monotonic() - self.at
         if self.value is not None and age < self.ttl:
             return self.value
-        servable = self.value is not None and age < 3 * max(self.ttl, self.took)
+        span = max(self.ttl, self.took)
+        servable = self.value is not None and age < 3 * span
         if self.pending is None:
             self.pending = asyncio.ensure_future(run_in_threadpool(self._timed))
             self.pending.add_done_callback(self._done)
             self.behind = servable
-        if self.value is not None and (servable or self.behind):
+        # Behind busy readers, not for ever: a render hung on the database shows after 10 spans.
+        if self.value is not None and (servable or (self.behind and age < 10 * span)):
             return self.value
         return await asyncio.shield(self.pending)
 
@@ -194,6 +196,31 @@ class Rendered:
         self.pending = None
         if not fut.cancelled() and fut.exception() is None:
             self.value, self.at = fut.result(), time.monotonic()
+
+
+class SingleFlight:
+    """`fn` in a worker thread, once at a time: who asks while it runs waits for that run, so
+    any number of callers (health checks, open by default) take one thread, never a pile of them."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.running: asyncio.Future[Any] | None = None
+        self.waiters = 0
+
+    async def run(self) -> Any:
+        if self.running is None:
+            self.running = asyncio.ensure_future(run_in_threadpool(self.fn))
+            self.running.add_done_callback(self._done)
+        self.waiters += 1
+        try:
+            return await asyncio.shield(self.running)
+        finally:
+            self.waiters -= 1
+
+    def _done(self, fut: asyncio.Future[Any]) -> None:
+        self.running = None
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the waiters raise it
 
 
 def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 - the routes are closures here
@@ -302,9 +329,11 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
         packed: _Packed = await findings.get()
         return packed.response(request, CONTENT_TYPE_LATEST)
 
+    health_check = SingleFlight(store.probes)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        await run_in_threadpool(store.probes)
+        await health_check.run()
         return {"status": "ok"}
 
     # Rendered off the loop, cached a moment and gzipped once, so readers hammering the page
@@ -415,6 +444,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
         ReadGuard, access=config.reads, on_reject=lambda: health.rejected.labels("read_unauthorized").inc()
     )
     app.state.health = health
+    app.state.health_check = health_check
     app.state.registry = registry
     return app
 

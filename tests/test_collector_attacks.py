@@ -811,47 +811,62 @@ def test_metrics_can_be_open_while_pages_are_protected_and_healthz_protected(tmp
         assert c.stop() == 0
 
 
-def test_on_demand_reads_past_their_slots_get_503_with_retry_after(tmp_path: Path) -> None:
-    """/evidence, /api/v1/ip-blocks and paged reads share two slots: a third reader is told to
-    come back rather than take another of the worker threads the ingest needs. The store's
-    evidence read is held on an event (in process) so that the two slots are surely taken."""
-    from collector.app import create_app
-    from collector.server import CollectorServer, server_config
+class InProcess:
+    """The collector app on uvicorn in a thread of this process, for tests that hold a store read
+    on an event (so that what is busy is surely busy)."""
 
-    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
-    entered = threading.Semaphore(0)
-    release = threading.Event()
-    real = store.evidence
+    def __init__(self, store: Any) -> None:
+        from collector.app import create_app
+        from collector.server import CollectorServer, server_config
 
+        port = free_port(HOST)
+        config = parse_collector_config(f"listen: {HOST}:{port}\n")
+        self.app = create_app(config, store)
+        self.server = CollectorServer(server_config(self.app, config, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://{HOST}:{port}"
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "collector did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _held(real: Callable[..., Any], entered: threading.Semaphore, release: threading.Event) -> Any:
     def held(*args: Any, **kwargs: Any) -> Any:
         entered.release()
         release.wait(20)
         return real(*args, **kwargs)
 
-    store.evidence = held  # type: ignore[method-assign]
-    port = free_port(HOST)
-    config = parse_collector_config(f"listen: {HOST}:{port}\n")
-    server = CollectorServer(server_config(create_app(config, store), config, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://{HOST}:{port}"
+    return held
+
+
+def test_on_demand_reads_past_their_slots_get_503_with_retry_after(tmp_path: Path) -> None:
+    """/evidence, /api/v1/ip-blocks and paged reads share two slots: a third reader is told to
+    come back rather than take another of the worker threads the ingest needs. The store's
+    evidence read is held on an event (in process) so that the two slots are surely taken."""
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    store.evidence = _held(store.evidence, entered, release)  # type: ignore[method-assign]
+    c = InProcess(store)
     evidence = "/evidence?probe=a&resolver=b&transport=udp&qtype=A&domain=c"
     statuses: list[int] = []
     try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "collector did not start"
-            time.sleep(0.02)
 
         def slow_reader() -> None:
-            statuses.append(httpx2.get(url + evidence, timeout=30).status_code)
+            statuses.append(httpx2.get(c.url + evidence, timeout=30).status_code)
 
         readers = [threading.Thread(target=slow_reader) for _ in range(2)]
         for t in readers:
             t.start()
         for _ in range(2):
             assert entered.acquire(timeout=10), "the two slow reads did not start"
-        with httpx2.Client(base_url=url, timeout=5) as client:
+        with httpx2.Client(base_url=c.url, timeout=5) as client:
             for path in (evidence, "/api/v1/ip-blocks", "/api/v1/findings"):
                 r = client.get(path)
                 assert r.status_code == 503, (path, r.status_code)
@@ -867,8 +882,40 @@ def test_on_demand_reads_past_their_slots_get_503_with_retry_after(tmp_path: Pat
             )
     finally:
         release.set()
-        server.should_exit = True
-        thread.join(10)
+        c.stop()
+        store.close()
+
+
+def test_health_checks_share_one_store_read_however_many_arrive(tmp_path: Path) -> None:
+    """/healthz is open by default: eight at once take one worker thread between them, not eight."""
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    store.probes = _held(store.probes, entered, release)  # type: ignore[method-assign]
+    c = InProcess(store)
+    statuses: list[int] = []
+    try:
+        checks = [
+            threading.Thread(
+                target=lambda: statuses.append(httpx2.get(c.url + "/healthz", timeout=30).status_code)
+            )
+            for _ in range(8)
+        ]
+        for t in checks:
+            t.start()
+        deadline = time.monotonic() + 10
+        while c.app.state.health_check.waiters < 8:
+            assert time.monotonic() < deadline, c.app.state.health_check.waiters
+            time.sleep(0.02)
+        assert entered.acquire(timeout=1)
+        assert not entered.acquire(timeout=0.2)  # one store read for the eight
+        release.set()
+        for t in checks:
+            t.join(20)
+        assert statuses == [200] * 8
+    finally:
+        release.set()
+        c.stop()
         store.close()
 
 
