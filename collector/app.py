@@ -329,7 +329,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
         packed: _Packed = await findings.get()
         return packed.response(request, CONTENT_TYPE_LATEST)
 
-    health_check = SingleFlight(store.probes)
+    health_check = SingleFlight(lambda: store.probes())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
