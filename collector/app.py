@@ -60,6 +60,7 @@ SECURITY_HEADERS = [
 ]
 
 PROBE_PATHS = ("/api/v1/results", "/api/v1/lists")  # probe tokens guard these, in the app
+READS_AT_ONCE = 2  # on-demand reads at a time (the ingest has max_concurrent_ingest of its own)
 
 
 class ReadGuard:
@@ -148,7 +149,10 @@ class Rendered:
     shared by all who ask meanwhile: readers cannot pile renders on the ingest's database.
 
     While readers keep coming, a value up to 3 × `ttl` old is served at once and refreshed
-    behind them, so a busy reader never waits for a render; after a quiet spell (a scrape
+    behind them, and goes on being served until that refresh lands, however long it takes on a
+    loaded machine (up to 10 × the larger of `ttl` and the last render's duration; when readers waited for a refresh that outlived the window, the slowest
+    /metrics under hammering took 4 to 5 s: bench/README.md), so a busy reader never waits
+    for a render; after a quiet spell (a scrape
     every 15 s) the reader waits for a fresh one rather than get the last scrape's numbers,
     unless renders have grown slow: a value up to 3 × the last render's duration old is then
     served as well, since waiting would cost the reader more than the value's age (a scrape
@@ -163,6 +167,7 @@ class Rendered:
         self.at = -math.inf
         self.took = 0.0  # how long the last render took
         self.pending: asyncio.Future[Any] | None = None
+        self.behind = False  # the pending render was started while the value could still be served
 
     async def get(self) -> Any:
         if self.ttl <= 0:
@@ -170,10 +175,14 @@ class Rendered:
         age = time.monotonic() - self.at
         if self.value is not None and age < self.ttl:
             return self.value
+        span = max(self.ttl, self.took)
+        servable = self.value is not None and age < 3 * span
         if self.pending is None:
             self.pending = asyncio.ensure_future(run_in_threadpool(self._timed))
             self.pending.add_done_callback(self._done)
-        if self.value is not None and age < 3 * max(self.ttl, self.took):
+            self.behind = servable
+        # Behind busy readers, not for ever: a render hung on the database shows after 10 spans.
+        if self.value is not None and (servable or (self.behind and age < 10 * span)):
             return self.value
         return await asyncio.shield(self.pending)
 
@@ -187,6 +196,31 @@ class Rendered:
         self.pending = None
         if not fut.cancelled() and fut.exception() is None:
             self.value, self.at = fut.result(), time.monotonic()
+
+
+class SingleFlight:
+    """`fn` in a worker thread, once at a time: who asks while it runs waits for that run, so
+    any number of callers (health checks, open by default) take one thread, never a pile of them."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.running: asyncio.Future[Any] | None = None
+        self.waiters = 0
+
+    async def run(self) -> Any:
+        if self.running is None:
+            self.running = asyncio.ensure_future(run_in_threadpool(self.fn))
+            self.running.add_done_callback(self._done)
+        self.waiters += 1
+        try:
+            return await asyncio.shield(self.running)
+        finally:
+            self.waiters -= 1
+
+    def _done(self, fut: asyncio.Future[Any]) -> None:
+        self.running = None
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the waiters raise it
 
 
 def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 - the routes are closures here
@@ -278,7 +312,13 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
     findings = Rendered(
         config.render_cache_seconds,
         lambda: _Packed(
-            health.findings(store, config.stale_after, config.max_domain_series, config.ip_block_window)
+            health.findings(
+                store,
+                config.stale_after,
+                config.max_domain_series,
+                config.ip_block_window,
+                config.max_exported_series_per_probe,
+            )
             + health.own()
         ),
     )
@@ -289,9 +329,11 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
         packed: _Packed = await findings.get()
         return packed.response(request, CONTENT_TYPE_LATEST)
 
+    health_check = SingleFlight(lambda: store.probes())
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        await run_in_threadpool(store.probes)
+        await health_check.run()
         return {"status": "ok"}
 
     # Rendered off the loop, cached a moment and gzipped once, so readers hammering the page
@@ -302,15 +344,24 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
     status_views = {
         show: Rendered(config.render_cache_seconds, view(show)) for show in (None, "leak", "overblock")
     }
-    # Pages past the first are rendered on demand, two at a time: each is cheap (a page of an
-    # index); beyond that a reader is told to come back (503, Retry-After) rather than queued,
-    # so no number of readers can pile reads on the database.
-    paged_reads = asyncio.Semaphore(2)
+    # Reads made on demand (pages past the first, findings pages, evidence, IP blocks) run two at
+    # a time in the worker threads the ingest also uses; beyond that a reader is told to come
+    # back (503, Retry-After) rather than queued, so no number of readers can pile reads on the
+    # database or take the ingest's threads.
+    paged_reads = asyncio.Semaphore(READS_AT_ONCE)
 
     def busy() -> HTTPException:
+        health.rejected.labels("read_busy").inc()
         return HTTPException(
             503, "other pages are being read; retry in a second", headers={"Retry-After": "1"}
         )
+
+    async def read(fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker thread, if one of the read slots is free (else 503)."""
+        if paged_reads.locked():
+            raise busy()
+        async with paged_reads:
+            return await run_in_threadpool(fn, *args)
 
     @app.get("/", response_class=HTMLResponse, responses={422: {}, 503: {}})
     async def status_page(
@@ -327,10 +378,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             key = decode_cursor(after, 3)
         except ValueError as exc:
             raise HTTPException(422, f"after: {exc}") from None
-        if paged_reads.locked():
-            raise busy()
-        async with paged_reads:
-            html = await run_in_threadpool(pages.status, show, None, key)
+        html = await read(pages.status, show, None, key)
         return _Packed(html.encode()).response(request, "text/html; charset=utf-8")
 
     @app.get("/api/v1/findings", responses={422: {}, 503: {}})
@@ -356,13 +404,8 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             "order": order,
         }
         since = time.time() - config.stale_after
-        if paged_reads.locked():
-            raise busy()
         try:
-            async with paged_reads:
-                page = await run_in_threadpool(
-                    findings_page, store, since, finding, filters, after, limit, format
-                )
+            page = await read(findings_page, store, since, finding, filters, after, limit, format)
         except ValueError as exc:
             raise HTTPException(422, f"after: {exc}") from None
         headers = {"link": f'<{page.next}>; rel="next"'} if page.next else {}
@@ -372,17 +415,17 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
             return Response(page.csv(), media_type="text/csv; charset=utf-8", headers=headers)
         return Response(page.json(), media_type="application/json", headers=headers)
 
-    @app.get("/api/v1/ip-blocks")
+    @app.get("/api/v1/ip-blocks", responses={503: {}})
     async def ip_block_list() -> JSONResponse:
         """The IP-level blocks inferred from the answer checks of the last `ip_block_window`
         seconds (as on the status page and in blockprobe_ip_block), with the probes on each side."""
         now = time.time()
-        found = await run_in_threadpool(ip_blocks, store, now, config.ip_block_window)
+        found = await read(ip_blocks, store, now, config.ip_block_window)
         return JSONResponse(
             {"window": config.ip_block_window, "at": now, "ip_blocks": [b.to_json() for b in found]}
         )
 
-    @app.get("/evidence", response_class=HTMLResponse)
+    @app.get("/evidence", response_class=HTMLResponse, responses={503: {}})
     async def evidence(
         probe: str = Query(max_length=64),
         resolver: str = Query(max_length=128),
@@ -392,7 +435,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
         format: str = Query("html", pattern="^(html|json)$"),
     ) -> Response:
         """One series: the judgement in words, its history, the raw responses (or JSON, newest first)."""
-        rows, html = await run_in_threadpool(pages.evidence, (probe, resolver, transport, qtype, domain))
+        rows, html = await read(pages.evidence, (probe, resolver, transport, qtype, domain))
         return JSONResponse(rows) if format == "json" else HTMLResponse(html)
 
     # Added last, so outermost: read access and headers first, then the ingest gate.
@@ -401,6 +444,7 @@ def create_app(config: CollectorConfig, store: Store) -> FastAPI:  # noqa: C901 
         ReadGuard, access=config.reads, on_reject=lambda: health.rejected.labels("read_unauthorized").inc()
     )
     app.state.health = health
+    app.state.health_check = health_check
     app.state.registry = registry
     return app
 

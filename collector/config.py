@@ -71,12 +71,16 @@ class CollectorConfig:
     max_groups_per_probe: int = 2_000
     # Per-domain series (leak, overblock) per probe × resolver × transport × order/list (CONTRACTS.md 5).
     max_domain_series: int = 100
+    # Per probe: per-name lines on /metrics (leak, overblock, since, reach, canary) in all; past it
+    # the rest are counted in the *_capped families and stay in blockprobe_domains.
+    max_exported_series_per_probe: int = 10_000
     render_cache_seconds: float = 2.0
     # What uvicorn enforces before any of our code runs.
     header_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
     body_timeout: float = 30.0
     max_connections: int = 1000
+    max_connections_per_ip: int = 64
     reads: ReadAccess = ReadAccess()
     # Seconds between compliance passes (collector/compliance.py): how late a first enforcement
     # or a leak after a deadline can be noticed, at the cost of one grouping query over `latest`.
@@ -111,9 +115,16 @@ _LIMITS = {
     "max_series_per_probe",
     "max_groups_per_probe",
     "max_domain_series",
+    "max_exported_series_per_probe",
     "render_cache_seconds",
 }
-_SERVER = {"header_timeout", "keep_alive_timeout", "body_timeout", "max_connections"}
+_SERVER = {
+    "header_timeout",
+    "keep_alive_timeout",
+    "body_timeout",
+    "max_connections",
+    "max_connections_per_ip",
+}
 _READS = {"open", "token_file", "basic_user", "basic_password_file", "metrics", "healthz"}
 
 
@@ -289,11 +300,19 @@ def parse_collector_config(  # noqa: C901 - one flat check per key, so every mis
             number(limits.get("max_groups_per_probe"), "limits.max_groups_per_probe", 2_000, 1)
         ),
         max_domain_series=int(number(limits.get("max_domain_series"), "limits.max_domain_series", 100, 1)),
+        max_exported_series_per_probe=int(
+            number(
+                limits.get("max_exported_series_per_probe"), "limits.max_exported_series_per_probe", 10_000, 1
+            )
+        ),
         render_cache_seconds=number(limits.get("render_cache_seconds"), "limits.render_cache_seconds", 2, 0),
         header_timeout=number(server.get("header_timeout"), "server.header_timeout", 10, 0.1),
         keep_alive_timeout=number(server.get("keep_alive_timeout"), "server.keep_alive_timeout", 5, 0.1),
         body_timeout=number(server.get("body_timeout"), "server.body_timeout", 30, 0.1),
         max_connections=int(number(server.get("max_connections"), "server.max_connections", 1000, 4)),
+        max_connections_per_ip=int(
+            number(server.get("max_connections_per_ip"), "server.max_connections_per_ip", 64, 1)
+        ),
         reads=access,
         compliance_interval=number(doc.get("compliance_interval"), "compliance_interval", 30, 1),
         ip_block_window=_window(doc.get("ip_block_window"), errors),

@@ -211,19 +211,21 @@ class GroupQuota:
             return None
 
 
-_PLAIN_STRING = re.compile(rb'"[^"]*"')
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
 _LEAF = re.compile(rb"\[\]|\{\}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _outside_strings(data: bytes) -> bytes:
-    """`data` without its JSON strings. Inside a string every backslash starts a two-byte escape,
-    so removing `\\\\` pairs first and then `\\"` leaves only the quotes that delimit strings,
-    and a negated class finds those at C speed (twice as fast as an escape-aware pattern)."""
+def _brackets_outside_strings(data: bytes) -> bytes:
+    """The brackets of `data` outside its JSON strings, in order. Inside a string every backslash
+    starts a two-byte escape, so removing `\\\\` pairs first and then `\\"` leaves only the
+    quotes that delimit strings; then only brackets and quotes are kept (at C speed), and every
+    other piece between quotes is outside a string. A quarter of the time of a pattern that
+    removes strings from the whole body (bench/README.md); an unterminated string's tail is
+    dropped, which json.loads refuses anyway."""
     if b"\\" in data:
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    return _PLAIN_STRING.sub(b"", data)
+    return b"".join(data.translate(None, _NOT_STRUCTURE).split(b'"')[::2])
 
 
 def _finite(text: str) -> float:
@@ -268,7 +270,7 @@ def parse_body(data: bytes) -> Any:
     limit = CONTAINERS_PER_MEASUREMENT * MAX_BATCH_MEASUREMENTS + 64
     if data.count(b"[") + data.count(b"{") > limit:
         raise Refusal(422, f"the body holds more than {limit} JSON arrays and objects", "invalid")
-    brackets = _outside_strings(data).translate(None, _NOT_BRACKET)
+    brackets = _brackets_outside_strings(data)
     # Each pass removes the innermost pairs: anything left after MAX_BODY_DEPTH passes is deeper.
     for _ in range(MAX_BODY_DEPTH):
         if not brackets:
@@ -477,7 +479,7 @@ class IngestGate:
                 403, f"this token belongs to probe {probe_id!r}, not {batch.probe.id!r}", "forbidden"
             )
         received = time.time()
-        rows = [m.model_dump(mode="json") for m in batch.measurements]
+        rows = batch.model_dump(mode="json")["measurements"]  # one call: a fifth less than one each
         clamped = self._check_times(rows, received)
         wait = bucket.wait_for(len(rows))
         if wait > 0:

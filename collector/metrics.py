@@ -78,7 +78,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "blockprobe_domain_series_capped": (
         "gauge",
-        "Per-domain series left out of blockprobe_leak/blockprobe_overblock by the cap (limits.max_domain_series).",
+        "Per-domain series left out of blockprobe_leak/blockprobe_overblock by the caps "
+        "(limits.max_domain_series, limits.max_exported_series_per_probe).",
         ("probe", "region", "country", "resolver", "transport", "rule", "finding"),
     ),
     "blockprobe_control_failure_ratio": (
@@ -144,7 +145,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "blockprobe_reach_series_capped": (
         "gauge",
-        "Per-domain series left out of blockprobe_reach by the cap (limits.max_domain_series).",
+        "Per-domain series left out of blockprobe_reach by the caps "
+        "(limits.max_domain_series, limits.max_exported_series_per_probe).",
         ("probe", "region", "country", "resolver", "transport", "rule", "finding"),
     ),
     "blockprobe_ip_block": (
@@ -267,25 +269,66 @@ def _capped(
     return kept, left_out
 
 
+class _Budget:
+    """Per probe, the per-name lines still allowed on /metrics (limits.max_exported_series_per_probe):
+    without it a probe at its group quota (2,000 groups × 100 names) could export 200,000."""
+
+    def __init__(self, per_probe: int) -> None:
+        self.per_probe = per_probe
+        self.left: dict[str, int] = {}
+
+    def take(self, rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the rows that fit, in order; those that do not)."""
+        kept: list[dict[str, Any]] = []
+        dropped: list[dict[str, Any]] = []
+        for r in rows:
+            n = self.left.get(r["probe_id"], self.per_probe)
+            if n > 0:
+                self.left[r["probe_id"]] = n - 1
+                kept.append(r)
+            else:
+                dropped.append(r)
+        return kept, dropped
+
+
+def _left_out_key(p: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        p["probe_id"],
+        p["region"],
+        p["country"],
+        p["resolver"],
+        p["transport"],
+        p["rule"] or "",
+        p["finding"],
+    )
+
+
 def render_findings(
     store: Store,
     stale_after: float,
     now: float | None = None,
     max_domain_series: int = 100,
     ip_block_window: float = 3600.0,
+    max_exported_series_per_probe: int = 10_000,
 ) -> str:
     """The findings families as Prometheus text, from the latest state within the staleness window.
 
-    Per-domain families are capped per group; the true counts stay in blockprobe_domains.
+    Per-domain families are capped per group, and all of a probe's per-domain lines together
+    at `max_exported_series_per_probe` (leaks and overblocks first, then canaries, the `since`
+    of the longest-standing, reach); the true counts stay in blockprobe_domains and
+    blockprobe_reach_domains, what was left out in the *_capped families.
     """
     now = time.time() if now is None else now
     since = now - stale_after
     counts, reach_counts = store.counts_and_reach(since)
     problems, left_out = _capped(store, since, counts, max_domain_series)
-    # Canaries whose fate was not the expected one, read per group as the leaks are.
-    canaries = [
-        c[:7] for c in counts if c[5] == "canary" and c[6] not in (None, "ok", "enforced") and c[7] > 0
-    ]
+    budget = _Budget(max_exported_series_per_probe)
+    problems, dropped = budget.take(problems)
+    for p in dropped:
+        key = _left_out_key(p)
+        left_out[key] = left_out.get(key, 0) + 1
+    canary_rows, _ = budget.take(store.capped_problems(since, canaries_of(counts), max_domain_series))
+    since_rows, _ = budget.take(_oldest(problems, SINCE_PER_GROUP))
     probes = store.probes()
     w = _Writer()
     w.family(
@@ -317,7 +360,7 @@ def render_findings(
                 [*_series(p), p["finding"]],
                 p["since"],
             )
-            for p in _oldest(problems, SINCE_PER_GROUP)
+            for p in since_rows
         ),
     )
     orders: dict[tuple[str, str, str, str], list[int]] = {}
@@ -364,7 +407,7 @@ def render_findings(
                 ],
                 1,
             )
-            for c in store.capped_problems(since, canaries, max_domain_series)
+            for c in canary_rows
         ),
     )
     w.family(
@@ -376,7 +419,7 @@ def render_findings(
         ),
     )
     _write_compliance(w, store, since)
-    _render_reach(w, store, since, max_domain_series, reach_counts)
+    _render_reach(w, store, since, max_domain_series, reach_counts, budget)
     _render_ip_blocks(w, store, now, ip_block_window, max_domain_series)
     return w.text()
 
@@ -405,8 +448,18 @@ def _write_compliance(w: _Writer, store: Store, since: float) -> None:
     family("blockprobe_order_names_leaking", lambda r: r["names_leaking"])
 
 
+def canaries_of(counts: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+    """The groups of canaries whose fate was not the expected one, read per group as the leaks are."""
+    return [c[:7] for c in counts if c[5] == "canary" and c[6] not in (None, "ok", "enforced") and c[7] > 0]
+
+
 def _render_reach(
-    w: _Writer, store: Store, since: float, per_group: int, counts: Sequence[Sequence[Any]]
+    w: _Writer,
+    store: Store,
+    since: float,
+    per_group: int,
+    counts: Sequence[Sequence[Any]],
+    budget: _Budget,
 ) -> None:
     """blockprobe_reach (capped per probe × resolver × transport × order × finding, like the leak
     series) and the true counts in blockprobe_reach_domains."""
@@ -422,7 +475,11 @@ def _render_reach(
     for probe, region, country, resolver, transport, rule, finding, _reach, n in problems:
         key = (probe, region, country, resolver, transport, rule or "", finding)
         totals[key] = totals.get(key, 0) + int(n)
-    left_out = {k: n - per_group for k, n in sorted(totals.items()) if n > per_group}
+    left_out = {k: n - per_group for k, n in totals.items() if n > per_group}
+    kept, dropped = budget.take(kept)
+    for r in dropped:
+        over = _left_out_key(r)
+        left_out[over] = left_out.get(over, 0) + 1
     w.family(
         "blockprobe_reach",
         (
@@ -484,6 +541,7 @@ class Health:
             "busy",
             "slow_body",
             "read_unauthorized",
+            "read_busy",
         ):
             self.rejected.labels(r)
         # Labelled by probe: only authenticated probes get here, so the label set is bounded by the tokens.
@@ -515,13 +573,22 @@ class Health:
         )
 
     def findings(
-        self, store: Store, stale_after: float, max_domain_series: int = 100, ip_block_window: float = 3600.0
+        self,
+        store: Store,
+        stale_after: float,
+        max_domain_series: int = 100,
+        ip_block_window: float = 3600.0,
+        max_exported_series_per_probe: int = 10_000,
     ) -> bytes:
         """The findings families from the store (the slow part of a scrape, cached by the app)."""
         started = time.perf_counter()
         try:
             findings = render_findings(
-                store, stale_after, max_domain_series=max_domain_series, ip_block_window=ip_block_window
+                store,
+                stale_after,
+                max_domain_series=max_domain_series,
+                ip_block_window=ip_block_window,
+                max_exported_series_per_probe=max_exported_series_per_probe,
             )
         except Exception:
             self.db_errors.inc()

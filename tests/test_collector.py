@@ -172,8 +172,9 @@ def test_a_leak_becomes_a_series_then_goes_when_enforced(server: Server) -> None
     assert scrape[leak] == 1
     counts = 'blockprobe_domains{country="IT",finding="%s",list="agcom-1",probe="it-1",region="it-milan",resolver="udp://192.0.2.53",transport="udp"}'
     assert scrape[counts % "leak"] == 1
-    time.sleep(0.01)
-    enforced = measurement(finding="enforced", outcome="nxdomain", blocked=True, answers=[])
+    # A second later than the leak, so the latest state cannot tie on the measurement time.
+    later = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() + 1))
+    enforced = measurement(finding="enforced", outcome="nxdomain", blocked=True, answers=[], time=later)
     assert post(server, token, batch(measurements=[enforced])).status_code == 200
     scrape = server.scrape()
     assert leak not in scrape

@@ -37,6 +37,7 @@ from .real import free_port
 from .test_collector import batch, measurement
 
 HOST = "127.0.0.1"
+ATTACKER = "127.0.0.7"  # another loopback address: Linux routes all of 127.0.0.0/8 to lo
 LIMITS = {
     "render_cache_seconds": 1,
     "max_series_per_probe": 3000,
@@ -56,7 +57,12 @@ class Collector:
     """`collector serve` as its own process, with tokens for a legitimate probe and an attacker."""
 
     def __init__(
-        self, work: Path, extra: str = "", limits: dict[str, float] | None = None, verify: Any = True
+        self,
+        work: Path,
+        extra: str = "",
+        limits: dict[str, float] | None = None,
+        verify: Any = True,
+        server: dict[str, float] | None = None,
     ) -> None:
         self.work = work
         self.port = free_port(HOST)
@@ -64,11 +70,13 @@ class Collector:
         read_token = "read-" + "x" * 24
         (work / "read-token").write_text(read_token + "\n")
         self.read_token = read_token
+        self.read_auth = {"authorization": f"Bearer {read_token}"}
         self.config = work / "collector.yaml"
+        deadlines = {"header_timeout": TIMEOUT, "body_timeout": TIMEOUT, "keep_alive_timeout": TIMEOUT}
         self.config.write_text(
             f"listen: {HOST}:{self.port}\nstate_dir: {work}\ndatabase: sqlite:///{self.db}\n"
-            f"server: {{header_timeout: {TIMEOUT}, body_timeout: {TIMEOUT}, keep_alive_timeout: {TIMEOUT}}}\n"
-            f"limits: {json.dumps(limits or LIMITS)}\n" + extra
+            f"server: {json.dumps(deadlines | (server or {}))}\n"
+            f"limits: {json.dumps(LIMITS if limits is None else limits)}\n" + extra
         )
         store = open_store(f"sqlite:///{self.db}")
         self.tokens = {}
@@ -87,7 +95,9 @@ class Collector:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx2.get(f"{self.url}/healthz", timeout=1, verify=verify).status_code == 200:
+                # With the read token, in case /healthz is protected (it is open on every other read).
+                ready = httpx2.get(f"{self.url}/healthz", timeout=1, verify=verify, headers=self.read_auth)
+                if ready.status_code == 200:
                     break
             except httpx2.HTTPError:
                 pass
@@ -125,8 +135,10 @@ class Collector:
         assert r.status_code == 200, r.text
         return time.monotonic() - t0
 
-    def connect(self) -> socket.socket:
-        return socket.create_connection((HOST, self.port), timeout=10)
+    def connect(self, source: str = ATTACKER) -> socket.socket:
+        """A raw socket from `source`: attacks come from their own address, as from outside, so
+        that the per-source cap (server.max_connections_per_ip) falls on them, not on the probe."""
+        return socket.create_connection((HOST, self.port), timeout=10, source_address=(source, 0))
 
     def stop(self) -> int:
         self.client.close()
@@ -340,7 +352,7 @@ def test_values_json_cannot_carry_are_refused_with_422(
 def test_a_measurement_cannot_claim_another_probe_and_batch_ids_are_per_probe(collector: Collector) -> None:
     forged = measurement(
         domain="forged.example",
-        id=1,
+        id=10**9,  # never a real archive id here, so the assertion below holds in a fresh db too
         batch_id="someone-else",
         probe="legit",
         region="x",
@@ -375,7 +387,7 @@ def test_a_measurement_cannot_claim_another_probe_and_batch_ids_are_per_probe(co
     )
     assert row["received"] > 1.7e9
     assert isinstance(row["id"], int)
-    assert row["id"] != 1
+    assert row["id"] != 10**9
 
 
 def test_one_token_cannot_flood_prometheus(collector: Collector) -> None:
@@ -598,3 +610,388 @@ def test_the_structure_scan_reads_strings_as_json_does() -> None:
     too_deep = {"k": tricky, "deep": json.loads("[" * MAX_BODY_DEPTH + "]" * MAX_BODY_DEPTH)}
     with pytest.raises(Refusal, match="nested deeper"):
         parse_body(json.dumps(too_deep).encode())
+
+
+def _closed_within(s: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed `s`, reading whatever it sent; None if still open after `seconds`."""
+    t0 = time.monotonic()
+    s.settimeout(max(0.05, seconds))
+    try:
+        while s.recv(4096):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        return None
+    return time.monotonic() - t0
+
+
+def _tls_init(work: Path) -> ssl.SSLContext:
+    from click.testing import CliRunner
+
+    from collector.cli import cli
+
+    result = CliRunner().invoke(cli, ["tls-init", str(work / "tls"), "--name", HOST])
+    assert result.exit_code == 0, result.output
+    return ssl.create_default_context(cafile=str(work / "tls" / "ca.pem"))
+
+
+def test_a_tls_handshake_must_finish_within_the_header_deadline_and_takes_a_place(tmp_path: Path) -> None:
+    """A socket that never sends a ClientHello was held for asyncio's 60 s handshake timeout and
+    counted nowhere: now the handshake is under server.header_timeout and the socket counts
+    towards server.max_connections from accept."""
+    trust = _tls_init(tmp_path)
+    c = Collector(
+        tmp_path,
+        "tls: {cert: tls/cert.pem, key: tls/key.pem}\n",
+        verify=trust,
+        server={"max_connections": 8, "max_connections_per_ip": 100},
+    )
+    silent: list[socket.socket] = []
+    try:
+        t0 = time.monotonic()
+        silent = [c.connect() for _ in range(8)]  # TCP only, never a ClientHello
+        ninth = c.connect()  # accepted after the eight (the accept queue is in order)
+        at_once = _closed_within(ninth, 1.5)
+        ninth.close()
+        assert at_once is not None, "a ninth socket was given a place past max_connections"
+        closed = [_closed_within(s, TIMEOUT + 4 - (time.monotonic() - t0)) for s in silent]
+        assert None not in closed, "a socket in its TLS handshake outlived the header deadline"
+        took = time.monotonic() - t0
+        assert TIMEOUT - 0.5 < took < TIMEOUT + 4, took  # held until the deadline, then cut
+        assert c.legit_push() < PUSH_BUDGET  # their places are free again
+    finally:
+        for s in silent:
+            s.close()
+        assert c.stop() == 0
+
+
+def test_one_source_cannot_take_every_connection(tmp_path: Path) -> None:
+    """8 half-sent requests from one address filled max_connections: 8 and /healthz got 503;
+    now one source holds at most server.max_connections_per_ip and the others are served."""
+    c = Collector(
+        tmp_path,
+        "reads: {open: true}\n",
+        server={"max_connections": 8, "max_connections_per_ip": 4, "header_timeout": 30},
+    )
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            s = c.connect()  # from ATTACKER
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow-")
+            socks.append(s)
+        beyond = [_closed_within(s, 1.5) for s in socks[4:]]
+        assert None not in beyond, beyond  # past the source's cap: closed at once
+        for s in socks[:4]:  # within it: held (until the header deadline, 30 s here)
+            s.settimeout(0.05)
+            with pytest.raises(TimeoutError):
+                s.recv(1)
+        r = httpx2.get(f"{c.url}/healthz", timeout=5)  # from 127.0.0.1: another source
+        assert r.status_code == 200, r.text
+        assert c.legit_push() < PUSH_BUDGET
+    finally:
+        for s in socks:
+            s.close()
+        assert c.stop() == 0
+
+
+def test_one_token_cannot_push_metrics_past_its_bound_with_the_default_limits(tmp_path: Path) -> None:
+    """Issue 11 §3 with the defaults: 2,000 groups × 100 names per token was 200,000 per-name series.
+    Per-name lines of one probe are now bounded by limits.max_exported_series_per_probe; the
+    true counts stay in blockprobe_domains and the rest is counted as capped."""
+    defaults = parse_collector_config("")
+    bound = defaults.max_exported_series_per_probe
+    per_group = defaults.max_domain_series
+    groups = 120  # 12,000 leaking series, each group at (not over) its own cap of 100
+    assert groups * per_group > bound
+    c = Collector(tmp_path, limits={})  # every limit at its default
+    try:
+        for b in range(groups // 10):
+            ms = [
+                measurement(domain=f"n{i}.example", resolver=f"udp://192.0.2.{b * 10 + r}")
+                for r in range(10)
+                for i in range(per_group)
+            ]
+            r = c.push("flood", batch("flood", ms))
+            assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 20  # the render cache may hold an older scrape for a moment
+        while True:
+            lines = [ln for ln in c.client.get("/metrics").text.splitlines() if 'probe="flood"' in ln]
+            domains = sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("blockprobe_domains{"))
+            if domains == groups * per_group or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert domains == groups * per_group  # the true count
+        per_name = [
+            ln
+            for ln in lines
+            if ln.split("{", 1)[0]
+            in (
+                "blockprobe_leak",
+                "blockprobe_overblock",
+                "blockprobe_finding_since_timestamp_seconds",
+                "blockprobe_reach",
+                "blockprobe_canary_failing",
+            )
+        ]
+        assert len(per_name) == bound, len(per_name)
+        capped = sum(
+            float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("blockprobe_domain_series_capped{")
+        )
+        assert capped == groups * per_group - bound
+        # Besides the per-name lines, a few aggregates per group (counts, reach counts, caps,
+        # reachability, latency): bounded by the group quota, not by what the probe sends.
+        assert len(lines) <= bound + 8 * groups, len(lines)
+        assert c.legit_push() < PUSH_BUDGET
+    finally:
+        assert c.stop() == 0
+
+
+NOT_TEXT_TOKENS = [
+    ("int", "987654321987654321", "987654321987654321"),
+    ("hex", "0x7fffffffffffffff1", str(0x7FFFFFFFFFFFFFFF1)),
+    ("float", "98765.4321e+3", "98765432.1"),
+    ("sexagesimal", "190:20:30", str(190 * 3600 + 20 * 60 + 30)),
+    ("list", "[secret-token-in-a-list]", "secret-token-in-a-list"),
+]
+
+
+@pytest.mark.parametrize(("value", "parsed"), [pytest.param(*t[1:], id=t[0]) for t in NOT_TEXT_TOKENS])
+def test_check_config_never_prints_a_token_that_is_not_a_yaml_string(
+    tmp_path: Path, value: str, parsed: str
+) -> None:
+    """Issue 11: `probe check-config` echoed a token that YAML read as a number."""
+    lists = Path(__file__).parent / "lists" / "lab-orders.yaml"
+    config = tmp_path / "probe.yaml"
+    config.write_text(
+        "probe: {id: it-test-1, region: it-lab, country: IT}\n"
+        f'collector: {{url: "http://127.0.0.1:9", token: {value}}}\n'
+        'resolvers: ["udp://127.0.0.1:5353"]\ncontrols: ["udp://127.0.0.1:5354"]\n'
+        f"lists: [{lists}]\nstate_dir: {tmp_path / 'state'}\nverify: {{mode: 'off'}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "probe.cli", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "collector.token: must be a text" in result.stderr
+    for out in (result.stdout, result.stderr):
+        assert value not in out
+        assert parsed not in out
+
+
+def test_metrics_can_be_open_while_pages_are_protected_and_healthz_protected(tmp_path: Path) -> None:
+    c = Collector(
+        tmp_path, "reads: {token_file: read-token, open: false, metrics: open, healthz: protected}\n"
+    )
+    try:
+        r = c.client.get("/metrics")
+        assert r.status_code == 200
+        assert "blockprobe_collector_batches_total" in r.text
+        for path in (
+            "/",
+            "/healthz",
+            "/api/v1/findings",
+            "/api/v1/ip-blocks",
+            "/evidence?probe=a&resolver=b&transport=udp&qtype=A&domain=c",
+        ):
+            r = c.client.get(path)
+            assert r.status_code == 401, path
+            assert "read token" in r.json()["detail"]
+            assert c.client.get(path, headers=c.read_auth).status_code == 200, path
+        counted = 'blockprobe_collector_rejected_total{reason="read_unauthorized"} 5.0'
+        deadline = time.monotonic() + 10  # the scrape is cached for render_cache_seconds
+        while counted not in c.client.get("/metrics").text:
+            assert time.monotonic() < deadline, "the refused reads were not counted"
+            time.sleep(0.2)
+        assert c.legit_push() < PUSH_BUDGET
+    finally:
+        assert c.stop() == 0
+
+
+class InProcess:
+    """The collector app on uvicorn in a thread of this process, for tests that hold a store read
+    on an event (so that what is busy is surely busy)."""
+
+    def __init__(self, store: Any) -> None:
+        from collector.app import create_app
+        from collector.server import CollectorServer, server_config
+
+        port = free_port(HOST)
+        config = parse_collector_config(f"listen: {HOST}:{port}\n")
+        self.app = create_app(config, store)
+        self.server = CollectorServer(server_config(self.app, config, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://{HOST}:{port}"
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "collector did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _held(real: Callable[..., Any], entered: threading.Semaphore, release: threading.Event) -> Any:
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.release()
+        release.wait(20)
+        return real(*args, **kwargs)
+
+    return held
+
+
+def test_on_demand_reads_past_their_slots_get_503_with_retry_after(tmp_path: Path) -> None:
+    """/evidence, /api/v1/ip-blocks and paged reads share two slots: a third reader is told to
+    come back rather than take another of the worker threads the ingest needs. The store's
+    evidence read is held on an event (in process) so that the two slots are surely taken."""
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    store.evidence = _held(store.evidence, entered, release)  # type: ignore[method-assign]
+    c = InProcess(store)
+    evidence = "/evidence?probe=a&resolver=b&transport=udp&qtype=A&domain=c"
+    statuses: list[int] = []
+    try:
+
+        def slow_reader() -> None:
+            statuses.append(httpx2.get(c.url + evidence, timeout=30).status_code)
+
+        readers = [threading.Thread(target=slow_reader) for _ in range(2)]
+        for t in readers:
+            t.start()
+        for _ in range(2):
+            assert entered.acquire(timeout=10), "the two slow reads did not start"
+        with httpx2.Client(base_url=c.url, timeout=5) as client:
+            for path in (evidence, "/api/v1/ip-blocks", "/api/v1/findings"):
+                r = client.get(path)
+                assert r.status_code == 503, (path, r.status_code)
+                assert r.headers["retry-after"] == "1", path
+            assert client.get("/healthz").status_code == 200  # not a read of that kind
+            release.set()
+            for t in readers:
+                t.join(20)
+            assert statuses == [200, 200]
+            assert client.get("/api/v1/ip-blocks").status_code == 200
+            assert (
+                'blockprobe_collector_rejected_total{reason="read_busy"} 3.0' in client.get("/metrics").text
+            )
+    finally:
+        release.set()
+        c.stop()
+        store.close()
+
+
+def test_health_checks_share_one_store_read_however_many_arrive(tmp_path: Path) -> None:
+    """/healthz is open by default: eight at once take one worker thread between them, not eight."""
+    store = open_store(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    store.probes = _held(store.probes, entered, release)  # type: ignore[method-assign]
+    c = InProcess(store)
+    statuses: list[int] = []
+    try:
+        checks = [
+            threading.Thread(
+                target=lambda: statuses.append(httpx2.get(c.url + "/healthz", timeout=30).status_code)
+            )
+            for _ in range(8)
+        ]
+        for t in checks:
+            t.start()
+        deadline = time.monotonic() + 10
+        while c.app.state.health_check.waiters < 8:
+            assert time.monotonic() < deadline, c.app.state.health_check.waiters
+            time.sleep(0.02)
+        assert entered.acquire(timeout=1)
+        assert not entered.acquire(timeout=0.2)  # one store read for the eight
+        release.set()
+        for t in checks:
+            t.join(20)
+        assert statuses == [200] * 8
+    finally:
+        release.set()
+        c.stop()
+        store.close()
+
+
+def test_the_monitoring_roles_scrape_job_reaches_the_default_tls_protected_collector(tmp_path: Path) -> None:
+    """ansible/roles/monitoring's scrape jobs, rendered as the role renders them, given to a real
+    Prometheus: it scrapes a collector that serves TLS from its own CA with /metrics protected."""
+    import shutil
+
+    import jinja2
+    import yaml
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (scripts/system-deps installs it)")
+    role = Path(__file__).parent.parent / "ansible" / "roles" / "monitoring"
+    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
+    trust = _tls_init(tmp_path)
+    c = Collector(
+        tmp_path,
+        "tls: {cert: tls/cert.pem, key: tls/key.pem}\nreads: {token_file: read-token, open: false}\n",
+        verify=trust,
+    )
+    sd = tmp_path / "file_sd"
+    sd.mkdir()
+    # What the role writes: the targets file, and the CA and token as copied from the controller.
+    (sd / "blockprobe-collector.yml").write_text(
+        yaml.safe_dump([{"targets": [f"{HOST}:{c.port}"], "labels": {"job": "blockprobe-collector"}}])
+    )
+    (sd / "blockprobe-probes.yml").write_text("[]\n")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["to_json"] = json.dumps
+    scrape = env.from_string((role / "templates" / "blockprobe-scrape.yml.j2").read_text()).render(
+        ansible_managed="test",
+        monitoring_collector_scheme=defaults["monitoring_collector_scheme"],  # the role's default
+        monitoring_collector_ca_local="ca.pem on the controller",
+        monitoring_collector_read_token_local="read-token on the controller",
+        monitoring_collector_ca_file=str(tmp_path / "tls" / "ca.pem"),
+        monitoring_collector_read_token_file=str(tmp_path / "read-token"),
+        monitoring_prometheus_file_sd_dir=str(sd),
+    )
+    jobs = yaml.safe_load(scrape)["scrape_configs"]
+    for job in jobs:
+        job["scrape_interval"] = "1s"
+    (tmp_path / "prom.yml").write_text(yaml.safe_dump({"scrape_configs": jobs}))
+    port = free_port(HOST)
+    log = (tmp_path / "prom.log").open("wb")
+    prom = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prom.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={HOST}:{port}",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 45
+        up: list[Any] = []
+        while time.monotonic() < deadline:
+            assert prom.poll() is None, (tmp_path / "prom.log").read_text()[-3000:]
+            try:
+                r = httpx2.get(
+                    f"http://{HOST}:{port}/api/v1/query", params={"query": 'up{job="blockprobe-collector"}'}
+                )
+                up = r.json()["data"]["result"]
+            except (httpx2.HTTPError, ValueError, KeyError):
+                up = []
+            if up and up[0]["value"][1] == "1":
+                break
+            time.sleep(0.5)
+        assert up, (tmp_path / "prom.log").read_text()[-3000:]
+        assert up[0]["value"][1] == "1", (up, (tmp_path / "prom.log").read_text()[-3000:])
+        assert up[0]["metric"]["instance"] == f"{HOST}:{c.port}"
+    finally:
+        prom.terminate()
+        prom.wait(20)
+        log.close()
+        assert c.stop() == 0
