@@ -43,7 +43,14 @@ _PUSH = 2.0  # probes push every _PUSH seconds
 WIDTH = 80  # the banner fits an 80-column terminal
 
 # The alerts the demo fires within alert_deadline(), and why each of the others does not.
-FIRES = ("BlockprobeLeak", "BlockprobeOverblock", "BlockprobeLeakConfirmed", "BlockprobeOverblockConfirmed")
+FIRES = (
+    "BlockprobeLeak",
+    "BlockprobeOverblock",
+    "BlockprobeLeakName",
+    "BlockprobeOverblockName",
+    "BlockprobeLeakConfirmed",
+    "BlockprobeOverblockConfirmed",
+)
 SILENT = "BlockprobeProbeSilent"  # fires only if a probe stops: the banner says after how long
 QUIET = {
     "BlockprobeResolverUnreachable": "every lab resolver answers on every transport",
@@ -115,7 +122,8 @@ def _alert_lines(interval: float) -> list[str]:
         f"Demo rules: every `for:` is {DEMO_FOR} (production: {production['BlockprobeLeak']} for one probe, "
         f"{production['BlockprobeLeakConfirmed']} for two).",
         f"Within {alert_deadline(interval):.0f} s of start: BlockprobeLeak and BlockprobeOverblock (warning, one "
-        "probe), BlockprobeLeakConfirmed and BlockprobeOverblockConfirmed (critical, both Italian probes).",
+        "probe), BlockprobeLeakName and BlockprobeOverblockName (one per name: the demo's groups are small), "
+        "BlockprobeLeakConfirmed and BlockprobeOverblockConfirmed (critical, both Italian probes).",
         f"{SILENT} fires only if a probe stops reporting for {_duration_words(silent_after())}.",
         "Never in the demo: "
         + "; ".join(f"{name} ({why})" for name, why in QUIET.items() if name in production)

@@ -26,7 +26,14 @@ from .fake_collector import wait_for
 
 ROOT = Path(__file__).parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-FIRING = ("BlockprobeLeak", "BlockprobeLeakConfirmed", "BlockprobeOverblock", "BlockprobeOverblockConfirmed")
+FIRING = (
+    "BlockprobeLeak",
+    "BlockprobeLeakConfirmed",
+    "BlockprobeLeakName",
+    "BlockprobeOverblock",
+    "BlockprobeOverblockConfirmed",
+    "BlockprobeOverblockName",
+)
 # What `make demo` runs: `python -m fleet` with its default interval.
 INTERVAL = float(next(p.default for p in fleet_main.params if p.name == "interval"))  # type: ignore[arg-type]
 
