@@ -296,13 +296,16 @@ class UdpExchanger:
             timer.cancel()
         self.loss.add(entry.sends)
         latency = (time.perf_counter() - entry.sent) * 1000
-        evidence = _ignored(entry)
+        evidence = _ignored(entry) if entry.ignored else {}  # nearly always nothing to keep: no call
         if data[2] & _TC:
             del sock.pending[qid]
             return await self._fallback(query, deadline, latency, evidence, entry.sends)
         entry.answered = data
         result = Exchange(data, None, latency, evidence, sends=entry.sends, channel=channel.name)
-        self._linger(sock, qid, entry, result, evidence)
+        if self.options.udp_linger > 0:
+            self._linger(sock, qid, entry, result, evidence)
+        else:
+            del sock.pending[qid]
         return result
 
     def _linger(
@@ -310,9 +313,6 @@ class UdpExchanger:
     ) -> None:
         """Keep listening under the answered ID for `udp_linger` seconds: a second, different
         answer to the same query is kept as evidence."""
-        if self.options.udp_linger <= 0:
-            del sock.pending[qid]
-            return
         loop = asyncio.get_running_loop()
         settled: asyncio.Future[None] = loop.create_future()
         result.settled = settled
