@@ -137,16 +137,24 @@ class Dues:
     for the next one.
     """
 
-    __slots__ = ("_armed", "_handle", "_last", "_queue")
+    __slots__ = ("_armed", "_handle", "_last", "_loop", "_queue")
 
     def __init__(self) -> None:
         self._queue: deque[tuple[float, Timer]] = deque()
         self._last = float("-inf")
         self._armed = 0.0
         self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, when: float, timer: Timer) -> bool:
         """Queue `timer` to fire at `when`; False, and nothing queued, if that is out of order."""
+        if timer.loop is not self._loop:
+            # First use, or an exchanger used again under a new event loop: a sweep armed on
+            # the old one never runs, and must not keep this loop's timers from firing.
+            self._loop = timer.loop
+            self._queue.clear()
+            self._last = float("-inf")
+            self._handle = None
         if when < self._last:
             return False
         self._last = when
