@@ -113,6 +113,54 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(go())
 
 
+def _child_exchanger(args: dict[str, Any]) -> dict[str, Any]:
+    """The UDP exchanger alone, its socket's send replaced by an instant in-process reply (the
+    query with QR set, delivered on the next loop iteration): no kernel, no resolver, so the
+    figure is the exchanger's own Python, and under callgrind its instruction count is exact."""
+    import asyncio
+    import inspect
+    import time
+
+    import probe
+    from probe.specs import parse_endpoint
+    from probe.transports import Options, make_exchanger, udp
+    from probe.wire import build_query
+
+    # Before issue 14, datagram_received also took the sender's address.
+    with_addr = len(inspect.signature(udp._Socket.datagram_received).parameters) == 3
+
+    def send(self: Any, data: bytes) -> None:
+        reply = bytes([data[0], data[1], data[2] | 0x80]) + data[3:]
+        if with_addr:
+            self._loop.call_soon(self.datagram_received, reply, None)
+        else:
+            self._loop.call_soon(self.datagram_received, reply)
+
+    udp._Socket.send = send  # type: ignore[method-assign]
+    queries = [build_query(f"n{i}.{ZONE}", "A", False) for i in range(args["names"])]
+    endpoint, _ = parse_endpoint("udp://127.0.0.1:9")  # never reached: send is replaced above
+
+    async def go() -> dict[str, Any]:
+        exchanger = make_exchanger(endpoint, Options(timeout=5, udp_linger=0.0))
+
+        async def worker(k: int, n: int) -> int:
+            bad = 0
+            for j in range(k, n, 100):
+                bad += (await exchanger.exchange(queries[j % len(queries)])).response is None
+            return bad
+
+        await asyncio.gather(*(worker(k, 2000) for k in range(100)))  # warm: sockets, caches
+        n = args["measurements"]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        errors = sum(await asyncio.gather(*(worker(k, n) for k in range(100))))
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        await exchanger.aclose()
+        return {"cpu_ms_per_1k": cpu * 1e6 / n, "qps": n / wall, "errors": errors, "probe": probe.__file__}
+
+    return asyncio.run(go())
+
+
 def _unid(b64: str) -> str:
     """The message with ID 0: IDs are random by design."""
     raw = base64.b64decode(b64)
@@ -262,6 +310,8 @@ def _compare(trees: list[Path], args: dict[str, Any], rounds: int, canned: bool)
             line += f"  ratio {ratios[-1]:.3f}"
         print(f"round {r + 1}: {line}", flush=True)
     mode = "canned exchange" if canned else f"unbound over {args['transport']}"
+    if args.get("exchanger"):
+        mode = "the UDP exchanger alone"
     print(f"\n{mode}, {args['measurements']} measurements per run, median of {rounds} runs:")
     for t in trees:
         print(f"  {t}: {statistics.median(runs[t]):.1f} ms CPU per 1,000 measurements")
@@ -280,6 +330,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--canned", action="store_true", help="answer every exchange from a table: no network")
     ap.add_argument("--encode", action="store_true", help="also encode each measurement as a JSON line")
+    ap.add_argument(
+        "--udp-exchanger", action="store_true", help="the UDP exchanger alone, instant in-process replies"
+    )
     ap.add_argument("--against", type=Path, help="another tree (holding probe/) to compare with")
     ap.add_argument("--profile", action="store_true", help="cProfile this tree once instead")
     ap.add_argument("--top", type=int, default=40)
@@ -288,7 +341,8 @@ def main() -> None:
     ap.add_argument("--child-scenarios", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.child is not None:
-        print(json.dumps(_child(json.loads(ns.child))), flush=True)
+        child = json.loads(ns.child)
+        print(json.dumps(_child_exchanger(child) if child.get("exchanger") else _child(child)), flush=True)
         return
     if ns.child_scenarios:
         print(json.dumps(_scenarios()), flush=True)
@@ -308,10 +362,11 @@ def main() -> None:
         "measurements": ns.measurements,
         "canned": ns.canned,
         "encode": ns.encode,
+        "exchanger": ns.udp_exchanger,
         "spec": f"{ns.transport}://{HOST}:53",
     }
     server = None
-    if not ns.canned:
+    if not ns.canned and not ns.udp_exchanger:
         work = Path(tempfile.mkdtemp(prefix="blockprobe-bench-cpu-"))
         ca = LabCA(hosts=(HOST,), directory=work)
         zone = "".join(f"n{i} 3600 IN A 93.184.{i // 256 % 256}.{i % 256}\n" for i in range(ns.names))

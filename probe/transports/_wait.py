@@ -10,10 +10,11 @@ overtaken exactly when that number passed its own before its deadline.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["Channel", "Flights", "Timer", "await_reply", "witness_step"]
+__all__ = ["Channel", "Dues", "Flights", "Timer", "await_reply", "witness_step"]
 
 T = TypeVar("T")
 
@@ -71,39 +72,115 @@ class Timer:
 
     A class, not a closure: a closure that re-arms itself refers to itself, and that cycle
     kept every query's future, steps and buffers alive until the garbage collector came by
-    (it doubled the CPU cost of a UDP query)."""
+    (it doubled the CPU cost of a UDP query). Given `dues`, its first arming joins that
+    queue instead of the loop's timers when it can (see `Dues`)."""
 
     __slots__ = ("deadline", "fut", "handle", "index", "loop", "steps")
 
     def __init__(
-        self, fut: asyncio.Future[Any], deadline: float, steps: Sequence[tuple[float, Callable[[], None]]]
+        self,
+        fut: asyncio.Future[Any],
+        deadline: float,
+        steps: Sequence[tuple[float, Callable[[], None]]],
+        dues: Dues | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.fut = fut
+        self.fut: asyncio.Future[Any] | None = fut
         self.deadline = deadline
         self.steps = steps
         self.index = 0
-        self.handle = self._arm()
+        self.handle: asyncio.TimerHandle | None = None
+        when = self._next()
+        if dues is None or not dues.add(when, self):
+            self.handle = self.loop.call_at(when, self._fire)
 
-    def _arm(self) -> asyncio.TimerHandle:
+    def _next(self) -> float:
+        """When this timer fires next: its next step, or the deadline."""
         steps, i = self.steps, self.index
         while i < len(steps) and steps[i][0] >= self.deadline:
             i += 1  # a step due after the deadline never runs
         self.index = i
-        return self.loop.call_at(steps[i][0] if i < len(steps) else self.deadline, self._fire)
+        return steps[i][0] if i < len(steps) else self.deadline
 
     def _fire(self) -> None:
-        if self.fut.done():
+        fut = self.fut
+        if fut is None or fut.done():
             return
         if self.index == len(self.steps):
-            self.fut.set_exception(TimeoutError())
+            fut.set_exception(TimeoutError())
             return
         self.steps[self.index][1]()
         self.index += 1
-        self.handle = self._arm()
+        self.handle = self.loop.call_at(self._next(), self._fire)
 
     def cancel(self) -> None:
-        self.handle.cancel()
+        if self.handle is not None:
+            self.handle.cancel()
+        # A timer waiting in `Dues` stays queued until its time: hold nothing of the query there.
+        self.fut = None
+        self.steps = ()
+
+
+class Dues:
+    """The first timers of one exchanger's queries, which fall due in the order they were armed,
+    swept by one loop timer for the earliest instead of a loop timer each.
+
+    Every query of an exchanger arms its first timer (UDP's first retransmission, a
+    stream's witness step) the same interval after it starts, so those times only grow.
+    A loop timer per query cost a heap push, a cancel and later a heap pop through
+    Python-level comparisons: with the retransmission schedule's own steps, the largest
+    share of what issue 14 added to a UDP or TCP query (bench/README.md, "Winning it
+    back"). Nearly every query is answered long before its first step and leaves a
+    cancelled timer here, which the sweep drops. A timer due before the last one queued
+    (a witness with its own schedule) is armed on the loop as before, and every timer
+    still fires at its own time: the sweep runs at the earliest time queued and re-arms
+    for the next one.
+    """
+
+    __slots__ = ("_armed", "_handle", "_last", "_loop", "_queue")
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[float, Timer]] = deque()
+        self._last = float("-inf")
+        self._armed = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, when: float, timer: Timer) -> bool:
+        """Queue `timer` to fire at `when`; False, and nothing queued, if that is out of order."""
+        if timer.loop is not self._loop:
+            # First use, or an exchanger used again under a new event loop: a sweep armed on
+            # the old one never runs, and must not keep this loop's timers from firing.
+            self._loop = timer.loop
+            self._queue.clear()
+            self._last = float("-inf")
+            self._handle = None
+        if when < self._last:
+            return False
+        self._last = when
+        queue = self._queue
+        # Answered queries' timers leave from the front as new ones come: kept for a whole
+        # step (thousands of them at a few thousand queries a second) they only cost memory
+        # and the garbage collector's passes, which walk every live one.
+        while queue and queue[0][1].fut is None:
+            queue.popleft()
+        queue.append((when, timer))
+        if self._handle is None:
+            self._armed = when
+            self._handle = timer.loop.call_at(when, self._sweep, timer.loop)
+        return True
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = None
+        queue = self._queue
+        limit = max(self._armed, loop.time())
+        try:
+            while queue and queue[0][0] <= limit:
+                queue.popleft()[1]._fire()
+        finally:
+            if queue:  # re-armed even if a step raised, so that no later timer is lost
+                self._armed = queue[0][0]
+                self._handle = loop.call_at(self._armed, self._sweep, loop)
 
 
 def witness_step(

@@ -91,7 +91,8 @@ class Loss:
 
     def add(self, sends: int) -> None:
         self.sends += sends
-        self.lost += max(0, sends - 1)
+        if sends > 1:  # nearly every query is answered at its first send: no call to max() for it
+            self.lost += sends - 1
 
     @property
     def rate(self) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 from probe.specs import Endpoint
 from probe.transports._conn import Opening, RetryAlone, SharedConnection
 from probe.transports._errors import Broken, error, failure_from, timeout
-from probe.transports._wait import Channel, Flights, Timer, witness_step
+from probe.transports._wait import Channel, Dues, Flights, Timer, witness_step
 from probe.transports.base import Exchange, Options, Phase
 from probe.wire import question_of, random_id, reply_problem, set_id
 
@@ -101,6 +101,7 @@ class StreamExchanger(RetryAlone):
         self._shared = SharedConnection(self._open, lambda c: c.dead is None, _abort_conn)
         self._conns = 0
         self._witnesses = Flights()
+        self._dues = Dues()  # every query's witness step, in the order they fall due
 
     def _ssl(self) -> ssl.SSLContext | None:
         return None
@@ -175,6 +176,7 @@ class StreamExchanger(RetryAlone):
             )
             if witness
             else (),
+            self._dues,
         )
         try:
             data = await item.future

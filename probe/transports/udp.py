@@ -23,7 +23,7 @@ from typing import Any
 
 from probe.specs import Endpoint
 from probe.transports._errors import failure_from, timeout
-from probe.transports._wait import Channel, Timer
+from probe.transports._wait import Channel, Dues, Timer
 from probe.transports.base import Exchange, Loss, Options, Phase
 from probe.transports.tcp import TcpExchanger
 from probe.wire import question_of, random_id, reply_problem, set_id
@@ -181,6 +181,7 @@ class UdpExchanger:
         self.witness_after = 0.25  # UDP: after the last retransmission, a quarter of its interval
         self.channel = Channel(str(endpoint))
         self.loss = Loss()  # the engine may share one across the exchangers of an endpoint
+        self._dues = Dues()  # every query's first retransmission, in the order they fall due
         self._sockets: list[_Socket] = []
         self._retired: list[_Socket] = []
         self._next = 0
@@ -271,7 +272,7 @@ class UdpExchanger:
             # A quarter of an interval after the last send, a witness follows a query that
             # nothing sent after it has overtaken yet.
             steps.append((start + step * (sends - 1) + step * self.witness_after, entry.witness))
-        timer = Timer(entry.future, deadline, steps)  # await_reply, one coroutine layer less
+        timer = Timer(entry.future, deadline, steps, self._dues)  # await_reply, one coroutine layer less
         try:
             data = await entry.future
         except TimeoutError:
@@ -295,13 +296,16 @@ class UdpExchanger:
             timer.cancel()
         self.loss.add(entry.sends)
         latency = (time.perf_counter() - entry.sent) * 1000
-        evidence = _ignored(entry)
+        evidence = _ignored(entry) if entry.ignored else {}  # nearly always nothing to keep: no call
         if data[2] & _TC:
             del sock.pending[qid]
             return await self._fallback(query, deadline, latency, evidence, entry.sends)
         entry.answered = data
         result = Exchange(data, None, latency, evidence, sends=entry.sends, channel=channel.name)
-        self._linger(sock, qid, entry, result, evidence)
+        if self.options.udp_linger > 0:
+            self._linger(sock, qid, entry, result, evidence)
+        else:
+            del sock.pending[qid]
         return result
 
     def _linger(
@@ -309,9 +313,6 @@ class UdpExchanger:
     ) -> None:
         """Keep listening under the answered ID for `udp_linger` seconds: a second, different
         answer to the same query is kept as evidence."""
-        if self.options.udp_linger <= 0:
-            del sock.pending[qid]
-            return
         loop = asyncio.get_running_loop()
         settled: asyncio.Future[None] = loop.create_future()
         result.settled = settled
