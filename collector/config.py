@@ -69,7 +69,7 @@ class CollectorConfig:
     results_per_minute: int = 300_000
     max_series_per_probe: int = 1_000_000
     max_groups_per_probe: int = 2_000
-    # Per-domain series (leak, overblock) per probe × resolver × transport × order/list (CONTRACTS.md 5).
+    # Per-domain series (leak, overblock) per probe × resolver × transport × order/list (docs/metrics.md).
     max_domain_series: int = 100
     # Per probe: per-name lines on /metrics (leak, overblock, since, reach, canary) in all; past it
     # the rest are counted in the *_capped families and stay in blockprobe_domains.

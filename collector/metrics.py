@@ -1,6 +1,6 @@
 """Every metric the collector exposes: names, help and labels in one place (STYLE.md 8).
 
-The series of CONTRACTS.md section 5 are rendered at each scrape from the store's
+The series of docs/metrics.md are rendered at each scrape from the store's
 latest state: nothing about findings is kept in process memory, so any collector
 process in front of the same PostgreSQL renders the same numbers. "Current" means
 reported within the staleness window; a series that stopped being reported disappears
@@ -195,20 +195,12 @@ def cap_problems(
     problems: list[dict[str, Any]], per_group: int
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, ...], int]]:
     """At most `per_group` per-domain rows per probe × resolver × transport × rule × finding
-    (CONTRACTS.md section 5), the first by name; and how many each group left out."""
+    (docs/metrics.md), the first by name; and how many each group left out."""
     kept: list[dict[str, Any]] = []
     seen: dict[tuple[str, ...], int] = {}
     left_out: dict[tuple[str, ...], int] = {}
     for p in sorted(problems, key=lambda p: (p["domain"], p["qtype"])):
-        group = (
-            p["probe_id"],
-            p["region"],
-            p["country"],
-            p["resolver"],
-            p["transport"],
-            p["rule"] or "",
-            p["finding"],
-        )
+        group = _left_out_key(p)
         n = seen.get(group, 0)
         seen[group] = n + 1
         if n < per_group:

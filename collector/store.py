@@ -738,7 +738,7 @@ class Store:
     ) -> list[dict[str, Any]]:
         """The first `per_group` current rows by (domain, qtype) of each group, a group being
         (probe, region, country, resolver, transport, rule, finding) as `counts` gives it: the
-        per-domain series of CONTRACTS.md section 5, read through the latest_problems index so
+        per-domain series of docs/metrics.md, read through the latest_problems index so
         that a group's cost is its cap, however many names it holds."""
         out: list[dict[str, Any]] = []
         with self.read() as cur:

@@ -392,7 +392,7 @@ def test_a_measurement_cannot_claim_another_probe_and_batch_ids_are_per_probe(co
 
 def test_one_token_cannot_flood_prometheus(collector: Collector) -> None:
     """Issue 11 §3: one probe's token made 130,139 series. Now: series and groups are quotas
-    (429 with Retry-After), and per-domain series are capped per group (CONTRACTS.md §5)."""
+    (429 with Retry-After), and per-domain series are capped per group (docs/metrics.md)."""
     statuses = []
     retry_after = None
 

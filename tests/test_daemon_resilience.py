@@ -370,6 +370,20 @@ def _pusher(tmp: Path, url: str, **collector: Any) -> tuple[Pusher, SpoolThread]
     return Pusher(config, thread), thread
 
 
+def _drain(pusher: Pusher, thread: SpoolThread, seconds: float) -> None:
+    """Push until the spool is empty (or `seconds` pass), each try after the backoff, then stop."""
+
+    async def go() -> None:
+        deadline = time.monotonic() + seconds
+        while thread.spool.depth() and time.monotonic() < deadline:
+            await pusher.push()
+            await asyncio.sleep(pusher.backoff.remaining() + 0.01)
+        await pusher.aclose()
+
+    asyncio.run(go())
+    thread.shutdown()
+
+
 def test_backoff_is_one_state_per_collector_and_the_backlog_drains_at_once(
     tmp_path: Path, collector: FakeCollector
 ) -> None:
@@ -939,15 +953,7 @@ def test_a_run_of_refused_measurements_never_blocks_what_comes_after(
     # As the real collector does, the refusal names the measurement: measurements[i].domain.
     collector.refuse = lambda m: "domain: refused by this collector" if m["domain"] in bad else None
 
-    async def go() -> None:
-        deadline = time.monotonic() + 20
-        while thread.spool.depth() and time.monotonic() < deadline:
-            await pusher.push()
-            await asyncio.sleep(pusher.backoff.remaining() + 0.01)
-        await pusher.aclose()
-
-    asyncio.run(go())
-    thread.shutdown()
+    _drain(pusher, thread, 20)
     assert thread.spool.depth() == 0
     delivered = [m["domain"] for m in collector.results()]
     assert sorted(delivered) == sorted(set(domains) - bad)  # each once
@@ -973,15 +979,7 @@ def test_a_run_of_refusals_by_the_real_collector_is_set_aside_and_the_rest_store
             [measurement(f"n{i}.example", qtype="BOGUS" if i in bad else "A") for i in range(60)]
         )
 
-        async def go() -> None:
-            deadline = time.monotonic() + 30
-            while thread.spool.depth() and time.monotonic() < deadline:
-                await pusher.push()
-                await asyncio.sleep(pusher.backoff.remaining() + 0.01)
-            await pusher.aclose()
-
-        asyncio.run(go())
-        thread.shutdown()
+        _drain(pusher, thread, 30)
         assert thread.spool.depth() == 0
         quarantined = thread.spool.quarantined()
         assert sorted(q.measurement["domain"] for q in quarantined) == sorted(f"n{i}.example" for i in bad)

@@ -1,4 +1,4 @@
-"""Pushing spooled batches to the collector (CONTRACTS.md section 6), never losing one, never stuck.
+"""Pushing spooled batches to the collector (docs/ingest.md), never losing one, never stuck.
 
 Each batch is POSTed to /api/v1/results, gzip-compressed (off the event loop), with the
 probe's bearer token and the batch id (also as Idempotency-Key). What the collector says
