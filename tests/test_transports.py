@@ -144,3 +144,43 @@ def test_closed_udp_port_is_an_error_not_a_block(lab_ca: LabCA) -> None:
     (m,) = measure(["a.reuse.test"], [resolve_spec("udp://127.53.1.7:9")], ca=lab_ca, timeout=0.5)
     assert (m.outcome, m.blocked) == (Outcome.ERROR, None)
     assert m.error == "dns_round_trip: connection refused"
+
+
+def test_dues_fire_each_timer_at_its_own_time_under_any_loop() -> None:
+    """One loop timer sweeps an exchanger's first steps (probe/transports/_wait.py, Dues): each
+    timer must still fire at its own instant, an out-of-order one goes on the loop itself, a
+    cancelled one never fires, and a Dues used again under a new event loop still fires (a
+    sweep armed on a closed loop must not hold this loop's timers back)."""
+    from probe.transports._wait import Dues, Timer
+
+    dues = Dues()
+
+    async def run() -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        fired: list[tuple[str, float]] = []
+        futures: dict[str, asyncio.Future[None]] = {}
+
+        def arm(name: str, after: float) -> Timer:
+            fut: asyncio.Future[None] = loop.create_future()
+            fut.add_done_callback(lambda _f: fired.append((name, loop.time() - start)))
+            futures[name] = fut
+            return Timer(fut, start + after, (), dues)
+
+        arm("a", 0.05)
+        arm("b", 0.10)
+        arm("early", 0.02)  # before the last queued: armed on the loop, still on time
+        arm("cancelled", 0.12).cancel()
+        arm("c", 0.15)
+        await asyncio.wait([futures[n] for n in ("a", "b", "early", "c")], timeout=2)
+        await asyncio.sleep(0.05)  # the cancelled one's instant has passed too
+        for fut in futures.values():
+            if fut.done():
+                assert isinstance(fut.exception(), TimeoutError)
+        return fired
+
+    for _ in range(2):  # the second run is a new event loop, the same Dues
+        fired = asyncio.run(run())
+        assert [name for name, _ in fired] == ["early", "a", "b", "c"]
+        for (name, at), due in zip(fired, (0.02, 0.05, 0.10, 0.15), strict=True):
+            assert due <= at < due + 0.5, (name, at)
