@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,10 @@ def start_unbound(
     rpz_text: str = "",
     local_zones: str = "",
     threads: int = 1,
+    wrap: Sequence[str] = (),
 ) -> RealResolver:
-    """unbound serving `zone_name` from an auth-zone, behind an optional RPZ, on UDP/TCP/DoT/DoH."""
+    """unbound serving `zone_name` from an auth-zone, behind an optional RPZ, on UDP/TCP/DoT/DoH.
+    `wrap` prefixes the command (e.g. `ip netns exec NAME`, to run it inside a namespace)."""
     workdir.mkdir(parents=True, exist_ok=True)
     ports = {"dns": free_port(host), "dot": free_port(host), "doh": free_port(host)}
     (workdir / "zone.db").write_text(f"$ORIGIN {zone_name}.\n" + SOA + zone_text)
@@ -161,7 +164,7 @@ auth-zone:
     log = workdir / "unbound.log"
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [_exe("unbound"), "-d", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
+            [*wrap, _exe("unbound"), "-d", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
         )
     return RealResolver("unbound", host, proc, ports, workdir, log)
 

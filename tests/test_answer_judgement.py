@@ -5,9 +5,14 @@ of its real TLS servers, and the engine checks them after the DNS round."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import dns.asyncquery
+import dns.exception
+import dns.message
 import pytest
 from click.testing import CliRunner
 
@@ -24,6 +29,7 @@ from probe.transports import Phase as TransportPhase
 from . import netlab
 from .conftest import measure, start_lab
 from .netlab import BLOCKPAGE_UNKNOWN, CDN, DROPS, REFUSES, SITE, NetLab
+from .real import start_unbound
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +274,71 @@ def test_only_a_certificate_the_resolver_cannot_change_is_not_asked_again() -> N
     assert asking_again_cannot_change(refused) is True
     assert asking_again_cannot_change(stalled) is False
     assert asking_again_cannot_change(None) is False
+
+
+def test_real_unbound_rpz_rewrites_judged_by_their_certificates(lab: NetLab, tmp_path: Path) -> None:
+    """Interop: real unbound, run inside the namespace, rewrites a listed name by RPZ to a block
+    page no fingerprint knows (a block, by its certificate, not a leak), and resolves a name whose
+    CDN answers 451 here (a DNS leak that leads to nothing: reach http_451)."""
+    if shutil.which("unbound") is None:
+        pytest.skip("unbound is not installed")
+    (tmp_path / "ca").mkdir()
+    ca = LabCA(hosts=("127.0.0.1",), directory=tmp_path / "ca")
+    zone = f"@ A {SITE}\nunknown-page A {SITE}\n"
+    cdn = f'local-zone: "blocked-at-cdn.example." static\nlocal-data: "blocked-at-cdn.example. A {CDN}"\n'
+    unbound = start_unbound(
+        tmp_path / "unbound",
+        "127.0.0.1",  # the namespace's own loopback
+        ca.cert_file,
+        ca.key_file,
+        zone_name="leaky.example",
+        zone_text=zone,
+        rpz_text=f"unknown-page.leaky.example A {BLOCKPAGE_UNKNOWN}\n",
+        local_zones=cdn,
+        wrap=("ip", "netns", "exec", lab.name),
+    )
+    names = ["unknown-page.leaky.example", "leaky.example", "blocked-at-cdn.example"]
+    try:
+
+        async def go() -> list[Measurement]:
+            deadline = time.monotonic() + 30
+            query = dns.message.make_query("leaky.example", "A")
+            while True:  # unbound answers once it has loaded its zones
+                try:
+                    await dns.asyncquery.udp(query, "127.0.0.1", port=unbound.ports["dns"], timeout=0.5)
+                    break
+                except (OSError, dns.exception.Timeout):
+                    if time.monotonic() > deadline or unbound.proc.poll() is not None:
+                        raise RuntimeError(unbound.log.read_text()[-2000:]) from None
+                    await asyncio.sleep(0.1)
+            truth = await LabServer(_zone(TRUTH), "127.0.0.3", LabCA(), transports=("udp",)).start()
+            try:
+                plan = Plan(
+                    names,
+                    ["A"],
+                    [resolve_spec(f"udp://127.0.0.1:{unbound.ports['dns']}")],
+                    [resolve_spec(truth.specs()["udp"])],
+                    expect=lambda _d, _r: (Expectation.BLOCKED, {"order": "test"}),
+                    check_identity=False,
+                )
+                checker = AnswerChecker("http", ca_file=lab.ca_file, timeout=3.0, rate=None)
+                options = Options(timeout=2.0, udp_linger=0, confirm_after=0)
+                async with Engine(options, qps=None, checker=checker) as engine:
+                    return await engine.collect(plan)
+            finally:
+                await truth.stop()
+
+        by = {m.domain: m for m in lab.run(go)}
+    finally:
+        unbound.stop()
+    page = by["unknown-page.leaky.example"]
+    assert (page.outcome, page.blocked, page.finding, page.reach) == (
+        Outcome.SINKHOLE,
+        True,
+        "enforced",
+        "blockpage",
+    )
+    assert page.sinkhole is not None
+    assert page.sinkhole["source"] == "tls"
+    assert (by["leaky.example"].finding, by["leaky.example"].reach) == ("leak", "reachable")
+    assert (by["blocked-at-cdn.example"].finding, by["blocked-at-cdn.example"].reach) == ("leak", "http_451")
