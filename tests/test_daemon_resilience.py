@@ -908,7 +908,11 @@ def test_the_role_writes_a_notify_unit_with_a_watchdog_and_a_config_the_daemon_a
     config = parse_config(json.dumps(doc), "probe.yaml", tmp_path)
     # The role deploys the per-name scheduler, with the daemon's own deadline per slice.
     assert (config.mode, config.slice, config.round_deadline) == ("slices", 15, 600)
-    assert (config.settings.fast_interval, config.settings.full_pass) == (120, 6 * 3600)
+    assert (config.settings.fast_interval, config.settings.full_pass, config.settings.chase) == (
+        120,
+        6 * 3600,
+        24 * 3600,
+    )
     assert config.collector is not None
     assert (config.collector.retry_base, config.collector.retry_max) == (1, 5)
 
