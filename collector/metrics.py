@@ -210,18 +210,14 @@ def cap_problems(
     return kept, left_out
 
 
+def _group_of(p: dict[str, Any]) -> tuple[str, ...]:
+    """Probe × resolver × transport × rule: the group a per-domain row belongs to."""
+    return (p["probe_id"], p["region"], p["country"], p["resolver"], p["transport"], p["rule"] or "")
+
+
 def _series(p: dict[str, Any]) -> list[Any]:
     """The label values every per-domain family starts with, in FAMILIES' order."""
-    return [
-        p["probe_id"],
-        p["region"],
-        p["country"],
-        p["resolver"],
-        p["transport"],
-        p["rule"] or "",
-        p["domain"],
-        p["qtype"],
-    ]
+    return [*_group_of(p), p["domain"], p["qtype"]]
 
 
 # Per group, how many of the capped per-name series also get their `since`: the oldest ones say
@@ -284,15 +280,7 @@ class _Budget:
 
 
 def _left_out_key(p: dict[str, Any]) -> tuple[str, ...]:
-    return (
-        p["probe_id"],
-        p["region"],
-        p["country"],
-        p["resolver"],
-        p["transport"],
-        p["rule"] or "",
-        p["finding"],
-    )
+    return (*_group_of(p), p["finding"])
 
 
 def render_findings(
